@@ -1,0 +1,47 @@
+# The two README commands: `make run` and `make test`. Each sets itself up when needed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Re-install when the pinned dependencies change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DATA_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NUM_SUPERNODES ?= 100
+RUN_CONFIG ?=
+RUN_NAME ?= fedmae-fmnist
+
+.PHONY: run test lint setup data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11 is required (python3.11 or python3)"; exit 1; }
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required, found " + sys.version)'
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Fashion-MNIST from Debian's archive (offline afterwards); needs root or sudo.
+data: $(DATA_DIR)/train-images-idx3-ubyte.gz
+
+$(DATA_DIR)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# The default federated pretraining through `flwr run` on a local SuperLink (simulation engine,
+# $(NUM_SUPERNODES) virtual nodes); writes outputs/$(RUN_NAME)/ and prints its summary.
+run: setup data
+	$(VPY) scripts/run_local_simulation.py --num-supernodes $(NUM_SUPERNODES) \
+		--run-config "output-dir='$(CURDIR)/outputs' run-name='$(RUN_NAME)' $(RUN_CONFIG)"
+	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
+
+test: setup
+	$(VPY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs .flwr .pytest_cache .ruff_cache

@@ -1,0 +1,102 @@
+"""Downstream accuracy of backbones under one protocol: linear probe and few-label fine-tuning.
+
+Every backbone gets the same labelled subsets, epochs, learning rates and augmentation, so the
+numbers compare. Raw pixels get the probe too, as a floor a backbone should clear.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.data.images import DatasetSplits, ImageSet
+from fedmae_flwr.evaluation.features import extract_features
+from fedmae_flwr.evaluation.finetune import finetune
+from fedmae_flwr.evaluation.linear_probe import linear_probe
+
+logger = logging.getLogger(__name__)
+
+
+def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, ImageSet]:
+    """Seeded subsets: probe training images, fine-tuning labels (within them), test images."""
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
+    probe = splits.train.subset(order[: cfg.probe_train_images])
+    tune = splits.train.subset(order[: cfg.finetune_labels])
+    test = splits.test if cfg.test_images == 0 else splits.test.subset(range(cfg.test_images))
+    return {"probe": probe, "finetune": tune, "test": test}
+
+
+class _Flatten(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+def evaluate_backbones(
+    cfg: FedMAEConfig, splits: DatasetSplits, backbones: dict[str, nn.Module]
+) -> dict[str, Any]:
+    """Linear-probe and fine-tuning top-1 (fractions) of each backbone, plus a pixel probe.
+
+    Args:
+        backbones: name -> timm ViT returning ``[N, D]`` features (``num_classes=0``).
+
+    Returns:
+        ``{"linear-probe": {name: ProbeResult dict}, "finetune": {name: FinetuneResult dict},
+        "protocol": {...}}``.
+    """
+    sets = labelled_subsets(cfg, splits)
+    probe_x = splits.normalize(sets["probe"].images)
+    test_x = splits.normalize(sets["test"].images)
+    probe_y, test_y = sets["probe"].labels, sets["test"].labels
+    report: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
+    candidates: dict[str, nn.Module] = {**backbones, "pixels": _Flatten()}
+    for name, backbone in candidates.items():
+        start = time.perf_counter()
+        result = linear_probe(
+            extract_features(backbone, probe_x),
+            probe_y,
+            extract_features(backbone, test_x),
+            test_y,
+            splits.num_classes,
+            epochs=cfg.probe_epochs,
+            seed=cfg.seed,
+        )
+        report["linear-probe"][name] = asdict(result)
+        logger.info(
+            "linear probe %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start
+        )
+    if cfg.finetune_labels > 0:
+        tune_x = splits.normalize(sets["finetune"].images)
+        for name, backbone in backbones.items():
+            start = time.perf_counter()
+            result = finetune(
+                backbone,
+                backbone.num_features,
+                tune_x,
+                sets["finetune"].labels,
+                test_x,
+                test_y,
+                splits.num_classes,
+                epochs=cfg.finetune_epochs,
+                lr=cfg.finetune_lr,
+                seed=cfg.seed,
+            )
+            report["finetune"][name] = asdict(result)
+            logger.info(
+                "fine-tune %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start
+            )
+    report["protocol"] = {
+        "probe-train-images": len(sets["probe"]),
+        "probe-epochs": cfg.probe_epochs,
+        "probe-head": "BatchNorm1d(affine=False) + Linear on mean-pooled final-norm tokens",
+        "finetune-labels": len(sets["finetune"]) if cfg.finetune_labels else 0,
+        "finetune-epochs": cfg.finetune_epochs,
+        "finetune-lr": cfg.finetune_lr,
+        "test-images": len(sets["test"]),
+    }
+    return report

@@ -1,0 +1,248 @@
+"""End-to-end fine-tuning of a pretrained backbone with a fresh linear head.
+
+A compact, CPU-friendly version of MAE's ``main_finetune.py`` recipe (AdamW, warmup + cosine,
+label smoothing, no weight decay on biases / norms / position embeddings), without the
+ImageNet-scale extras (mixup, cutmix, RandAugment, layer-wise lr decay, drop path) that do not
+pay off on small images and short schedules. The recipe is fixed by the arguments alone, so every
+backbone compared sees exactly the same one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmae_flwr.evaluation._common import (
+    batched_accuracy,
+    check_labeled,
+    check_positive,
+    cosine_lr,
+    num_batches,
+    shuffled_batches,
+)
+
+# MAE initializes the fine-tuning head with std 2e-5: the logits start at ~0, so the first,
+# warmup-sized steps do not push large random gradients back into the pretrained backbone.
+HEAD_INIT_STD = 2e-5
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of :func:`finetune`.
+
+    Attributes:
+        accuracy: top-1 accuracy on the test split, a fraction in [0, 1].
+        train_accuracy: top-1 accuracy on the (un-augmented) training split in eval mode.
+        final_loss: mean training loss over the minibatches of the last epoch (label-smoothed,
+            so it never reaches 0).
+        epochs: epochs trained.
+    """
+
+    accuracy: float
+    train_accuracy: float
+    final_loss: float
+    epochs: int
+
+
+class _Classifier(nn.Module):
+    """``backbone`` (``[B, C, H, W]`` -> ``[B, D]``) followed by a linear ``head``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone(x)
+        if feats.ndim != 2 or feats.shape[1] != self.head.in_features:
+            raise ValueError(
+                f"backbone must return [B, feature_dim={self.head.in_features}] features, "
+                f"got {tuple(feats.shape)}"
+            )
+        return self.head(feats)
+
+
+def _param_groups(model: _Classifier, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norm weights and the backbone's own exemptions.
+
+    Decaying 1-D parameters (biases, LayerNorm/BatchNorm scales) or position embeddings and class
+    tokens only shrinks them towards 0 without regularizing anything; timm models list the
+    latter in ``no_weight_decay()``, which is honoured when present.
+    """
+    skip: set[str] = set()
+    if hasattr(model.backbone, "no_weight_decay"):
+        skip = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim <= 1 or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _random_crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop after zero padding, then random horizontal flip, per sample.
+
+    Args:
+        images: ``[B, C, H, W]``, already normalized, so the zero padding is the dataset mean.
+        generator: a CPU generator; draws 3 numbers per sample.
+
+    Returns:
+        ``[B, C, H, W]``: each image shifted by up to ``max(1, H // 8)`` pixels in each direction
+        (uncovered border zero) and mirrored left-right with probability 1/2.
+    """
+    b, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    # Per-sample crop offsets in [0, 2 * pad]; drawing on the CPU generator keeps the stream
+    # identical whatever device the images are on.
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # [B, H]
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # [B, W]
+    # Advanced indexing on dims 0, 2, 3 around the channel slice yields [B, H, W, C].
+    batch_idx = torch.arange(b, device=images.device)[:, None, None]
+    crops = padded[batch_idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+
+
+def finetune(
+    backbone: nn.Module,
+    feature_dim: int,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+    augment: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    *,
+    label_smoothing: float = 0.1,
+    warmup_fraction: float = 0.1,
+) -> FinetuneResult:
+    """Fine-tune a copy of ``backbone`` plus a new linear head on all parameters.
+
+    The caller's ``backbone`` is deep-copied and never modified (its parameters, buffers, mode
+    and device stay as they were). The copy gets a ``Linear(feature_dim, num_classes)`` head
+    (truncated-normal weight with std :data:`HEAD_INIT_STD`, zero bias) and every parameter is
+    trained, including any the caller had frozen.
+
+    Recipe: AdamW (betas 0.9 / 0.999) with no weight decay on 1-D parameters and on the
+    backbone's ``no_weight_decay()`` names; per-step learning rate with linear warmup over the
+    first ``warmup_fraction`` of the steps, then cosine decay to 0; cross-entropy with
+    ``label_smoothing``. With ``augment``, each training batch is randomly cropped after
+    ``max(1, H // 8)`` px of zero padding and randomly flipped left-right.
+
+    Determinism: shuffling, augmentation and head init come from a ``torch.Generator`` seeded
+    with ``seed``; the global RNG (used by dropout / drop path inside the backbone) is seeded with
+    ``seed`` inside a ``fork_rng`` block, so the caller's RNG state is restored afterwards. On the
+    CPU the same inputs and seed give identical results.
+
+    Args:
+        backbone: maps ``[B, C, H, W]`` float to ``[B, feature_dim]``.
+        feature_dim: width D of the backbone's output.
+        train_images: ``[N, C, H, W]`` float, already normalized; stays where it is, each batch
+            is moved to ``device``.
+        train_labels: ``[N]`` integer labels in ``[0, num_classes)``.
+        test_images: ``[M, C, H, W]`` float, already normalized.
+        test_labels: ``[M]`` integer labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        epochs: passes over the training split.
+        lr: peak learning rate.
+        batch_size: training and evaluation batch size.
+        weight_decay: AdamW weight decay of the matrices.
+        augment: random crop + flip on the training batches.
+        seed: seeds everything random in the run.
+        device: where training and evaluation run.
+        label_smoothing: cross-entropy label smoothing.
+        warmup_fraction: fraction of the total steps spent in linear warmup.
+
+    Returns:
+        A :class:`FinetuneResult`; the test accuracy is measured in eval mode, batched.
+
+    Raises:
+        ValueError: mismatched lengths, non-integer or out-of-range labels, non-4-D images,
+            train / test image shapes that differ, non-positive sizes, or a backbone whose
+            output is not ``[B, feature_dim]``.
+    """
+    check_positive(
+        feature_dim=feature_dim,
+        num_classes=num_classes,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+    )
+    check_labeled(train_images, train_labels, num_classes, "train", sample_ndim=4)
+    check_labeled(test_images, test_labels, num_classes, "test", sample_ndim=4)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(
+            f"train and test images differ in shape: {tuple(train_images.shape[1:])} vs "
+            f"{tuple(test_images.shape[1:])}"
+        )
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices, device_type=device.type):
+        torch.manual_seed(seed)
+
+        head = nn.Linear(feature_dim, num_classes)
+        with torch.no_grad():
+            nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD, generator=generator)
+            head.bias.zero_()
+        model = _Classifier(copy.deepcopy(backbone), head).to(device)
+        model.requires_grad_(True)
+
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+        n_train = train_images.shape[0]
+        total_steps = epochs * num_batches(n_train, batch_size)
+        warmup_steps = math.floor(warmup_fraction * total_steps)
+
+        step = 0
+        final_loss = math.nan
+        model.train()
+        for _ in range(epochs):
+            loss_sum, seen = 0.0, 0
+            for idx in shuffled_batches(n_train, batch_size, generator):
+                x = train_images[idx].to(device=device, dtype=torch.float32)
+                y = train_labels[idx].to(device=device, dtype=torch.long)
+                if augment:
+                    x = _random_crop_flip(x, generator)
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(lr, step, total_steps, warmup_steps)
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * idx.numel()
+                seen += idx.numel()
+                step += 1
+            final_loss = loss_sum / seen
+
+        model.eval()
+
+        def predict(x: Tensor) -> Tensor:
+            return model(x.float())
+
+        train_acc = batched_accuracy(predict, train_images, train_labels, batch_size, device)
+        test_acc = batched_accuracy(predict, test_images, test_labels, batch_size, device)
+    return FinetuneResult(
+        accuracy=test_acc, train_accuracy=train_acc, final_loss=final_loss, epochs=epochs
+    )

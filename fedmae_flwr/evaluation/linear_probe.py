@@ -1,0 +1,298 @@
+"""Linear probe and weighted kNN on frozen features (MAE / DINO evaluation protocols)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmae_flwr.evaluation._common import (
+    batched_accuracy,
+    check_labeled,
+    check_positive,
+    cosine_lr,
+    num_batches,
+    shuffled_batches,
+)
+
+# Convergence thresholds of :func:`linear_probe` (see its docstring).
+PLATEAU_REL_TOL = 0.01
+GRAD_RATIO_TOL = 0.1
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of :func:`linear_probe`.
+
+    Attributes:
+        accuracy: top-1 accuracy on the test split, a fraction in [0, 1].
+        train_accuracy: top-1 accuracy on the training split (eval mode), in [0, 1].
+        final_loss: cross-entropy over the whole training split after the last epoch (eval
+            mode, i.e. BN on its accumulated statistics).
+        converged: the plateau rule documented in :func:`linear_probe`.
+        epochs: epochs trained.
+    """
+
+    accuracy: float
+    train_accuracy: float
+    final_loss: float
+    converged: bool
+    epochs: int
+
+
+def _check_features(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int
+) -> None:
+    check_positive(num_classes=num_classes)
+    check_labeled(train_x, train_y, num_classes, "train", sample_ndim=2)
+    check_labeled(test_x, test_y, num_classes, "test", sample_ndim=2)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"train and test feature dims differ: {train_x.shape[1]} vs {test_x.shape[1]}"
+        )
+
+
+def _window(epochs: int) -> int:
+    """Epochs in each of the two windows the convergence rule compares: 10%, at least one."""
+    return max(1, epochs // 10)
+
+
+def _plateaued(tail_losses: list[float], window: int, rel_tol: float = PLATEAU_REL_TOL) -> bool:
+    """Mean of the last ``window`` losses within ``rel_tol`` (relative) of the ``window`` before."""
+    if len(tail_losses) < 2 * window or not all(math.isfinite(v) for v in tail_losses):
+        return False
+    last = sum(tail_losses[-window:]) / window
+    prev = sum(tail_losses[-2 * window : -window]) / window
+    return abs(prev - last) <= rel_tol * abs(prev)
+
+
+def _objective_grad_norm(
+    norm: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight_decay: float,
+    chunk: int = 4096,
+) -> float:
+    """Gradient norm of the probe's full objective at ``(weight, bias)``, BN in eval mode.
+
+    The objective is the mean cross-entropy over ``x`` ``[N, D]`` plus SGD's L2 term
+    ``weight_decay / 2 * (|W|^2 + |b|^2)``; with the BN statistics frozen it is convex, so a
+    small gradient means a point near the optimum. Accumulated over chunks to bound memory.
+    """
+    norm.eval()
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+    grad_w, grad_b = weight_decay * w.detach(), weight_decay * b.detach()
+    with torch.enable_grad():
+        for xb, yb in zip(x.split(chunk), y.split(chunk), strict=True):
+            with torch.no_grad():
+                feats = norm(xb)
+            loss = F.cross_entropy(F.linear(feats, w, b), yb, reduction="sum") / x.shape[0]
+            dw, db = torch.autograd.grad(loss, (w, b))
+            grad_w, grad_b = grad_w + dw, grad_b + db
+    return math.sqrt(float(grad_w.square().sum() + grad_b.square().sum()))
+
+
+@torch.no_grad()
+def _dataset_loss(head: nn.Module, x: Tensor, y: Tensor, chunk: int = 4096) -> float:
+    """Mean cross-entropy of ``head`` over all of ``x`` ``[N, D]``, in eval mode."""
+    head.eval()
+    total = sum(
+        F.cross_entropy(head(xb), yb, reduction="sum").item()
+        for xb, yb in zip(x.split(chunk), y.split(chunk), strict=True)
+    )
+    return total / x.shape[0]
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> ProbeResult:
+    """Train a linear classifier on frozen features and report its test accuracy.
+
+    The head is MAE's linear-probe head: ``BatchNorm1d(D, affine=False)`` then
+    ``Linear(D, num_classes)``. MAE features are badly conditioned (a few dimensions dominate the
+    scale), and plain SGD on them is slow or unstable; the parameter-free BN standardizes each
+    dimension and, being linear at test time, keeps the probe linear. The weight starts from a
+    truncated normal with std 0.01 and the bias at 0, as in MAE's ``main_linprobe.py``.
+
+    Optimization: SGD with momentum 0.9 (MAE uses LARS at batch 16k; at the small batches used
+    here plain SGD is the standard equivalent), a per-step cosine schedule from ``lr`` to 0, and
+    cross-entropy. Training runs on the device of ``train_x``.
+
+    Determinism: the head initialization and every epoch's shuffle come from a
+    ``torch.Generator`` seeded with ``seed``, and the global RNG is left untouched; on the CPU the
+    same inputs and seed give bit-identical results.
+
+    Convergence rule (``converged``): True when the training accuracy is 1.0 (separable
+    features: the loss then decreases forever and only accuracy can plateau); otherwise True only
+    when both hold:
+
+    1. plateau: the training loss averaged over the last 10% of the epochs (at least one epoch)
+       is within 1% (relative) of its average over the 10% of epochs before. The loss of an
+       epoch is the cross-entropy of the whole training split after that epoch, in eval mode,
+       so minibatch noise does not enter. With ``epochs == 1`` there is no earlier window: False.
+    2. stationarity: the gradient norm of the full objective (cross-entropy + weight decay,
+       BN on its final statistics, which makes it convex) at the final weights is at most 10%
+       of its norm at the initial weights.
+
+    The plateau test alone would pass a run whose learning rate is simply too small to move the
+    loss (and the cosine schedule anneals every run's step size towards 0, which flattens any
+    tail); the gradient test catches that. False with a non-finite loss. ``converged=False``
+    therefore means the head did not reach the optimum of its objective: raise ``epochs`` or
+    tune ``lr``.
+
+    Args:
+        train_x: ``[N, D]`` frozen training features.
+        train_y: ``[N]`` integer labels in ``[0, num_classes)``.
+        test_x: ``[M, D]`` frozen test features.
+        test_y: ``[M]`` integer labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        epochs: passes over the training features.
+        lr: peak learning rate.
+        batch_size: minibatch size (a trailing batch of one is merged into the previous one,
+            since BatchNorm cannot normalize a single sample).
+        weight_decay: SGD weight decay.
+        seed: seeds initialization and shuffling.
+
+    Returns:
+        A :class:`ProbeResult`; accuracies are fractions in [0, 1].
+
+    Raises:
+        ValueError: mismatched lengths or feature dims, non-integer or out-of-range labels,
+            empty splits, or non-positive ``epochs`` / ``batch_size`` / ``lr``.
+    """
+    _check_features(train_x, train_y, test_x, test_y, num_classes)
+    check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
+    if train_x.shape[0] < 2:
+        raise ValueError("linear_probe needs at least 2 training samples (BatchNorm statistics)")
+
+    device = train_x.device
+    train_x = train_x.float()
+    test_x = test_x.float()
+    train_y = train_y.long().to(device)
+    dim = train_x.shape[1]
+
+    generator = torch.Generator().manual_seed(seed)
+    # momentum=None: a cumulative average of the batch statistics. The features are frozen, so
+    # their distribution is stationary and the plain average is the right estimate of the
+    # population statistics; the default exponential average would still carry its (0, 1)
+    # initialization after the few steps of a short probe.
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)
+    # nn.Linear's constructor draws a default init from the global RNG; fork it so the caller's
+    # random stream is not advanced (the init is overwritten from ``generator`` right after).
+    with torch.random.fork_rng(devices=[]):
+        linear = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        nn.init.trunc_normal_(linear.weight, std=0.01, generator=generator)
+        linear.bias.zero_()
+    head = nn.Sequential(norm, linear).to(device)
+    init_weight, init_bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    total_steps = epochs * num_batches(train_x.shape[0], batch_size)
+
+    window = _window(epochs)
+    tail_losses: list[float] = []  # training-set loss after each of the last 2 * window epochs
+    step = 0
+    for epoch in range(epochs):
+        head.train()
+        for idx in shuffled_batches(train_x.shape[0], batch_size, generator):
+            idx = idx.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, total_steps)
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if epoch >= epochs - 2 * window:
+            # Full-pass eval-mode loss, not the running minibatch mean: the latter jitters by a
+            # few percent with the shuffle and BN's batch statistics even at a fixed point,
+            # which would make a 1% plateau test fail on a probe that has long converged.
+            tail_losses.append(_dataset_loss(head, train_x, train_y))
+
+    head.eval()
+    train_acc = batched_accuracy(head, train_x, train_y, 4096, device)
+    test_acc = batched_accuracy(head, test_x, test_y, 4096, device)
+    converged = train_acc == 1.0
+    if not converged and _plateaued(tail_losses, window):
+        # Both gradients use the final BN statistics, so they measure the same objective.
+        grad_start = _objective_grad_norm(
+            norm, init_weight, init_bias, train_x, train_y, weight_decay
+        )
+        grad_end = _objective_grad_norm(
+            norm, linear.weight, linear.bias, train_x, train_y, weight_decay
+        )
+        converged = grad_end <= GRAD_RATIO_TOL * grad_start
+    return ProbeResult(
+        accuracy=test_acc,
+        train_accuracy=train_acc,
+        final_loss=tail_losses[-1],
+        converged=converged,
+        epochs=epochs,
+    )
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Weighted k-nearest-neighbour top-1 accuracy (the InstDisc / DINO protocol).
+
+    Features are L2-normalized; each test sample takes its ``k`` most cosine-similar training
+    samples, and each neighbour votes for its label with weight ``exp(similarity / temperature)``.
+
+    Test samples are processed in chunks sized so that the ``[chunk, N]`` similarity matrix stays
+    around 64 MiB of float32: 10k test x 60k train features would otherwise need 2.4 GB at once.
+
+    Args:
+        train_x: ``[N, D]`` training features.
+        train_y: ``[N]`` integer labels in ``[0, num_classes)``.
+        test_x: ``[M, D]`` test features.
+        test_y: ``[M]`` integer labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        k: neighbours per test sample (capped at N).
+        temperature: softmax-style temperature of the vote weights.
+
+    Returns:
+        Test accuracy, a fraction in [0, 1].
+    """
+    _check_features(train_x, train_y, test_x, test_y, num_classes)
+    check_positive(k=k, temperature=temperature)
+
+    device = train_x.device
+    train_feats = F.normalize(train_x.float(), dim=1)
+    train_labels = train_y.long().to(device)
+    k = min(k, train_feats.shape[0])
+    chunk = max(1, (64 * 2**20 // 4) // train_feats.shape[0])
+
+    correct = 0
+    for start in range(0, test_x.shape[0], chunk):
+        feats = F.normalize(test_x[start : start + chunk].float().to(device), dim=1)
+        sim, idx = (feats @ train_feats.T).topk(k, dim=1)  # [B, k] each
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(feats.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, train_labels[idx], weights)  # [B, num_classes]
+        pred = votes.argmax(dim=1).cpu()
+        correct += int((pred == test_y[start : start + chunk].cpu()).sum())
+    return correct / test_x.shape[0]

@@ -1,0 +1,70 @@
+"""The client's work, free of Flower: local MAE epochs on the active block, and scoring.
+
+Kept apart from the ClientApp so that other Flower apps (and the server's own evaluation) call the
+same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.models.cascade import CascadeMAE
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    loss: float  # mean masked-patch loss over the last local epoch
+    examples: int
+    steps: int
+    seconds: float
+
+
+def train_local(
+    model: CascadeMAE, images: Tensor, cfg: FedMAEConfig, seed: int
+) -> LocalTrainResult:
+    """``cfg.local_epochs`` epochs of masked reconstruction on ``images`` (normalised float).
+
+    Only parameters with ``requires_grad`` (the active block, norm, decoder, and the stem in stage
+    0) are optimised; the frozen prefix runs under ``torch.no_grad()`` inside the model.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    model.train()
+    steps, epoch_loss = 0, float("nan")
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(images), generator=generator)
+        total, count = 0.0, 0
+        for batch_ids in order.split(cfg.batch_size):
+            batch = images[batch_ids]
+            loss, _, _ = model(batch, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+            steps += 1
+        epoch_loss = total / max(count, 1)
+    return LocalTrainResult(epoch_loss, len(images), steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def reconstruction_loss(
+    model: CascadeMAE, images: Tensor, cfg: FedMAEConfig, seed: int, batch_size: int = 256
+) -> float:
+    """Mean masked-patch loss on ``images`` with seeded masks (comparable across rounds)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for batch in images.split(batch_size):
+        loss, _, _ = model(batch, generator=generator)
+        total += loss.item() * len(batch)
+    return total / max(len(images), 1)

@@ -1,0 +1,200 @@
+"""The growing ViT: a patch embedding, finished (frozen) blocks, one active block, and a decoder.
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.*``, ``cls_token``,
+``blocks.<i>.*``, ``norm.*``) so the encoder exports to timm by selecting keys; the decoder lives
+under ``decoder.*``. Which names are trained and which are a frozen prefix in stage ``s`` is
+defined once here (:func:`active_key`, :func:`prefix_key`) and shared by client and strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import LayerNorm, PatchEmbed
+from torch import Tensor, nn
+
+from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.models.mae import (
+    MAEDecoder,
+    init_weights,
+    masked_mse_loss,
+    patchify,
+    random_masking,
+    sincos_pos_embed_2d,
+    vit_block,
+)
+
+STEM_PREFIXES = ("patch_embed.", "cls_token")
+
+
+def block_index(key: str) -> int | None:
+    """The block a parameter name belongs to (``blocks.3.attn...`` -> 3), else None."""
+    if key.startswith("blocks."):
+        return int(key.split(".")[1])
+    return None
+
+
+def active_key(key: str, stage: int) -> bool:
+    """Whether a parameter is trained (and exchanged every round) in ``stage``.
+
+    The active block, the final norm and the decoder always; the stem (patch embedding and class
+    token) in stage 0 only, after which it belongs to the frozen prefix.
+    """
+    if key.startswith(("norm.", "decoder.")):
+        return True
+    if key.startswith(STEM_PREFIXES):
+        return stage == 0
+    return block_index(key) == stage
+
+
+def prefix_key(key: str, stage: int) -> bool:
+    """Whether a parameter belongs to the frozen prefix of ``stage`` (stem + finished blocks)."""
+    if stage == 0:
+        return False
+    if key.startswith(STEM_PREFIXES):
+        return True
+    index = block_index(key)
+    return index is not None and index < stage
+
+
+def build_decoder(cfg: FedMAEConfig) -> MAEDecoder:
+    return MAEDecoder(
+        cfg.embed_dim,
+        cfg.num_patches,
+        cfg.patch_size**2 * cfg.in_chans,
+        cfg.decoder_embed_dim,
+        cfg.decoder_depth,
+        cfg.decoder_num_heads,
+        cfg.mlp_ratio,
+    )
+
+
+class CascadeMAE(nn.Module):
+    """A one-block-at-a-time MAE: ``num_blocks`` encoder blocks of which only the last trains.
+
+    Args:
+        cfg: the run config (model shape, mask ratio, norm-pix).
+        num_blocks: encoder blocks present (``stage + 1``); blocks ``0..num_blocks-2`` and, after
+            stage 0, the stem are frozen and run under ``torch.no_grad()``.
+    """
+
+    def __init__(self, cfg: FedMAEConfig, num_blocks: int) -> None:
+        super().__init__()
+        if not 1 <= num_blocks <= cfg.depth:
+            raise ValueError(f"num_blocks must be in [1, depth={cfg.depth}], got {num_blocks}")
+        self.cfg = cfg
+        self.stage = num_blocks - 1
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.register_buffer(
+            "pos_embed",
+            sincos_pos_embed_2d(cfg.embed_dim, self.patch_embed.grid_size[0], True)[None],
+            persistent=False,
+        )
+        self.blocks = nn.ModuleList(
+            vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(num_blocks)
+        )
+        self.norm = LayerNorm(cfg.embed_dim)
+        self.decoder = build_decoder(cfg)
+        self._init_weights()
+        for name, param in self.named_parameters():
+            param.requires_grad_(active_key(name, self.stage))
+
+    def _init_weights(self) -> None:
+        # As MAE: patch embedding initialised like a linear layer, small normal class token.
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for module in (self.blocks, self.norm):
+            module.apply(init_weights)
+
+    def _embed(self, imgs: Tensor) -> Tensor:
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+
+    def _with_cls(self, x: Tensor) -> Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_encoder(
+        self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``imgs [N, C, H, W]`` -> ``(latent [N, 1+L_keep, D], mask [N, L], ids_restore [N, L])``.
+
+        The frozen prefix runs without gradients, so client memory is that of one block whatever
+        the depth.
+        """
+        frozen_stem = self.stage > 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_stem):
+            x = self._embed(imgs)
+            x, mask, ids_restore = random_masking(x, mask_ratio, generator)
+            x = self._with_cls(x)
+            with torch.no_grad():
+                for block in self.blocks[:-1]:
+                    x = block(x)
+        x = self.blocks[-1](x)
+        return self.norm(x), mask, ids_restore
+
+    def forward(
+        self,
+        imgs: Tensor,
+        mask_ratio: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(loss, pred [N, L, p*p*C], mask [N, L])``, as MAE's ``forward``."""
+        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
+        pred = self.decoder(latent, ids_restore)
+        target = patchify(imgs, self.cfg.patch_size)
+        loss = masked_mse_loss(pred, target, mask, self.cfg.norm_pix_loss)
+        return loss, pred, mask
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """All patches through the whole encoder, no masking: ``[N, 1+L, D]`` (as timm)."""
+        x = self._with_cls(self._embed(imgs))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def predicted_pixels(self, imgs: Tensor, pred: Tensor) -> Tensor:
+        """Predictions in the images' own value space (undoes norm-pix per patch when enabled)."""
+        if self.cfg.norm_pix_loss:
+            target = patchify(imgs, self.cfg.patch_size)
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            pred = pred * std + mean
+        return pred
+
+    def active_state(self) -> dict[str, Tensor]:
+        """The tensors trained in this stage (what a client sends back)."""
+        return {k: v for k, v in self.state_dict().items() if active_key(k, self.stage)}
+
+
+def fresh_block_state(cfg: FedMAEConfig, index: int, seed: int) -> dict[str, Tensor]:
+    """A freshly initialised encoder block ``index``, keyed ``blocks.<index>.*``."""
+    torch.manual_seed(seed)
+    block = vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
+    block.apply(init_weights)
+    return {f"blocks.{index}.{k}": v for k, v in block.state_dict().items()}
+
+
+def fresh_decoder_state(cfg: FedMAEConfig, seed: int) -> dict[str, Tensor]:
+    """A freshly initialised decoder, keyed ``decoder.*``."""
+    torch.manual_seed(seed)
+    decoder = build_decoder(cfg)
+    return {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+
+
+def initial_state(cfg: FedMAEConfig, seed: int) -> dict[str, Tensor]:
+    """The stage-0 global model: stem, block 0, norm, decoder."""
+    torch.manual_seed(seed)
+    return CascadeMAE(cfg, num_blocks=1).state_dict()
+
+
+def model_from_state(cfg: FedMAEConfig, state: dict[str, Tensor]) -> CascadeMAE:
+    """Build the cascade that matches ``state``'s blocks and load it strictly."""
+    indices = {block_index(k) for k in state} - {None}
+    if not indices or indices != set(range(max(indices) + 1)):  # type: ignore[type-var]
+        raise ValueError(f"State must hold blocks 0..n contiguously, has {sorted(indices)}")
+    model = CascadeMAE(cfg, num_blocks=len(indices))
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,89 @@
+"""Export the finished encoder as a plain timm ``VisionTransformer`` and load it back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.models.cascade import STEM_PREFIXES, block_index
+from fedmae_flwr.models.mae import sincos_pos_embed_2d
+
+# Any registered ViT works as a base: every shape argument is overridden by the kwargs below.
+TIMM_BASE_MODEL = "vit_tiny_patch16_224"
+
+
+def timm_kwargs(cfg: FedMAEConfig, depth: int | None = None) -> dict[str, Any]:
+    """kwargs for ``timm.create_model(TIMM_BASE_MODEL, pretrained=False, **kwargs)``.
+
+    ``global_pool='avg', fc_norm=False``: ``model(x)`` returns the final-norm'd patch tokens
+    averaged, the features MAE evaluates, with the state-dict keys of a token-pool ViT.
+    """
+    return {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth if depth is None else depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "num_classes": 0,
+        "global_pool": "avg",
+        "fc_norm": False,
+    }
+
+
+def timm_state_dict(cfg: FedMAEConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder part of a cascade state, in timm's key layout (position table included)."""
+    grid = cfg.img_size // cfg.patch_size
+    out = {
+        k: v.detach().clone().contiguous()
+        for k, v in state.items()
+        if k.startswith((*STEM_PREFIXES, "norm.")) or block_index(k) is not None
+    }
+    out["pos_embed"] = sincos_pos_embed_2d(cfg.embed_dim, grid, cls_token=True)[None]
+    return out
+
+
+def create_timm_backbone(cfg: FedMAEConfig, state: dict[str, Tensor]) -> nn.Module:
+    """A timm ViT holding the cascade's encoder (strict load: every key must match)."""
+    depth = len({block_index(k) for k in state} - {None})
+    model = timm.create_model(TIMM_BASE_MODEL, pretrained=False, **timm_kwargs(cfg, depth))
+    model.load_state_dict(timm_state_dict(cfg, state), strict=True)
+    return model
+
+
+def export_backbone(cfg: FedMAEConfig, state: dict[str, Tensor], folder: str | Path) -> Path:
+    """Write ``backbone.safetensors`` + ``backbone.json`` (timm name and kwargs) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    depth = len({block_index(k) for k in state} - {None})
+    weights = folder / "backbone.safetensors"
+    save_file(timm_state_dict(cfg, state), str(weights))
+    meta = {"model_name": TIMM_BASE_MODEL, "kwargs": timm_kwargs(cfg, depth)}
+    (folder / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def load_backbone(folder: str | Path) -> nn.Module:
+    """Load an exported backbone as a timm model (``pretrained=False``, strict=True)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "backbone.json").read_text())
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
+    model.load_state_dict(load_file(str(folder / "backbone.safetensors")), strict=True)
+    return model.eval()
+
+
+__all__ = [
+    "TIMM_BASE_MODEL",
+    "create_timm_backbone",
+    "export_backbone",
+    "load_backbone",
+    "timm_kwargs",
+    "timm_state_dict",
+]

@@ -1,0 +1,199 @@
+"""ServerApp: config -> FedMAE strategy -> rounds -> per-stage evaluation -> export -> downstream.
+
+Reads top to bottom as a run goes: resolve the config, build the stage-0 model and the strategy,
+run ``depth * rounds-per-stage`` rounds (after each: a metrics line and a checkpoint; after each
+stage: held-out reconstruction PSNR and a picture), export the backbone to timm, then compare it
+with a random-init backbone (and raw pixels) downstream and write ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmae_flwr.config import FedMAEConfig, resolve_config
+from fedmae_flwr.data import DatasetSplits, load_dataset
+from fedmae_flwr.evaluation.downstream import evaluate_backbones
+from fedmae_flwr.evaluation.masked_reconstruction import evaluate_reconstruction
+from fedmae_flwr.evaluation.reconstruction import save_reconstruction_grid
+from fedmae_flwr.models import (
+    CascadeMAE,
+    create_timm_backbone,
+    export_backbone,
+    fresh_block_state,
+    fresh_decoder_state,
+    initial_state,
+    model_from_state,
+    timm_kwargs,
+)
+from fedmae_flwr.models.export import TIMM_BASE_MODEL
+from fedmae_flwr.run_outputs import RunOutputs, plot_curves
+from fedmae_flwr.strategies import FedMAE
+
+logger = logging.getLogger("fedmae_flwr")
+
+
+def build_strategy(cfg: FedMAEConfig) -> FedMAE:
+    """The FedMAE strategy the config describes (block and decoder inits seeded per stage)."""
+    return FedMAE(
+        depth=cfg.depth,
+        rounds_per_stage=cfg.rounds_per_stage,
+        new_block=lambda i: {
+            k: v.numpy() for k, v in fresh_block_state(cfg, i, cfg.seed + i).items()
+        },
+        new_decoder=lambda s: {
+            k: v.numpy() for k, v in fresh_decoder_state(cfg, cfg.seed + 100 + s).items()
+        },
+        next_block_init=cfg.next_block_init,
+        decoder_per_stage=cfg.decoder_per_stage,
+        num_train_nodes=cfg.clients_per_round,
+        num_evaluate_nodes=cfg.evaluate_clients,
+        seed=cfg.seed,
+        min_available_nodes=cfg.min_available_clients or cfg.clients_per_round,
+        fraction_evaluate=1.0 if cfg.evaluate_clients else 0.0,
+    )
+
+
+def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+
+
+class RoundRecorder:
+    """The strategy's ``evaluate_fn``: one metrics line and a checkpoint per round; at each
+    stage end, held-out reconstruction PSNR beside the trivial predictor, and a picture."""
+
+    def __init__(
+        self, cfg: FedMAEConfig, strategy: FedMAE, outputs: RunOutputs, splits: DatasetSplits
+    ) -> None:
+        self.cfg, self.strategy, self.outputs, self.splits = cfg, strategy, outputs, splits
+        self.eval_images = splits.test.images[: cfg.eval_images]
+        self.last_time = time.perf_counter()
+        self.stages: list[dict[str, Any]] = []
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            self.last_time = time.perf_counter()
+            return None
+        row: dict[str, Any] = dict(self.strategy.round_log[-1])
+        row["seconds"] = time.perf_counter() - self.last_time
+        metrics = MetricRecord()
+        if self.strategy.is_stage_end(server_round):
+            stage = self.strategy.stage_of(server_round)
+            model = model_from_state(self.cfg, torch_state(arrays))
+            report = evaluate_reconstruction(
+                model, self.eval_images, self.splits, seed=self.cfg.seed
+            )
+            stage_row = {
+                "stage": stage,
+                "blocks": stage + 1,
+                "psnr": report.psnr,
+                "trivial-psnr": report.trivial_psnr,
+                "heldout-loss": report.loss,
+            }
+            self.stages.append(stage_row)
+            row.update(stage_row, **{"stage-end": True})
+            n = self.cfg.grid_images
+            save_reconstruction_grid(
+                self.outputs.dir / "reconstructions" / f"stage-{stage}.png",
+                report.originals[:n],
+                report.masked[:n],
+                report.reconstructions[:n],
+                title=f"stage {stage}: {stage + 1} blocks, PSNR {report.psnr:.2f} dB "
+                f"(mean fill {report.trivial_psnr:.2f} dB)",
+            )
+            metrics["psnr"] = report.psnr
+            metrics["trivial-psnr"] = report.trivial_psnr
+            logger.info("stage %d: held-out PSNR %.2f dB (trivial %.2f dB)",
+                        stage, report.psnr, report.trivial_psnr)  # fmt: skip
+        self.outputs.append_metrics(row)
+        self.outputs.save_checkpoint(server_round, arrays)
+        self.last_time = time.perf_counter()
+        return metrics
+
+
+def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
+    """A K-block cascade with the same init as FedMAE's blocks, never trained: the floor."""
+    torch.manual_seed(cfg.seed + 12345)
+    return CascadeMAE(cfg, num_blocks=cfg.depth).state_dict()
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {
+        "rounds": len(rows),
+        "bytes-up-total": sum(r["bytes-up-per-client"] * r["clients"] for r in rows),
+        "bytes-down-total": sum(r["bytes-down-per-client"] * r["sampled"] for r in rows),
+        "prefix-sends": sum(r["prefix-sends"] for r in rows),
+        "rejected-replies": sum(r["rejected"] for r in rows),
+        "round-seconds": sum(r["seconds"] for r in rows),
+    }
+
+
+def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
+    """The whole run; returns (and writes) the summary."""
+    start = time.perf_counter()
+    outputs = RunOutputs(cfg)
+    splits = load_dataset(cfg.dataset, cfg.data_dir)
+    strategy = build_strategy(cfg)
+    recorder = RoundRecorder(cfg, strategy, outputs, splits)
+    initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_rounds,
+        train_config=ConfigRecord(),
+        evaluate_fn=recorder,
+    )
+    final_state = torch_state(result.arrays)
+    export_backbone(cfg, final_state, outputs.dir)
+    downstream = evaluate_backbones(
+        cfg,
+        splits,
+        {
+            "fedmae": create_timm_backbone(cfg, final_state),
+            "random-init": create_timm_backbone(cfg, random_init_state(cfg)),
+        },
+    )
+    rows = outputs.read_metrics()
+    plot_curves(rows, outputs.dir / "curves.png")
+    final = recorder.stages[-1] if recorder.stages else {}
+    summary = {
+        "run-name": cfg.run_name,
+        "depth": cfg.depth,
+        "rounds": cfg.num_rounds,
+        "final-psnr": final.get("psnr"),
+        "final-trivial-psnr": final.get("trivial-psnr"),
+        "stages": recorder.stages,
+        "linear-probe-accuracy": {k: v["accuracy"] for k, v in downstream["linear-probe"].items()},
+        "finetune-accuracy": {k: v["accuracy"] for k, v in downstream["finetune"].items()},
+        "downstream": downstream,
+        "communication": totals(rows),
+        "backbone": {
+            "file": "backbone.safetensors",
+            "model_name": TIMM_BASE_MODEL,
+            "kwargs": timm_kwargs(cfg),
+        },
+        "wall-seconds": time.perf_counter() - start,
+    }
+    outputs.write_json("summary.json", summary)
+    logger.info("run written to %s", outputs.dir)
+    return summary
+
+
+def build_server_app(overrides: dict | None = None) -> ServerApp:
+    """The ServerApp; ``overrides`` (kebab-case run-config) win over the run-config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(level=logging.INFO)
+        run(grid, resolve_config({**context.run_config, **(overrides or {})}))
+
+    return server_app
+
+
+app = build_server_app()

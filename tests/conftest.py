@@ -1,0 +1,134 @@
+"""Shared fixtures: a tiny Fashion-MNIST-format dataset on disk, tiny configs, an in-process Grid.
+
+The Grid here is a transport double only: it hands each message to the REAL ClientApp handlers
+with a per-node Context (whose ``state`` persists, as Flower's does), so strategy and client code
+run unmodified. The real Flower simulation is exercised in tests/test_simulation.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmae_flwr import client_app
+from fedmae_flwr.data.fashion_mnist import FILES
+
+torch.set_num_threads(2)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """28x28 images whose class (0-9) decides which horizontal band is bright, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, label in enumerate(labels):
+        row = 1 + int(label) * 2 + (label // 5)
+        images[i, row : row + 4, 4:24] += 180
+    return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder in Fashion-MNIST's idx format: 800 train and 200 test synthetic images."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    for split, n, seed in (("train", 800, 0), ("test", 200, 1)):
+        images, labels = synthetic_images(n, seed)
+        write_idx(folder / FILES[f"{split}_images"], images)
+        write_idx(folder / FILES[f"{split}_labels"], labels)
+    return folder
+
+
+@pytest.fixture
+def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
+    """A small but complete run: 2 blocks x 2 rounds, 3 of 6 nodes per round."""
+    return {
+        "data-dir": str(fmnist_dir),
+        "output-dir": str(tmp_path / "outputs"),
+        "run-name": "tiny",
+        "embed-dim": 32,
+        "num-heads": 2,
+        "decoder-embed-dim": 16,
+        "decoder-num-heads": 2,
+        "depth": 2,
+        "rounds-per-stage": 2,
+        "clients-per-round": 3,
+        "evaluate-clients": 2,
+        "batch-size": 32,
+        "eval-images": 50,
+        "grid-images": 4,
+        "probe-train-images": 200,
+        "probe-epochs": 5,
+        "finetune-labels": 50,
+        "finetune-epochs": 1,
+        "test-images": 100,
+    }
+
+
+class LocalGrid(Grid):
+    """Delivers messages to the real client handlers in this process, one Context per node."""
+
+    def __init__(self, num_nodes: int, overrides: dict, run_config: dict | None = None) -> None:
+        self.overrides = overrides
+        # Messages take their sender's identity from the process, as inside a ServerApp.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+        self.sent: list[Message] = []
+        self.tamper: Callable[[Message], Message] | None = None
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by strategies
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            context = self.contexts[msg.metadata.dst_node_id]
+            handler = (
+                client_app.train if msg.metadata.message_type == MessageType.TRAIN
+                else client_app.evaluate
+            )  # fmt: skip
+            reply = handler(msg, context, self.overrides)
+            replies.append(self.tamper(reply) if self.tamper else reply)
+        return replies
