@@ -8,12 +8,13 @@ with a random-init backbone (and raw pixels) downstream and write ``summary.json
 
 from __future__ import annotations
 
-import logging
 import time
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmae_flwr.config import FedMAEConfig, resolve_config
@@ -34,8 +35,6 @@ from fedmae_flwr.models import (
 from fedmae_flwr.models.export import TIMM_BASE_MODEL
 from fedmae_flwr.run_outputs import RunOutputs, plot_curves
 from fedmae_flwr.strategies import FedMAE
-
-logger = logging.getLogger("fedmae_flwr")
 
 
 def build_strategy(cfg: FedMAEConfig) -> FedMAE:
@@ -108,7 +107,7 @@ class RoundRecorder:
             )
             metrics["psnr"] = report.psnr
             metrics["trivial-psnr"] = report.trivial_psnr
-            logger.info("stage %d: held-out PSNR %.2f dB (trivial %.2f dB)",
+            log(INFO, "stage %d: held-out PSNR %.2f dB (trivial %.2f dB)",
                         stage, report.psnr, report.trivial_psnr)  # fmt: skip
         self.outputs.append_metrics(row)
         self.outputs.save_checkpoint(server_round, arrays)
@@ -180,7 +179,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "wall-seconds": time.perf_counter() - start,
     }
     outputs.write_json("summary.json", summary)
-    logger.info("run written to %s", outputs.dir)
+    log(INFO, "run written to %s", outputs.dir)
     return summary
 
 
@@ -190,7 +189,6 @@ def build_server_app(overrides: dict | None = None) -> ServerApp:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=logging.INFO)
         run(grid, resolve_config({**context.run_config, **(overrides or {})}))
 
     return server_app

@@ -60,3 +60,9 @@ def test_preset_sits_between_defaults_and_overrides():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match=r"Unknown preset 'nope'.*Available presets:.*smoke"):
         resolve_config({"preset": "nope"})
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in default_run_config() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config table lacks {missing}"

@@ -6,12 +6,13 @@ numbers compare. Raw pixels get the probe too, as a floor a backbone should clea
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict
+from logging import INFO
 from typing import Any
 
 import torch
+from flwr.common import log
 from torch import Tensor, nn
 
 from fedmae_flwr.config import FedMAEConfig
@@ -19,8 +20,6 @@ from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.evaluation.linear_probe import linear_probe
-
-logger = logging.getLogger(__name__)
 
 
 def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, ImageSet]:
@@ -67,8 +66,12 @@ def evaluate_backbones(
             seed=cfg.seed,
         )
         report["linear-probe"][name] = asdict(result)
-        logger.info(
-            "linear probe %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start
+        log(
+            INFO,
+            "linear probe %s: %.4f (%.1fs)",
+            name,
+            result.accuracy,
+            time.perf_counter() - start,
         )
     if cfg.finetune_labels > 0:
         tune_x = splits.normalize(sets["finetune"].images)
@@ -87,8 +90,12 @@ def evaluate_backbones(
                 seed=cfg.seed,
             )
             report["finetune"][name] = asdict(result)
-            logger.info(
-                "fine-tune %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start
+            log(
+                INFO,
+                "fine-tune %s: %.4f (%.1fs)",
+                name,
+                result.accuracy,
+                time.perf_counter() - start,
             )
     report["protocol"] = {
         "probe-train-images": len(sets["probe"]),

@@ -55,6 +55,6 @@ def evaluate_reconstruction(
         trivial_psnr=masked_psnr(mean_fill_baseline(original, pixel_mask), original, pixel_mask),
         loss=sum(losses) / len(images),
         originals=original,
-        masked=original * (1 - pixel_mask),
+        masked=original * (1 - pixel_mask) + 0.5 * pixel_mask,  # masked patches grey, as MAE
         reconstructions=recon,
     )

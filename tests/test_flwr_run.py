@@ -1,0 +1,122 @@
+"""The `make run` path: this app through a real `flwr run` on a local SuperLink (simulation).
+
+Guards the launcher (SuperLink start, config.toml wiring, status polling, process cleanup) and
+the app as Flower packages and runs it (FAB, run-config from pyproject.toml, --run-config).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "run_local_simulation.py"
+
+
+def _load_script() -> ModuleType:
+    """Import the script as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("run_local_simulation", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations via sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_config(overrides: dict) -> str:
+    """A dict as a ``flwr run --run-config`` string (TOML values)."""
+    return " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()
+    )
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of a live, non-zombie process; None if gone (PIDs may be reused)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _marked_processes(token: str) -> list[int]:
+    """PIDs whose environment still carries this run's marker."""
+    marker = f"FEDMAE_LOCAL_SIM_TOKEN={token}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+@pytest.mark.skipif(
+    not (Path(sys.executable).parent / "flower-superlink").exists()
+    and shutil.which("flower-superlink") is None,
+    reason="flower-superlink not installed",
+)
+def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_overrides) -> None:
+    """6 SuperNodes, 2 blocks x 2 rounds: exit 0, outputs written, nothing left running."""
+    script = _load_script()
+    pyproject_before = (REPO_ROOT / "pyproject.toml").read_bytes()
+    record: dict = {}
+
+    rc = script.run_local_simulation(
+        app_dir=REPO_ROOT,
+        num_supernodes=6,
+        client_cpus=1,
+        run_config=_run_config(tiny_overrides),
+        flwr_home=tmp_path / "flwr-home",
+        timeout=600,
+        process_record=record,
+    )
+
+    assert rc == 0
+    summary = json.loads((Path(tiny_overrides["output-dir"]) / "tiny" / "summary.json").read_text())
+    assert summary["depth"] == 2 and len(summary["stages"]) == 2
+    # The SuperLink, SuperExec, flwr-simulation and Ray daemons were all observed ...
+    assert record["superlink_pid"] in record["pids"]
+    assert len(record["pids"]) >= 4
+    # ... and none of them is still alive (same PID *and* start time => same process).
+    alive = [p for p, st in record["pids"].items() if _start_time(p) == st]
+    assert alive == [], f"processes survived: {alive}"
+    assert record["survivors"] == []
+    assert _marked_processes(record["token"]) == []
+    with pytest.raises(ProcessLookupError):
+        os.killpg(record["superlink_pgid"], 0)
+    # `flwr run` must not touch the app's pyproject.toml; the Ray temp dir is removed.
+    assert (REPO_ROOT / "pyproject.toml").read_bytes() == pyproject_before
+    assert not Path(record["ray_tmpdir"]).exists()
+
+
+@pytest.mark.slow
+def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path, tiny_overrides):
+    script = _load_script()
+    out = io.StringIO()
+    rc = script.run_local_simulation(
+        app_dir=REPO_ROOT,
+        num_supernodes=2,
+        run_config=_run_config({**tiny_overrides, "mask-ratio": 1.5}),
+        flwr_home=tmp_path / "flwr-home",
+        timeout=300,
+        out=out,
+    )
+    assert rc == 1
+    assert (
+        "Bad value for config key 'mask-ratio': 1.5. Allowed: a number in (0, 1)" in out.getvalue()
+    )
