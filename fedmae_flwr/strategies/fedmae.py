@@ -33,7 +33,7 @@ from flwr.app import (
 )
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedmae_flwr.models.cascade import active_key, block_index, prefix_key
@@ -75,6 +75,7 @@ class FedMAE(FedAvg):
         num_train_nodes: nodes sampled per train round; None samples as FedAvg (``fraction_train``).
         num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none).
         seed: seed of node sampling (over sorted node ids, so a run's choices are reproducible).
+        resend_timeout: seconds to wait for replies to a same-round prefix re-send.
         **fedavg_kwargs: passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
     Attributes:
@@ -93,6 +94,7 @@ class FedMAE(FedAvg):
         num_train_nodes: int | None = None,
         num_evaluate_nodes: int = 0,
         seed: int = 0,
+        resend_timeout: float = 3600.0,
         **fedavg_kwargs: Any,
     ) -> None:
         if depth < 1 or rounds_per_stage < 1:
@@ -121,11 +123,12 @@ class FedMAE(FedAvg):
         self._global = ArrayRecord()
         self._prefix = ArrayRecord()
         self._prefix_version = ""
+        self._prefix_stage = 0
         self._node_prefix: dict[int, str] = {}  # node id -> prefix version it holds
         self._grid: Grid | None = None
         self._sent_config: dict[str, ConfigRecord] = {}
         self._pending: dict[str, int] = {}
-        self._timeout = 3600.0
+        self._timeout = resend_timeout
 
     # --- schedule ------------------------------------------------------------------------------
     @property
@@ -151,11 +154,6 @@ class FedMAE(FedAvg):
         )
         super().summary()
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        """As :meth:`Strategy.start`; keeps ``timeout`` for same-round prefix re-sends."""
-        self._timeout = kwargs.get("timeout", args[1] if len(args) > 1 else self._timeout)
-        return super().start(grid, initial_arrays, *args, **kwargs)
-
     # --- model growth --------------------------------------------------------------------------
     def grow(self, arrays: ArrayRecord, stage: int) -> ArrayRecord:
         """The global model with blocks ``0..stage``: appends blocks (and resets the decoder)."""
@@ -179,10 +177,12 @@ class FedMAE(FedAvg):
         return grown
 
     def _ensure_prefix(self, stage: int) -> None:
-        prefix = ArrayRecord({k: v for k, v in self._global.items() if prefix_key(k, stage)})
-        version = f"{stage}-{_digest(prefix)}" if stage > 0 else ""
-        if version != self._prefix_version:
-            self._prefix, self._prefix_version = prefix, version
+        """Cut the stage's frozen prefix once per stage; its version names stage and content."""
+        if stage == self._prefix_stage:
+            return
+        self._prefix = ArrayRecord({k: v for k, v in self._global.items() if prefix_key(k, stage)})
+        self._prefix_version = f"{stage}-{_digest(self._prefix)}"
+        self._prefix_stage = stage
 
     # --- messages ------------------------------------------------------------------------------
     def _sample(self, grid: Grid, count: int | None, fraction: float, minimum: int) -> list[int]:
