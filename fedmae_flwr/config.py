@@ -101,6 +101,13 @@ class FedMAEConfig:
     batch_size: int = field(default=64, metadata={"help": "Local batch size."})
     lr: float = field(default=1e-3, metadata={"help": "Local AdamW learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "Local AdamW weight decay."})
+    crop_scale_min: float = field(
+        default=1.0,
+        metadata={"help": "MAE random-resized-crop: smallest area share (MAE: 0.2); 1 = no crop."},
+    )
+    horizontal_flip: bool = field(
+        default=False, metadata={"help": "Random left-right flips in local training."}
+    )
     client_threads: int = field(
         default=1, metadata={"help": "torch threads per client process (match client num-cpus)."}
     )
@@ -243,6 +250,9 @@ def validate(cfg: FedMAEConfig) -> None:
         value = getattr(cfg, key)
         _require(value > 0, key, value, "a number > 0")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _require(
+        0 < cfg.crop_scale_min <= 1, "crop_scale_min", cfg.crop_scale_min, "a number in (0, 1]"
+    )
     _require(0 < cfg.mask_ratio < 1, "mask_ratio", cfg.mask_ratio, "a number in (0, 1)")
     _require(
         0 <= cfg.heldout_fraction < 1,

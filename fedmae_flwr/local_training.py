@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.data.augment import mae_augment
 from fedmae_flwr.models.cascade import CascadeMAE
 
 
@@ -39,12 +40,15 @@ def train_local(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
     )
     model.train()
+    augment = cfg.crop_scale_min < 1.0 or cfg.horizontal_flip
     steps, epoch_loss = 0, float("nan")
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for batch_ids in order.split(cfg.batch_size):
             batch = images[batch_ids]
+            if augment:
+                batch = mae_augment(batch, cfg.crop_scale_min, cfg.horizontal_flip, generator)
             loss, _, _ = model(batch, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
