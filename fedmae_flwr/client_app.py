@@ -35,6 +35,11 @@ def node_config(context: Context, overrides: dict | None = None) -> FedMAEConfig
 
 
 def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
+    """The node's images: its own folder on a deployed SuperNode (node-config ``data-path``),
+    else its partition of the run's source (simulation: ``partition-id`` of ``num-partitions``)."""
+    own_folder = str(context.node_config.get("data-path", ""))
+    if own_folder:
+        return load_node_data(cfg, 0, 1, node_data_path=own_folder)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     return load_node_data(cfg, partition_id, num_partitions)
@@ -66,7 +71,9 @@ def _missing_prefix_reply(msg: Message) -> Message:
 
 def _seed(cfg: FedMAEConfig, msg: Message, context: Context) -> int:
     server_round = int(msg.content["config"]["server-round"])
-    return cfg.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
+    # The partition id is stable across runs (node ids are random per simulation run).
+    node = int(context.node_config.get("partition-id", context.node_id))
+    return cfg.seed * 1_000_003 + server_round * 10_007 + node
 
 
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:
@@ -90,6 +97,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             "num-examples": len(images),
             "train-loss": result.loss if result else 0.0,
             "train-seconds": result.seconds if result else 0.0,
+            "skipped-images": data.splits.skipped,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

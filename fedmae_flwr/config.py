@@ -39,22 +39,42 @@ class FedMAEConfig:
     # --- data ------------------------------------------------------------------------------
     dataset: str = field(
         default="fashion-mnist",
-        metadata={"help": "Image source.", "choices": ("fashion-mnist",)},
+        metadata={
+            "help": "Image source: built-in Fashion-MNIST, a folder of images, a Hugging Face "
+            "dataset (hub id or save_to_disk folder).",
+            "choices": ("fashion-mnist", "imagefolder", "huggingface"),
+        },
     )
-    data_dir: str = field(
-        default="/usr/share/datasets/fashion-mnist",
-        metadata={"help": "Folder of the Fashion-MNIST idx files (Debian dataset-fashion-mnist)."},
+    data_path: str = field(
+        default="",
+        metadata={
+            "help": "fashion-mnist: folder of the idx files ('' = /usr/share/datasets/"
+            "fashion-mnist); imagefolder: the folder; huggingface: hub id or local folder."
+        },
+    )
+    image_column: str = field(
+        default="", metadata={"help": "Hugging Face image column ('' = detect)."}
+    )
+    label_column: str = field(
+        default="", metadata={"help": "Hugging Face label column ('' = detect; none = unlabelled)."}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Share held out as test set when a source has none."}
     )
     partitioner: str = field(
         default="iid",
         metadata={
-            "help": "How training images are split over nodes.",
-            "choices": ("iid", "dirichlet"),
+            "help": "How training images are split over nodes (flwr-datasets partitioners).",
+            "choices": ("iid", "dirichlet", "pathological", "shards"),
         },
     )
     dirichlet_alpha: float = field(
         default=0.5, metadata={"help": "Dirichlet concentration over labels (smaller: more skew)."}
     )
+    classes_per_partition: int = field(
+        default=2, metadata={"help": "pathological: classes per node."}
+    )
+    shards_per_partition: int = field(default=2, metadata={"help": "shards: shards per node."})
     num_partitions: int = field(
         default=0,
         metadata={
@@ -238,6 +258,7 @@ def validate(cfg: FedMAEConfig) -> None:
         "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "rounds_per_stage",
         "clients_per_round", "local_epochs", "batch_size", "client_threads", "eval_images",
         "grid_images", "probe_train_images", "probe_epochs", "finetune_epochs",
+        "classes_per_partition", "shards_per_partition",
     )  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)
@@ -259,6 +280,13 @@ def validate(cfg: FedMAEConfig) -> None:
         "heldout_fraction",
         cfg.heldout_fraction,
         "a number in [0, 1)",
+    )
+    _require(0 < cfg.test_fraction < 1, "test_fraction", cfg.test_fraction, "a number in (0, 1)")
+    _require(
+        cfg.dataset == "fashion-mnist" or bool(cfg.data_path),
+        "data_path",
+        cfg.data_path,
+        f"a folder (or, for huggingface, a hub id) when dataset is '{cfg.dataset}'",
     )
     _require(
         cfg.img_size % cfg.patch_size == 0,

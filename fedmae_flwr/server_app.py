@@ -18,7 +18,8 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmae_flwr.config import FedMAEConfig, resolve_config
-from fedmae_flwr.data import DatasetSplits, load_dataset
+from fedmae_flwr.data import DatasetSplits, load_dataset, partitions
+from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
 from fedmae_flwr.evaluation.downstream import evaluate_backbones
 from fedmae_flwr.evaluation.masked_reconstruction import evaluate_reconstruction
 from fedmae_flwr.evaluation.reconstruction import save_reconstruction_grid
@@ -132,13 +133,35 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def report_partitions(
+    cfg: FedMAEConfig, grid: Grid, splits: DatasetSplits, outputs: RunOutputs
+) -> dict[str, Any]:
+    """Write ``partitions.json`` + ``partitions.png`` for the simulation's partitioning.
+
+    The partition count is ``num-partitions`` or the number of connected nodes, as each node
+    computes it; nodes that read their own folders (node-config ``data-path``) are not covered.
+    """
+    num_partitions = cfg.num_partitions or len(list(grid.get_node_ids()))
+    if num_partitions < 1 or num_partitions > len(splits.train):
+        return {}
+    parts = partitions(cfg, num_partitions)
+    stats = partition_stats(
+        splits.train.labels.numpy(), [p.numpy() for p in parts], splits.num_classes
+    )
+    write_partition_report(outputs.dir, stats)
+    keys = ("num-partitions", "min-images", "median-images", "max-images", "empty-partitions",
+            "mean-label-entropy", "global-label-entropy")  # fmt: skip
+    return {k: stats[k] for k in keys}
+
+
 def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
     outputs = RunOutputs(cfg)
-    splits = load_dataset(cfg.dataset, cfg.data_dir)
+    splits = load_dataset(cfg)
     strategy = build_strategy(cfg)
     recorder = RoundRecorder(cfg, strategy, outputs, splits)
+    partition_summary = report_partitions(cfg, grid, splits, outputs)
     initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
     result = strategy.start(
         grid=grid,
@@ -149,14 +172,19 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     )
     final_state = torch_state(result.arrays)
     export_backbone(cfg, final_state, outputs.dir)
-    downstream = evaluate_backbones(
-        cfg,
-        splits,
-        {
-            "fedmae": create_timm_backbone(cfg, final_state),
-            "random-init": create_timm_backbone(cfg, random_init_state(cfg)),
-        },
-    )
+    downstream: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
+    if splits.num_classes:
+        downstream = evaluate_backbones(
+            cfg,
+            splits,
+            {
+                "fedmae": create_timm_backbone(cfg, final_state),
+                "random-init": create_timm_backbone(cfg, random_init_state(cfg)),
+            },
+        )
+    else:
+        downstream["skipped"] = "unlabelled source: no downstream accuracy"
+        log(INFO, "Unlabelled source: downstream evaluation skipped")
     rows = outputs.read_metrics()
     plot_curves(rows, outputs.dir / "curves.png")
     final = recorder.stages[-1] if recorder.stages else {}
@@ -171,6 +199,14 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "finetune-accuracy": {k: v["accuracy"] for k, v in downstream["finetune"].items()},
         "downstream": downstream,
         "communication": totals(rows),
+        "data": {
+            "dataset": cfg.dataset,
+            "train-images": len(splits.train),
+            "test-images": len(splits.test),
+            "loaded": splits.loaded,
+            "skipped-unreadable": splits.skipped,
+            "partitions": partition_summary,
+        },
         "backbone": {
             "file": "backbone.safetensors",
             "model_name": TIMM_BASE_MODEL,

@@ -59,7 +59,7 @@ def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
     """A small but complete run: 2 blocks x 2 rounds, 3 of 6 nodes per round."""
     return {
-        "data-dir": str(fmnist_dir),
+        "data-path": str(fmnist_dir),
         "output-dir": str(tmp_path / "outputs"),
         "run-name": "tiny",
         "embed-dim": 32,

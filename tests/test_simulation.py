@@ -42,11 +42,17 @@ def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
     for protocol in ("linear-probe-accuracy", "finetune-accuracy"):
         assert {"fedmae", "random-init"} <= set(summary[protocol])
     assert "pixels" in summary["linear-probe-accuracy"]
+    data = summary["data"]
+    assert (data["train-images"], data["skipped-unreadable"]) == (800, 0)
+    assert data["partitions"]["num-partitions"] == 6
 
     meta = json.loads((run_dir / "backbone.json").read_text())
     model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
     model.load_state_dict(load_file(run_dir / "backbone.safetensors"), strict=True)
     assert len(model.blocks) == 2
-    for name in ("config.yaml", "curves.png", "reconstructions/stage-0.png",
-                 "reconstructions/stage-1.png", "checkpoints/latest.json"):  # fmt: skip
+    written = (
+        "config.yaml", "curves.png", "partitions.json", "partitions.png",
+        "reconstructions/stage-0.png", "reconstructions/stage-1.png", "checkpoints/latest.json",
+    )  # fmt: skip
+    for name in written:
         assert (run_dir / name).is_file(), name

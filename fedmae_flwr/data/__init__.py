@@ -1,39 +1,124 @@
 """Data sources and their partition over nodes; loaded once per process and cached.
 
-The Flower idiom (a module-level ``fds``): a client process serves many virtual nodes, so the
-dataset and the partition table are built once per process, not once per call.
+The Flower idiom (a module-level ``fds``): a client process serves many virtual nodes, so a source
+is decoded and partitioned once per process, not once per call. Sources:
+
+- ``fashion-mnist``: the idx files of Debian's ``dataset-fashion-mnist`` (offline);
+- ``imagefolder``: a local folder (class sub-folders = labelled, flat = unlabelled);
+- ``huggingface``: a hub id or a ``save_to_disk`` folder, through ``datasets``.
+
+On a deployed SuperNode, ``--node-config "data-path='/its/own/images'"`` makes the node read
+only its own folder (all of it is the node's partition).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
 from fedmae_flwr.config import FedMAEConfig
-from fedmae_flwr.data.fashion_mnist import load_fashion_mnist
+from fedmae_flwr.data.fashion_mnist import DEFAULT_DIR, load_fashion_mnist
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.data.partition import partition_indices
 
 __all__ = ["DatasetSplits", "ImageSet", "NodeData", "load_dataset", "load_node_data"]
 
 
-@functools.cache
-def load_dataset(dataset: str, data_dir: str) -> DatasetSplits:
-    """The whole source (train + test), cached per process."""
-    if dataset == "fashion-mnist":
-        return load_fashion_mnist(data_dir)
-    raise ValueError(f"Unknown dataset '{dataset}'. Allowed: fashion-mnist.")
+@dataclass(frozen=True)
+class SourceSpec:
+    """What identifies a decoded source (the cache key)."""
+
+    dataset: str
+    path: str
+    channels: int
+    size: int
+    image_column: str = ""
+    label_column: str = ""
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: FedMAEConfig, path: str | None = None) -> SourceSpec:
+        return cls(
+            dataset=cfg.dataset if path is None else "imagefolder",
+            path=path or cfg.data_path or (DEFAULT_DIR if cfg.dataset == "fashion-mnist" else ""),
+            channels=cfg.in_chans,
+            size=cfg.img_size,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+        )
 
 
 @functools.cache
-def _partitions(
-    dataset: str, data_dir: str, partitioner: str, alpha: float, num_partitions: int, seed: int
-) -> list[torch.Tensor]:
-    labels = load_dataset(dataset, data_dir).train.labels.numpy()
-    parts = partition_indices(labels, num_partitions, partitioner, alpha, seed)
+def _load(spec: SourceSpec) -> DatasetSplits:
+    if spec.dataset == "fashion-mnist":
+        splits = load_fashion_mnist(spec.path)
+        shape = tuple(splits.train.images.shape[1:])
+        if shape != (spec.channels, spec.size, spec.size):
+            raise ValueError(
+                f"Fashion-MNIST images are {shape}; set in-chans=1 img-size=28 "
+                f"(got in-chans={spec.channels} img-size={spec.size})"
+            )
+        return splits
+    if spec.dataset == "imagefolder":
+        from fedmae_flwr.data.imagefolder import load_image_folder
+
+        splits, stats = load_image_folder(
+            spec.path, spec.channels, spec.size, test_fraction=spec.test_fraction, seed=spec.seed
+        )
+    elif spec.dataset == "huggingface":
+        from fedmae_flwr.data.huggingface import load_hf_dataset
+
+        splits, stats = load_hf_dataset(
+            spec.path,
+            spec.channels,
+            spec.size,
+            image_column=spec.image_column,
+            label_column=spec.label_column,
+            seed=spec.seed,
+            test_fraction=spec.test_fraction,
+        )
+    else:
+        raise ValueError(f"Unknown dataset '{spec.dataset}'.")
+    return dataclasses.replace(splits, loaded=stats.loaded, skipped=stats.skipped)
+
+
+def load_dataset(cfg: FedMAEConfig) -> DatasetSplits:
+    """The run's whole source (train + test), decoded once per process."""
+    return _load(SourceSpec.from_config(cfg))
+
+
+@functools.cache
+def _partitions(spec: SourceSpec, cfg_key: tuple, num_partitions: int) -> list[torch.Tensor]:
+    partitioner, alpha, classes, shards, seed = cfg_key
+    labels = _load(spec).train.labels.numpy()
+    parts = partition_indices(
+        labels,
+        num_partitions,
+        partitioner,
+        alpha,
+        seed,
+        classes_per_partition=classes,
+        shards_per_partition=shards,
+    )
     return [torch.from_numpy(p) for p in parts]
+
+
+def partitions(cfg: FedMAEConfig, num_partitions: int) -> list[torch.Tensor]:
+    """Training-set indices of every partition (seeded; identical in every process)."""
+    key = (
+        cfg.partitioner,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_partition,
+        cfg.shards_per_partition,
+        cfg.seed,
+    )
+    return _partitions(SourceSpec.from_config(cfg), key, cfg.num_partitions or num_partitions)
 
 
 @dataclass(frozen=True)
@@ -45,23 +130,30 @@ class NodeData:
     splits: DatasetSplits
 
 
-def load_node_data(cfg: FedMAEConfig, partition_id: int, num_partitions: int) -> NodeData:
-    """The images of partition ``partition_id`` of ``num_partitions``, split train/held-out."""
-    if cfg.num_partitions:
-        num_partitions = cfg.num_partitions
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    splits = load_dataset(cfg.dataset, cfg.data_dir)
-    parts = _partitions(
-        cfg.dataset, cfg.data_dir, cfg.partitioner, cfg.dirichlet_alpha, num_partitions, cfg.seed
-    )
-    local = splits.train.subset(parts[partition_id])
-    num_heldout = round(len(local) * cfg.heldout_fraction)
-    order = torch.randperm(
-        len(local), generator=torch.Generator().manual_seed(cfg.seed + partition_id)
-    )
-    return NodeData(
-        train=local.subset(order[num_heldout:]),
-        heldout=local.subset(order[:num_heldout]),
-        splits=splits,
-    )
+def _split_heldout(local: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    num_heldout = round(len(local) * fraction)
+    order = torch.randperm(len(local), generator=torch.Generator().manual_seed(seed))
+    return local.subset(order[num_heldout:]), local.subset(order[:num_heldout])
+
+
+def load_node_data(
+    cfg: FedMAEConfig, partition_id: int, num_partitions: int, node_data_path: str = ""
+) -> NodeData:
+    """A node's images, split train/held-out.
+
+    Args:
+        partition_id, num_partitions: the node's partition of the run's source (simulation).
+        node_data_path: a deployed node's own image folder (its ``--node-config data-path``):
+            when set, the whole folder is this node's data and no partitioning happens.
+    """
+    if node_data_path:
+        splits = _load(SourceSpec.from_config(cfg, path=node_data_path))
+        train, heldout = _split_heldout(splits.train, cfg.heldout_fraction, cfg.seed)
+        return NodeData(train, heldout, splits)
+    total = cfg.num_partitions or num_partitions
+    if not 0 <= partition_id < total:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {total})")
+    splits = load_dataset(cfg)
+    local = splits.train.subset(partitions(cfg, num_partitions)[partition_id])
+    train, heldout = _split_heldout(local, cfg.heldout_fraction, cfg.seed + partition_id)
+    return NodeData(train, heldout, splits)

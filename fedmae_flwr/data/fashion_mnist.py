@@ -16,11 +16,12 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 # Measured over the 60,000 training images.
 MEAN, STD = (0.2860,), (0.3530,)
 INSTALL_HINT = (
     "Install Debian's package (sudo apt-get install dataset-fashion-mnist, which writes "
-    "/usr/share/datasets/fashion-mnist), or set run-config data-dir to a folder holding "
+    "/usr/share/datasets/fashion-mnist), or set run-config data-path to a folder holding "
     + ", ".join(FILES.values())
 )
 
@@ -55,4 +56,5 @@ def load_fashion_mnist(data_dir: str | Path) -> DatasetSplits:
         labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
         return ImageSet(images, labels)
 
-    return DatasetSplits(image_set("train"), image_set("test"), MEAN, STD, num_classes=10)
+    train, test = image_set("train"), image_set("test")
+    return DatasetSplits(train, test, MEAN, STD, num_classes=10, loaded=len(train) + len(test))

@@ -38,7 +38,9 @@ class DatasetSplits:
     test: ImageSet
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    num_classes: int
+    num_classes: int  # 0 when unlabelled (labels are -1)
+    loaded: int = 0  # images decoded from the source
+    skipped: int = 0  # unreadable images skipped (and logged)
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``[N, C, H, W]`` -> float32 normalised model input."""

@@ -1,45 +1,275 @@
-"""Split a training set over nodes with flwr-datasets partitioners (labels used only to skew)."""
+"""Split a training set over nodes with flwr-datasets partitioners (labels used only to skew).
+
+Four partitioners, chosen by name (config key ``partitioner``):
+
+``iid``
+    :class:`~flwr_datasets.partitioner.IidPartitioner` over a seeded shuffle of the index table
+    (flwr-datasets takes contiguous blocks, so the shuffle is what makes it random). Sizes differ
+    by at most one image; needs no labels.
+``dirichlet``
+    :class:`~flwr_datasets.partitioner.DirichletPartitioner`: each class is spread over the
+    partitions with proportions drawn from Dirichlet(``dirichlet-alpha``); small alpha, strong
+    label skew (and possibly empty partitions, since no minimum size is imposed).
+``pathological``
+    :class:`~flwr_datasets.partitioner.PathologicalPartitioner` in ``first-deterministic`` mode:
+    partition ``i`` gets class ``i mod C`` plus ``classes-per-partition - 1`` seeded random
+    others; each class is split evenly over the partitions holding it. With at least as many
+    partitions as classes every image is used; with fewer, classes no partition drew are left
+    out (a warning says how many images).
+``shards``
+    :class:`~flwr_datasets.partitioner.ShardPartitioner` (McMahan et al.): the label-sorted table
+    is cut into shards of ``floor(N / (num-partitions * shards-per-partition))`` images and each
+    partition gets ``shards-per-partition`` seeded random shards. The remainder
+    ``N mod (num-partitions * shards-per-partition)`` (fewer than one shard per partition) is
+    left out.
+
+Everything happens on an in-memory :class:`datasets.Dataset` (no cache files: a table built with
+``from_dict`` has none, so ``shuffle``/``sort``/``select`` keep their index maps in memory), and
+every random draw comes from NumPy generators seeded with ``seed``: the same arguments give the
+same partitions in any process, whatever ``PYTHONHASHSEED``.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import datasets
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+)
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shards")
+# Partitioners that shape the split by label; they cannot run on unlabelled data.
+LABEL_PARTITIONERS = ("dirichlet", "pathological", "shards")
 
 # Progress bars for in-memory index tables are noise in every client log.
 datasets.disable_progress_bars()
 
 
-def make_partitioner(name: str, num_partitions: int, alpha: float, seed: int) -> Partitioner:
+def _num_classes(labels: np.ndarray) -> int:
+    return len(np.unique(labels))
+
+
+def validate_partition_args(
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    seed: int,
+    classes_per_partition: int = 2,
+    shards_per_partition: int = 2,
+) -> None:
+    """Raise ``ValueError`` (naming the config key and its allowed range) for impossible splits.
+
+    Only the arguments the chosen ``partitioner`` uses are checked, so e.g. a Dirichlet alpha
+    left at any value does not break an IID run.
+    """
+    if partitioner not in PARTITIONERS:
+        raise ValueError(
+            f"partitioner: unknown '{partitioner}'. Allowed: {', '.join(PARTITIONERS)}."
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}"
+        )
+    n = len(labels)
+    if n == 0:
+        raise ValueError("Cannot partition an empty training set (0 labels).")
+    if not 1 <= num_partitions <= n:
+        raise ValueError(
+            f"num-partitions must be in [1, {n}] (at least one image per node), "
+            f"got {num_partitions}"
+        )
+    # numpy's default_rng (used by datasets' shuffle and every partitioner) rejects negatives.
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if partitioner not in LABEL_PARTITIONERS:
+        return
+    if (labels < 0).any():
+        what = "unlabelled (all labels -1)" if (labels < 0).all() else "partly unlabelled"
+        raise ValueError(
+            f"partitioner '{partitioner}' splits by label, but the training set is {what}; "
+            f"only 'iid' works without labels."
+        )
+    if partitioner == "dirichlet":
+        if not (np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"dirichlet-alpha must be a number in (0, inf), got {alpha}")
+    elif partitioner == "pathological":
+        num_classes = _num_classes(labels)
+        if not 1 <= classes_per_partition <= num_classes:
+            raise ValueError(
+                f"classes-per-partition must be in [1, {num_classes}] (the number of distinct "
+                f"labels), got {classes_per_partition}"
+            )
+    elif partitioner == "shards":
+        max_shards = n // num_partitions
+        if not 1 <= shards_per_partition <= max_shards:
+            raise ValueError(
+                f"shards-per-partition must be in [1, {max_shards}] (shards of at least one "
+                f"image: {n} images // num-partitions {num_partitions}), "
+                f"got {shards_per_partition}"
+            )
+
+
+def make_partitioner(
+    name: str,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    classes_per_partition: int = 2,
+    shards_per_partition: int = 2,
+) -> Partitioner:
+    """The flwr-datasets partitioner called ``name`` (see the module docstring), seeded."""
+    seed = int(seed)
     if name == "iid":
+        # Deterministic contiguous blocks; randomness comes from the seeded table shuffle.
         return IidPartitioner(num_partitions)
     if name == "dirichlet":
         return DirichletPartitioner(
-            num_partitions, partition_by="label", alpha=alpha, min_partition_size=0, seed=seed
+            num_partitions,
+            partition_by="label",
+            alpha=float(alpha),
+            min_partition_size=0,
+            seed=seed,
         )
-    raise ValueError(f"Unknown partitioner '{name}'. Allowed: {', '.join(PARTITIONERS)}.")
+    if name == "pathological":
+        # "first-deterministic" (the paper's mode) uses every class once there are at least as
+        # many partitions as classes; "random" may leave classes, hence images, unused.
+        return PathologicalPartitioner(
+            num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(classes_per_partition),
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    if name == "shards":
+        # shard_size=None: derived as floor(N / (num_partitions * shards_per_partition)), so
+        # every partition gets the same number of equal shards.
+        return ShardPartitioner(
+            num_partitions,
+            partition_by="label",
+            num_shards_per_partition=int(shards_per_partition),
+            seed=seed,
+        )
+    raise ValueError(f"partitioner: unknown '{name}'. Allowed: {', '.join(PARTITIONERS)}.")
+
+
+def _index_column(table: Dataset) -> np.ndarray:
+    """The ``index`` column as one int64 array.
+
+    A slice of a numpy-formatted column is read in one Arrow batch; ``np.asarray(table["index"])``
+    would iterate a datasets 4 ``Column`` row by row (seconds for 60,000 rows).
+    """
+    return np.asarray(table.with_format("numpy")["index"][:], dtype=np.int64)
+
+
+def read_partitions(part: Partitioner, fast: bool = True) -> list[np.ndarray]:
+    """The ``index`` column of every partition of ``part`` (whose dataset is already set).
+
+    ``load_partition(i)`` costs a ``Dataset.select`` per partition, and ``select`` hashes its
+    whole index list with dill for the dataset fingerprint: ~3 s for 60,000 images in
+    pathological mode. The label-based partitioners keep the same lists in
+    ``_partition_id_to_indices`` (rows of ``part.dataset``, which ShardPartitioner replaces by
+    its label-sorted copy), so ``fast`` maps those through the ``index`` column in one NumPy
+    gather: exactly what ``load_partition(i)["index"]`` returns. It falls back to
+    ``load_partition`` when the attribute is missing (a future flwr-datasets); a test compares
+    both paths.
+    """
+    num_partitions = part.num_partitions  # public property: also runs the assignment
+    mapping = getattr(part, "_partition_id_to_indices", None) if fast else None
+    if isinstance(mapping, dict) and len(mapping) == num_partitions:
+        index_col = _index_column(part.dataset)
+        return [index_col[np.asarray(mapping[i], dtype=np.int64)] for i in range(num_partitions)]
+    return [_index_column(part.load_partition(i)) for i in range(num_partitions)]
 
 
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, seed: int
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    seed: int,
+    *,
+    classes_per_partition: int = 2,
+    shards_per_partition: int = 2,
+    fast: bool = True,
 ) -> list[np.ndarray]:
     """Indices into ``labels`` of each partition; the same arguments give the same split.
 
-    The index table is shuffled with ``seed`` first because flwr-datasets' IID partitioner takes
-    contiguous shards.
+    Args:
+        labels: 1-D integer labels of the training set; ``-1`` marks unlabelled images (then only
+            ``iid`` is allowed). Labels only shape the split; they never reach training.
+        num_partitions: Number of partitions, in ``[1, len(labels)]``.
+        partitioner: One of :data:`PARTITIONERS`.
+        alpha: Dirichlet concentration (``dirichlet`` only), > 0.
+        seed: Seed (>= 0) of the table shuffle and of the partitioner's generator.
+        classes_per_partition: Distinct classes per partition (``pathological`` only).
+        shards_per_partition: Shards per partition (``shards`` only).
+        fast: Read the partitioner's index table directly (see :func:`read_partitions`);
+            ``False`` goes through ``load_partition`` only (slower, same result).
+
+    Returns:
+        ``num_partitions`` disjoint int64 index arrays. They cover every index for ``iid`` and
+        ``dirichlet``; see the module docstring for what ``pathological`` and ``shards`` leave out.
+        Partitions may be empty for ``dirichlet`` with small alpha.
+
+    The index table is shuffled with ``seed`` first: flwr-datasets' IID partitioner takes
+    contiguous blocks, and the label-based ones take contiguous runs within a class.
     """
-    if num_partitions < 1 or num_partitions > len(labels):
-        raise ValueError(
-            f"num_partitions must be in [1, {len(labels)}] (one image per node at least), "
-            f"got {num_partitions}"
-        )
-    table = Dataset.from_dict({"index": np.arange(len(labels)), "label": labels.astype(np.int64)})
-    table = table.shuffle(seed=seed).flatten_indices()
-    part = make_partitioner(partitioner, num_partitions, alpha, seed)
+    labels = np.asarray(labels)
+    validate_partition_args(
+        labels,
+        num_partitions,
+        partitioner,
+        alpha,
+        seed,
+        classes_per_partition=classes_per_partition,
+        shards_per_partition=shards_per_partition,
+    )
+    # The same permutation as ``Dataset.shuffle(seed=seed)`` (default_rng(seed).permutation),
+    # applied before building the table: no index map to flatten with ``map`` (~0.4 s), and the
+    # partitioners' full-column label reads take datasets' batched path.
+    order = np.random.default_rng(int(seed)).permutation(len(labels))
+    table = Dataset.from_dict({"index": order, "label": labels[order].astype(np.int64)})
+    part = make_partitioner(
+        partitioner,
+        num_partitions,
+        alpha,
+        seed,
+        classes_per_partition=classes_per_partition,
+        shards_per_partition=shards_per_partition,
+    )
     part.dataset = table
-    return [
-        np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)
-    ]
+    with warnings.catch_warnings():
+        # PathologicalPartitioner's own "classes will NOT be used" warning names a parameter
+        # that does not exist (first_class_deterministic_assignment); ours below is accurate.
+        warnings.filterwarnings("ignore", message=r"Classes: .* will NOT be used")
+        # pyarrow >= 25 deprecates the null_placement that ShardPartitioner's sort passes on;
+        # the labels have no nulls, so it changes nothing here.
+        warnings.filterwarnings(
+            "ignore", message=r"Specifying null_placement", category=FutureWarning
+        )
+        try:
+            parts = read_partitions(part, fast=fast)
+        except ValueError as err:
+            raise ValueError(
+                f"partitioner '{partitioner}' cannot split {len(labels)} images into "
+                f"num-partitions={num_partitions} (classes-per-partition="
+                f"{classes_per_partition}, shards-per-partition={shards_per_partition}): {err}"
+            ) from err
+    if partitioner == "pathological":
+        left_out = len(labels) - sum(len(p) for p in parts)
+        if left_out:
+            warnings.warn(
+                f"partitioner 'pathological': {left_out} of {len(labels)} images are in no "
+                f"partition (num-partitions={num_partitions} is below the number of classes, "
+                f"so some classes were drawn by no partition)",
+                stacklevel=2,
+            )
+    return parts
