@@ -1,0 +1,346 @@
+"""Image-folder and Hugging Face sources on real files built in tmp_path (offline, no HF cache)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from PIL import Image
+
+from fedmae_flwr.data import huggingface as hf
+from fedmae_flwr.data.decode import (
+    DecodeStats,
+    channel_stats,
+    decode_file,
+    split_train_test,
+    to_uint8_chw,
+)
+from fedmae_flwr.data.huggingface import load_hf_dataset
+from fedmae_flwr.data.imagefolder import load_image_folder
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every HF cache and temp folder under tmp_path (the libraries read their env at import)."""
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def rng_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    """A random image of PIL ``mode`` and ``size`` (w, h)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode == "P":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    array = rng.integers(0, 256, (h, w, bands), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if bands == 1 else array, mode)
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+GOOD = {  # class -> file -> (mode, size, format)
+    "cat": {
+        "a.png": ("RGB", (37, 53), "PNG"),
+        "b.JPG": ("RGB", (300, 200), "JPEG"),
+        "c.png": ("L", (64, 64), "PNG"),
+        "d.png": ("RGBA", (64, 64), "PNG"),
+    },
+    "dog": {
+        "e.png": ("P", (37, 53), "PNG"),
+        "f.png": ("I;16", (300, 200), "PNG"),
+        "g.jpeg": ("L", (64, 64), "JPEG"),
+        "h.jpg": ("CMYK", (40, 30), "JPEG"),
+    },
+}
+BAD = {"cat": ["trunc.jpg"], "dog": ["zero.png", "text.jpg", "trunc.png"]}
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """Two classes of mixed sizes/modes, 4 good and 4 broken files, plus files to ignore."""
+    root = tmp_path / "images"
+    for seed, (cls, files) in enumerate(GOOD.items()):
+        for i, (name, (mode, size, fmt)) in enumerate(files.items()):
+            write(root / cls / name, encoded(rng_image(mode, size, 10 * seed + i), fmt))
+    jpeg = encoded(rng_image("RGB", (300, 200), 99), "JPEG")
+    png = encoded(rng_image("RGB", (300, 200), 98), "PNG")
+    write(root / "cat" / "trunc.jpg", jpeg[: len(jpeg) // 2])
+    write(root / "dog" / "trunc.png", png[: len(png) // 2])
+    write(root / "dog" / "zero.png", b"")
+    write(root / "dog" / "text.jpg", b"this is not a JPEG\n")
+    write(root / "dog" / "notes.txt", b"ignored: not an image extension")
+    write(root / "dog" / ".hidden.png", png)  # hidden: ignored even though valid
+    write(root / "loose.png", png)  # next to class folders: ignored (torchvision convention)
+    return root
+
+
+def test_class_folder_counts_shapes_and_labels(class_folder: Path) -> None:
+    splits, stats = load_image_folder(class_folder, 3, 32, test_fraction=0.5, seed=0)
+    assert (stats.loaded, stats.skipped) == (8, 4)
+    skipped = {Path(entry.split(": ")[0]).name for entry in stats.skipped_files}
+    assert skipped == {"trunc.jpg", "zero.png", "text.jpg", "trunc.png"}
+    assert any("truncated" in entry for entry in stats.skipped_files if "trunc" in entry)
+    assert splits.num_classes == 2
+    for part in (splits.train, splits.test):
+        assert part.images.dtype == torch.uint8 and part.images.shape[1:] == (3, 32, 32)
+    assert len(splits.train) + len(splits.test) == 8 and len(splits.test) > 0
+    all_labels = torch.cat([splits.train.labels, splits.test.labels])
+    assert torch.bincount(all_labels).tolist() == [4, 4]  # cat = 0, dog = 1 (sorted names)
+    assert len(splits.mean) == len(splits.std) == 3
+    assert all(0 < m < 1 for m in splits.mean) and all(0 < s < 1 for s in splits.std)
+
+    grey, _ = load_image_folder(class_folder, 1, 32, test_fraction=0.5, seed=0)
+    assert grey.train.images.shape[1:] == (1, 32, 32) and len(grey.mean) == 1
+    assert torch.equal(grey.train.labels, splits.train.labels)
+
+
+def test_class_folder_split_is_seeded(class_folder: Path) -> None:
+    def test_images(seed: int) -> torch.Tensor:
+        return load_image_folder(class_folder, 3, 16, test_fraction=0.5, seed=seed)[0].test.images
+
+    first = test_images(0)
+    assert torch.equal(first, test_images(0))
+    assert any(not torch.equal(first, test_images(seed)) for seed in range(1, 6))
+
+
+def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:
+    for i in range(5):
+        write(tmp_path / "flat" / f"{i}.png", encoded(rng_image("RGB", (40, 20), i), "PNG"))
+    splits, stats = load_image_folder(tmp_path / "flat", 3, 16, test_fraction=0.2)
+    assert stats.loaded == 5 and splits.num_classes == 0
+    assert (len(splits.train), len(splits.test)) == (4, 1)
+    assert (torch.cat([splits.train.labels, splits.test.labels]) == -1).all()
+
+
+@pytest.mark.parametrize("test_dir", ["test", "validation"])
+def test_train_test_layout_used_as_given(tmp_path: Path, test_dir: str) -> None:
+    counts = {("train", "a"): 3, ("train", "b"): 2, (test_dir, "a"): 1, (test_dir, "b"): 2}
+    for (split, cls), n in counts.items():
+        for i in range(n):
+            image = encoded(rng_image("RGB", (20, 20), i), "PNG")
+            write(tmp_path / "ds" / split / cls / f"{i}.png", image)
+    splits, _ = load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.5)
+    assert splits.train.labels.tolist() == [0, 0, 0, 1, 1]
+    assert splits.test.labels.tolist() == [0, 1, 1]
+
+
+def test_missing_and_undecodable_folders(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_image_folder(tmp_path / "nowhere", 3, 8)
+    write(tmp_path / "bad" / "x.png", b"")
+    write(tmp_path / "bad" / "y.jpg", b"text")
+    write(tmp_path / "bad" / "z.txt", b"text")
+    with pytest.raises(ValueError, match=r"bad.*tried 2 files, skipped 2.*jpg jpeg png"):
+        load_image_folder(tmp_path / "bad", 3, 8)
+
+
+def test_sixteen_bit_and_float_scale_by_range(tmp_path: Path) -> None:
+    values = np.array([[65535, 257 * 100], [0, 257]], dtype=np.uint16)
+    path = write(tmp_path / "deep.png", encoded(Image.fromarray(values), "PNG"))
+    assert Image.open(path).mode == "I;16"
+    out = decode_file(path, 1, 2, DecodeStats())
+    assert out is not None and out.dtype == torch.uint8
+    assert out[0].tolist() == [[255, 100], [0, 1]]  # /257, not clipped at 255
+    assert (
+        to_uint8_chw(Image.fromarray(values.astype(np.int32)), 3, 2)[:, 0, 0].tolist() == [255] * 3
+    )
+    ramp = Image.fromarray(np.array([[0.0, 1.0]], dtype=np.float32))
+    assert to_uint8_chw(ramp.resize((2, 2)), 1, 2)[0, 0].tolist() == [0, 255]
+
+
+def test_decompression_bomb_is_a_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "big.png", encoded(rng_image("RGB", (64, 64), 0), "PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2x the limit: an error
+    stats = DecodeStats()
+    assert decode_file(path, 3, 8, stats) is None
+    assert stats.skipped == 1 and "DecompressionBombError" in stats.skipped_files[0]
+
+
+def test_alpha_and_palette_composite_over_black() -> None:
+    rgba = to_uint8_chw(Image.new("RGBA", (3, 3), (200, 100, 50, 128)), 3, 3)
+    assert rgba[:, 1, 1].tolist() == [100, 50, 25]  # round(c * 128 / 255)
+    grey = to_uint8_chw(Image.new("LA", (3, 3), (200, 0)), 1, 3)
+    assert grey.unique().tolist() == [0]  # fully transparent -> black
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([10, 20, 30, 255, 0, 0] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.info["transparency"] = 0  # index 0 transparent
+    out = to_uint8_chw(palette, 3, 4)
+    assert out[:, 0, 0].tolist() == [0, 0, 0] and out[:, 3, 3].tolist() == [255, 0, 0]
+    assert to_uint8_chw(Image.new("1", (2, 2), 1), 3, 2).unique().tolist() == [255]
+
+
+def test_resize_shorter_side_then_center_crop() -> None:
+    array = np.zeros((20, 60), dtype=np.uint8)
+    array[:, 20:40] = 255  # the centre third is white: exactly what the centre crop keeps
+    out = to_uint8_chw(Image.fromarray(array), 1, 10)
+    assert out.shape == (1, 10, 10)
+    assert out[:, :, 1:-1].min() == 255 and out.min() > 200  # edge columns see the black sides
+    # Same as torchvision's Resize(10) + CenterCrop(10) in two PIL steps.
+    image = rng_image("RGB", (90, 50), 3)
+    two_step = np.asarray(image.resize((18, 10), Image.Resampling.BICUBIC))[:, 4:14]
+    one_step = to_uint8_chw(image, 3, 10).permute(1, 2, 0).numpy()
+    assert np.abs(two_step.astype(int) - one_step.astype(int)).max() <= 1
+
+
+def test_channel_stats_match_float_computation() -> None:
+    images = torch.randint(0, 256, (37, 3, 9, 7), dtype=torch.uint8)
+    mean, std = channel_stats(images, chunk=5)
+    x = images.double() / 255
+    assert np.allclose(mean, x.mean(dim=(0, 2, 3)).numpy())
+    assert np.allclose(std, x.std(dim=(0, 2, 3), unbiased=False).numpy())
+    assert channel_stats(torch.full((2, 1, 3, 3), 7, dtype=torch.uint8))[1] == (1.0,)
+
+
+def test_split_train_test_is_stratified() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 20)
+    train, test = split_train_test(labels, 0.1, seed=0)
+    assert torch.bincount(labels[test]).tolist() == [1, 2] and len(train) == 27
+
+
+# --- Hugging Face -------------------------------------------------------------------------------
+
+
+def hf_rows(n: int, seed: int) -> list[Image.Image]:
+    modes = ["RGB", "L", "RGBA", "P"]
+    return [rng_image(modes[i % 4], (20 + i, 30), seed + i) for i in range(n)]
+
+
+def test_hf_save_to_disk_dataset_dict(tmp_path: Path) -> None:
+    features = Features({"img": datasets.Image(), "fine": ClassLabel(names=["x", "y", "z"])})
+    train = Dataset.from_dict({"img": hf_rows(6, 0), "fine": [0, 1, 2, 0, 1, 2]}, features=features)
+    test = Dataset.from_dict({"img": hf_rows(3, 10), "fine": [2, 2, 0]}, features=features)
+    DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "saved")
+
+    splits, stats = load_hf_dataset(str(tmp_path / "saved"), 3, 16)
+    assert (stats.loaded, stats.skipped) == (9, 0)
+    assert splits.train.images.shape == (6, 3, 16, 16) and splits.test.images.shape == (
+        3,
+        3,
+        16,
+        16,
+    )
+    assert splits.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert splits.test.labels.tolist() == [2, 2, 0]
+    assert splits.num_classes == 3
+    assert not (tmp_path / "hf-home").exists()  # load_from_disk writes no cache
+
+
+def test_hf_single_dataset_split_unlabelled_and_bad_row(tmp_path: Path) -> None:
+    good = [{"bytes": encoded(im, "PNG"), "path": None} for im in hf_rows(9, 0)]
+    rows = [*good, {"bytes": b"not an image", "path": None}]
+    ds = Dataset.from_dict({"image": rows}, features=Features({"image": datasets.Image()}))
+    ds.save_to_disk(tmp_path / "one")
+    splits, stats = load_hf_dataset(str(tmp_path / "one"), 1, 8, test_fraction=0.3, seed=1)
+    assert (stats.loaded, stats.skipped) == (9, 1)
+    assert stats.skipped_files[0].startswith("train[9]")
+    assert len(splits.train) + len(splits.test) == 9 and len(splits.test) in (2, 3)
+    assert splits.num_classes == 0 and (splits.train.labels == -1).all()
+    assert splits.train.images.shape[1:] == (1, 8, 8)
+
+
+def test_hf_column_detection(tmp_path: Path) -> None:
+    features = Features(
+        {
+            "photo": datasets.Image(),
+            "sketch": datasets.Image(),
+            "coarse_label": ClassLabel(names=["p", "q"]),
+            "fine_label": ClassLabel(names=["a", "b", "c", "d"]),
+        }
+    )
+    ds = Dataset.from_dict(
+        {"photo": hf_rows(4, 0), "sketch": hf_rows(4, 5), "coarse_label": [0, 1, 0, 1],
+         "fine_label": [3, 2, 1, 0]},
+        features=features,
+    )  # fmt: skip
+    ds.save_to_disk(tmp_path / "two")
+    with pytest.raises(ValueError, match=r"photo, sketch.*'image-column'"):
+        load_hf_dataset(str(tmp_path / "two"), 3, 8)
+    with pytest.raises(ValueError, match=r"'image-column' = 'nope'.*photo \(Image\)"):
+        load_hf_dataset(str(tmp_path / "two"), 3, 8, image_column="nope")
+    splits, _ = load_hf_dataset(str(tmp_path / "two"), 3, 8, image_column="sketch", test_fraction=0)
+    assert splits.num_classes == 4 and splits.train.labels.tolist() == [3, 2, 1, 0]  # fine_label
+    splits, _ = load_hf_dataset(
+        str(tmp_path / "two"), 3, 8, image_column="photo", label_column="coarse_label",
+        test_fraction=0,
+    )  # fmt: skip
+    assert splits.num_classes == 2 and splits.train.labels.tolist() == [0, 1, 0, 1]
+
+    strings = Dataset.from_dict(
+        {"image": hf_rows(3, 0), "label": ["b", "a", "b"]},
+        features=Features({"image": datasets.Image(), "label": Value("string")}),
+    )
+    strings.save_to_disk(tmp_path / "strings")
+    splits, _ = load_hf_dataset(str(tmp_path / "strings"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, 0, 1]
+
+
+def test_hf_imagefolder_builder_on_local_folder(class_folder: Path, isolated_hf: Path) -> None:
+    # HF's builder (unlike torchvision) takes loose files too, and then infers no labels.
+    (class_folder / "loose.png").unlink()
+    splits, stats = load_hf_dataset(str(class_folder), 3, 32, test_fraction=0.5)
+    # Hidden and non-image files are left out by the builder too: the same 8 + 4 files.
+    assert (stats.loaded, stats.skipped) == (8, 4)
+    assert splits.num_classes == 2
+    assert torch.bincount(torch.cat([splits.train.labels, splits.test.labels])).tolist() == [4, 4]
+    assert splits.train.images.shape[1:] == (3, 32, 32)
+    assert list(isolated_hf.iterdir()) == []  # the builder's temporary Arrow cache is gone
+
+
+def test_hf_offline_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    flags = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as info:
+        load_hf_dataset("some-org/does-not-exist-xyz", 3, 32)
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "some-org/does-not-exist-xyz" in message and "could not be reached" in message
+    assert "save_to_disk" in message and "imagefolder" in message
+    # Offline mode was forced for that one call only: the libraries' flags are as before.
+    assert flags == (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def test_hf_unreachable_hub_falls_back_to_cache_then_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hf, "_offline_requested", lambda: False)
+    monkeypatch.setattr(hf, "_hub_unreachable", lambda: "huggingface.co: ConnectError: no route")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"org/ds.*no route.*save_to_disk.*imagefolder"):
+        load_hf_dataset("org/ds", 3, 32)
+    assert time.perf_counter() - start < 5
+
+
+def test_hf_bad_local_path() -> None:
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        load_hf_dataset("./no/such/folder", 3, 8)
