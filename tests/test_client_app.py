@@ -61,3 +61,34 @@ def test_evaluate_scores_the_heldout_split(tiny_overrides):
     second = client_app.evaluate(msg, context, tiny_overrides).content["metrics"]
     assert first["num-examples"] == 20
     assert first["eval-loss"] == second["eval-loss"] > 0  # seeded masks: comparable scores
+
+
+def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
+    """A SuperNode started with --node-config "data-path=..." trains on that folder alone."""
+    import numpy as np
+    from flwr.app import Context
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "own" / cls).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "own" / cls / f"{i}.png")
+    (tmp_path / "own" / "cats" / "broken.png").write_bytes(b"")  # skipped, counted
+    overrides = {**tiny_overrides, "dataset": "imagefolder", "data-path": "/not/this/one"}
+    LocalGrid(1, overrides)  # the process' task identity, as in a ServerApp
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(tmp_path / "own")},
+        state=RecordDict(),
+        run_config={},
+    )
+    model = CascadeMAE(resolve_config(overrides), num_blocks=1)
+    reply = client_app.train(message(model, 0, "", with_prefix=False), context, overrides)
+    metrics = reply.content["metrics"]
+    # 21 files; 1 per class to the test split (split before decoding); the broken file fell in
+    # the test split (seed 0), so 19 train images, 2 of them held out -> 17 to train on
+    assert metrics["num-examples"] == 17
+    assert metrics["skipped-images"] == 1

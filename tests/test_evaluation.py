@@ -335,3 +335,19 @@ def test_save_reconstruction_grid_single_row_and_bad_shapes(tmp_path):
     two = torch.rand(1, 2, 8, 8)
     with pytest.raises(ValueError, match=r"C in \{1, 3\}"):
         save_reconstruction_grid(tmp_path / "bad.png", two, two, two)
+
+
+def test_labelled_subsets_are_capped_at_what_the_source_has():
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.data.images import DatasetSplits, ImageSet
+    from fedmae_flwr.evaluation.downstream import labelled_subsets
+
+    def image_set(n: int) -> ImageSet:
+        return ImageSet(
+            torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)
+        )
+
+    splits = DatasetSplits(image_set(50), image_set(30), (0.5,), (0.5,), num_classes=2)
+    cfg = resolve_config({"probe-train-images": 400, "finetune-labels": 100, "test-images": 200})
+    sizes = {k: len(v) for k, v in labelled_subsets(cfg, splits).items()}
+    assert sizes == {"probe": 50, "finetune": 50, "test": 30}

@@ -23,12 +23,15 @@ from fedmae_flwr.evaluation.linear_probe import linear_probe
 
 
 def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, ImageSet]:
-    """Seeded subsets: probe training images, fine-tuning labels (within them), test images."""
+    """Seeded subsets: probe training images, fine-tuning labels (within them), test images.
+
+    Each is capped at what the source has (``test-images`` 0 = the whole test set).
+    """
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
     probe = splits.train.subset(order[: cfg.probe_train_images])
     tune = splits.train.subset(order[: cfg.finetune_labels])
-    test = splits.test if cfg.test_images == 0 else splits.test.subset(range(cfg.test_images))
-    return {"probe": probe, "finetune": tune, "test": test}
+    num_test = min(cfg.test_images or len(splits.test), len(splits.test))
+    return {"probe": probe, "finetune": tune, "test": splits.test.subset(range(num_test))}
 
 
 class _Flatten(nn.Module):
