@@ -92,3 +92,15 @@ def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
     # the test split (seed 0), so 19 train images, 2 of them held out -> 17 to train on
     assert metrics["num-examples"] == 17
     assert metrics["skipped-images"] == 1
+
+
+def test_a_node_with_an_empty_partition_replies_with_zero_examples(tiny_overrides):
+    # Dirichlet(0.01) over 60 nodes leaves partition 0 of the synthetic set empty (seed 0).
+    overrides = {**tiny_overrides, "partitioner": "dirichlet", "dirichlet-alpha": 0.01}
+    grid = LocalGrid(60, overrides)
+    model = CascadeMAE(resolve_config(overrides), num_blocks=1)
+    reply = client_app.train(
+        message(model, 0, "", with_prefix=False), grid.contexts[1000], overrides
+    )
+    assert reply.content["metrics"]["num-examples"] == 0
+    assert set(reply.content["arrays"]) == {k for k in model.state_dict() if active_key(k, 0)}
