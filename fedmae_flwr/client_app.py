@@ -51,9 +51,9 @@ def model_for(msg: Message, context: Context, cfg: FedMAEConfig) -> CascadeMAE |
     Returns None when the node does not hold the announced prefix version (and none came along).
     """
     config = msg.content["config"]
-    stage, version = int(config["stage"]), str(config["prefix-version"])
+    frozen, version = int(config["frozen-blocks"]), str(config["prefix-version"])
     state = msg.content["arrays"].to_torch_state_dict()
-    if stage > 0:
+    if frozen > 0:
         if PREFIX_KEY in msg.content:
             context.state[STATE_PREFIX] = msg.content[PREFIX_KEY]
             context.state[STATE_PREFIX_META] = ConfigRecord({"version": version})
@@ -61,7 +61,7 @@ def model_for(msg: Message, context: Context, cfg: FedMAEConfig) -> CascadeMAE |
         if meta is None or meta["version"] != version:
             return None
         state.update(context.state[STATE_PREFIX].to_torch_state_dict())
-    return model_from_state(cfg, state)
+    return model_from_state(cfg, state, frozen_blocks=frozen)
 
 
 def _missing_prefix_reply(msg: Message) -> Message:

@@ -36,6 +36,18 @@ class FedMAEConfig:
     run_name: str = field(default="fedmae-fmnist", metadata={"help": "Folder under output-dir."})
     output_dir: str = field(default="outputs", metadata={"help": "Root folder of run outputs."})
     seed: int = field(default=0, metadata={"help": "Seed of init, partitions, masks, sampling."})
+    algorithm: str = field(
+        default="fedmae",
+        metadata={
+            "help": "fedmae (one-block cascade); baselines on the same data and schedule: "
+            "fedavg-mae (full depth end to end), centralized (pooled data, one model), "
+            "local (each node alone), random-init (no pretraining).",
+            "choices": ("fedmae", "fedavg-mae", "centralized", "local", "random-init"),
+        },
+    )
+    local_clients: int = field(
+        default=2, metadata={"help": "local: nodes trained alone (downstream averaged over them)."}
+    )
     # --- data ------------------------------------------------------------------------------
     dataset: str = field(
         default="fashion-mnist",
@@ -258,7 +270,7 @@ def validate(cfg: FedMAEConfig) -> None:
         "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "rounds_per_stage",
         "clients_per_round", "local_epochs", "batch_size", "client_threads", "eval_images",
         "grid_images", "probe_train_images", "probe_epochs", "finetune_epochs",
-        "classes_per_partition", "shards_per_partition",
+        "classes_per_partition", "shards_per_partition", "local_clients",
     )  # fmt: skip
     for key in positive:
         value = getattr(cfg, key)

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
 from fedmae_flwr.config import FedMAEConfig, resolve_config
 from fedmae_flwr.data import DatasetSplits, load_dataset, partitions
 from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
@@ -56,6 +57,7 @@ def build_strategy(cfg: FedMAEConfig) -> FedMAE:
         seed=cfg.seed,
         min_available_nodes=cfg.min_available_clients or cfg.clients_per_round,
         fraction_evaluate=1.0 if cfg.evaluate_clients else 0.0,
+        progressive=cfg.algorithm != "fedavg-mae",
     )
 
 
@@ -64,8 +66,12 @@ def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 class RoundRecorder:
-    """The strategy's ``evaluate_fn``: one metrics line and a checkpoint per round; at each
-    stage end, held-out reconstruction PSNR beside the trivial predictor, and a picture."""
+    """After each round: one metrics line and a checkpoint; at each stage end, held-out
+    reconstruction PSNR beside the trivial predictor, and a picture.
+
+    Called as the strategy's ``evaluate_fn`` (federated algorithms) or directly with a row
+    (baselines trained in the ServerApp).
+    """
 
     def __init__(
         self, cfg: FedMAEConfig, strategy: FedMAE, outputs: RunOutputs, splits: DatasetSplits
@@ -79,7 +85,10 @@ class RoundRecorder:
         if server_round == 0:
             self.last_time = time.perf_counter()
             return None
-        row: dict[str, Any] = dict(self.strategy.round_log[-1])
+        return self.record(server_round, arrays, self.strategy.round_log[-1])
+
+    def record(self, server_round: int, arrays: ArrayRecord, round_row: dict) -> MetricRecord:
+        row: dict[str, Any] = dict(round_row)
         row["seconds"] = time.perf_counter() - self.last_time
         metrics = MetricRecord()
         if self.strategy.is_stage_end(server_round):
@@ -90,7 +99,7 @@ class RoundRecorder:
             )
             stage_row = {
                 "stage": stage,
-                "blocks": stage + 1,
+                "blocks": len(model.blocks),
                 "psnr": report.psnr,
                 "trivial-psnr": report.trivial_psnr,
                 "heldout-loss": report.loss,
@@ -103,8 +112,8 @@ class RoundRecorder:
                 report.originals[:n],
                 report.masked[:n],
                 report.reconstructions[:n],
-                title=f"stage {stage}: {stage + 1} blocks, PSNR {report.psnr:.2f} dB "
-                f"(mean fill {report.trivial_psnr:.2f} dB)",
+                title=f"{self.cfg.algorithm}, stage {stage}: {len(model.blocks)} blocks, "
+                f"PSNR {report.psnr:.2f} dB (mean fill {report.trivial_psnr:.2f} dB)",
             )
             metrics["psnr"] = report.psnr
             metrics["trivial-psnr"] = report.trivial_psnr
@@ -154,6 +163,44 @@ def report_partitions(
     return {k: stats[k] for k in keys}
 
 
+def pretrain(
+    grid: Grid, cfg: FedMAEConfig, strategy: FedMAE, recorder: RoundRecorder, splits: DatasetSplits
+) -> list[dict[str, torch.Tensor]]:
+    """Run the configured algorithm; returns its final model state(s) (none for random-init)."""
+    if cfg.algorithm in ("fedmae", "fedavg-mae"):
+        initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_rounds,
+            train_config=ConfigRecord(),
+            evaluate_fn=recorder,
+        )
+        return [torch_state(result.arrays)]
+    num_nodes = cfg.num_partitions or len(list(grid.get_node_ids()))
+    if cfg.algorithm == "centralized":
+        return [
+            torch_state(centralized_pretraining(cfg, strategy, splits, num_nodes, recorder.record))
+        ]
+    if cfg.algorithm == "local":
+        return [
+            torch_state(
+                local_pretraining(cfg, strategy, i, num_nodes, recorder.record if i == 0 else None)
+            )
+            for i in range(min(cfg.local_clients, num_nodes))
+        ]
+    return []
+
+
+def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
+    """``local-0``, ``local-1``, ... -> their mean under ``local`` (each node's own backbone)."""
+    local = [v for k, v in accuracies.items() if k.startswith("local-")]
+    out = {k: v for k, v in accuracies.items() if not k.startswith("local-")}
+    if local:
+        out["local"] = sum(local) / len(local)
+    return out
+
+
 def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
@@ -162,26 +209,18 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     strategy = build_strategy(cfg)
     recorder = RoundRecorder(cfg, strategy, outputs, splits)
     partition_summary = report_partitions(cfg, grid, splits, outputs)
-    initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        train_config=ConfigRecord(),
-        evaluate_fn=recorder,
-    )
-    final_state = torch_state(result.arrays)
-    export_backbone(cfg, final_state, outputs.dir)
+    states = pretrain(grid, cfg, strategy, recorder, splits)
+    baseline = random_init_state(cfg)
+    export_backbone(cfg, states[0] if states else baseline, outputs.dir)
+    names = [f"local-{i}" for i in range(len(states))] if cfg.algorithm == "local" else None
+    backbones = {
+        name: create_timm_backbone(cfg, state)
+        for name, state in zip(names or [cfg.algorithm] * len(states), states, strict=True)
+    }
+    backbones["random-init"] = create_timm_backbone(cfg, baseline)
     downstream: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
     if splits.num_classes:
-        downstream = evaluate_backbones(
-            cfg,
-            splits,
-            {
-                "fedmae": create_timm_backbone(cfg, final_state),
-                "random-init": create_timm_backbone(cfg, random_init_state(cfg)),
-            },
-        )
+        downstream = evaluate_backbones(cfg, splits, backbones)
     else:
         downstream["skipped"] = "unlabelled source: no downstream accuracy"
         log(INFO, "Unlabelled source: downstream evaluation skipped")
@@ -195,8 +234,13 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "final-psnr": final.get("psnr"),
         "final-trivial-psnr": final.get("trivial-psnr"),
         "stages": recorder.stages,
-        "linear-probe-accuracy": {k: v["accuracy"] for k, v in downstream["linear-probe"].items()},
-        "finetune-accuracy": {k: v["accuracy"] for k, v in downstream["finetune"].items()},
+        "algorithm": cfg.algorithm,
+        "linear-probe-accuracy": mean_over_local_clients(
+            {k: v["accuracy"] for k, v in downstream["linear-probe"].items()}
+        ),
+        "finetune-accuracy": mean_over_local_clients(
+            {k: v["accuracy"] for k, v in downstream["finetune"].items()}
+        ),
         "downstream": downstream,
         "communication": totals(rows),
         "data": {

@@ -17,7 +17,14 @@ def message(model: CascadeMAE, stage: int, version: str, with_prefix: bool, kind
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: v for k, v in state.items() if active_key(k, stage)}),
-            "config": ConfigRecord({"server-round": 1, "stage": stage, "prefix-version": version}),
+            "config": ConfigRecord(
+                {
+                    "server-round": 1,
+                    "stage": stage,
+                    "frozen-blocks": stage,
+                    "prefix-version": version,
+                }
+            ),
         }
     )
     if with_prefix:

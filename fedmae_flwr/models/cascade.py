@@ -33,27 +33,29 @@ def block_index(key: str) -> int | None:
     return None
 
 
-def active_key(key: str, stage: int) -> bool:
-    """Whether a parameter is trained (and exchanged every round) in ``stage``.
+def active_key(key: str, frozen_blocks: int) -> bool:
+    """Whether a parameter is trained (and exchanged every round) with ``frozen_blocks`` frozen.
 
-    The active block, the final norm and the decoder always; the stem (patch embedding and class
-    token) in stage 0 only, after which it belongs to the frozen prefix.
+    In FedMAE's stage ``s`` the first ``s`` blocks are frozen, so this is the active block, the
+    final norm and the decoder, plus the stem (patch embedding, class token) in stage 0 only.
+    With 0 frozen blocks and the whole depth present (``fedavg-mae``) everything trains.
     """
     if key.startswith(("norm.", "decoder.")):
         return True
     if key.startswith(STEM_PREFIXES):
-        return stage == 0
-    return block_index(key) == stage
+        return frozen_blocks == 0
+    index = block_index(key)
+    return index is not None and index >= frozen_blocks
 
 
-def prefix_key(key: str, stage: int) -> bool:
-    """Whether a parameter belongs to the frozen prefix of ``stage`` (stem + finished blocks)."""
-    if stage == 0:
+def prefix_key(key: str, frozen_blocks: int) -> bool:
+    """Whether a parameter belongs to the frozen prefix (stem + the first ``frozen_blocks``)."""
+    if frozen_blocks == 0:
         return False
     if key.startswith(STEM_PREFIXES):
         return True
     index = block_index(key)
-    return index is not None and index < stage
+    return index is not None and index < frozen_blocks
 
 
 def build_decoder(cfg: FedMAEConfig) -> MAEDecoder:
@@ -73,16 +75,22 @@ class CascadeMAE(nn.Module):
 
     Args:
         cfg: the run config (model shape, mask ratio, norm-pix).
-        num_blocks: encoder blocks present (``stage + 1``); blocks ``0..num_blocks-2`` and, after
-            stage 0, the stem are frozen and run under ``torch.no_grad()``.
+        num_blocks: encoder blocks present (``stage + 1`` in FedMAE).
+        frozen_blocks: blocks (and, when > 0, the stem) frozen and run under ``torch.no_grad()``;
+            default ``num_blocks - 1`` (FedMAE); 0 trains the whole MAE end to end (fedavg-mae).
     """
 
-    def __init__(self, cfg: FedMAEConfig, num_blocks: int) -> None:
+    def __init__(
+        self, cfg: FedMAEConfig, num_blocks: int, frozen_blocks: int | None = None
+    ) -> None:
         super().__init__()
         if not 1 <= num_blocks <= cfg.depth:
             raise ValueError(f"num_blocks must be in [1, depth={cfg.depth}], got {num_blocks}")
+        frozen = num_blocks - 1 if frozen_blocks is None else frozen_blocks
+        if not 0 <= frozen < num_blocks:
+            raise ValueError(f"frozen_blocks must be in [0, {num_blocks - 1}], got {frozen}")
         self.cfg = cfg
-        self.stage = num_blocks - 1
+        self.frozen_blocks = frozen
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.register_buffer(
@@ -97,7 +105,7 @@ class CascadeMAE(nn.Module):
         self.decoder = build_decoder(cfg)
         self._init_weights()
         for name, param in self.named_parameters():
-            param.requires_grad_(active_key(name, self.stage))
+            param.requires_grad_(active_key(name, self.frozen_blocks))
 
     def _init_weights(self) -> None:
         # As MAE: patch embedding initialised like a linear layer, small normal class token.
@@ -123,15 +131,16 @@ class CascadeMAE(nn.Module):
         The frozen prefix runs without gradients, so client memory is that of one block whatever
         the depth.
         """
-        frozen_stem = self.stage > 0
+        frozen_stem = self.frozen_blocks > 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_stem):
             x = self._embed(imgs)
             x, mask, ids_restore = random_masking(x, mask_ratio, generator)
             x = self._with_cls(x)
             with torch.no_grad():
-                for block in self.blocks[:-1]:
+                for block in self.blocks[: self.frozen_blocks]:
                     x = block(x)
-        x = self.blocks[-1](x)
+        for block in self.blocks[self.frozen_blocks :]:
+            x = block(x)
         return self.norm(x), mask, ids_restore
 
     def forward(
@@ -165,8 +174,8 @@ class CascadeMAE(nn.Module):
         return pred
 
     def active_state(self) -> dict[str, Tensor]:
-        """The tensors trained in this stage (what a client sends back)."""
-        return {k: v for k, v in self.state_dict().items() if active_key(k, self.stage)}
+        """The tensors trained (what a client sends back)."""
+        return {k: v for k, v in self.state_dict().items() if active_key(k, self.frozen_blocks)}
 
 
 def fresh_block_state(cfg: FedMAEConfig, index: int, seed: int) -> dict[str, Tensor]:
@@ -190,11 +199,13 @@ def initial_state(cfg: FedMAEConfig, seed: int) -> dict[str, Tensor]:
     return CascadeMAE(cfg, num_blocks=1).state_dict()
 
 
-def model_from_state(cfg: FedMAEConfig, state: dict[str, Tensor]) -> CascadeMAE:
+def model_from_state(
+    cfg: FedMAEConfig, state: dict[str, Tensor], frozen_blocks: int | None = None
+) -> CascadeMAE:
     """Build the cascade that matches ``state``'s blocks and load it strictly."""
     indices = {block_index(k) for k in state} - {None}
     if not indices or indices != set(range(max(indices) + 1)):  # type: ignore[type-var]
         raise ValueError(f"State must hold blocks 0..n contiguously, has {sorted(indices)}")
-    model = CascadeMAE(cfg, num_blocks=len(indices))
+    model = CascadeMAE(cfg, num_blocks=len(indices), frozen_blocks=frozen_blocks)
     model.load_state_dict(state, strict=True)
     return model

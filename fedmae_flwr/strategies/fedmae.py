@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from time import sleep
 from typing import Any
@@ -42,6 +43,24 @@ ArrayFactory = Callable[[int], dict[str, np.ndarray]]
 
 PREFIX_KEY = "prefix"
 PREFIX_MISSING = "prefix-missing"
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """K stages of R rounds: round ``r`` (1-based) belongs to stage ``(r - 1) // R``."""
+
+    depth: int
+    rounds_per_stage: int
+
+    @property
+    def num_rounds(self) -> int:
+        return self.depth * self.rounds_per_stage
+
+    def stage_of(self, server_round: int) -> int:
+        return (server_round - 1) // self.rounds_per_stage
+
+    def is_stage_end(self, server_round: int) -> bool:
+        return server_round % self.rounds_per_stage == 0
 
 
 def _digest(record: ArrayRecord) -> str:
@@ -76,6 +95,8 @@ class FedMAE(FedAvg):
         num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none).
         seed: seed of node sampling (over sorted node ids, so a run's choices are reproducible).
         resend_timeout: seconds to wait for replies to a same-round prefix re-send.
+        progressive: True for FedMAE's one-block stages; False trains all ``depth`` blocks end
+            to end every round (the ``fedavg-mae`` baseline, SSL-FL's Fed-MAE), same schedule.
         **fedavg_kwargs: passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
     Attributes:
@@ -95,6 +116,7 @@ class FedMAE(FedAvg):
         num_evaluate_nodes: int = 0,
         seed: int = 0,
         resend_timeout: float = 3600.0,
+        progressive: bool = True,
         **fedavg_kwargs: Any,
     ) -> None:
         if depth < 1 or rounds_per_stage < 1:
@@ -112,18 +134,20 @@ class FedMAE(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.depth = depth
         self.rounds_per_stage = rounds_per_stage
+        self.schedule = StageSchedule(depth, rounds_per_stage)
         self.new_block = new_block
         self.new_decoder = new_decoder
         self.next_block_init = next_block_init
         self.decoder_per_stage = decoder_per_stage
         self.num_train_nodes = num_train_nodes
         self.num_evaluate_nodes = num_evaluate_nodes
+        self.progressive = progressive
         self.rng = random.Random(seed)
         self.round_log: list[dict[str, float]] = []
         self._global = ArrayRecord()
         self._prefix = ArrayRecord()
         self._prefix_version = ""
-        self._prefix_stage = 0
+        self._prefix_frozen = 0
         self._node_prefix: dict[int, str] = {}  # node id -> prefix version it holds
         self._grid: Grid | None = None
         self._sent_config: dict[str, ConfigRecord] = {}
@@ -133,13 +157,17 @@ class FedMAE(FedAvg):
     # --- schedule ------------------------------------------------------------------------------
     @property
     def num_rounds(self) -> int:
-        return self.depth * self.rounds_per_stage
+        return self.schedule.num_rounds
 
     def stage_of(self, server_round: int) -> int:
-        return (server_round - 1) // self.rounds_per_stage
+        return self.schedule.stage_of(server_round)
+
+    def frozen_blocks(self, server_round: int) -> int:
+        """Blocks frozen on the nodes: the finished ones in FedMAE, none end to end."""
+        return self.stage_of(server_round) if self.progressive else 0
 
     def is_stage_end(self, server_round: int) -> bool:
-        return server_round % self.rounds_per_stage == 0
+        return self.schedule.is_stage_end(server_round)
 
     def summary(self) -> None:
         log(
@@ -176,13 +204,18 @@ class FedMAE(FedAvg):
             num_blocks += 1
         return grown
 
-    def _ensure_prefix(self, stage: int) -> None:
-        """Cut the stage's frozen prefix once per stage; its version names stage and content."""
-        if stage == self._prefix_stage:
+    def _ensure_prefix(self, frozen: int) -> None:
+        """Cut the frozen prefix once per stage; its version names the stage and the content."""
+        if frozen == self._prefix_frozen:
             return
-        self._prefix = ArrayRecord({k: v for k, v in self._global.items() if prefix_key(k, stage)})
-        self._prefix_version = f"{stage}-{_digest(self._prefix)}"
-        self._prefix_stage = stage
+        self._prefix = ArrayRecord({k: v for k, v in self._global.items() if prefix_key(k, frozen)})
+        self._prefix_version = f"{frozen}-{_digest(self._prefix)}"
+        self._prefix_frozen = frozen
+
+    def _active(self, server_round: int) -> ArrayRecord:
+        """The tensors trained in ``server_round`` (sent, returned and averaged)."""
+        frozen = self.frozen_blocks(server_round)
+        return ArrayRecord({k: v for k, v in self._global.items() if active_key(k, frozen)})
 
     # --- messages ------------------------------------------------------------------------------
     def _sample(self, grid: Grid, count: int | None, fraction: float, minimum: int) -> list[int]:
@@ -195,21 +228,24 @@ class FedMAE(FedAvg):
         return self.rng.sample(nodes, count)
 
     def _messages(
-        self, node_ids: list[int], stage: int, config: ConfigRecord, message_type: str
+        self, node_ids: list[int], server_round: int, config: ConfigRecord, message_type: str
     ) -> tuple[list[Message], int]:
         """One message per node; the prefix rides along where the node is not known to hold it.
 
         Returns the messages and the number of prefix copies attached.
         """
-        active = ArrayRecord({k: v for k, v in self._global.items() if active_key(k, stage)})
+        frozen = self.frozen_blocks(server_round)
+        active = self._active(server_round)
         config = ConfigRecord(dict(config))
-        config["stage"] = stage
+        config["server-round"] = server_round
+        config["stage"] = self.stage_of(server_round)
+        config["frozen-blocks"] = frozen
         config["prefix-version"] = self._prefix_version
         self._sent_config[message_type] = config
         messages, sends = [], 0
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: active, self.configrecord_key: config})
-            if stage > 0 and self._node_prefix.get(node_id) != self._prefix_version:
+            if frozen > 0 and self._node_prefix.get(node_id) != self._prefix_version:
                 content[PREFIX_KEY] = self._prefix
                 self._node_prefix[node_id] = self._prefix_version
                 sends += 1
@@ -224,26 +260,23 @@ class FedMAE(FedAvg):
         """Grow the model at a stage start, then send each sampled node the active tensors."""
         stage = self.stage_of(server_round)
         self._grid = grid
-        self._global = self.grow(arrays, stage)
-        self._ensure_prefix(stage)
+        self._global = self.grow(arrays, stage if self.progressive else self.depth - 1)
+        self._ensure_prefix(self.frozen_blocks(server_round))
         nodes = self._sample(grid, self.num_train_nodes, self.fraction_train, self.min_train_nodes)
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        messages, sends = self._messages(nodes, stage, config, MessageType.TRAIN)
-        active_bytes = messages[0].content[self.arrayrecord_key].count_bytes() if messages else 0
+        messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
         self._pending = {
             "round": server_round,
             "stage": stage,
             "sampled": len(nodes),
-            "active-bytes": active_bytes,
-            "prefix-bytes": self._prefix.count_bytes() if stage > 0 else 0,
+            "active-bytes": self._active(server_round).count_bytes(),
+            "prefix-bytes": self._prefix.count_bytes(),
             "prefix-sends": sends,
             "full-model-bytes": self._global.count_bytes(),
         }
         log(INFO, "configure_train: stage %d, %d nodes, %d prefix sends", stage, len(nodes), sends)
         return messages
 
-    def _resend_missing_prefix(self, replies: list[Message], stage: int) -> list[Message]:
+    def _resend_missing_prefix(self, replies: list[Message], server_round: int) -> list[Message]:
         """Same-round re-send, with the prefix attached, to nodes that reported it missing."""
         missing = [m for m in replies if not m.has_error() and _metric(m, PREFIX_MISSING) == 1]
         if not missing or self._grid is None:
@@ -256,7 +289,7 @@ class FedMAE(FedAvg):
             self._node_prefix.pop(node, None)
         message_type = missing[0].metadata.message_type
         messages, sends = self._messages(
-            nodes, stage, self._sent_config[message_type], message_type
+            nodes, server_round, self._sent_config[message_type], message_type
         )
         if message_type == MessageType.TRAIN:
             self._pending["prefix-sends"] += sends
@@ -323,10 +356,8 @@ class FedMAE(FedAvg):
         Replies with an error, wrong keys/shapes/dtypes or non-finite values are rejected and
         logged, never raised; a round without sound replies keeps the global model.
         """
-        stage = self.stage_of(server_round)
-        replies = self._resend_missing_prefix(list(replies), stage)
-        expected = ArrayRecord({k: v for k, v in self._global.items() if active_key(k, stage)})
-        sound, rejected = self._sound_replies(replies, expected)
+        replies = self._resend_missing_prefix(list(replies), server_round)
+        sound, rejected = self._sound_replies(replies, expected=self._active(server_round))
         metrics = MetricRecord()
         if sound:
             averaged = aggregate_arrayrecords(sound, self.weighted_by_key)
@@ -363,18 +394,15 @@ class FedMAE(FedAvg):
         """At each stage end, ``num_evaluate_nodes`` nodes score the finished stage's model."""
         if not self.is_stage_end(server_round) or self.num_evaluate_nodes == 0:
             return []
-        stage = self.stage_of(server_round)
         nodes = self._sample(grid, self.num_evaluate_nodes, self.fraction_evaluate, 0)
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        messages, _ = self._messages(nodes, stage, config, MessageType.EVALUATE)
+        messages, _ = self._messages(nodes, server_round, config, MessageType.EVALUATE)
         return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of sound evaluation metrics (bad replies rejected and logged)."""
-        replies = self._resend_missing_prefix(list(replies), self.stage_of(server_round))
+        replies = self._resend_missing_prefix(list(replies), server_round)
         sound, _ = self._sound_replies(replies, expected=None)
         return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
 
