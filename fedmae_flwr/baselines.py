@@ -52,6 +52,7 @@ def _train_rounds(
                 "examples": result.examples,
                 "train-loss": result.loss,
                 "train-seconds": result.seconds,
+                "train-mbytes": result.peak_bytes / 2**20,
                 "bytes-up-per-client": 0.0,
                 "bytes-down-per-client": 0.0,
                 "prefix-sends": 0,

@@ -98,6 +98,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             "train-loss": result.loss if result else 0.0,
             "train-seconds": result.seconds if result else 0.0,
             "skipped-images": data.splits.skipped,
+            "train-mbytes": result.peak_bytes / 2**20 if result else 0.0,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data.augment import mae_augment
+from fedmae_flwr.evaluation.costs import saved_activation_bytes, training_state_bytes
 from fedmae_flwr.models.cascade import CascadeMAE
 
 
@@ -23,6 +24,7 @@ class LocalTrainResult:
     examples: int
     steps: int
     seconds: float
+    peak_bytes: int  # training state + activations saved for backward (first batch)
 
 
 def train_local(
@@ -41,7 +43,7 @@ def train_local(
     )
     model.train()
     augment = cfg.crop_scale_min < 1.0 or cfg.horizontal_flip
-    steps, epoch_loss = 0, float("nan")
+    steps, epoch_loss, activation_bytes = 0, float("nan"), 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
@@ -49,7 +51,12 @@ def train_local(
             batch = images[batch_ids]
             if augment:
                 batch = mae_augment(batch, cfg.crop_scale_min, cfg.horizontal_flip, generator)
-            loss, _, _ = model(batch, generator=generator)
+            if steps == 0:
+                (loss, _, _), activation_bytes = saved_activation_bytes(
+                    lambda b=batch: model(b, generator=generator)
+                )
+            else:
+                loss, _, _ = model(batch, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -57,7 +64,8 @@ def train_local(
             count += len(batch)
             steps += 1
         epoch_loss = total / max(count, 1)
-    return LocalTrainResult(epoch_loss, len(images), steps, time.perf_counter() - start)
+    peak = training_state_bytes(model) + activation_bytes
+    return LocalTrainResult(epoch_loss, len(images), steps, time.perf_counter() - start, peak)
 
 
 @torch.no_grad()
