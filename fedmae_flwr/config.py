@@ -152,6 +152,9 @@ class FedMAEConfig:
         default=10000, metadata={"help": "Labelled training images for the linear probe."}
     )
     probe_epochs: int = field(default=100, metadata={"help": "Linear-probe epochs."})
+    probe_per_block: bool = field(
+        default=False, metadata={"help": "Also probe the features after each block."}
+    )
     finetune_labels: int = field(
         default=1000, metadata={"help": "Labelled images for fine-tuning; 0 skips fine-tuning."}
     )

@@ -132,13 +132,23 @@ def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Communication and client costs over the run's rounds."""
+    participations = sum(r["clients"] for r in rows) or 1
+    up = sum(r["bytes-up-per-client"] * r["clients"] for r in rows)
+    down = sum(r["bytes-down-per-client"] * r["sampled"] for r in rows)
     return {
         "rounds": len(rows),
-        "bytes-up-total": sum(r["bytes-up-per-client"] * r["clients"] for r in rows),
-        "bytes-down-total": sum(r["bytes-down-per-client"] * r["sampled"] for r in rows),
+        "bytes-up-total": up,
+        "bytes-down-total": down,
+        "bytes-up-per-client-round": up / participations,
+        "bytes-down-per-client-round": down / participations,
         "prefix-sends": sum(r["prefix-sends"] for r in rows),
         "rejected-replies": sum(r["rejected"] for r in rows),
         "round-seconds": sum(r["seconds"] for r in rows),
+        "client-train-seconds-mean": (
+            sum(r.get("train-seconds", 0.0) for r in rows) / len(rows) if rows else 0.0
+        ),
+        "client-train-mbytes-peak": max((r.get("train-mbytes", 0.0) for r in rows), default=0.0),
     }
 
 
@@ -241,6 +251,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "finetune-accuracy": mean_over_local_clients(
             {k: v["accuracy"] for k, v in downstream["finetune"].items()}
         ),
+        "knn-accuracy": mean_over_local_clients(downstream.get("knn", {})),
         "downstream": downstream,
         "communication": totals(rows),
         "data": {

@@ -58,3 +58,13 @@ def test_local_clients_are_each_evaluated_and_averaged(tiny_overrides):
     assert {"local-0", "local-1"} <= set(per_client)
     mean = (per_client["local-0"]["accuracy"] + per_client["local-1"]["accuracy"]) / 2
     assert summary["linear-probe-accuracy"]["local"] == pytest.approx(mean)
+
+
+def test_costs_and_per_block_probe_are_reported(tiny_overrides):
+    overrides = {**tiny_overrides, "probe-per-block": True}
+    summary = run(LocalGrid(6, overrides), resolve_config(overrides))
+    costs = summary["communication"]
+    assert costs["client-train-mbytes-peak"] > 0 and costs["client-train-seconds-mean"] > 0
+    assert costs["bytes-up-per-client-round"] > 0
+    assert len(summary["downstream"]["linear-probe-per-block"]["fedmae"]) == 2
+    assert {"fedmae", "random-init", "pixels"} <= set(summary["knn-accuracy"])

@@ -19,7 +19,7 @@ from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
-from fedmae_flwr.evaluation.linear_probe import linear_probe
+from fedmae_flwr.evaluation.linear_probe import knn_accuracy, linear_probe
 
 
 def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, ImageSet]:
@@ -32,6 +32,21 @@ def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, Imag
     tune = splits.train.subset(order[: cfg.finetune_labels])
     num_test = min(cfg.test_images or len(splits.test), len(splits.test))
     return {"probe": probe, "finetune": tune, "test": splits.test.subset(range(num_test))}
+
+
+@torch.no_grad()
+def block_features(model: nn.Module, images: Tensor, batch_size: int = 256) -> list[Tensor]:
+    """Mean-pooled patch tokens after each block of a timm ViT: one ``[N, D]`` per block."""
+    was_training = model.training
+    model.eval()
+    batches = [
+        model.forward_intermediates(
+            batch, indices=len(model.blocks), output_fmt="NLC", intermediates_only=True
+        )
+        for batch in images.split(batch_size)
+    ]
+    model.train(was_training)
+    return [torch.cat([b[i].mean(1) for b in batches]) for i in range(len(model.blocks))]
 
 
 class _Flatten(nn.Module):
@@ -55,27 +70,26 @@ def evaluate_backbones(
     probe_x = splits.normalize(sets["probe"].images)
     test_x = splits.normalize(sets["test"].images)
     probe_y, test_y = sets["probe"].labels, sets["test"].labels
-    report: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
+    report: dict[str, Any] = {"linear-probe": {}, "knn": {}, "finetune": {}}
     candidates: dict[str, nn.Module] = {**backbones, "pixels": _Flatten()}
+
+    def probe(train_x: Tensor, test_x: Tensor) -> Any:
+        return linear_probe(
+            train_x, probe_y, test_x, test_y, splits.num_classes, cfg.probe_epochs, seed=cfg.seed
+        )
+
     for name, backbone in candidates.items():
         start = time.perf_counter()
-        result = linear_probe(
-            extract_features(backbone, probe_x),
-            probe_y,
-            extract_features(backbone, test_x),
-            test_y,
-            splits.num_classes,
-            epochs=cfg.probe_epochs,
-            seed=cfg.seed,
-        )
+        train_f, test_f = extract_features(backbone, probe_x), extract_features(backbone, test_x)
+        result = probe(train_f, test_f)
         report["linear-probe"][name] = asdict(result)
-        log(
-            INFO,
-            "linear probe %s: %.4f (%.1fs)",
-            name,
-            result.accuracy,
-            time.perf_counter() - start,
-        )
+        report["knn"][name] = knn_accuracy(train_f, probe_y, test_f, test_y, splits.num_classes)
+        log(INFO, "linear probe %s: %.4f, k-NN %.4f (%.1fs)",
+            name, result.accuracy, report["knn"][name], time.perf_counter() - start)  # fmt: skip
+        if cfg.probe_per_block and name != "pixels":
+            train_b, test_b = block_features(backbone, probe_x), block_features(backbone, test_x)
+            accuracies = [probe(a, b).accuracy for a, b in zip(train_b, test_b, strict=True)]
+            report.setdefault("linear-probe-per-block", {})[name] = accuracies
     if cfg.finetune_labels > 0:
         tune_x = splits.normalize(sets["finetune"].images)
         for name, backbone in backbones.items():
