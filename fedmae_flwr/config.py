@@ -152,6 +152,13 @@ class FedMAEConfig:
         default=10000, metadata={"help": "Labelled training images for the linear probe."}
     )
     probe_epochs: int = field(default=100, metadata={"help": "Linear-probe epochs."})
+    stage_knn_images: int = field(
+        default=0,
+        metadata={"help": "Labelled images for a k-NN accuracy at each stage end; 0 = off."},
+    )
+    evaluate_random_init: bool = field(
+        default=True, metadata={"help": "Also evaluate a random-init backbone downstream."}
+    )
     probe_per_block: bool = field(
         default=False, metadata={"help": "Also probe the features after each block."}
     )
@@ -279,7 +286,7 @@ def validate(cfg: FedMAEConfig) -> None:
         value = getattr(cfg, key)
         _require(value >= 1, key, value, "an integer >= 1")
     for key in ("evaluate_clients", "min_available_clients", "finetune_labels", "test_images",
-                "num_partitions"):  # fmt: skip
+                "num_partitions", "stage_knn_images"):  # fmt: skip
         value = getattr(cfg, key)
         _require(value >= 0, key, value, "an integer >= 0")
     for key in ("lr", "finetune_lr", "dirichlet_alpha", "mlp_ratio"):

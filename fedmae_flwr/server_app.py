@@ -21,7 +21,9 @@ from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
 from fedmae_flwr.config import FedMAEConfig, resolve_config
 from fedmae_flwr.data import DatasetSplits, load_dataset, partitions
 from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
-from fedmae_flwr.evaluation.downstream import evaluate_backbones
+from fedmae_flwr.evaluation.downstream import evaluate_backbones, labelled_subsets
+from fedmae_flwr.evaluation.features import extract_features
+from fedmae_flwr.evaluation.linear_probe import knn_accuracy
 from fedmae_flwr.evaluation.masked_reconstruction import evaluate_reconstruction
 from fedmae_flwr.evaluation.reconstruction import save_reconstruction_grid
 from fedmae_flwr.models import (
@@ -104,6 +106,8 @@ class RoundRecorder:
                 "trivial-psnr": report.trivial_psnr,
                 "heldout-loss": report.loss,
             }
+            if self.cfg.stage_knn_images and self.splits.num_classes:
+                stage_row["knn-accuracy"] = self.stage_knn(model)
             self.stages.append(stage_row)
             row.update(stage_row, **{"stage-end": True})
             n = self.cfg.grid_images
@@ -123,6 +127,17 @@ class RoundRecorder:
         self.outputs.save_checkpoint(server_round, arrays)
         self.last_time = time.perf_counter()
         return metrics
+
+    def stage_knn(self, model: CascadeMAE) -> float:
+        """k-NN top-1 of the blocks trained so far (accuracy against rounds)."""
+        sets = labelled_subsets(self.cfg, self.splits)
+        n = self.cfg.stage_knn_images
+        train, test = sets["probe"].subset(range(min(n, len(sets["probe"])))), sets["test"]
+        test = test.subset(range(min(n, len(test))))
+        backbone = create_timm_backbone(self.cfg, model.state_dict())
+        train_f = extract_features(backbone, self.splits.normalize(train.images))
+        test_f = extract_features(backbone, self.splits.normalize(test.images))
+        return knn_accuracy(train_f, train.labels, test_f, test.labels, self.splits.num_classes)
 
 
 def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
@@ -227,7 +242,8 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         name: create_timm_backbone(cfg, state)
         for name, state in zip(names or [cfg.algorithm] * len(states), states, strict=True)
     }
-    backbones["random-init"] = create_timm_backbone(cfg, baseline)
+    if cfg.evaluate_random_init or not states:
+        backbones["random-init"] = create_timm_backbone(cfg, baseline)
     downstream: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
     if splits.num_classes:
         downstream = evaluate_backbones(cfg, splits, backbones)
