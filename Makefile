@@ -11,7 +11,7 @@ NUM_SUPERNODES ?= 100
 RUN_CONFIG ?=
 RUN_NAME ?= fedmae-fmnist
 
-.PHONY: run test lint setup data clean
+.PHONY: run test lint setup data clean bench-quality
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ run: setup data
 	$(VPY) scripts/run_local_simulation.py --num-supernodes $(NUM_SUPERNODES) \
 		--run-config "output-dir='$(CURDIR)/outputs' run-name='$(RUN_NAME)' $(RUN_CONFIG)"
 	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
+
+# FedMAE against fedavg-mae, centralized, local and random-init on one budget (3 partitions x
+# 2 seeds through `flwr run`); writes docs/results.md and plots. BENCH_ARGS narrows the grid.
+bench-quality: setup data
+	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 
 test: setup
 	$(VPY) -m pytest -q

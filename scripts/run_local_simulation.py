@@ -485,6 +485,17 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------
 # Core
 # --------------------------------------------------------------------------------------
+def run_config_string(overrides: dict[str, Any]) -> str:
+    """``{"depth": 6, "run-name": "x"}`` -> ``"depth=6 run-name='x'"`` for ``--run-config``."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f"'{v}'" if isinstance(v, str) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in overrides.items())
+
+
 def run_local_simulation(
     app_dir: str | Path = REPO_ROOT,
     num_supernodes: int = 100,

@@ -6,36 +6,19 @@ the app as Flower packages and runs it (FAB, run-config from pyproject.toml, --r
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from scripts.run_local_simulation import run_config_string, run_local_simulation
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "run_local_simulation.py"
-
-
-def _load_script() -> ModuleType:
-    """Import the script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("run_local_simulation", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations via sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run_config(overrides: dict) -> str:
-    """A dict as a ``flwr run --run-config`` string (TOML values)."""
-    return " ".join(
-        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()
-    )
 
 
 def _start_time(pid: int) -> int | None:
@@ -72,15 +55,14 @@ def _marked_processes(token: str) -> list[int]:
 )
 def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_overrides) -> None:
     """6 SuperNodes, 2 blocks x 2 rounds: exit 0, outputs written, nothing left running."""
-    script = _load_script()
     pyproject_before = (REPO_ROOT / "pyproject.toml").read_bytes()
     record: dict = {}
 
-    rc = script.run_local_simulation(
+    rc = run_local_simulation(
         app_dir=REPO_ROOT,
         num_supernodes=6,
         client_cpus=1,
-        run_config=_run_config(tiny_overrides),
+        run_config=run_config_string(tiny_overrides),
         flwr_home=tmp_path / "flwr-home",
         timeout=600,
         process_record=record,
@@ -106,12 +88,11 @@ def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_ov
 
 @pytest.mark.slow
 def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path, tiny_overrides):
-    script = _load_script()
     out = io.StringIO()
-    rc = script.run_local_simulation(
+    rc = run_local_simulation(
         app_dir=REPO_ROOT,
         num_supernodes=2,
-        run_config=_run_config({**tiny_overrides, "mask-ratio": 1.5}),
+        run_config=run_config_string({**tiny_overrides, "mask-ratio": 1.5}),
         flwr_home=tmp_path / "flwr-home",
         timeout=300,
         out=out,

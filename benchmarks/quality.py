@@ -1,0 +1,269 @@
+"""Quality benchmark: FedMAE against its baselines on one budget, side by side.
+
+Every (algorithm, partition, seed) is a real ``flwr run`` of this app on a local SuperLink
+(simulation engine, 100 virtual nodes, 10 sampled per round), with one budget for all:
+K=4 blocks x R=5 rounds (20 rounds), 10 nodes per round, 1 local epoch; ``centralized`` sees
+the same number of images per round from the pooled set; ``local`` trains each node alone for
+the same rounds. ``centralized`` and ``random-init`` do not depend on the partition: they run
+once per seed. Finished runs are kept under ``outputs/bench-quality/`` and skipped on a re-run.
+
+    .venv/bin/python -m benchmarks.quality                      # the full grid (make bench-quality)
+    .venv/bin/python -m benchmarks.quality --seeds 0 --partitions iid   # a slice
+
+Writes ``docs/results.md`` (tables) and ``docs/results-*.png`` (plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.run_local_simulation import run_config_string, run_local_simulation
+
+ROOT = Path(__file__).resolve().parent.parent
+ALGORITHMS = ("fedmae", "fedavg-mae", "centralized", "local", "random-init")
+PARTITION_FREE = ("centralized", "random-init")
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"partitioner": "iid"},
+    "dirichlet-0.5": {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+    "dirichlet-0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+}
+# The budget every algorithm gets (the schema defaults, written out so results.md states them).
+BUDGET: dict[str, Any] = {
+    "depth": 4,
+    "rounds-per-stage": 5,
+    "clients-per-round": 10,
+    "local-epochs": 1,
+}
+# One evaluation protocol for every backbone, lighter than `make run`'s to fit 2 CPU cores.
+EVALUATION: dict[str, Any] = {
+    "probe-train-images": 5000,
+    "probe-epochs": 50,
+    "finetune-labels": 1000,
+    "finetune-epochs": 15,
+    "test-images": 5000,
+    "stage-knn-images": 2000,
+    "evaluate-clients": 0,
+    "evaluate-random-init": False,
+}
+NUM_SUPERNODES = 100
+
+
+def run_name(algorithm: str, partition: str, seed: int) -> str:
+    part = "pooled" if algorithm in PARTITION_FREE else partition
+    return f"{algorithm}-{part}-s{seed}"
+
+
+def run_one(algorithm: str, partition: str, seed: int, out_root: Path) -> dict[str, Any]:
+    """One run (skipped when its summary exists); returns its summary plus metric rows."""
+    name = run_name(algorithm, partition, seed)
+    run_dir = out_root / name
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        overrides = {
+            **BUDGET,
+            **EVALUATION,
+            **PARTITIONS[partition],
+            "algorithm": algorithm,
+            "seed": seed,
+            "output-dir": str(out_root),
+            "run-name": name,
+        }
+        print(f"[bench-quality] {name}: {run_config_string(overrides)}", flush=True)
+        start = time.perf_counter()
+        rc = run_local_simulation(
+            app_dir=ROOT,
+            num_supernodes=NUM_SUPERNODES,
+            run_config=run_config_string(overrides),
+            timeout=1800,
+        )
+        if rc != 0 or not summary_path.is_file():
+            raise RuntimeError(f"run {name} failed (exit {rc}); see the log above")
+        print(f"[bench-quality] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    summary = json.loads(summary_path.read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "algorithm": algorithm, "seed": seed, "summary": summary, "rows": rows}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _accuracies(runs: list[dict], key: str, algorithm: str) -> list[float]:
+    return [r["summary"][key][algorithm] for r in runs if algorithm in r["summary"][key]]
+
+
+def results_table(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
+    lines = [
+        "| algorithm | partition | fine-tune 1k labels | linear probe | k-NN | masked PSNR (dB) "
+        "| client peak train MB | MB up / client-round | MB down / client-round "
+        "| client s / round | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (algorithm, partition), runs in grid.items():
+        comm = runs[0]["summary"]["communication"]
+        psnr = [r["summary"]["final-psnr"] for r in runs if r["summary"]["final-psnr"] is not None]
+        cells = [
+            algorithm,
+            partition,
+            _mean_std(_accuracies(runs, "finetune-accuracy", algorithm)),
+            _mean_std(_accuracies(runs, "linear-probe-accuracy", algorithm)),
+            _mean_std(_accuracies(runs, "knn-accuracy", algorithm)),
+            f"{statistics.fmean(psnr):.2f}" if psnr else "-",
+            f"{comm['client-train-mbytes-peak']:.0f}",
+            f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",
+            f"{comm['bytes-down-per-client-round'] / 2**20:.2f}",
+            f"{comm['client-train-seconds-mean']:.2f}",
+            f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(grid: dict[tuple[str, str], list[dict]], docs: Path, out_root: Path) -> list[str]:
+    """Accuracy against rounds, accuracy against bytes, reconstructions side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    written = []
+    partitions = sorted({p for _, p in grid if p != "pooled"}) or ["pooled"]
+    fig, axes = plt.subplots(
+        1, len(partitions), figsize=(4.5 * len(partitions), 3.6), squeeze=False
+    )
+    for ax, partition in zip(axes[0], partitions, strict=True):
+        for (algorithm, part), runs in grid.items():
+            if part not in (partition, "pooled") or algorithm == "random-init":
+                continue
+            rounds = [row["round"] for row in runs[0]["rows"] if "knn-accuracy" in row]
+            series = [
+                [row["knn-accuracy"] for row in r["rows"] if "knn-accuracy" in row] for r in runs
+            ]
+            ax.plot(rounds, [statistics.fmean(v) for v in zip(*series, strict=True)],
+                    marker="o", label=algorithm)  # fmt: skip
+        floor = [r for (a, _), rs in grid.items() if a == "random-init" for r in rs]
+        if floor:
+            level = statistics.fmean(_accuracies(floor, "knn-accuracy", "random-init"))
+            ax.axhline(level, color="0.5", ls="--", label="random-init")
+        ax.set(title=f"{partition}", xlabel="server round", ylabel="k-NN top-1 (2k labels)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "results-accuracy-vs-rounds.png", dpi=110)
+    plt.close(fig)
+    written.append("results-accuracy-vs-rounds.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (algorithm, partition), runs in grid.items():
+        if algorithm in PARTITION_FREE:
+            continue
+        mbytes = statistics.fmean(
+            (r["summary"]["communication"]["bytes-up-total"]
+             + r["summary"]["communication"]["bytes-down-total"]) / 2**20 for r in runs
+        )  # fmt: skip
+        acc = statistics.fmean(_accuracies(runs, "finetune-accuracy", algorithm))
+        ax.scatter(mbytes, 100 * acc, label=f"{algorithm} ({partition})")
+    ax.set(xlabel="MB communicated over the run (up + down, all clients)",
+           ylabel="fine-tune top-1 (%)", title="Accuracy against communication")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "results-accuracy-vs-bytes.png", dpi=110)
+    plt.close(fig)
+    written.append("results-accuracy-vs-bytes.png")
+
+    pictures = [
+        (algorithm, runs[0])
+        for (algorithm, partition), runs in grid.items()
+        if partition in ("iid", "pooled") and runs[0]["summary"]["stages"]
+    ]
+    if pictures:
+        fig, axes = plt.subplots(1, len(pictures), figsize=(3.2 * len(pictures), 6), squeeze=False)
+        for ax, (algorithm, r) in zip(axes[0], pictures, strict=True):
+            last = len(r["summary"]["stages"]) - 1
+            image = out_root / r["name"] / "reconstructions"
+            ax.imshow(mpimg.imread(image / f"stage-{last}.png"))
+            ax.set_title(algorithm, fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(docs / "results-reconstructions.png", dpi=110)
+        plt.close(fig)
+        written.append("results-reconstructions.png")
+    return written
+
+
+def write_report(
+    grid: dict[tuple[str, str], list[dict]],
+    command: str,
+    seconds: float,
+    docs: Path,
+    out_root: Path,
+) -> Path:
+    """``docs/results.md`` with the table and the plots of the runs in ``grid``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    pictures = plot(grid, docs, out_root)
+    seeds = sorted({r["seed"] for runs in grid.values() for r in runs})
+    lines = [
+        "# FedMAE against its baselines",
+        "",
+        f"Command: `{command}` ({seconds / 60:.0f} min on {platform.machine()}, "
+        f"{platform.system()}, Python {platform.python_version()}; seeds {seeds}).",
+        "",
+        "Budget, the same for every algorithm: Fashion-MNIST (28x28, patch 4, ViT width 192), "
+        + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
+        + f", {NUM_SUPERNODES} nodes. `centralized` trains one model on the pooled set with the "
+        "same images per round; `local` trains each node alone for the same rounds (2 nodes, "
+        "downstream averaged); `random-init` is the untrained backbone.",
+        "",
+        "Evaluation, the same for every backbone: "
+        + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
+        + " (fine-tuning: AdamW, warm-up + cosine, label smoothing 0.1, crop + flip; probe: "
+        "BatchNorm without affine + linear head on mean-pooled tokens).",
+        "",
+        "Accuracies are top-1 in %, mean ± standard deviation over seeds.",
+        "",
+        *results_table(grid),
+        "",
+        *[f"![{p}]({p})" for p in pictures],
+        "",
+    ]
+    path = docs / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-quality")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    grid: dict[tuple[str, str], list[dict]] = {}
+    for seed in args.seeds:
+        for algorithm in args.algorithms:
+            partitions = ["iid"] if algorithm in PARTITION_FREE else args.partitions
+            for partition in partitions:
+                key = (algorithm, "pooled" if algorithm in PARTITION_FREE else partition)
+                grid.setdefault(key, []).append(run_one(algorithm, partition, seed, args.out))
+    command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = write_report(grid, command.strip(), time.perf_counter() - start, args.docs, args.out)
+    print(f"[bench-quality] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
