@@ -90,7 +90,7 @@ class ProcInfo:
     start_time: int  # clock ticks since boot; (pid, start_time) identifies a process
 
 
-def _read_proc(pid: int) -> ProcInfo | None:
+def read_proc(pid: int) -> ProcInfo | None:
     """Parse ``/proc/<pid>/stat``; None if the process is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -113,7 +113,7 @@ def _all_procs() -> dict[int, ProcInfo]:
     procs: dict[int, ProcInfo] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            info = _read_proc(int(entry.name))
+            info = read_proc(int(entry.name))
             if info is not None:
                 procs[info.pid] = info
     return procs

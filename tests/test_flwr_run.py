@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from scripts.run_local_simulation import run_config_string, run_local_simulation
+from scripts.run_local_simulation import read_proc, run_config_string, run_local_simulation
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "scripts" / "run_local_simulation.py"
 
 
 def _start_time(pid: int) -> int | None:
     """Start time of a live, non-zombie process; None if gone (PIDs may be reused)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return None if fields[0] == "Z" else int(fields[19])
+    info = read_proc(pid)
+    return None if info is None or info.state == "Z" else info.start_time
 
 
 def _marked_processes(token: str) -> list[int]:

@@ -4,8 +4,9 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 
 - Server -> node, ``train`` and ``evaluate``: ``"arrays"`` (ArrayRecord: only the tensors active in
   the stage, see :func:`fedmae_flwr.models.active_key`), ``"config"`` (ConfigRecord with
-  ``server-round``, ``stage``, ``prefix-version``), and ``"prefix"`` (ArrayRecord: the frozen stem
-  and finished blocks) only when the strategy does not know the node to hold ``prefix-version``.
+  ``server-round``, ``stage``, ``frozen-blocks``, ``prefix-version``), and ``"prefix"``
+  (ArrayRecord: the frozen stem and finished blocks) only when the strategy does not know the
+  node to hold ``prefix-version``.
 - Node -> server: ``"arrays"`` (train only: the trained active tensors, same keys and shapes) and
   ``"metrics"`` with ``num-examples``. A node that lacks the announced prefix (e.g. it restarted
   and lost its ``Context.state``) replies ``prefix-missing = 1`` and ``num-examples = 0``; the
