@@ -4,20 +4,19 @@
 
 * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``: read with
   ``datasets.load_from_disk`` (memory-mapped Arrow, nothing written anywhere);
-* any other local folder: the ``imagefolder`` builder (``datasets.load_dataset("imagefolder",
-  data_dir=...)``), its Arrow cache in a temporary folder deleted after decoding;
-* a hub id (``uoft-cs/cifar10``): ``datasets.load_dataset(name)``, cached in the usual HF cache
-  (``HF_HOME`` / ``HF_DATASETS_CACHE``), so a dataset downloaded once loads offline later.
+* any other local folder (of images): ``flwr_datasets.FederatedDataset(dataset=folder)``, which
+  builds it with ``datasets``' image-folder builder; its Arrow cache goes to a temporary folder
+  deleted after decoding;
+* a hub id (``uoft-cs/cifar10``): ``flwr_datasets.FederatedDataset(dataset=name)``, cached in the
+  usual HF cache (``HF_HOME`` / ``HF_DATASETS_CACHE``), so a dataset downloaded once loads
+  offline later.
 
-All three give the same ``DatasetDict`` and go through the same column detection and decoding,
-so the offline tests exercise the code path a hub name takes.
-
-Why ``datasets.load_dataset`` and not ``flwr_datasets.FederatedDataset``: the app decodes the
-whole source once per process and partitions the in-memory tensors itself
-(:mod:`fedmae_flwr.data.partition`, flwr-datasets partitioners on an index table), so
-FederatedDataset's per-partition loading adds nothing; it also shuffles by default and has no
-``load_from_disk`` route. FederatedDataset calls ``load_dataset`` itself, so the hub cache filled
-here is the one it would use.
+The last two are the same call, so the offline tests of a local folder exercise the code path a
+hub name takes. All three give a ``DatasetDict`` that goes through the same column detection and
+decoding. FederatedDataset loads unshuffled splits here: the app decodes the whole source once per
+process and partitions the in-memory tensors itself (:mod:`fedmae_flwr.data.partition`, with
+flwr-datasets partitioners). ``save_to_disk`` folders need ``load_from_disk``, which
+FederatedDataset does not offer.
 
 Offline: the hub is asked only when it answers a HEAD request within 5 s; otherwise (and under
 ``HF_HUB_OFFLINE=1``) the dataset is looked up in the HF cache in offline mode. Not cached, it
@@ -43,6 +42,7 @@ import huggingface_hub.constants
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from flwr.common import log
+from flwr_datasets import FederatedDataset
 
 from fedmae_flwr.data.decode import DecodeStats, channel_stats, decode_many, split_train_test
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
@@ -114,8 +114,26 @@ def _hub_error(name: str, error: Exception, offline: bool, reason: str) -> Runti
     return RuntimeError(f"Dataset '{name}': {what}: {type(error).__name__}: {error}. {how}")
 
 
-def _load_hub(name: str) -> DatasetDict:
-    """``datasets.load_dataset(name)`` that fails fast, with a useful message, when offline."""
+def _federated_dataset(path: str, train_split: str, **load_kwargs: Any) -> DatasetDict:
+    """The dataset's splits through ``flwr_datasets.FederatedDataset`` (which calls
+    ``datasets.load_dataset(path)``), unshuffled: the app partitions the decoded tensors itself.
+
+    Every split the dataset has among ``train_split``, test, validation, is returned.
+    """
+    fds = FederatedDataset(
+        dataset=path, partitioners={train_split: 1}, shuffle=False, **load_kwargs
+    )
+    splits = {}
+    for split in dict.fromkeys((train_split, "test", "validation", "valid")):
+        try:
+            splits[split] = fds.load_split(split)
+        except ValueError:  # the dataset has no such split
+            continue
+    return DatasetDict(splits)
+
+
+def _load_hub(name: str, train_split: str) -> DatasetDict:
+    """A hub dataset through FederatedDataset that fails fast, with a useful message, offline."""
     if _offline_requested():
         offline, reason = True, "offline mode is set (HF_HUB_OFFLINE) and it is not in the cache"
     else:
@@ -125,7 +143,7 @@ def _load_hub(name: str) -> DatasetDict:
             log(INFO, "Hugging Face hub unreachable; looking for '%s' in the HF cache", name)
     try:
         with _offline_mode() if offline else contextlib.nullcontext():
-            return datasets.load_dataset(name)
+            return _federated_dataset(name, train_split)
     except (OSError, httpx.HTTPError) as e:  # ConnectionError, hub/datasets errors: all OSError
         raise _hub_error(name, e, offline, reason) from e
 
@@ -262,7 +280,7 @@ def load_hf_dataset(
                 # The builder writes Arrow files; keep them out of the user's HF cache and delete
                 # them once decoded (rows refer to the image files, which stay where they are).
                 cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmae-hf-"))
-                data = datasets.load_dataset("imagefolder", data_dir=str(local), cache_dir=cache)
+                data = _federated_dataset(str(local), train_split, cache_dir=cache)
                 source = f"imagefolder '{local}'"
         elif local.exists() or not _REPO_ID.match(name) or name.startswith((".", "~")):
             raise FileNotFoundError(
@@ -270,7 +288,7 @@ def load_hf_dataset(
                 "(org/name)"
             )
         else:
-            data = _load_hub(name)
+            data = _load_hub(name, train_split)
             source = f"hub dataset '{name}'"
         return _decode_splits(
             data, source, channels, size, image_column, label_column, train_split, test_split,
