@@ -49,7 +49,7 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
         ],
         ("random-init", "pooled"): [fake_run("random-init", 0, 0.60, out_root)],
     }
-    path = write_report(grid, "python -m benchmarks.quality", 60.0, tmp_path / "docs", out_root)
+    path = write_report(grid, "python -m benchmarks.quality", tmp_path / "docs", out_root)
     text = path.read_text()
     # mean 75.0, sample standard deviation of (70, 80) = 7.1
     assert (
@@ -57,5 +57,6 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
     )
     assert "| random-init | pooled | 60.0 | 70.0 | 60.0 | - |" in text
     assert "python -m benchmarks.quality" in text
+    assert "- iid: fedmae vs random-init: fine-tune +15.0, probe +0.0, k-NN +0.0 points" in text
     for picture in ("accuracy-vs-rounds", "accuracy-vs-bytes", "reconstructions"):
         assert (tmp_path / "docs" / f"results-{picture}.png").stat().st_size > 0

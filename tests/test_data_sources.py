@@ -303,7 +303,9 @@ def test_hf_column_detection(tmp_path: Path) -> None:
     assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, 0, 1]
 
 
-def test_hf_local_image_folder_goes_through_federated_dataset(class_folder: Path, isolated_hf: Path) -> None:
+def test_hf_local_image_folder_goes_through_federated_dataset(
+    class_folder: Path, isolated_hf: Path
+) -> None:
     # HF's builder (unlike torchvision) takes loose files too, and then infers no labels.
     (class_folder / "loose.png").unlink()
     splits, stats = load_hf_dataset(str(class_folder), 3, 32, test_fraction=0.5)
