@@ -20,11 +20,12 @@ def main(path: str) -> int:
     for st in s["stages"]:
         print(f"  {st['blocks']:>6}  {st['psnr']:6.2f}  {st['trivial-psnr']:6.2f}")
     print("\nDownstream top-1 accuracy (test set)")
-    print("  backbone      linear probe  fine-tune")
+    print("  backbone      linear probe    k-NN  fine-tune")
     for name, acc in s["linear-probe-accuracy"].items():
-        tune = s["finetune-accuracy"].get(name)
+        knn, tune = s["knn-accuracy"].get(name), s["finetune-accuracy"].get(name)
+        knn_text = f"{knn:6.4f}" if knn is not None else "     -"
         tune_text = f"{tune:9.4f}" if tune is not None else "        -"
-        print(f"  {name:<12}  {acc:12.4f}  {tune_text}")
+        print(f"  {name:<12}  {acc:12.4f}  {knn_text}  {tune_text}")
     c = s["communication"]
     print(f"\nCommunication: {c['bytes-up-total'] / 1e6:.1f} MB up, "
           f"{c['bytes-down-total'] / 1e6:.1f} MB down, {c['prefix-sends']} prefix sends, "
