@@ -4,6 +4,10 @@ Reads top to bottom as a run goes: resolve the config, build the stage-0 model a
 run ``depth * rounds-per-stage`` rounds (after each: a metrics line and a checkpoint; after each
 stage: held-out reconstruction PSNR and a picture), export the backbone to timm, then compare it
 with a random-init backbone (and raw pixels) downstream and write ``summary.json``.
+
+The ``algorithm`` switch keeps every baseline on this path: ``fedavg-mae`` is the same strategy
+trained end to end; ``centralized`` and ``local`` train in this process on the same schedule
+(:mod:`fedmae_flwr.baselines`); ``random-init`` skips pretraining.
 """
 
 from __future__ import annotations
