@@ -507,8 +507,13 @@ def run_local_simulation(
     log_file: str | Path | None = None,
     process_record: dict[str, Any] | None = None,
     out: TextIO | None = None,
+    node_configs: list[str] | None = None,
 ) -> int:
     """Run the Flower app in ``app_dir`` on a private local SuperLink (simulation mode).
+
+    With ``node_configs`` it is a deployment instead: no simulation engine, one real
+    ``flower-supernode`` per entry (its ``--node-config``, e.g. ``"data-path='/data/a'"``),
+    connected over insecure local HTTP; ``num_supernodes`` and ``client_cpus`` are unused.
 
     Args:
         app_dir: Flower app directory (contains ``pyproject.toml``).
@@ -523,6 +528,7 @@ def run_local_simulation(
             ``pids`` (every process seen), ``ray_tmpdir``, ``token`` and ``survivors``
             so callers (tests) can verify the cleanup independently.
         out: Stream for progress output (default ``sys.stdout``).
+        node_configs: Deployment mode, see above.
 
     Returns:
         0 on ``finished:completed``; 1 failed; 2 stopped; 3 start-up error; 4 leftover
@@ -547,6 +553,7 @@ def run_local_simulation(
     env = build_env(home, ray_tmpdir, token)
     tracker = ProcessTracker(token=token, ray_tmpdir=ray_tmpdir)
     superlink: subprocess.Popen[bytes] | None = None
+    supernodes: list[subprocess.Popen[bytes]] = []
     follower: LogFollower | None = None
     conn_name: str | None = None
     rc = EXIT_STARTUP_ERROR
@@ -564,7 +571,7 @@ def run_local_simulation(
             cmd = [
                 _bin("flower-superlink"),
                 "--insecure",
-                "--simulation",
+                *([] if node_configs else ["--simulation"]),
                 "--isolation", "subprocess",
                 "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1",
@@ -596,6 +603,31 @@ def run_local_simulation(
         if superlink is None:
             return EXIT_STARTUP_ERROR
 
+        # ---- 1b. Deployment: real SuperNodes, each in its own session, with its node config
+        for i, node_config in enumerate(node_configs or []):
+            with open(log_path.with_name(f"supernode-{i}.log"), "ab") as console:
+                node = subprocess.Popen(
+                    [
+                        _bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(_free_port()),
+                        "--node-config",
+                        node_config,
+                    ],
+                    env=env,
+                    cwd=app_path,
+                    stdin=subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            supernodes.append(node)
+            tracker.add_root(node.pid)
+            _log(f"SuperNode {i} pid={node.pid} node-config {node_config}")
+
         # ---- 2. Connection in $FLWR_HOME/config.toml (never in pyproject.toml)
         conn_name = f"fedmae-local-{port}"
         write_connection(home, conn_name, f"127.0.0.1:{port}")
@@ -606,7 +638,9 @@ def run_local_simulation(
             f"client-resources-num-cpus={int(client_cpus)} "
             "client-resources-num-gpus=0.0"
         )
-        run_args = ["run", str(app_path), conn_name, "--federation-config", fed_cfg]
+        run_args = ["run", str(app_path), conn_name]
+        if not node_configs:
+            run_args += ["--federation-config", fed_cfg]
         if run_config:
             run_args += ["--run-config", run_config]
         run_args += ["--format", "json"]
@@ -682,6 +716,12 @@ def run_local_simulation(
         # Runs on success, failure, Ctrl-C/SIGTERM and unexpected exceptions alike.
         if follower is not None and follower.running():
             follower.stop(timeout=0.0)
+        for node in supernodes:  # first, or they keep retrying the vanished SuperLink
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in supernodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=GRACE_PERIOD_S)
         survivors = shutdown_processes(tracker, superlink)
         if conn_name is not None:
             with contextlib.suppress(OSError):
@@ -712,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app-dir", type=Path, default=REPO_ROOT)
     parser.add_argument("--num-supernodes", type=int, default=100)
+    parser.add_argument(
+        "--node-config",
+        action="append",
+        default=None,
+        help="deployment instead of simulation: one real SuperNode per --node-config",
+    )
     parser.add_argument("--client-cpus", type=int, default=1)
     parser.add_argument("--run-config", default=None, help="passed to `flwr run --run-config`")
     parser.add_argument("--flwr-home", type=Path, default=None, help="default <app-dir>/.flwr")
@@ -729,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         flwr_home=args.flwr_home,
         timeout=args.timeout,
         log_file=args.log_file,
+        node_configs=args.node_config,
     )
 
 

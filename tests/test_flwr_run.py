@@ -96,3 +96,50 @@ def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path,
     assert (
         "Bad value for config key 'mask-ratio': 1.5. Allowed: a number in (0, 1)" in out.getvalue()
     )
+
+
+@pytest.mark.slow
+def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_overrides):
+    """A real SuperLink (no simulation) and 2 SuperNodes whose --node-config data-path differ."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = {"node-a": 12, "node-b": 24}
+    for node, count in sizes.items():
+        for cls in ("x", "y"):
+            (tmp_path / node / cls).mkdir(parents=True)
+            for i in range(count // 2):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / node / cls / f"{i}.png")
+    overrides = {
+        **tiny_overrides,
+        "dataset": "imagefolder",
+        "data-path": str(tmp_path / "node-a"),  # the server's own evaluation images
+        "in-chans": 3,
+        "img-size": 32,
+        "clients-per-round": 2,
+        "evaluate-clients": 2,
+        "finetune-labels": 0,
+    }
+    record: dict = {}
+    rc = run_local_simulation(
+        app_dir=REPO_ROOT,
+        run_config=run_config_string(overrides),
+        flwr_home=tmp_path / "flwr-home",
+        timeout=600,
+        process_record=record,
+        node_configs=[f"data-path='{tmp_path / node}'" for node in sizes],
+    )
+    assert rc == 0
+    rows = [
+        json.loads(line)
+        for line in (Path(overrides["output-dir"]) / "tiny" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    # each node trains on its own folder minus its test and held-out shares: 9 + 20 images
+    assert {r["examples"] for r in rows} == {29.0}
+    assert all(r["clients"] == 2 for r in rows)
+    alive = [p for p, st in record["pids"].items() if _start_time(p) == st]
+    assert alive == [] and record["survivors"] == []
