@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-quality")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from finished runs only"
+    )
     args = parser.parse_args(argv)
     grid: dict[tuple[str, str], list[dict]] = {}
     for seed in args.seeds:
@@ -316,12 +319,20 @@ def main(argv: list[str] | None = None) -> int:
             partitions = ["iid"] if algorithm in PARTITION_FREE else args.partitions
             for partition in partitions:
                 key = (algorithm, "pooled" if algorithm in PARTITION_FREE else partition)
+                summary = args.out / run_name(algorithm, partition, seed) / "summary.json"
+                if args.report_only and not summary.is_file():
+                    continue
                 grid.setdefault(key, []).append(run_one(algorithm, partition, seed, args.out))
     command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    expected = sum(
+        1 if a in PARTITION_FREE else len(args.partitions) for a in args.algorithms
+    ) * len(args.seeds)
+    done = sum(len(runs) for runs in grid.values())
     full_grid = (
         set(args.algorithms) == set(ALGORITHMS)
         and set(args.partitions) == set(PARTITIONS)
         and len(set(args.seeds)) >= 2
+        and done == expected
     )
     path = write_report(grid, command.strip(), args.docs, args.out, full_grid)
     print(f"[bench-quality] wrote {path}")
