@@ -11,7 +11,7 @@ NUM_SUPERNODES ?= 100
 RUN_CONFIG ?=
 RUN_NAME ?= fedmae-fmnist
 
-.PHONY: run test lint setup data clean bench-quality
+.PHONY: run test lint setup data clean bench-quality bench-budget bench-ablations
 
 setup: $(STAMP)
 
@@ -41,6 +41,14 @@ run: setup data
 # 2 seeds through `flwr run`); writes docs/results.md and plots. BENCH_ARGS narrows the grid.
 bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
+
+# Does pretraining pay? fedmae against random init over budgets R x E; writes docs/budget.md.
+bench-budget: setup data
+	$(VPY) -m benchmarks.budget $(BENCH_ARGS)
+
+# One design choice at a time (mask ratio, next-block init, decoder, depth); docs/ablations.md.
+bench-ablations: setup data
+	$(VPY) -m benchmarks.ablations $(BENCH_ARGS)
 
 test: setup
 	$(VPY) -m pytest -q

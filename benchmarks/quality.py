@@ -5,7 +5,7 @@ Every (algorithm, partition, seed) is a real ``flwr run`` of this app on a local
 K=4 blocks x R=5 rounds (20 rounds), 10 nodes per round, 1 local epoch; ``centralized`` sees
 the same number of images per round from the pooled set; ``local`` trains each node alone for
 the same rounds. ``centralized`` and ``random-init`` do not depend on the partition: they run
-once per seed. Finished runs are kept under ``outputs/bench-quality/`` and skipped on a re-run.
+once per seed. Finished runs are kept under ``outputs/bench/`` and skipped on a re-run.
 
     .venv/bin/python -m benchmarks.quality                      # the full grid (make bench-quality)
     .venv/bin/python -m benchmarks.quality --seeds 0 --partitions iid   # a slice
@@ -16,44 +16,27 @@ Writes ``docs/results.md`` (tables) and ``docs/results-*.png`` (plots).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from scripts.run_local_simulation import run_config_string, run_local_simulation
+from benchmarks.harness import (
+    ALGORITHMS,
+    BUDGET,
+    DOCS,
+    EVALUATION,
+    EVALUATION_PROTOCOL,
+    NUM_SUPERNODES,
+    OUT_ROOT,
+    PARTITION_FREE,
+    PARTITIONS,
+    finished,
+    machine_line,
+    run_name,
+    run_variant,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-ALGORITHMS = ("fedmae", "fedavg-mae", "centralized", "local", "random-init")
-PARTITION_FREE = ("centralized", "random-init")
-PARTITIONS: dict[str, dict[str, Any]] = {
-    "iid": {"partitioner": "iid"},
-    "dirichlet-0.5": {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
-    "dirichlet-0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1},
-}
-# The budget every algorithm gets (the schema defaults, written out so results.md states them).
-BUDGET: dict[str, Any] = {
-    "depth": 4,
-    "rounds-per-stage": 5,
-    "clients-per-round": 10,
-    "local-epochs": 1,
-}
-# One evaluation protocol for every backbone, lighter than `make run`'s to fit 2 CPU cores.
-EVALUATION: dict[str, Any] = {
-    "probe-train-images": 5000,
-    "probe-epochs": 50,
-    "finetune-labels": 1000,
-    "finetune-epochs": 15,
-    "test-images": 5000,
-    "stage-knn-images": 2000,
-    "evaluate-clients": 0,
-    "evaluate-random-init": False,
-}
-NUM_SUPERNODES = 100
 ACCURACY_LABELS = (
     ("finetune-accuracy", "fine-tune"),
     ("linear-probe-accuracy", "probe"),
@@ -65,40 +48,9 @@ COST_LABELS = (
 )
 
 
-def run_name(algorithm: str, partition: str, seed: int) -> str:
-    part = "pooled" if algorithm in PARTITION_FREE else partition
-    return f"{algorithm}-{part}-s{seed}"
-
-
 def run_one(algorithm: str, partition: str, seed: int, out_root: Path) -> dict[str, Any]:
-    """One run (skipped when its summary exists); returns its summary plus metric rows."""
-    name = run_name(algorithm, partition, seed)
-    run_dir = out_root / name
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        overrides = {
-            **BUDGET,
-            **EVALUATION,
-            **PARTITIONS[partition],
-            "algorithm": algorithm,
-            "seed": seed,
-            "output-dir": str(out_root),
-            "run-name": name,
-        }
-        print(f"[bench-quality] {name}: {run_config_string(overrides)}", flush=True)
-        start = time.perf_counter()
-        rc = run_local_simulation(
-            app_dir=ROOT,
-            num_supernodes=NUM_SUPERNODES,
-            run_config=run_config_string(overrides),
-            timeout=1800,
-        )
-        if rc != 0 or not summary_path.is_file():
-            raise RuntimeError(f"run {name} failed (exit {rc}); see the log above")
-        print(f"[bench-quality] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
-    summary = json.loads(summary_path.read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "algorithm": algorithm, "seed": seed, "summary": summary, "rows": rows}
+    """One run of the grid (loaded when it finished before)."""
+    return run_variant(algorithm, partition, seed, out_root, tag="bench-quality", timeout=1800)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -263,7 +215,7 @@ def write_report(
         "",
         f"Command: `{command}` ({len(grid)} rows, seeds {seeds}; the runs' ServerApp wall "
         f"time adds up to {seconds / 60:.0f} min, plus ~15 s start-up per run, on "
-        f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}).",
+        f"{machine_line()}).",
         "",
         *(
             []
@@ -282,8 +234,7 @@ def write_report(
         "",
         "Evaluation, the same for every backbone: "
         + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
-        + " (fine-tuning: AdamW, warm-up + cosine, label smoothing 0.1, crop + flip; probe: "
-        "BatchNorm without affine + linear head on mean-pooled tokens).",
+        + f" ({EVALUATION_PROTOCOL}).",
         "",
         "Accuracies are top-1 in %, mean ± standard deviation over seeds.",
         "",
@@ -307,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-quality")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs only"
     )
@@ -319,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             partitions = ["iid"] if algorithm in PARTITION_FREE else args.partitions
             for partition in partitions:
                 key = (algorithm, "pooled" if algorithm in PARTITION_FREE else partition)
-                summary = args.out / run_name(algorithm, partition, seed) / "summary.json"
-                if args.report_only and not summary.is_file():
+                if args.report_only and not finished(
+                    args.out, run_name(algorithm, partition, seed)
+                ):
                     continue
                 grid.setdefault(key, []).append(run_one(algorithm, partition, seed, args.out))
     command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)

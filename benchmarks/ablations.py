@@ -1,0 +1,181 @@
+"""Ablations of FedMAE's design choices, one factor at a time, in the quality benchmark's harness.
+
+Each row is the reference fedmae run (IID over 100 nodes, K=4, R=5, E=1, mask 0.75, fresh
+next block, decoder kept across stages) with one setting changed: mask ratio 0.5/0.9, next
+block copied from the last finished one, decoder reset at each stage, depth K=2/6 (R stays 5
+per stage, so K changes the rounds too). Runs are shared with the other benchmarks under
+``outputs/bench/``; finished ones are loaded, not re-run.
+
+    .venv/bin/python -m benchmarks.ablations                # every factor, seed 0
+    .venv/bin/python -m benchmarks.ablations --factors mask-ratio depth --seeds 0 1
+
+Writes ``docs/ablations.md`` and ``docs/ablations.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    BUDGET,
+    DOCS,
+    EVALUATION,
+    EVALUATION_PROTOCOL,
+    OUT_ROOT,
+    PARTITIONS,
+    accuracy,
+    finished,
+    machine_line,
+    mean_std,
+    run_name,
+    run_variant,
+)
+
+REFERENCE: dict[str, Any] = {
+    "mask-ratio": 0.75,
+    "next-block-init": "fresh",
+    "decoder-per-stage": "keep",
+    "depth": 4,
+}
+# Factor -> the values tried besides the reference one.
+FACTORS: dict[str, tuple[Any, ...]] = {
+    "mask-ratio": (0.5, 0.9),
+    "next-block-init": ("copy",),
+    "decoder-per-stage": ("reset",),
+    "depth": (2, 6),
+}
+PROTOCOLS = (
+    ("finetune-accuracy", "fine-tune 1k labels"),
+    ("linear-probe-accuracy", "linear probe"),
+    ("knn-accuracy", "k-NN"),
+)
+
+
+def ablation_runs(
+    factors: list[str], seeds: list[int], partition: str, out_root: Path, report_only: bool
+) -> tuple[list[dict], dict[tuple[str, Any], list[dict]]]:
+    """The reference runs and, per (factor, value), the runs with that one change."""
+    reference: list[dict] = []
+    variants: dict[tuple[str, Any], list[dict]] = {}
+    for seed in seeds:
+        if not report_only or finished(out_root, run_name("fedmae", partition, seed)):
+            reference.append(run_variant("fedmae", partition, seed, out_root, "bench-ablations"))
+        for factor in factors:
+            for value in FACTORS[factor]:
+                changes = {factor: value}
+                if report_only and not finished(
+                    out_root, run_name("fedmae", partition, seed, changes)
+                ):
+                    continue
+                run = run_variant(
+                    "fedmae", partition, seed, out_root, "bench-ablations", changes, timeout=7200
+                )
+                variants.setdefault((factor, value), []).append(run)
+    return reference, variants
+
+
+def _cells(runs: list[dict]) -> list[str]:
+    comm = runs[0]["summary"]["communication"]
+    return [
+        *(
+            mean_std([v for r in runs if (v := accuracy(r, key, "fedmae")) is not None])
+            for key, _ in PROTOCOLS
+        ),
+        f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
+        f"{comm['client-train-mbytes-peak']:.0f}",
+        f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",
+        f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
+    ]
+
+
+def plot(reference: list[dict], variants: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    factors = list(dict.fromkeys(factor for factor, _ in variants))
+    fig, axes = plt.subplots(1, len(factors), figsize=(3.4 * len(factors), 3.4), squeeze=False)
+    for ax, factor in zip(axes[0], factors, strict=True):
+        rows = [(REFERENCE[factor], reference)] + [
+            (value, runs) for (f, value), runs in variants.items() if f == factor
+        ]
+        rows.sort(key=lambda row: str(row[0]))
+        width = 0.8 / len(PROTOCOLS)
+        for i, (key, label) in enumerate(PROTOCOLS):
+            heights = [
+                100 * statistics.fmean(accuracy(r, key, "fedmae") for r in runs) for _, runs in rows
+            ]
+            ax.bar([j + i * width for j in range(len(rows))], heights, width, label=label)
+        ax.set_xticks(
+            [j + width for j in range(len(rows))],
+            [f"{v}{' (ref)' if v == REFERENCE[factor] else ''}" for v, _ in rows],
+        )
+        ax.set(title=factor, ylabel="top-1 (%)", ylim=(40, 85))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    reference: list[dict], variants: dict, command: str, partition: str, docs: Path
+) -> Path:
+    docs.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    if reference and variants:
+        plot(reference, variants, docs / "ablations.png")
+        pictures.append("![ablations.png](ablations.png)")
+    seeds = sorted({r["seed"] for r in reference})
+    lines = [
+        "# Ablations: one FedMAE design choice at a time",
+        "",
+        f"Command: `{command}` (seeds {seeds}; {machine_line()}).",
+        "",
+        f"Reference: fedmae on Fashion-MNIST, {partition} over 100 nodes, "
+        + ", ".join(f"{k}={v}" for k, v in {**BUDGET, **REFERENCE}.items())
+        + ". Each other row changes one setting. Depth keeps 5 rounds per stage, so K=6 trains "
+        "for 30 rounds and K=2 for 10. Evaluation: "
+        + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
+        + f" ({EVALUATION_PROTOCOL}). Top-1 in %, mean ± std over seeds.",
+        "",
+        "| factor | value | fine-tune 1k labels | linear probe | k-NN | masked PSNR (dB) "
+        "| client peak train MB | MB up / client-round | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    if reference:
+        lines.append("| reference | - | " + " | ".join(_cells(reference)) + " |")
+    for (factor, value), runs in variants.items():
+        lines.append(f"| {factor} | {value} | " + " | ".join(_cells(runs)) + " |")
+    lines += ["", *pictures, ""]
+    path = docs / "ablations.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factors", nargs="+", default=list(FACTORS), choices=FACTORS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--partition", default="iid", choices=PARTITIONS)
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from finished runs only"
+    )
+    args = parser.parse_args(argv)
+    reference, variants = ablation_runs(
+        args.factors, args.seeds, args.partition, args.out, args.report_only
+    )
+    command = "python -m benchmarks.ablations " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = write_report(reference, variants, command.strip(), args.partition, args.docs)
+    print(f"[bench-ablations] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

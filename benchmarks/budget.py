@@ -1,0 +1,207 @@
+"""Does pretraining pay? FedMAE's downstream accuracy against its pretraining budget.
+
+The budget is the local epochs each block is trained for: rounds per stage (R) x local epochs
+per round (E), at the quality benchmark's federation (100 nodes, 10 per round, K=4 blocks,
+IID unless ``--partition``). Every budget is a real ``flwr run``; the random-init backbone of
+the same shape, evaluated with the same protocol and seed, is the floor a pretrained backbone
+must beat. Runs are shared with the other benchmarks under ``outputs/bench/`` (see harness).
+
+    .venv/bin/python -m benchmarks.budget                         # R x E in 5x1 5x2 5x4 10x4
+    .venv/bin/python -m benchmarks.budget --budgets 5x1 20x4 --seeds 0 1
+
+Writes ``docs/budget.md`` and ``docs/budget-accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    BUDGET,
+    DOCS,
+    EVALUATION,
+    EVALUATION_PROTOCOL,
+    OUT_ROOT,
+    PARTITIONS,
+    accuracy,
+    finished,
+    machine_line,
+    mean_std,
+    run_name,
+    run_variant,
+)
+
+FEDERATION: dict[str, Any] = {k: BUDGET[k] for k in ("depth", "clients-per-round")}
+DEFAULT_BUDGETS = ("5x1", "5x2", "5x4", "10x4")
+PROTOCOLS = (
+    ("finetune-accuracy", "fine-tune 1k labels"),
+    ("linear-probe-accuracy", "linear probe"),
+    ("knn-accuracy", "k-NN"),
+)
+
+
+def parse_budget(text: str) -> tuple[int, int]:
+    """``"RxE"`` -> (rounds per stage, local epochs); a clear error otherwise."""
+    try:
+        rounds, epochs = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budget {text!r} is not RxE (rounds per stage x local epochs, e.g. 5x2)"
+        ) from None
+    if rounds < 1 or epochs < 1:
+        raise argparse.ArgumentTypeError(f"budget {text!r}: R and E must both be >= 1")
+    return rounds, epochs
+
+
+def budget_runs(
+    budgets: list[tuple[int, int]],
+    seeds: list[int],
+    partition: str,
+    out_root: Path,
+    report_only: bool = False,
+) -> tuple[dict[tuple[int, int], list[dict]], list[dict]]:
+    """Run (or load) fedmae at every budget and random-init once per seed."""
+    floor = []
+    by_budget: dict[tuple[int, int], list[dict]] = {}
+    for seed in seeds:
+        if not report_only or finished(out_root, run_name("random-init", partition, seed)):
+            floor.append(run_variant("random-init", partition, seed, out_root, "bench-budget"))
+        for rounds, epochs in budgets:
+            changes = {"rounds-per-stage": rounds, "local-epochs": epochs}
+            changes = {k: v for k, v in changes.items() if BUDGET[k] != v}
+            if report_only and not finished(out_root, run_name("fedmae", partition, seed, changes)):
+                continue
+            run = run_variant(
+                "fedmae", partition, seed, out_root, "bench-budget", changes, timeout=3 * 3600
+            )
+            by_budget.setdefault((rounds, epochs), []).append(run)
+    return by_budget, floor
+
+
+def smallest_paying_budget(
+    by_budget: dict[tuple[int, int], list[dict]], floor: list[dict], key: str
+) -> tuple[int, int] | None:
+    """The smallest R x E whose mean accuracy under ``key`` beats random-init's mean."""
+    floor_values = [v for r in floor if (v := accuracy(r, key, "random-init")) is not None]
+    if not floor_values:
+        return None
+    level = statistics.fmean(floor_values)
+    for budget in sorted(by_budget, key=lambda b: (b[0] * b[1], b)):
+        values = [v for r in by_budget[budget] if (v := accuracy(r, key, "fedmae")) is not None]
+        if values and statistics.fmean(values) > level:
+            return budget
+    return None
+
+
+def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(by_budget, key=lambda b: (b[0] * b[1], b))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (key, label), color in zip(PROTOCOLS, ("C0", "C1", "C2"), strict=True):
+        means = [
+            100 * statistics.fmean(accuracy(r, key, "fedmae") for r in by_budget[b])
+            for b in budgets
+        ]
+        xs = [r * e for r, e in budgets]
+        ax.plot(xs, means, marker="o", color=color, label=f"fedmae {label}")
+        floor_values = [v for r in floor if (v := accuracy(r, key, "random-init")) is not None]
+        if floor_values:
+            ax.axhline(100 * statistics.fmean(floor_values), color=color, ls="--", lw=1,
+                       label=f"random-init {label}")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r * e for r, e in budgets], [f"{r}x{e}" for r, e in budgets])
+    ax.set(
+        xlabel="local epochs per block (rounds per stage x local epochs)",
+        ylabel="top-1 (%)",
+        title="Does pretraining pay? (Fashion-MNIST, 100 nodes)",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    by_budget: dict, floor: list[dict], command: str, partition: str, docs: Path
+) -> Path:
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(by_budget, floor, docs / "budget-accuracy.png")
+    floor_cells = [
+        mean_std([v for r in floor if (v := accuracy(r, key, "random-init")) is not None])
+        for key, _ in PROTOCOLS
+    ]
+    lines = [
+        "# Does pretraining pay? Accuracy against the pretraining budget",
+        "",
+        f"Command: `{command}` ({machine_line()}).",
+        "",
+        f"FedMAE on Fashion-MNIST, {partition} over 100 nodes, "
+        + ", ".join(f"{k}={v}" for k, v in FEDERATION.items())
+        + "; budget R x E = rounds per stage x local epochs per round, i.e. the local epochs "
+        "each block is trained for. Evaluation, the same for every backbone: "
+        + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
+        + f" ({EVALUATION_PROTOCOL}). Top-1 in %, mean ± std over seeds.",
+        "",
+        "| budget R x E | server rounds | fine-tune 1k labels | linear probe | k-NN "
+        "| masked PSNR (dB) | client s (run total) | run wall s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| random-init (floor) | 0 | {' | '.join(floor_cells)} | - | 0 | - |",
+    ]
+    for rounds, epochs in sorted(by_budget, key=lambda b: (b[0] * b[1], b)):
+        runs = by_budget[(rounds, epochs)]
+        comm = runs[0]["summary"]["communication"]
+        client_seconds = comm["client-train-seconds-mean"] * rounds * FEDERATION["depth"]
+        cells = [
+            f"{rounds} x {epochs}",
+            str(rounds * FEDERATION["depth"]),
+            *(
+                mean_std([v for r in runs if (v := accuracy(r, key, "fedmae")) is not None])
+                for key, _ in PROTOCOLS
+            ),
+            f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
+            f"{client_seconds:.0f}",
+            f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Smallest measured budget at which FedMAE beats random init:", ""]
+    for key, label in PROTOCOLS:
+        budget = smallest_paying_budget(by_budget, floor, key)
+        verdict = f"{budget[0]} x {budget[1]}" if budget else "none of the measured budgets"
+        lines.append(f"- {label}: {verdict}")
+    lines += ["", "![budget-accuracy.png](budget-accuracy.png)", ""]
+    path = docs / "budget.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", type=parse_budget,
+                        default=[parse_budget(b) for b in DEFAULT_BUDGETS])  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--partition", default="iid", choices=PARTITIONS)
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from finished runs only"
+    )
+    args = parser.parse_args(argv)
+    by_budget, floor = budget_runs(
+        args.budgets, args.seeds, args.partition, args.out, args.report_only
+    )
+    command = "python -m benchmarks.budget " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = write_report(by_budget, floor, command.strip(), args.partition, args.docs)
+    print(f"[bench-budget] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

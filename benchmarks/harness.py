@@ -1,0 +1,146 @@
+"""Shared by the benchmarks: one resumable ``flwr run`` per configuration, and report helpers.
+
+Every benchmark run is the reference configuration (``BUDGET`` + ``EVALUATION`` on a partition
+of Fashion-MNIST over 100 nodes) plus a few changes, and is named after them
+(``fedmae-iid-s0-local-epochs4``), so the benchmarks share one folder, ``outputs/bench/``, and
+a configuration two benchmarks need runs once. A run whose ``summary.json`` exists is loaded
+instead of run again: an interrupted benchmark resumes where it stopped, and ``--report-only``
+reports a partial grid.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.run_local_simulation import run_config_string, run_local_simulation
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_ROOT = ROOT / "outputs" / "bench"
+DOCS = ROOT / "docs"
+NUM_SUPERNODES = 100
+ALGORITHMS = ("fedmae", "fedavg-mae", "centralized", "local", "random-init")
+# Algorithms whose result does not depend on how the data is split over nodes: run once per seed.
+PARTITION_FREE = ("centralized", "random-init")
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"partitioner": "iid"},
+    "dirichlet-0.5": {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+    "dirichlet-0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+}
+# The reference budget (the schema defaults, written out so the reports state them).
+BUDGET: dict[str, Any] = {
+    "depth": 4,
+    "rounds-per-stage": 5,
+    "clients-per-round": 10,
+    "local-epochs": 1,
+}
+# One evaluation protocol for every backbone of every benchmark, lighter than `make run`'s to
+# fit 2 CPU cores.
+EVALUATION: dict[str, Any] = {
+    "probe-train-images": 5000,
+    "probe-epochs": 50,
+    "finetune-labels": 1000,
+    "finetune-epochs": 15,
+    "test-images": 5000,
+    "stage-knn-images": 2000,
+    "evaluate-clients": 0,
+    "evaluate-random-init": False,
+}
+EVALUATION_PROTOCOL = (
+    "fine-tuning: AdamW, warm-up + cosine, label smoothing 0.1, crop + flip; probe: BatchNorm "
+    "without affine + linear head on mean-pooled tokens"
+)
+
+
+def run_name(
+    algorithm: str, partition: str, seed: int, changes: dict[str, Any] | None = None
+) -> str:
+    """``<algorithm>-<partition|pooled>-s<seed>[-<key><value>...]`` for the changed keys."""
+    part = "pooled" if algorithm in PARTITION_FREE else partition
+    suffix = "".join(f"-{key}{value}" for key, value in sorted((changes or {}).items()))
+    return f"{algorithm}-{part}-s{seed}{suffix}"
+
+
+def finished(out_root: Path, name: str) -> bool:
+    return (out_root / name / "summary.json").is_file()
+
+
+def run_variant(
+    algorithm: str,
+    partition: str,
+    seed: int,
+    out_root: Path,
+    tag: str,
+    changes: dict[str, Any] | None = None,
+    timeout: float = 3600,
+) -> dict[str, Any]:
+    """The reference configuration with ``changes``, run or loaded (see ``run_or_load``)."""
+    changes = {k: v for k, v in (changes or {}).items() if BUDGET.get(k) != v}
+    overrides = {
+        **BUDGET,
+        **EVALUATION,
+        **PARTITIONS[partition],
+        "algorithm": algorithm,
+        "seed": seed,
+        **changes,
+    }
+    name = run_name(algorithm, partition, seed, changes)
+    run = run_or_load(name, overrides, out_root, tag, timeout=timeout)
+    return {**run, "algorithm": algorithm, "seed": seed, "changes": changes}
+
+
+def run_or_load(
+    name: str,
+    overrides: dict[str, Any],
+    out_root: Path,
+    tag: str,
+    num_supernodes: int = NUM_SUPERNODES,
+    timeout: float = 3600,
+) -> dict[str, Any]:
+    """Run ``overrides`` as ``<out_root>/<name>`` through ``flwr run`` unless it finished before.
+
+    Returns ``{"name", "summary", "rows"}`` (``rows``: the run's metrics.jsonl lines). Raises
+    ``RuntimeError`` when the run fails, naming it.
+    """
+    run_dir = out_root / name
+    if not finished(out_root, name):
+        overrides = {**overrides, "output-dir": str(out_root), "run-name": name}
+        print(f"[{tag}] {name}: {run_config_string(overrides)}", flush=True)
+        start = time.perf_counter()
+        rc = run_local_simulation(
+            app_dir=ROOT,
+            num_supernodes=num_supernodes,
+            run_config=run_config_string(overrides),
+            timeout=timeout,
+        )
+        if rc != 0 or not finished(out_root, name):
+            raise RuntimeError(f"run {name} failed (exit {rc}); see the log above")
+        print(f"[{tag}] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "summary": summary, "rows": rows}
+
+
+def accuracy(run: dict[str, Any], key: str, algorithm: str) -> float | None:
+    """Top-1 (0-1) of ``algorithm``'s backbone under protocol ``key`` in one run, if measured."""
+    return run["summary"].get(key, {}).get(algorithm)
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± std`` (one value: just the value) of ``values`` times ``scale``, one decimal."""
+    if not values:
+        return "-"
+    mean = scale * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {scale * statistics.stdev(values):.1f}"
+
+
+def machine_line() -> str:
+    import os
+    import platform
+
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"

@@ -1,0 +1,178 @@
+"""Fine-tuning accuracy against the number of labels, for the backbones benchmark runs exported.
+
+Loads each run's exported backbone the way a user would (``timm.create_model`` + strict load of
+``backbone.safetensors``), then fine-tunes it with the run's own recipe (epochs, lr, crop + flip,
+seed) on nested seeded subsets of the labelled training split: 1,000 and 5,000 labels by
+default, ``all`` for the whole split. The test set and recipe are the same for every backbone.
+Each (run, labels) result is cached as ``finetune-<labels>.json`` in the run's folder.
+
+    .venv/bin/python -m benchmarks.label_efficiency --runs fedmae-iid-s0 random-init-pooled-s0
+    .venv/bin/python -m benchmarks.label_efficiency --labels 1000 5000 all   # all: GPU-sized
+
+Writes ``docs/label-efficiency.md`` and ``docs/label-efficiency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.harness import DOCS, EVALUATION_PROTOCOL, OUT_ROOT, machine_line
+from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.data import load_dataset
+from fedmae_flwr.evaluation.finetune import finetune
+from fedmae_flwr.models.export import load_backbone
+
+DEFAULT_RUNS = ("fedmae-iid-s0", "fedavg-mae-iid-s0", "centralized-pooled-s0",
+                "random-init-pooled-s0")  # fmt: skip
+
+
+def parse_labels(text: str) -> int:
+    """A label count (``all`` = 0 = the whole labelled training split)."""
+    if text == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"labels {text!r}: a positive integer or 'all'")
+    return value
+
+
+def run_config(run_dir: Path) -> FedMAEConfig:
+    """The resolved config a run wrote (``config.yaml``), as the typed schema."""
+    values = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    known = {f.name for f in fields(FedMAEConfig)}
+    return FedMAEConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def finetune_run(run_dir: Path, labels: int, device: str = "cpu") -> dict[str, Any]:
+    """Fine-tune ``run_dir``'s exported backbone on ``labels`` labels (0 = all); cached."""
+    cache = run_dir / f"finetune-{labels or 'all'}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cfg = run_config(run_dir)
+    splits = load_dataset(cfg)
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
+    train = splits.train.subset(order[: labels or len(splits.train)])
+    num_test = min(cfg.test_images or len(splits.test), len(splits.test))
+    test = splits.test.subset(range(num_test))
+    backbone = load_backbone(run_dir)
+    start = time.perf_counter()
+    result = finetune(
+        backbone,
+        backbone.num_features,
+        splits.normalize(train.images),
+        train.labels,
+        splits.normalize(test.images),
+        test.labels,
+        splits.num_classes,
+        epochs=cfg.finetune_epochs,
+        lr=cfg.finetune_lr,
+        seed=cfg.seed,
+        device=device,
+    )
+    record = {
+        **asdict(result),
+        "labels": len(train),
+        "test-images": num_test,
+        "lr": cfg.finetune_lr,
+        "seconds": time.perf_counter() - start,
+    }
+    cache.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for run, by_labels in results.items():
+        points = sorted((r["labels"], 100 * r["accuracy"]) for r in by_labels.values())
+        ax.plot(*zip(*points, strict=True), marker="o", label=run)
+    ax.set_xscale("log")
+    ax.set(xlabel="labelled training images", ylabel="fine-tune top-1 (%)",
+           title="Label efficiency (same recipe for every backbone)")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    results: dict[str, dict[int, dict]], label_counts: list[int], command: str, docs: Path
+) -> Path:
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(results, docs / "label-efficiency.png")
+    any_record = next(iter(next(iter(results.values())).values()))
+    header = [f"{n} labels" if n else "all labels" for n in label_counts]
+    lines = [
+        "# Fine-tuning accuracy against the number of labels",
+        "",
+        f"Command: `{command}` ({machine_line()}).",
+        "",
+        "Each backbone is the one its benchmark run exported (see results.md for the runs), "
+        "loaded with timm (strict) and fine-tuned with one recipe: "
+        f"{any_record['epochs']} epochs, lr {any_record['lr']}, "
+        f"{any_record['test-images']} test images ({EVALUATION_PROTOCOL}). The label subsets "
+        "are nested and seeded. Top-1 in %; seconds of fine-tuning in brackets.",
+        "",
+        "| backbone (run) | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+    ]
+    for run, by_labels in results.items():
+        cells = [
+            f"{100 * r['accuracy']:.1f} ({r['seconds']:.0f} s)" if (r := by_labels.get(n)) else "-"
+            for n in label_counts
+        ]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    lines += ["", "![label-efficiency.png](label-efficiency.png)", ""]
+    path = docs / "label-efficiency.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
+    parser.add_argument("--labels", nargs="+", type=parse_labels, default=[1000, 5000])
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
+    if missing:
+        parser.error(
+            f"no exported backbone for {missing} under {args.out}; run the benchmark that "
+            "makes them first (e.g. make bench-quality)"
+        )
+    results: dict[str, dict[int, dict]] = {}
+    for labels in args.labels:
+        for run in args.runs:
+            record = finetune_run(args.out / run, labels, args.device)
+            results.setdefault(run, {})[labels] = record
+            accuracy, seconds = 100 * record["accuracy"], record["seconds"]
+            print(f"[label-efficiency] {run} {record['labels']} labels: {accuracy:.1f} "
+                  f"({seconds:.0f} s)", flush=True)  # fmt: skip
+    command = "python -m benchmarks.label_efficiency " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    path = write_report(results, args.labels, command.strip(), args.docs)
+    print(f"[label-efficiency] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The budget study and the ablations: naming, verdicts and reports from run summaries."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks import ablations, budget
+from benchmarks.harness import run_name
+from tests.test_bench_report import fake_run
+
+
+def test_run_names_list_only_the_changed_keys_sorted_and_pool_partition_free_algorithms():
+    assert run_name("fedmae", "iid", 0) == "fedmae-iid-s0"
+    assert (
+        run_name("fedmae", "dirichlet-0.1", 1, {"rounds-per-stage": 10, "local-epochs": 4})
+        == "fedmae-dirichlet-0.1-s1-local-epochs4-rounds-per-stage10"
+    )
+    assert run_name("random-init", "dirichlet-0.1", 0) == "random-init-pooled-s0"
+
+
+def test_budget_parsing_accepts_r_x_e_and_names_what_is_wrong():
+    assert budget.parse_budget("5x4") == (5, 4)
+    assert budget.parse_budget("10X1") == (10, 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="is not RxE"):
+        budget.parse_budget("5")
+    with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
+        budget.parse_budget("0x3")
+
+
+def _fedmae(finetune: float, tmp_path, seed: int = 0) -> dict:
+    return fake_run("fedmae", seed, finetune, tmp_path / "runs")
+
+
+def test_smallest_paying_budget_is_the_cheapest_mean_above_the_floor(tmp_path):
+    floor = [fake_run("random-init", 0, 0.60, tmp_path / "runs")]
+    by_budget = {
+        (5, 1): [_fedmae(0.58, tmp_path, 0)],
+        (10, 4): [_fedmae(0.66, tmp_path, 1)],
+        (5, 4): [_fedmae(0.62, tmp_path, 2)],
+    }
+    assert budget.smallest_paying_budget(by_budget, floor, "finetune-accuracy") == (5, 4)
+    # probe: every fake run scores 0.7, equal to the floor's 0.7: equal is not beating it.
+    assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy") is None
+
+
+def test_budget_report_states_the_floor_every_budget_and_the_verdict(tmp_path):
+    floor = [fake_run("random-init", 0, 0.60, tmp_path / "runs")]
+    by_budget = {(5, 1): [_fedmae(0.58, tmp_path, 0)], (5, 4): [_fedmae(0.62, tmp_path, 1)]}
+    path = budget.write_report(by_budget, floor, "python -m benchmarks.budget", "iid", tmp_path)
+    text = path.read_text()
+    assert "| random-init (floor) | 0 | 60.0 | 70.0 | 60.0 | - | 0 | - |" in text
+    # 5 x 4: 20 server rounds; client seconds = 1.0 s per round x 5 rounds x 4 stages
+    assert "| 5 x 4 | 20 | 62.0 | 70.0 | 60.0 | 12.00 | 20 | 100 |" in text
+    assert "- fine-tune 1k labels: 5 x 4" in text
+    assert "- linear probe: none of the measured budgets" in text
+    assert (tmp_path / "budget-accuracy.png").stat().st_size > 0
+
+
+def test_ablation_report_has_the_reference_and_one_row_per_changed_setting(tmp_path):
+    reference = [_fedmae(0.60, tmp_path, 0)]
+    variants = {
+        ("mask-ratio", 0.9): [_fedmae(0.55, tmp_path, 1)],
+        ("depth", 2): [_fedmae(0.50, tmp_path, 2)],
+    }
+    command = "python -m benchmarks.ablations"
+    path = ablations.write_report(reference, variants, command, "iid", tmp_path)
+    text = path.read_text()
+    assert "| reference | - | 60.0 | 70.0 | 60.0 | 12.00 | 56 | 2.00 | 100 |" in text
+    assert "| mask-ratio | 0.9 | 55.0 |" in text
+    assert "| depth | 2 | 50.0 |" in text
+    assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_label_efficiency_refits_the_exported_backbone_exactly_as_the_run_did(tiny_overrides):
+    from pathlib import Path
+
+    from benchmarks import label_efficiency
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.server_app import run
+
+    from .conftest import LocalGrid
+
+    overrides = {**tiny_overrides, "algorithm": "random-init", "run-name": "floor"}
+    cfg = resolve_config(overrides)
+    summary = run(LocalGrid(6, overrides), cfg)
+    run_dir = Path(cfg.output_dir) / "floor"
+
+    # Same backbone (exported, loaded strictly by timm), subset, recipe and seed as the run's
+    # own 50-label fine-tuning: the same accuracy, to the last digit (CPU is deterministic).
+    record = label_efficiency.finetune_run(run_dir, 50)
+    assert record["labels"] == 50 and record["test-images"] == 100
+    assert record["accuracy"] == summary["finetune-accuracy"]["random-init"]
+    assert (run_dir / "finetune-50.json").is_file()
+    assert label_efficiency.finetune_run(run_dir, 0)["labels"] == 800  # "all": the train split
+
+    path = label_efficiency.write_report(
+        {"floor": {50: record}}, [50, 5000], "python -m benchmarks.label_efficiency", run_dir
+    )
+    assert f"| floor | {100 * record['accuracy']:.1f} (" in path.read_text()
+    assert " | - |" in path.read_text()
+
+
+def test_label_counts_parse_and_name_what_is_allowed():
+    from benchmarks.label_efficiency import parse_labels
+
+    assert parse_labels("all") == 0 and parse_labels("5000") == 5000
+    with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'all'"):
+        parse_labels("-3")
