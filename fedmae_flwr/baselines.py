@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data import DatasetSplits, load_node_data
+from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import train_local
 from fedmae_flwr.models import initial_state, model_from_state
 from fedmae_flwr.strategies import FedMAE
@@ -32,12 +33,14 @@ def _train_rounds(
     images_for_round: Callable[[int], Tensor],
     on_round: RoundCallback | None,
 ) -> ArrayRecord:
+    device = resolve_device(cfg.device)
     arrays = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
     for server_round in range(1, strategy.num_rounds + 1):
         stage = strategy.stage_of(server_round)
         arrays = strategy.grow(arrays, stage)
         state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
         model = model_from_state(cfg, state, frozen_blocks=strategy.frozen_blocks(server_round))
+        model.to(device)
         images = images_for_round(server_round)
         result = train_local(model, images, cfg, seed=cfg.seed * 1_000_003 + server_round)
         state.update(model.active_state())

@@ -16,6 +16,7 @@ from flwr.common import log
 
 from fedmae_flwr.config import FedMAEConfig, resolve_config
 from fedmae_flwr.data import NodeData, load_node_data
+from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import reconstruction_loss, train_local
 from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
 from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
@@ -83,6 +84,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
     model = model_for(msg, context, cfg)
     if model is None:
         return _missing_prefix_reply(msg)
+    model.to(resolve_device(cfg.device))
     data = node_data(context, cfg)
     images = data.splits.normalize(data.train.images)
     if len(images) == 0:
@@ -111,6 +113,7 @@ def evaluate(msg: Message, context: Context, overrides: dict | None = None) -> M
     model = model_for(msg, context, cfg)
     if model is None:
         return _missing_prefix_reply(msg)
+    model.to(resolve_device(cfg.device))
     data = node_data(context, cfg)
     images = data.splits.normalize(data.heldout.images)
     # The same masks every time a node scores, so losses compare across stages.

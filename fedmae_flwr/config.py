@@ -143,6 +143,13 @@ class FedMAEConfig:
     client_threads: int = field(
         default=1, metadata={"help": "torch threads per client process (match client num-cpus)."}
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where clients train and the server evaluates; auto = cuda if available.",
+            "choices": ("auto", "cpu", "cuda"),
+        },
+    )
     # --- server-side evaluation ------------------------------------------------------------
     eval_images: int = field(
         default=1000, metadata={"help": "Held-out images for reconstruction PSNR per stage."}

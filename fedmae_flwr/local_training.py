@@ -32,11 +32,13 @@ def train_local(
 ) -> LocalTrainResult:
     """``cfg.local_epochs`` epochs of masked reconstruction on ``images`` (normalised float).
 
-    Only parameters with ``requires_grad`` (the active block, norm, decoder, and the stem in stage
+    Runs on the model's device; ``images`` may stay on the CPU (each batch is moved). Only
+    parameters with ``requires_grad`` (the active block, norm, decoder, and the stem in stage
     0) are optimised; the frozen prefix runs under ``torch.no_grad()`` inside the model.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
@@ -48,7 +50,7 @@ def train_local(
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for batch_ids in order.split(cfg.batch_size):
-            batch = images[batch_ids]
+            batch = images[batch_ids].to(device, non_blocking=True)
             if augment:
                 batch = mae_augment(batch, cfg.crop_scale_min, cfg.horizontal_flip, generator)
             if steps == 0:
@@ -74,9 +76,10 @@ def reconstruction_loss(
 ) -> float:
     """Mean masked-patch loss on ``images`` with seeded masks (comparable across rounds)."""
     model.eval()
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for batch in images.split(batch_size):
-        loss, _, _ = model(batch, generator=generator)
+        loss, _, _ = model(batch.to(device), generator=generator)
         total += loss.item() * len(batch)
     return total / max(len(images), 1)

@@ -25,6 +25,7 @@ from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
 from fedmae_flwr.config import FedMAEConfig, resolve_config
 from fedmae_flwr.data import DatasetSplits, load_dataset, partitions
 from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
+from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import evaluate_backbones, labelled_subsets
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.linear_probe import knn_accuracy
@@ -84,6 +85,7 @@ class RoundRecorder:
     ) -> None:
         self.cfg, self.strategy, self.outputs, self.splits = cfg, strategy, outputs, splits
         self.eval_images = splits.test.images[: cfg.eval_images]
+        self.device = resolve_device(cfg.device)
         self.last_time = time.perf_counter()
         self.stages: list[dict[str, Any]] = []
 
@@ -99,7 +101,7 @@ class RoundRecorder:
         metrics = MetricRecord()
         if self.strategy.is_stage_end(server_round):
             stage = self.strategy.stage_of(server_round)
-            model = model_from_state(self.cfg, torch_state(arrays))
+            model = model_from_state(self.cfg, torch_state(arrays)).to(self.device)
             report = evaluate_reconstruction(
                 model, self.eval_images, self.splits, seed=self.cfg.seed
             )
@@ -138,9 +140,13 @@ class RoundRecorder:
         n = self.cfg.stage_knn_images
         train, test = sets["probe"].subset(range(min(n, len(sets["probe"])))), sets["test"]
         test = test.subset(range(min(n, len(test))))
-        backbone = create_timm_backbone(self.cfg, model.state_dict())
-        train_f = extract_features(backbone, self.splits.normalize(train.images))
-        test_f = extract_features(backbone, self.splits.normalize(test.images))
+        backbone = create_timm_backbone(
+            self.cfg, {k: v.cpu() for k, v in model.state_dict().items()}
+        )
+        train_f = extract_features(
+            backbone, self.splits.normalize(train.images), device=self.device
+        )
+        test_f = extract_features(backbone, self.splits.normalize(test.images), device=self.device)
         return knn_accuracy(train_f, train.labels, test_f, test.labels, self.splits.num_classes)
 
 

@@ -508,6 +508,7 @@ def run_local_simulation(
     process_record: dict[str, Any] | None = None,
     out: TextIO | None = None,
     node_configs: list[str] | None = None,
+    client_gpus: float = 0.0,
 ) -> int:
     """Run the Flower app in ``app_dir`` on a private local SuperLink (simulation mode).
 
@@ -519,6 +520,8 @@ def run_local_simulation(
         app_dir: Flower app directory (contains ``pyproject.toml``).
         num_supernodes: Number of simulated SuperNodes.
         client_cpus: CPUs reserved per ClientApp in Ray (limits concurrency).
+        client_gpus: GPU share reserved per ClientApp in Ray (e.g. 0.1: ten clients share a
+            GPU); 0 = clients see no GPU reservation (they still use one under device=auto).
         run_config: Passed verbatim to ``flwr run --run-config``
             (e.g. ``"num-server-rounds=2 lr=0.01"`` or a TOML file path).
         flwr_home: Flower home (config.toml, installed FABs); default ``<app_dir>/.flwr``.
@@ -636,7 +639,7 @@ def run_local_simulation(
         fed_cfg = (
             f"num-supernodes={int(num_supernodes)} "
             f"client-resources-num-cpus={int(client_cpus)} "
-            "client-resources-num-gpus=0.0"
+            f"client-resources-num-gpus={float(client_gpus)}"
         )
         run_args = ["run", str(app_path), conn_name]
         if not node_configs:
@@ -759,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         help="deployment instead of simulation: one real SuperNode per --node-config",
     )
     parser.add_argument("--client-cpus", type=int, default=1)
+    parser.add_argument(
+        "--client-gpus", type=float, default=0.0, help="GPU share per client in Ray, e.g. 0.1"
+    )
     parser.add_argument("--run-config", default=None, help="passed to `flwr run --run-config`")
     parser.add_argument("--flwr-home", type=Path, default=None, help="default <app-dir>/.flwr")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds")
@@ -771,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         app_dir=args.app_dir,
         num_supernodes=args.num_supernodes,
         client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
         run_config=args.run_config,
         flwr_home=args.flwr_home,
         timeout=args.timeout,

@@ -48,7 +48,7 @@ def random_resized_crop(
 
 def random_horizontal_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Flip each image of ``[N, C, H, W]`` left-right with probability 0.5."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
+from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.evaluation.linear_probe import knn_accuracy, linear_probe
@@ -35,18 +36,26 @@ def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, Imag
 
 
 @torch.no_grad()
-def block_features(model: nn.Module, images: Tensor, batch_size: int = 256) -> list[Tensor]:
-    """Mean-pooled patch tokens after each block of a timm ViT: one ``[N, D]`` per block."""
-    was_training = model.training
-    model.eval()
+def block_features(
+    model: nn.Module, images: Tensor, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """Mean-pooled patch tokens after each block of a timm ViT: one ``[N, D]`` per block (CPU)."""
+    was_training, original_device = model.training, next(model.parameters()).device
+    model.eval().to(device)
     batches = [
-        model.forward_intermediates(
-            batch, indices=len(model.blocks), output_fmt="NLC", intermediates_only=True
-        )
+        [
+            t.mean(1).cpu()
+            for t in model.forward_intermediates(
+                batch.to(device),
+                indices=len(model.blocks),
+                output_fmt="NLC",
+                intermediates_only=True,
+            )
+        ]
         for batch in images.split(batch_size)
     ]
-    model.train(was_training)
-    return [torch.cat([b[i].mean(1) for b in batches]) for i in range(len(model.blocks))]
+    model.train(was_training).to(original_device)
+    return [torch.cat([b[i] for b in batches]) for i in range(len(model.blocks))]
 
 
 class _Flatten(nn.Module):
@@ -66,6 +75,7 @@ def evaluate_backbones(
         ``{"linear-probe": {name: ProbeResult dict}, "finetune": {name: FinetuneResult dict},
         "protocol": {...}}``.
     """
+    device = resolve_device(cfg.device)
     sets = labelled_subsets(cfg, splits)
     probe_x = splits.normalize(sets["probe"].images)
     test_x = splits.normalize(sets["test"].images)
@@ -74,20 +84,24 @@ def evaluate_backbones(
     candidates: dict[str, nn.Module] = {**backbones, "pixels": _Flatten()}
 
     def probe(train_x: Tensor, test_x: Tensor) -> Any:
+        # The probe trains where its features are.
         return linear_probe(
-            train_x, probe_y, test_x, test_y, splits.num_classes, cfg.probe_epochs, seed=cfg.seed
-        )
+            train_x.to(device), probe_y, test_x.to(device), test_y, splits.num_classes,
+            cfg.probe_epochs, seed=cfg.seed,
+        )  # fmt: skip
 
     for name, backbone in candidates.items():
         start = time.perf_counter()
-        train_f, test_f = extract_features(backbone, probe_x), extract_features(backbone, test_x)
+        train_f = extract_features(backbone, probe_x, device=device)
+        test_f = extract_features(backbone, test_x, device=device)
         result = probe(train_f, test_f)
         report["linear-probe"][name] = asdict(result)
         report["knn"][name] = knn_accuracy(train_f, probe_y, test_f, test_y, splits.num_classes)
         log(INFO, "linear probe %s: %.4f, k-NN %.4f (%.1fs)",
             name, result.accuracy, report["knn"][name], time.perf_counter() - start)  # fmt: skip
         if cfg.probe_per_block and name != "pixels":
-            train_b, test_b = block_features(backbone, probe_x), block_features(backbone, test_x)
+            train_b = block_features(backbone, probe_x, device=device)
+            test_b = block_features(backbone, test_x, device=device)
             accuracies = [probe(a, b).accuracy for a, b in zip(train_b, test_b, strict=True)]
             report.setdefault("linear-probe-per-block", {})[name] = accuracies
     if cfg.finetune_labels > 0:
@@ -105,6 +119,7 @@ def evaluate_backbones(
                 epochs=cfg.finetune_epochs,
                 lr=cfg.finetune_lr,
                 seed=cfg.seed,
+                device=device,
             )
             report["finetune"][name] = asdict(result)
             log(

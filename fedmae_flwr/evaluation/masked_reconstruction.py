@@ -37,11 +37,13 @@ def evaluate_reconstruction(
     """
     model.eval()
     p, c = model.cfg.patch_size, model.cfg.in_chans
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     originals, recons, masks, losses = [], [], [], []
     for batch in images.split(batch_size):
         x = splits.normalize(batch)
-        loss, pred, mask = model(x, generator=generator)
+        loss, pred, mask = model(x.to(device), generator=generator)
+        pred, mask = pred.cpu(), mask.cpu()
         pred_pixels = splits.denormalize(unpatchify(model.predicted_pixels(x, pred), p, c))
         pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p), p, 1)
         original = batch.float() / 255.0

@@ -174,8 +174,10 @@ class CascadeMAE(nn.Module):
         return pred
 
     def active_state(self) -> dict[str, Tensor]:
-        """The tensors trained (what a client sends back)."""
-        return {k: v for k, v in self.state_dict().items() if active_key(k, self.frozen_blocks)}
+        """The tensors trained (what a client sends back), on the CPU."""
+        return {
+            k: v.cpu() for k, v in self.state_dict().items() if active_key(k, self.frozen_blocks)
+        }
 
 
 def fresh_block_state(cfg: FedMAEConfig, index: int, seed: int) -> dict[str, Tensor]:

@@ -77,7 +77,9 @@ def random_masking(
     """
     n, length, dim = x.shape
     len_keep = int(length * (1 - mask_ratio))
-    noise = torch.rand(n, length, device=x.device, generator=generator)
+    # Drawn where the generator lives (a seeded CPU generator also serves CUDA tokens).
+    noise_device = generator.device if generator is not None else x.device
+    noise = torch.rand(n, length, device=noise_device, generator=generator).to(x.device)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
