@@ -73,7 +73,7 @@ def test_ablation_report_has_the_reference_and_one_row_per_changed_setting(tmp_p
     assert (tmp_path / "ablations.png").stat().st_size > 0
 
 
-def test_label_efficiency_refits_the_exported_backbone_exactly_as_the_run_did(tiny_overrides):
+def test_post_hoc_studies_refit_the_exported_backbone_exactly_as_the_run_did(tiny_overrides):
     from pathlib import Path
 
     from benchmarks import label_efficiency
@@ -82,7 +82,12 @@ def test_label_efficiency_refits_the_exported_backbone_exactly_as_the_run_did(ti
 
     from .conftest import LocalGrid
 
-    overrides = {**tiny_overrides, "algorithm": "random-init", "run-name": "floor"}
+    overrides = {
+        **tiny_overrides,
+        "algorithm": "random-init",
+        "run-name": "floor",
+        "probe-per-block": True,
+    }
     cfg = resolve_config(overrides)
     summary = run(LocalGrid(6, overrides), cfg)
     run_dir = Path(cfg.output_dir) / "floor"
@@ -100,6 +105,15 @@ def test_label_efficiency_refits_the_exported_backbone_exactly_as_the_run_did(ti
     )
     assert f"| floor | {100 * record['accuracy']:.1f} (" in path.read_text()
     assert " | - |" in path.read_text()
+
+    # The per-block probe of the export matches the run's own per-block probe exactly.
+    from benchmarks import feature_depth
+
+    per_block = feature_depth.probe_per_block(run_dir)
+    expected = summary["downstream"]["linear-probe-per-block"]["random-init"]
+    assert [r["accuracy"] for r in per_block] == expected
+    text = feature_depth.write_report({"floor": per_block}, "cmd", run_dir).read_text()
+    assert "| backbone (run) | block 1 | block 2 |" in text
 
 
 def test_label_counts_parse_and_name_what_is_allowed():

@@ -66,3 +66,11 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in default_run_config() if f"| `{key}` |" not in readme]
     assert not missing, f"README config table lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (Path(__file__).parent.parent / "conf").glob("*.yaml"))
+)
+def test_every_shipped_preset_resolves_and_validates(preset, tmp_path):
+    cfg = resolve_config({"preset": preset, "data-path": str(tmp_path)})
+    assert cfg.img_size % cfg.patch_size == 0

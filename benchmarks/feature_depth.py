@@ -1,0 +1,114 @@
+"""Where do the best features sit? A linear probe after every block of each exported backbone.
+
+Loads each run's exported backbone with timm (strict), takes the mean-pooled tokens after every
+block (``forward_intermediates``), and trains the run's own linear probe (BatchNorm without
+affine + linear head, same images, epochs and seed as the run's final probe) on each. Results
+are cached as ``probe-per-block.json`` in the run's folder.
+
+    .venv/bin/python -m benchmarks.feature_depth --runs fedmae-iid-s0 fedavg-mae-iid-s0
+
+Writes ``docs/feature-depth.md`` and ``docs/feature-depth.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import DOCS, OUT_ROOT, machine_line
+from benchmarks.label_efficiency import DEFAULT_RUNS, run_config
+from fedmae_flwr.data import load_dataset
+from fedmae_flwr.evaluation.downstream import block_features, labelled_subsets
+from fedmae_flwr.evaluation.linear_probe import linear_probe
+from fedmae_flwr.models.export import load_backbone
+
+
+def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's linear probe on the features after each block (cached in the run folder)."""
+    cache = run_dir / "probe-per-block.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cfg = run_config(run_dir)
+    splits = load_dataset(cfg)
+    sets = labelled_subsets(cfg, splits)
+    backbone = load_backbone(run_dir)
+    train_b = block_features(backbone, splits.normalize(sets["probe"].images))
+    test_b = block_features(backbone, splits.normalize(sets["test"].images))
+    labels, test_labels = sets["probe"].labels, sets["test"].labels
+    results = []
+    for train_x, test_x in zip(train_b, test_b, strict=True):
+        result = linear_probe(train_x, labels, test_x, test_labels, splits.num_classes,
+                              cfg.probe_epochs, seed=cfg.seed)  # fmt: skip
+        results.append(asdict(result))
+    cache.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def write_report(results: dict[str, list[dict]], command: str, docs: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for run, per_block in results.items():
+        blocks = range(1, len(per_block) + 1)
+        ax.plot(blocks, [100 * r["accuracy"] for r in per_block], marker="o", label=run)
+    ax.set(xlabel="features after block", ylabel="linear probe top-1 (%)",
+           title="Where the best features sit")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "feature-depth.png", dpi=110)
+    plt.close(fig)
+    depth = max(len(v) for v in results.values())
+    lines = [
+        "# Linear probe after every block",
+        "",
+        f"Command: `{command}` ({machine_line()}).",
+        "",
+        "Each backbone is its run's export, loaded with timm (strict). Features: mean-pooled "
+        "tokens after block k (before the final norm); probe: the run's own (BatchNorm without "
+        "affine + linear head, same images, epochs and seed). Top-1 in %; * = the probe had not "
+        "converged by its plateau rule.",
+        "",
+        "| backbone (run) | " + " | ".join(f"block {k}" for k in range(1, depth + 1)) + " |",
+        "|---|" + "---|" * depth,
+    ]
+    for run, per_block in results.items():
+        cells = [f"{100 * r['accuracy']:.1f}{'' if r['converged'] else '*'}" for r in per_block]
+        lines.append(f"| {run} | " + " | ".join(cells + ["-"] * (depth - len(cells))) + " |")
+    lines += ["", "![feature-depth.png](feature-depth.png)", ""]
+    path = docs / "feature-depth.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
+    if missing:
+        parser.error(f"no exported backbone for {missing} under {args.out}; run a benchmark first")
+    results = {run: probe_per_block(args.out / run) for run in args.runs}
+    for run, per_block in results.items():
+        print(
+            f"[feature-depth] {run}: " + " ".join(f"{100 * r['accuracy']:.1f}" for r in per_block)
+        )
+    command = "python -m benchmarks.feature_depth " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    path = write_report(results, command.strip(), args.docs)
+    print(f"[feature-depth] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
