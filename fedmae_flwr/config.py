@@ -45,6 +45,13 @@ class FedMAEConfig:
             "choices": ("fedmae", "fedavg-mae", "centralized", "local", "random-init"),
         },
     )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue output-dir/run-name from its last checkpoint (fedmae, fedavg-mae); "
+            "a run without one starts fresh."
+        },
+    )
     local_clients: int = field(
         default=2, metadata={"help": "local: nodes trained alone (downstream averaged over them)."}
     )
@@ -340,6 +347,12 @@ def validate(cfg: FedMAEConfig) -> None:
         "embed_dim",
         cfg.embed_dim,
         "a multiple of 4 (2-D sin-cos position table), as is decoder-embed-dim",
+    )
+    _require(
+        not cfg.resume or cfg.algorithm in ("fedmae", "fedavg-mae"),
+        "resume",
+        cfg.resume,
+        f"false for algorithm '{cfg.algorithm}' (resume: fedmae | fedavg-mae)",
     )
     keep = int(cfg.num_patches * (1 - cfg.mask_ratio))
     _require(

@@ -41,15 +41,30 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class RunOutputs:
-    """The run folder and its files; every write is atomic (metrics lines are appended)."""
+def run_dir(cfg: FedMAEConfig) -> Path:
+    """``<output-dir>/<run-name>``, absolute."""
+    return Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
 
-    def __init__(self, cfg: FedMAEConfig) -> None:
-        self.dir = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
+
+class RunOutputs:
+    """The run folder and its files; every write is atomic (metrics lines are appended).
+
+    Args:
+        resume_round: continue a run whose checkpoint is at this round: metric lines of later
+            rounds (written after that checkpoint, before a crash) are dropped, earlier ones kept.
+            ``None`` starts a fresh log.
+    """
+
+    def __init__(self, cfg: FedMAEConfig, resume_round: int | None = None) -> None:
+        self.dir = run_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoints = self.dir / "checkpoints"
-        self.metrics_path.write_text("")  # a fresh run starts a fresh log
+        kept = []
+        if resume_round is not None and self.metrics_path.is_file():
+            kept = [row for row in self.read_metrics() if row["round"] <= resume_round]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        _atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
         self.write_text("config.yaml", to_yaml(cfg))
 
     def write_text(self, name: str, text: str) -> Path:
@@ -82,9 +97,13 @@ class RunOutputs:
         return path
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[int, ArrayRecord]:
+def has_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / "checkpoints" / "latest.json").is_file()
+
+
+def load_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord]:
     """The last checkpoint of a run folder: ``(round, global arrays)``."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(folder) / "checkpoints"
     latest = json.loads((folder / "latest.json").read_text())
     tensors = load_file(str(folder / latest["file"]))
     return int(latest["round"]), ArrayRecord({k: Array(v) for k, v in tensors.items()})

@@ -42,7 +42,13 @@ from fedmae_flwr.models import (
     timm_kwargs,
 )
 from fedmae_flwr.models.export import TIMM_BASE_MODEL
-from fedmae_flwr.run_outputs import RunOutputs, plot_curves
+from fedmae_flwr.run_outputs import (
+    RunOutputs,
+    has_checkpoint,
+    load_checkpoint,
+    plot_curves,
+    run_dir,
+)
 from fedmae_flwr.strategies import FedMAE
 
 
@@ -150,6 +156,10 @@ class RoundRecorder:
         return knn_accuracy(train_f, train.labels, test_f, test.labels, self.splits.num_classes)
 
 
+# The per-stage fields a stage-end metrics line carries (what summary.json lists per stage).
+STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "knn-accuracy")
+
+
 def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
     """A K-block cascade with the same init as FedMAE's blocks, never trained: the floor."""
     torch.manual_seed(cfg.seed + 12345)
@@ -199,17 +209,34 @@ def report_partitions(
 
 
 def pretrain(
-    grid: Grid, cfg: FedMAEConfig, strategy: FedMAE, recorder: RoundRecorder, splits: DatasetSplits
+    grid: Grid,
+    cfg: FedMAEConfig,
+    strategy: FedMAE,
+    recorder: RoundRecorder,
+    splits: DatasetSplits,
+    checkpoint: tuple[int, ArrayRecord] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Run the configured algorithm; returns its final model state(s) (none for random-init)."""
+    """Run the configured algorithm; returns its final model state(s) (none for random-init).
+
+    With a ``checkpoint`` (round, global arrays) a federated run continues after that round.
+    """
     if cfg.algorithm in ("fedmae", "fedavg-mae"):
-        initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
+        if checkpoint is None:
+            first_round = 1
+            initial = ArrayRecord(
+                {k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()}
+            )
+        else:
+            first_round, initial = checkpoint[0] + 1, checkpoint[1]
+        if first_round > cfg.num_rounds:  # the crash came after the last round's checkpoint
+            return [torch_state(initial)]
         result = strategy.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.num_rounds,
             train_config=ConfigRecord(),
             evaluate_fn=recorder,
+            first_round=first_round,
         )
         return [torch_state(result.arrays)]
     num_nodes = cfg.num_partitions or len(list(grid.get_node_ids()))
@@ -239,12 +266,23 @@ def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
 def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
-    outputs = RunOutputs(cfg)
+    checkpoint, folder = None, run_dir(cfg)
+    if cfg.resume and has_checkpoint(folder):
+        checkpoint = load_checkpoint(folder)
+        log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint[0])
+    elif cfg.resume:
+        log(INFO, "resume: no checkpoint under %s, starting fresh", folder)
+    outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
     splits = load_dataset(cfg)
     strategy = build_strategy(cfg)
     recorder = RoundRecorder(cfg, strategy, outputs, splits)
+    recorder.stages = [
+        {k: row[k] for k in STAGE_KEYS if k in row}
+        for row in outputs.read_metrics()
+        if row.get("stage-end")
+    ]  # stages finished before a crash
     partition_summary = report_partitions(cfg, grid, splits, outputs)
-    states = pretrain(grid, cfg, strategy, recorder, splits)
+    states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)
     baseline = random_init_state(cfg)
     export_backbone(cfg, states[0] if states else baseline, outputs.dir)
     names = [f"local-{i}" for i in range(len(states))] if cfg.algorithm == "local" else None

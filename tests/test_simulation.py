@@ -56,3 +56,36 @@ def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
     )  # fmt: skip
     for name in written:
         assert (run_dir / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_simulation_resumes_a_crashed_run_from_its_checkpoint(tiny_overrides):
+    """Rounds 1-2 ran (and crashed in round 3); the real simulation engine finishes 3-4."""
+    from flwr.simulation import run_simulation
+
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.server_app import run
+
+    from .conftest import LocalGrid
+    from .test_resume import ServerCrash, crash_in_round
+
+    overrides = {**tiny_overrides, "run-name": "crashed", "evaluate-clients": 0}
+    grid = LocalGrid(6, overrides)
+    grid.tamper = crash_in_round(grid, 3)
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config(overrides))
+
+    resumed = {**overrides, "resume": True}
+    run_simulation(
+        server_app=build_server_app(resumed),
+        client_app=build_client_app(resumed),
+        num_supernodes=6,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+    )
+    run_dir = Path(overrides["output-dir"]) / "crashed"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    # fresh SuperNodes hold no prefix: round 3 sends it to every sampled node
+    assert rows[2]["prefix-sends"] == rows[2]["sampled"] == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]

@@ -35,7 +35,7 @@ from flwr.app import (
 )
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedmae_flwr.models.cascade import active_key, block_index, prefix_key
@@ -94,7 +94,8 @@ class FedMAE(FedAvg):
         decoder_per_stage: ``"keep"`` the trained decoder or ``"reset"`` it at each new stage.
         num_train_nodes: nodes sampled per train round; None samples as FedAvg (``fraction_train``).
         num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none).
-        seed: seed of node sampling (over sorted node ids, so a run's choices are reproducible).
+        seed: seed of node sampling, drawn afresh each round from ``(seed, round)`` over the
+            sorted node ids, so a resumed run samples as the uninterrupted one would have.
         resend_timeout: seconds to wait for replies to a same-round prefix re-send.
         progressive: True for FedMAE's one-block stages; False trains all ``depth`` blocks end
             to end every round (the ``fedavg-mae`` baseline, SSL-FL's Fed-MAE), same schedule.
@@ -143,7 +144,8 @@ class FedMAE(FedAvg):
         self.num_train_nodes = num_train_nodes
         self.num_evaluate_nodes = num_evaluate_nodes
         self.progressive = progressive
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self._round_offset = 0  # rounds already done before ``start`` (a resumed run)
         self.round_log: list[dict[str, float]] = []
         self._global = ArrayRecord()
         self._prefix = ArrayRecord()
@@ -183,6 +185,44 @@ class FedMAE(FedAvg):
         )
         super().summary()
 
+    # --- run ---------------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int | None = None,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Run rounds ``first_round``..``num_rounds`` (default: the whole schedule).
+
+        ``first_round`` > 1 resumes a run: ``initial_arrays`` is then the global model after
+        round ``first_round - 1`` (e.g. its checkpoint), and the strategy's round numbers, stage
+        schedule, node sampling and ``evaluate_fn`` rounds continue as in the uninterrupted run.
+        Nodes get the frozen prefix again (a restarted server cannot know what they hold).
+        """
+        num_rounds = self.num_rounds if num_rounds is None else num_rounds
+        if not 1 <= first_round <= num_rounds:
+            raise ValueError(f"first_round must be in [1, {num_rounds}], got {first_round}")
+        offset = first_round - 1
+        self._round_offset = offset
+
+        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            # Round 0 is Flower's "before training" call; later rounds shift with the offset.
+            assert evaluate_fn is not None
+            return evaluate_fn(server_round + offset if server_round else 0, arrays)
+
+        try:
+            return super().start(
+                grid, initial_arrays, num_rounds - offset, timeout, train_config,
+                evaluate_config, shifted if evaluate_fn else None,
+            )  # fmt: skip
+        finally:
+            self._round_offset = 0
+
     # --- model growth --------------------------------------------------------------------------
     def grow(self, arrays: ArrayRecord, stage: int) -> ArrayRecord:
         """The global model with blocks ``0..stage``: appends blocks (and resets the decoder)."""
@@ -219,14 +259,17 @@ class FedMAE(FedAvg):
         return ArrayRecord({k: v for k, v in self._global.items() if active_key(k, frozen)})
 
     # --- messages ------------------------------------------------------------------------------
-    def _sample(self, grid: Grid, count: int | None, fraction: float, minimum: int) -> list[int]:
+    def _sample(
+        self, grid: Grid, server_round: int, kind: str, count: int | None, fraction: float,
+        minimum: int,
+    ) -> list[int]:  # fmt: skip
         if count is None:
             count = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         wanted = max(self.min_available_nodes, count)
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
             log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
             sleep(1)
-        return self.rng.sample(nodes, count)
+        return random.Random(f"{self.seed}-{kind}-{server_round}").sample(nodes, count)
 
     def _messages(
         self, node_ids: list[int], server_round: int, config: ConfigRecord, message_type: str
@@ -259,11 +302,13 @@ class FedMAE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Grow the model at a stage start, then send each sampled node the active tensors."""
+        server_round += self._round_offset
         stage = self.stage_of(server_round)
         self._grid = grid
         self._global = self.grow(arrays, stage if self.progressive else self.depth - 1)
         self._ensure_prefix(self.frozen_blocks(server_round))
-        nodes = self._sample(grid, self.num_train_nodes, self.fraction_train, self.min_train_nodes)
+        nodes = self._sample(grid, server_round, "train", self.num_train_nodes,
+                             self.fraction_train, self.min_train_nodes)  # fmt: skip
         messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
         self._pending = {
             "round": server_round,
@@ -357,6 +402,7 @@ class FedMAE(FedAvg):
         Replies with an error, wrong keys/shapes/dtypes or non-finite values are rejected and
         logged, never raised; a round without sound replies keeps the global model.
         """
+        server_round += self._round_offset
         replies = self._resend_missing_prefix(list(replies), server_round)
         sound, rejected = self._sound_replies(replies, expected=self._active(server_round))
         metrics = MetricRecord()
@@ -393,9 +439,12 @@ class FedMAE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """At each stage end, ``num_evaluate_nodes`` nodes score the finished stage's model."""
+        server_round += self._round_offset
         if not self.is_stage_end(server_round) or self.num_evaluate_nodes == 0:
             return []
-        nodes = self._sample(grid, self.num_evaluate_nodes, self.fraction_evaluate, 0)
+        nodes = self._sample(
+            grid, server_round, "evaluate", self.num_evaluate_nodes, self.fraction_evaluate, 0
+        )
         messages, _ = self._messages(nodes, server_round, config, MessageType.EVALUATE)
         return messages
 
@@ -403,6 +452,7 @@ class FedMAE(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of sound evaluation metrics (bad replies rejected and logged)."""
+        server_round += self._round_offset
         replies = self._resend_missing_prefix(list(replies), server_round)
         sound, _ = self._sound_replies(replies, expected=None)
         return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
