@@ -22,12 +22,11 @@ from typing import Any
 
 from benchmarks.harness import (
     BUDGET,
-    DOCS,
     EVALUATION,
     EVALUATION_PROTOCOL,
-    OUT_ROOT,
-    PARTITIONS,
     accuracy,
+    add_run_arguments,
+    command_line,
     finished,
     machine_line,
     mean_std,
@@ -160,18 +159,12 @@ def write_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factors", nargs="+", default=list(FACTORS), choices=FACTORS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--partition", default="iid", choices=PARTITIONS)
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument(
-        "--report-only", action="store_true", help="write the report from finished runs only"
-    )
+    add_run_arguments(parser, seeds=[0])
     args = parser.parse_args(argv)
     reference, variants = ablation_runs(
         args.factors, args.seeds, args.partition, args.out, args.report_only
     )
-    command = "python -m benchmarks.ablations " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.ablations", argv)
     path = write_report(reference, variants, command.strip(), args.partition, args.docs)
     print(f"[bench-ablations] wrote {path}")
     return 0

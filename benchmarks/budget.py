@@ -22,12 +22,11 @@ from typing import Any
 
 from benchmarks.harness import (
     BUDGET,
-    DOCS,
     EVALUATION,
     EVALUATION_PROTOCOL,
-    OUT_ROOT,
-    PARTITIONS,
     accuracy,
+    add_run_arguments,
+    command_line,
     finished,
     machine_line,
     mean_std,
@@ -186,18 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", type=parse_budget,
                         default=[parse_budget(b) for b in DEFAULT_BUDGETS])  # fmt: skip
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--partition", default="iid", choices=PARTITIONS)
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument(
-        "--report-only", action="store_true", help="write the report from finished runs only"
-    )
+    add_run_arguments(parser, seeds=[0])
     args = parser.parse_args(argv)
     by_budget, floor = budget_runs(
         args.budgets, args.seeds, args.partition, args.out, args.report_only
     )
-    command = "python -m benchmarks.budget " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.budget", argv)
     path = write_report(by_budget, floor, command.strip(), args.partition, args.docs)
     print(f"[bench-budget] wrote {path}")
     return 0

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import DOCS, OUT_ROOT, machine_line
+from benchmarks.harness import DOCS, OUT_ROOT, command_line, machine_line
 from benchmarks.label_efficiency import DEFAULT_RUNS, run_config
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.downstream import block_features, labelled_subsets
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[feature-depth] {run}: " + " ".join(f"{100 * r['accuracy']:.1f}" for r in per_block)
         )
-    command = "python -m benchmarks.feature_depth " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("benchmarks.feature_depth", argv)
     path = write_report(results, command.strip(), args.docs)
     print(f"[feature-depth] wrote {path}")
     return 0

@@ -144,3 +144,22 @@ def machine_line() -> str:
     import platform
 
     return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+
+
+def add_run_arguments(parser: Any, seeds: list[int], partition: bool = True) -> None:
+    """The options every run-based benchmark takes: seeds, (partition), folders, report-only."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    if partition:
+        parser.add_argument("--partition", default="iid", choices=PARTITIONS)
+    parser.add_argument("--out", type=Path, default=OUT_ROOT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from finished runs only"
+    )
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces this invocation, for the report."""
+    import sys
+
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)

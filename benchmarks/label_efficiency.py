@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.harness import DOCS, EVALUATION_PROTOCOL, OUT_ROOT, machine_line
+from benchmarks.harness import DOCS, EVALUATION_PROTOCOL, OUT_ROOT, command_line, machine_line
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.finetune import finetune
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy, seconds = 100 * record["accuracy"], record["seconds"]
             print(f"[label-efficiency] {run} {record['labels']} labels: {accuracy:.1f} "
                   f"({seconds:.0f} s)", flush=True)  # fmt: skip
-    command = "python -m benchmarks.label_efficiency " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("benchmarks.label_efficiency", argv)
     path = write_report(results, args.labels, command.strip(), args.docs)
     print(f"[label-efficiency] wrote {path}")
     return 0

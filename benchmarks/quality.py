@@ -31,6 +31,7 @@ from benchmarks.harness import (
     OUT_ROOT,
     PARTITION_FREE,
     PARTITIONS,
+    command_line,
     finished,
     machine_line,
     run_name,
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     continue
                 grid.setdefault(key, []).append(run_one(algorithm, partition, seed, args.out))
-    command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.quality", argv)
     expected = sum(
         1 if a in PARTITION_FREE else len(args.partitions) for a in args.algorithms
     ) * len(args.seeds)
