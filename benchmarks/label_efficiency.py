@@ -55,12 +55,19 @@ def run_config(run_dir: Path) -> FedMAEConfig:
     return FedMAEConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def finetune_run(run_dir: Path, labels: int, device: str = "cpu") -> dict[str, Any]:
-    """Fine-tune ``run_dir``'s exported backbone on ``labels`` labels (0 = all); cached."""
-    cache = run_dir / f"finetune-{labels or 'all'}.json"
+def finetune_run(
+    run_dir: Path, labels: int, device: str = "cpu", layer_decay: float | None = None
+) -> dict[str, Any]:
+    """Fine-tune ``run_dir``'s exported backbone on ``labels`` labels (0 = all); cached.
+
+    ``layer_decay`` overrides the run's ``finetune-layer-decay`` (the rest of the recipe is the
+    run's own).
+    """
+    cfg = run_config(run_dir)
+    decay = cfg.finetune_layer_decay if layer_decay is None else layer_decay
+    cache = run_dir / f"finetune-{labels or 'all'}-ld{decay:g}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    cfg = run_config(run_dir)
     splits = load_dataset(cfg)
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
     train = splits.train.subset(order[: labels or len(splits.train)])
@@ -80,12 +87,14 @@ def finetune_run(run_dir: Path, labels: int, device: str = "cpu") -> dict[str, A
         lr=cfg.finetune_lr,
         seed=cfg.seed,
         device=device,
+        layer_decay=decay,
     )
     record = {
         **asdict(result),
         "labels": len(train),
         "test-images": num_test,
         "lr": cfg.finetune_lr,
+        "layer-decay": decay,
         "seconds": time.perf_counter() - start,
     }
     cache.write_text(json.dumps(record, indent=2))
@@ -112,10 +121,16 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def write_report(
-    results: dict[str, dict[int, dict]], label_counts: list[int], command: str, docs: Path
+    results: dict[str, dict[int, dict]],
+    label_counts: list[int],
+    command: str,
+    docs: Path,
+    suffix: str = "",
 ) -> Path:
+    """``docs/label-efficiency<suffix>.md`` and its plot."""
     docs.mkdir(parents=True, exist_ok=True)
-    plot(results, docs / "label-efficiency.png")
+    name = f"label-efficiency{suffix}"
+    plot(results, docs / f"{name}.png")
     any_record = next(iter(next(iter(results.values())).values()))
     header = [f"{n} labels" if n else "all labels" for n in label_counts]
     lines = [
@@ -126,6 +141,7 @@ def write_report(
         "Each backbone is the one its benchmark run exported (see results.md for the runs), "
         "loaded with timm (strict) and fine-tuned with one recipe: "
         f"{any_record['epochs']} epochs, lr {any_record['lr']}, "
+        f"layer decay {any_record['layer-decay']} (1 = off), "
         f"{any_record['test-images']} test images ({EVALUATION_PROTOCOL}). The label subsets "
         "are nested and seeded. Top-1 in %; seconds of fine-tuning in brackets.",
         "",
@@ -138,8 +154,8 @@ def write_report(
             for n in label_counts
         ]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    lines += ["", "![label-efficiency.png](label-efficiency.png)", ""]
-    path = docs / "label-efficiency.md"
+    lines += ["", f"![{name}.png]({name}.png)", ""]
+    path = docs / f"{name}.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -151,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT_ROOT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--layer-decay", type=float, default=None, help="default: each run's finetune-layer-decay"
+    )
     args = parser.parse_args(argv)
     missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
     if missing:
@@ -161,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {}
     for labels in args.labels:
         for run in args.runs:
-            record = finetune_run(args.out / run, labels, args.device)
+            record = finetune_run(args.out / run, labels, args.device, args.layer_decay)
             results.setdefault(run, {})[labels] = record
             accuracy, seconds = 100 * record["accuracy"], record["seconds"]
             print(f"[label-efficiency] {run} {record['labels']} labels: {accuracy:.1f} "
                   f"({seconds:.0f} s)", flush=True)  # fmt: skip
     command = command_line("benchmarks.label_efficiency", argv)
-    path = write_report(results, args.labels, command.strip(), args.docs)
+    suffix = "" if args.layer_decay is None else f"-ld{args.layer_decay:g}"
+    path = write_report(results, args.labels, command.strip(), args.docs, suffix)
     print(f"[label-efficiency] wrote {path}")
     return 0
 

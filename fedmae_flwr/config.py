@@ -181,6 +181,10 @@ class FedMAEConfig:
     )
     finetune_epochs: int = field(default=30, metadata={"help": "Fine-tuning epochs."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning AdamW learning rate."})
+    finetune_layer_decay: float = field(
+        default=1.0,
+        metadata={"help": "Fine-tuning lr scale per block towards the input (MAE: 0.75); 1 = off."},
+    )
     test_images: int = field(
         default=0, metadata={"help": "Labelled test images for accuracy; 0 = the whole test set."}
     )
@@ -307,6 +311,12 @@ def validate(cfg: FedMAEConfig) -> None:
         value = getattr(cfg, key)
         _require(value > 0, key, value, "a number > 0")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _require(
+        0 < cfg.finetune_layer_decay <= 1,
+        "finetune_layer_decay",
+        cfg.finetune_layer_decay,
+        "a number in (0, 1]",
+    )
     _require(
         0 < cfg.crop_scale_min <= 1, "crop_scale_min", cfg.crop_scale_min, "a number in (0, 1]"
     )

@@ -351,3 +351,24 @@ def test_labelled_subsets_are_capped_at_what_the_source_has():
     cfg = resolve_config({"probe-train-images": 400, "finetune-labels": 100, "test-images": 200})
     sizes = {k: len(v) for k, v in labelled_subsets(cfg, splits).items()}
     assert sizes == {"probe": 50, "finetune": 50, "test": 30}
+
+
+def test_layer_decay_scales_each_block_by_its_distance_from_the_head():
+    import timm
+    from torch import nn
+
+    from fedmae_flwr.evaluation.finetune import _Classifier, _param_groups
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                            embed_dim=8, depth=2, num_heads=2, num_classes=0)  # fmt: skip
+    model = _Classifier(vit, nn.Linear(8, 3))
+    groups = _param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
+    # timm's convention, 2 blocks: stem 0.5^2, block 0 0.5^1, block 1, final norm and head 1
+    assert scale[id(vit.patch_embed.proj.weight)] == 0.25
+    assert scale[id(vit.blocks[0].attn.qkv.weight)] == 0.5
+    assert scale[id(vit.blocks[1].mlp.fc1.weight)] == 1.0
+    assert scale[id(vit.norm.weight)] == 1.0 and scale[id(model.head.weight)] == 1.0
+    assert len(scale) == len(list(model.parameters()))  # every parameter in exactly one group
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(vit.blocks[0].attn.qkv.bias) not in decayed and id(model.head.weight) in decayed

@@ -120,6 +120,7 @@ def evaluate_backbones(
                 lr=cfg.finetune_lr,
                 seed=cfg.seed,
                 device=device,
+                layer_decay=cfg.finetune_layer_decay,
             )
             report["finetune"][name] = asdict(result)
             log(
@@ -136,6 +137,7 @@ def evaluate_backbones(
         "finetune-labels": len(sets["finetune"]) if cfg.finetune_labels else 0,
         "finetune-epochs": cfg.finetune_epochs,
         "finetune-lr": cfg.finetune_lr,
+        "finetune-layer-decay": cfg.finetune_layer_decay,
         "test-images": len(sets["test"]),
     }
     return report

@@ -67,13 +67,31 @@ class _Classifier(nn.Module):
         return self.head(feats)
 
 
-def _param_groups(model: _Classifier, weight_decay: float) -> list[dict]:
+def _param_groups(model: _Classifier, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, norm weights and the backbone's own exemptions.
 
     Decaying 1-D parameters (biases, LayerNorm/BatchNorm scales) or position embeddings and class
     tokens only shrinks them towards 0 without regularizing anything; timm models list the
     latter in ``no_weight_decay()``, which is honoured when present.
+
+    ``layer_decay`` < 1 (MAE fine-tuning: 0.75) uses timm's layer-decay groups (key
+    ``lr_scale``): with ``L`` blocks, block ``i`` gets ``layer_decay ** (L - 1 - i)`` (the last
+    block and final norm full lr), the stem ``layer_decay ** L``, the head 1; early pretrained
+    blocks move less than late ones.
     """
+    if layer_decay < 1.0:
+        from timm.optim import param_groups_layer_decay
+
+        skip_names = getattr(model.backbone, "no_weight_decay", lambda: set())()
+        groups = param_groups_layer_decay(
+            model.backbone, weight_decay, no_weight_decay_list=skip_names, layer_decay=layer_decay
+        )
+        head = list(model.head.parameters())
+        return [
+            *groups,
+            {"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     skip: set[str] = set()
     if hasattr(model.backbone, "no_weight_decay"):
         skip = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
@@ -134,6 +152,7 @@ def finetune(
     *,
     label_smoothing: float = 0.1,
     warmup_fraction: float = 0.1,
+    layer_decay: float = 1.0,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` plus a new linear head on all parameters.
 
@@ -171,6 +190,7 @@ def finetune(
         device: where training and evaluation run.
         label_smoothing: cross-entropy label smoothing.
         warmup_fraction: fraction of the total steps spent in linear warmup.
+        layer_decay: per-block learning-rate decay for ViT backbones (1 = off; MAE uses 0.75).
 
     Returns:
         A :class:`FinetuneResult`; the test accuracy is measured in eval mode, batched.
@@ -194,6 +214,8 @@ def finetune(
             f"train and test images differ in shape: {tuple(train_images.shape[1:])} vs "
             f"{tuple(test_images.shape[1:])}"
         )
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
 
@@ -210,7 +232,7 @@ def finetune(
         model = _Classifier(copy.deepcopy(backbone), head).to(device)
         model.requires_grad_(True)
 
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay, layer_decay), lr=lr)
         n_train = train_images.shape[0]
         total_steps = epochs * num_batches(n_train, batch_size)
         warmup_steps = math.floor(warmup_fraction * total_steps)
@@ -226,7 +248,8 @@ def finetune(
                 if augment:
                     x = _random_crop_flip(x, generator)
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(lr, step, total_steps, warmup_steps)
+                    scale = group.get("lr_scale", 1.0)
+                    group["lr"] = scale * cosine_lr(lr, step, total_steps, warmup_steps)
                 loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
