@@ -33,26 +33,35 @@ def _fedmae(finetune: float, tmp_path, seed: int = 0) -> dict:
     return fake_run("fedmae", seed, finetune, tmp_path / "runs")
 
 
-def test_smallest_paying_budget_is_the_cheapest_mean_above_the_floor(tmp_path):
-    floor = [fake_run("random-init", 0, 0.60, tmp_path / "runs")]
+def test_smallest_paying_budget_is_the_cheapest_that_wins_at_every_seed(tmp_path):
+    runs = tmp_path / "runs"
+    floor = [fake_run("random-init", 0, 0.60, runs), fake_run("random-init", 1, 0.64, runs)]
     by_budget = {
-        (5, 1): [_fedmae(0.58, tmp_path, 0)],
-        (10, 4): [_fedmae(0.66, tmp_path, 1)],
-        (5, 4): [_fedmae(0.62, tmp_path, 2)],
+        # mean 0.63 beats the floor's mean 0.62, but seed 1 loses to its own random init
+        (5, 1): [fake_run("fedmae", 0, 0.64, runs / "a"), fake_run("fedmae", 1, 0.62, runs / "a")],
+        (10, 4): [fake_run("fedmae", 0, 0.70, runs / "b"), fake_run("fedmae", 1, 0.70, runs / "b")],
+        (5, 4): [fake_run("fedmae", 0, 0.61, runs / "c"), fake_run("fedmae", 1, 0.65, runs / "c")],
     }
     assert budget.smallest_paying_budget(by_budget, floor, "finetune-accuracy") == (5, 4)
+    assert budget.paired_differences(by_budget[(5, 1)], floor, "finetune-accuracy") == (
+        pytest.approx([0.04, -0.02])
+    )
     # probe: every fake run scores 0.7, equal to the floor's 0.7: equal is not beating it.
     assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy") is None
 
 
 def test_budget_report_states_the_floor_every_budget_and_the_verdict(tmp_path):
     floor = [fake_run("random-init", 0, 0.60, tmp_path / "runs")]
-    by_budget = {(5, 1): [_fedmae(0.58, tmp_path, 0)], (5, 4): [_fedmae(0.62, tmp_path, 1)]}
+    runs = tmp_path / "runs"
+    by_budget = {
+        (5, 1): [fake_run("fedmae", 0, 0.58, runs / "a")],
+        (5, 4): [fake_run("fedmae", 0, 0.62, runs / "b")],
+    }
     path = budget.write_report(by_budget, floor, "python -m benchmarks.budget", "iid", tmp_path)
     text = path.read_text()
     assert "| random-init (floor) | 0 | 60.0 | 70.0 | 60.0 | - | 0 | - |" in text
     # 5 x 4: 20 server rounds; client seconds = 1.0 s per round x 5 rounds x 4 stages
-    assert "| 5 x 4 | 20 | 62.0 | 70.0 | 60.0 | 12.00 | 20 | 100 |" in text
+    assert "| 5 x 4 | 20 | 62.0 | 70.0 | 60.0 | 12.00 | 20 | 100 | +2.0 / +0.0 / +0.0 |" in text
     assert "- fine-tune 1k labels: 5 x 4" in text
     assert "- linear probe: none of the measured budgets" in text
     assert (tmp_path / "budget-accuracy.png").stat().st_size > 0
