@@ -200,7 +200,11 @@ def write_report(
     ]
     for key, label in PROTOCOLS:
         budget = smallest_paying_budget(by_budget, floor, key)
-        verdict = f"{budget[0]} x {budget[1]}" if budget else "none of the measured budgets"
+        if budget:
+            seeds = sorted(r["seed"] for r in by_budget[budget])
+            verdict = f"{budget[0]} x {budget[1]} (seeds {seeds})"
+        else:
+            verdict = "none of the measured budgets"
         lines.append(f"- {label}: {verdict}")
     lines += ["", "![budget-accuracy.png](budget-accuracy.png)", ""]
     path = docs / "budget.md"

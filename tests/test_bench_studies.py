@@ -62,7 +62,7 @@ def test_budget_report_states_the_floor_every_budget_and_the_verdict(tmp_path):
     assert "| random-init (floor) | 0 | 60.0 | 70.0 | 60.0 | - | 0 | - |" in text
     # 5 x 4: 20 server rounds; client seconds = 1.0 s per round x 5 rounds x 4 stages
     assert "| 5 x 4 | 20 | 62.0 | 70.0 | 60.0 | 12.00 | 20 | 100 | +2.0 / +0.0 / +0.0 |" in text
-    assert "- fine-tune 1k labels: 5 x 4" in text
+    assert "- fine-tune 1k labels: 5 x 4 (seeds [0])" in text
     assert "- linear probe: none of the measured budgets" in text
     assert (tmp_path / "budget-accuracy.png").stat().st_size > 0
 
