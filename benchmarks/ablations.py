@@ -24,13 +24,13 @@ from benchmarks.harness import (
     BUDGET,
     EVALUATION,
     EVALUATION_PROTOCOL,
+    PROTOCOLS,
+    accuracies,
     accuracy,
     add_run_arguments,
     command_line,
-    finished,
     machine_line,
     mean_std,
-    run_name,
     run_variant,
 )
 
@@ -47,11 +47,6 @@ FACTORS: dict[str, tuple[Any, ...]] = {
     "decoder-per-stage": ("reset",),
     "depth": (2, 6),
 }
-PROTOCOLS = (
-    ("finetune-accuracy", "fine-tune 1k labels"),
-    ("linear-probe-accuracy", "linear probe"),
-    ("knn-accuracy", "k-NN"),
-)
 
 
 def ablation_runs(
@@ -61,29 +56,25 @@ def ablation_runs(
     reference: list[dict] = []
     variants: dict[tuple[str, Any], list[dict]] = {}
     for seed in seeds:
-        if not report_only or finished(out_root, run_name("fedmae", partition, seed)):
-            reference.append(run_variant("fedmae", partition, seed, out_root, "bench-ablations"))
+        run = run_variant("fedmae", partition, seed, out_root, "bench-ablations",
+                          report_only=report_only)  # fmt: skip
+        if run is not None:
+            reference.append(run)
         for factor in factors:
             for value in FACTORS[factor]:
-                changes = {factor: value}
-                if report_only and not finished(
-                    out_root, run_name("fedmae", partition, seed, changes)
-                ):
-                    continue
                 run = run_variant(
-                    "fedmae", partition, seed, out_root, "bench-ablations", changes, timeout=7200
-                )
-                variants.setdefault((factor, value), []).append(run)
+                    "fedmae", partition, seed, out_root, "bench-ablations", {factor: value},
+                    timeout=7200, report_only=report_only,
+                )  # fmt: skip
+                if run is not None:
+                    variants.setdefault((factor, value), []).append(run)
     return reference, variants
 
 
 def _cells(runs: list[dict]) -> list[str]:
     comm = runs[0]["summary"]["communication"]
     return [
-        *(
-            mean_std([v for r in runs if (v := accuracy(r, key, "fedmae")) is not None])
-            for key, _ in PROTOCOLS
-        ),
+        *(mean_std(accuracies(runs, key, "fedmae")) for key, _ in PROTOCOLS),
         f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
         f"{comm['client-train-mbytes-peak']:.0f}",
         f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",

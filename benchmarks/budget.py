@@ -24,23 +24,18 @@ from benchmarks.harness import (
     BUDGET,
     EVALUATION,
     EVALUATION_PROTOCOL,
+    PROTOCOLS,
+    accuracies,
     accuracy,
     add_run_arguments,
     command_line,
-    finished,
     machine_line,
     mean_std,
-    run_name,
     run_variant,
 )
 
 FEDERATION: dict[str, Any] = {k: BUDGET[k] for k in ("depth", "clients-per-round")}
 DEFAULT_BUDGETS = ("5x1", "5x2", "5x4", "10x4")
-PROTOCOLS = (
-    ("finetune-accuracy", "fine-tune 1k labels"),
-    ("linear-probe-accuracy", "linear probe"),
-    ("knn-accuracy", "k-NN"),
-)
 
 
 def parse_budget(text: str) -> tuple[int, int]:
@@ -67,17 +62,16 @@ def budget_runs(
     floor = []
     by_budget: dict[tuple[int, int], list[dict]] = {}
     for seed in seeds:
-        if not report_only or finished(out_root, run_name("random-init", partition, seed)):
-            floor.append(run_variant("random-init", partition, seed, out_root, "bench-budget"))
+        run = run_variant("random-init", partition, seed, out_root, "bench-budget",
+                          report_only=report_only)  # fmt: skip
+        if run is not None:
+            floor.append(run)
         for rounds, epochs in budgets:
             changes = {"rounds-per-stage": rounds, "local-epochs": epochs}
-            changes = {k: v for k, v in changes.items() if BUDGET[k] != v}
-            if report_only and not finished(out_root, run_name("fedmae", partition, seed, changes)):
-                continue
-            run = run_variant(
-                "fedmae", partition, seed, out_root, "bench-budget", changes, timeout=3 * 3600
-            )
-            by_budget.setdefault((rounds, epochs), []).append(run)
+            run = run_variant("fedmae", partition, seed, out_root, "bench-budget", changes,
+                              timeout=3 * 3600, report_only=report_only)  # fmt: skip
+            if run is not None:
+                by_budget.setdefault((rounds, epochs), []).append(run)
     return by_budget, floor
 
 
@@ -131,7 +125,7 @@ def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
         ]
         xs = [r * e for r, e in budgets]
         ax.plot(xs, means, marker="o", color=color, label=f"fedmae {label}")
-        floor_values = [v for r in floor if (v := accuracy(r, key, "random-init")) is not None]
+        floor_values = accuracies(floor, key, "random-init")
         if floor_values:
             ax.axhline(100 * statistics.fmean(floor_values), color=color, ls="--", lw=1,
                        label=f"random-init {label}")  # fmt: skip
@@ -153,10 +147,7 @@ def write_report(
 ) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     plot(by_budget, floor, docs / "budget-accuracy.png")
-    floor_cells = [
-        mean_std([v for r in floor if (v := accuracy(r, key, "random-init")) is not None])
-        for key, _ in PROTOCOLS
-    ]
+    floor_cells = [mean_std(accuracies(floor, key, "random-init")) for key, _ in PROTOCOLS]
     lines = [
         "# Does pretraining pay? Accuracy against the pretraining budget",
         "",
@@ -182,10 +173,7 @@ def write_report(
         cells = [
             f"{rounds} x {epochs}",
             str(rounds * FEDERATION["depth"]),
-            *(
-                mean_std([v for r in runs if (v := accuracy(r, key, "fedmae")) is not None])
-                for key, _ in PROTOCOLS
-            ),
+            *(mean_std(accuracies(runs, key, "fedmae")) for key, _ in PROTOCOLS),
             f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
             f"{client_seconds:.0f}",
             f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",

@@ -58,9 +58,13 @@ EVALUATION_PROTOCOL = (
 def run_name(
     algorithm: str, partition: str, seed: int, changes: dict[str, Any] | None = None
 ) -> str:
-    """``<algorithm>-<partition|pooled>-s<seed>[-<key><value>...]`` for the changed keys."""
+    """``<algorithm>-<partition|pooled>-s<seed>[-<key><value>...]`` for the changed keys.
+
+    A "change" to a ``BUDGET`` key's own value is none: such a run is the reference run.
+    """
     part = "pooled" if algorithm in PARTITION_FREE else partition
-    suffix = "".join(f"-{key}{value}" for key, value in sorted((changes or {}).items()))
+    changed = sorted((k, v) for k, v in (changes or {}).items() if BUDGET.get(k) != v)
+    suffix = "".join(f"-{key}{value}" for key, value in changed)
     return f"{algorithm}-{part}-s{seed}{suffix}"
 
 
@@ -76,20 +80,25 @@ def run_variant(
     tag: str,
     changes: dict[str, Any] | None = None,
     timeout: float = 3600,
-) -> dict[str, Any]:
-    """The reference configuration with ``changes``, run or loaded (see ``run_or_load``)."""
-    changes = {k: v for k, v in (changes or {}).items() if BUDGET.get(k) != v}
+    report_only: bool = False,
+) -> dict[str, Any] | None:
+    """The reference configuration with ``changes``, run or loaded (see ``run_or_load``).
+
+    With ``report_only`` a run that has not finished is neither started nor returned (None).
+    """
+    name = run_name(algorithm, partition, seed, changes)
+    if report_only and not finished(out_root, name):
+        return None
     overrides = {
         **BUDGET,
         **EVALUATION,
         **PARTITIONS[partition],
         "algorithm": algorithm,
         "seed": seed,
-        **changes,
+        **(changes or {}),
     }
-    name = run_name(algorithm, partition, seed, changes)
     run = run_or_load(name, overrides, out_root, tag, timeout=timeout)
-    return {**run, "algorithm": algorithm, "seed": seed, "changes": changes}
+    return {**run, "algorithm": algorithm, "seed": seed}
 
 
 def run_or_load(
@@ -124,9 +133,22 @@ def run_or_load(
     return {"name": name, "summary": summary, "rows": rows}
 
 
+# Downstream protocols as summary.json keys them, with their report labels.
+PROTOCOLS = (
+    ("finetune-accuracy", "fine-tune 1k labels"),
+    ("linear-probe-accuracy", "linear probe"),
+    ("knn-accuracy", "k-NN"),
+)
+
+
 def accuracy(run: dict[str, Any], key: str, algorithm: str) -> float | None:
     """Top-1 (0-1) of ``algorithm``'s backbone under protocol ``key`` in one run, if measured."""
     return run["summary"].get(key, {}).get(algorithm)
+
+
+def accuracies(runs: list[dict[str, Any]], key: str, algorithm: str) -> list[float]:
+    """``accuracy`` over ``runs``, leaving out the runs that did not measure it."""
+    return [v for r in runs if (v := accuracy(r, key, algorithm)) is not None]
 
 
 def mean_std(values: list[float], scale: float = 100.0) -> str:

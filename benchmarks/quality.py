@@ -31,10 +31,10 @@ from benchmarks.harness import (
     OUT_ROOT,
     PARTITION_FREE,
     PARTITIONS,
+    accuracies,
     command_line,
-    finished,
     machine_line,
-    run_name,
+    mean_std,
     run_variant,
 )
 
@@ -49,22 +49,12 @@ COST_LABELS = (
 )
 
 
-def run_one(algorithm: str, partition: str, seed: int, out_root: Path) -> dict[str, Any]:
-    """One run of the grid (loaded when it finished before)."""
-    return run_variant(algorithm, partition, seed, out_root, tag="bench-quality", timeout=1800)
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
-def _accuracies(runs: list[dict], key: str, algorithm: str) -> list[float]:
-    return [r["summary"][key][algorithm] for r in runs if algorithm in r["summary"][key]]
+def run_one(
+    algorithm: str, partition: str, seed: int, out_root: Path, report_only: bool = False
+) -> dict[str, Any] | None:
+    """One run of the grid (loaded when it finished before; None if report-only and missing)."""
+    return run_variant(algorithm, partition, seed, out_root, "bench-quality", timeout=1800,
+                       report_only=report_only)  # fmt: skip
 
 
 def results_table(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
@@ -80,9 +70,9 @@ def results_table(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
         cells = [
             algorithm,
             partition,
-            _mean_std(_accuracies(runs, "finetune-accuracy", algorithm)),
-            _mean_std(_accuracies(runs, "linear-probe-accuracy", algorithm)),
-            _mean_std(_accuracies(runs, "knn-accuracy", algorithm)),
+            mean_std(accuracies(runs, "finetune-accuracy", algorithm)),
+            mean_std(accuracies(runs, "linear-probe-accuracy", algorithm)),
+            mean_std(accuracies(runs, "knn-accuracy", algorithm)),
             f"{statistics.fmean(psnr):.2f}" if psnr else "-",
             f"{comm['client-train-mbytes-peak']:.0f}",
             f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",
@@ -98,7 +88,7 @@ def comparisons(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
     """FedMAE against each other row: accuracy differences (points) and client cost ratios."""
 
     def mean(runs: list[dict], key: str, algorithm: str) -> float | None:
-        values = _accuracies(runs, key, algorithm)
+        values = accuracies(runs, key, algorithm)
         return 100 * statistics.fmean(values) if values else None
 
     lines = []
@@ -151,7 +141,7 @@ def plot(grid: dict[tuple[str, str], list[dict]], docs: Path, out_root: Path) ->
                     marker="o", label=algorithm)  # fmt: skip
         floor = [r for (a, _), rs in grid.items() if a == "random-init" for r in rs]
         if floor:
-            level = statistics.fmean(_accuracies(floor, "knn-accuracy", "random-init"))
+            level = statistics.fmean(accuracies(floor, "knn-accuracy", "random-init"))
             ax.axhline(level, color="0.5", ls="--", label="random-init")
         ax.set(title=f"{partition}", xlabel="server round", ylabel="k-NN top-1 (2k labels)")
         ax.legend(fontsize=7)
@@ -168,7 +158,7 @@ def plot(grid: dict[tuple[str, str], list[dict]], docs: Path, out_root: Path) ->
             (r["summary"]["communication"]["bytes-up-total"]
              + r["summary"]["communication"]["bytes-down-total"]) / 2**20 for r in runs
         )  # fmt: skip
-        acc = statistics.fmean(_accuracies(runs, "finetune-accuracy", algorithm))
+        acc = statistics.fmean(accuracies(runs, "finetune-accuracy", algorithm))
         ax.scatter(mbytes, 100 * acc, label=f"{algorithm} ({partition})")
     ax.set(xlabel="MB communicated over the run (up + down, all clients)",
            ylabel="fine-tune top-1 (%)", title="Accuracy against communication")  # fmt: skip
@@ -271,11 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             partitions = ["iid"] if algorithm in PARTITION_FREE else args.partitions
             for partition in partitions:
                 key = (algorithm, "pooled" if algorithm in PARTITION_FREE else partition)
-                if args.report_only and not finished(
-                    args.out, run_name(algorithm, partition, seed)
-                ):
-                    continue
-                grid.setdefault(key, []).append(run_one(algorithm, partition, seed, args.out))
+                run = run_one(algorithm, partition, seed, args.out, args.report_only)
+                if run is not None:
+                    grid.setdefault(key, []).append(run)
     command = command_line("benchmarks.quality", argv)
     expected = sum(
         1 if a in PARTITION_FREE else len(args.partitions) for a in args.algorithms
