@@ -78,6 +78,10 @@ def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
 
 
+# The per-stage fields a stage-end metrics line carries (what summary.json lists per stage).
+STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "knn-accuracy")
+
+
 class RoundRecorder:
     """After each round: one metrics line and a checkpoint; at each stage end, held-out
     reconstruction PSNR beside the trivial predictor, and a picture.
@@ -93,7 +97,12 @@ class RoundRecorder:
         self.eval_images = splits.test.images[: cfg.eval_images]
         self.device = resolve_device(cfg.device)
         self.last_time = time.perf_counter()
-        self.stages: list[dict[str, Any]] = []
+        # Stages a resumed run finished before its crash come back from their metrics lines.
+        self.stages: list[dict[str, Any]] = [
+            {k: row[k] for k in STAGE_KEYS if k in row}
+            for row in outputs.read_metrics()
+            if row.get("stage-end")
+        ]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -154,10 +163,6 @@ class RoundRecorder:
         )
         test_f = extract_features(backbone, self.splits.normalize(test.images), device=self.device)
         return knn_accuracy(train_f, train.labels, test_f, test.labels, self.splits.num_classes)
-
-
-# The per-stage fields a stage-end metrics line carries (what summary.json lists per stage).
-STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "knn-accuracy")
 
 
 def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
@@ -276,11 +281,6 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     splits = load_dataset(cfg)
     strategy = build_strategy(cfg)
     recorder = RoundRecorder(cfg, strategy, outputs, splits)
-    recorder.stages = [
-        {k: row[k] for k in STAGE_KEYS if k in row}
-        for row in outputs.read_metrics()
-        if row.get("stage-end")
-    ]  # stages finished before a crash
     partition_summary = report_partitions(cfg, grid, splits, outputs)
     states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)
     baseline = random_init_state(cfg)
