@@ -13,16 +13,21 @@ from fedmae_flwr.client_app import build_client_app
 from fedmae_flwr.server_app import build_server_app
 
 
-@pytest.mark.slow
-def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
+def simulate(overrides: dict) -> None:
+    """The app on Flower's simulation engine (Ray): 6 virtual SuperNodes, 1 CPU each."""
     from flwr.simulation import run_simulation
 
     run_simulation(
-        server_app=build_server_app(tiny_overrides),
-        client_app=build_client_app(tiny_overrides),
+        server_app=build_server_app(overrides),
+        client_app=build_client_app(overrides),
         num_supernodes=6,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
     )
+
+
+@pytest.mark.slow
+def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
+    simulate(tiny_overrides)
     run_dir = Path(tiny_overrides["output-dir"]) / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -61,8 +66,6 @@ def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
 @pytest.mark.slow
 def test_simulation_resumes_a_crashed_run_from_its_checkpoint(tiny_overrides):
     """Rounds 1-2 ran (and crashed in round 3); the real simulation engine finishes 3-4."""
-    from flwr.simulation import run_simulation
-
     from fedmae_flwr.config import resolve_config
     from fedmae_flwr.server_app import run
 
@@ -76,12 +79,7 @@ def test_simulation_resumes_a_crashed_run_from_its_checkpoint(tiny_overrides):
         run(grid, resolve_config(overrides))
 
     resumed = {**overrides, "resume": True}
-    run_simulation(
-        server_app=build_server_app(resumed),
-        client_app=build_client_app(resumed),
-        num_supernodes=6,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
-    )
+    simulate(resumed)
     run_dir = Path(overrides["output-dir"]) / "crashed"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
