@@ -131,3 +131,16 @@ def test_label_counts_parse_and_name_what_is_allowed():
     assert parse_labels("all") == 0 and parse_labels("5000") == 5000
     with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'all'"):
         parse_labels("-3")
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
+    from benchmarks.harness import check_same_config
+
+    run_dir = tmp_path / "fedmae-iid-s0"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(
+        "finetune_epochs: 15\ntest_images: 5000\noutput_dir: /elsewhere\nrun_name: other\n"
+    )
+    check_same_config(run_dir, {"finetune-epochs": 15, "output-dir": "/here", "run-name": "x"})
+    with pytest.raises(RuntimeError, match=r"finetune-epochs=15 \(asked 5\)"):
+        check_same_config(run_dir, {"finetune-epochs": 5, "test-images": 5000})
