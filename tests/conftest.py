@@ -1,26 +1,23 @@
 """Shared fixtures: a tiny Fashion-MNIST-format dataset on disk, tiny configs, an in-process Grid.
 
-The Grid here is a transport double only: it hands each message to the REAL ClientApp handlers
-with a per-node Context (whose ``state`` persists, as Flower's does), so strategy and client code
-run unmodified. The real Flower simulation is exercised in tests/test_simulation.py.
+``LocalGrid`` (fedmae_flwr.inprocess.InProcessGrid) is a transport double only: it hands each
+message to the REAL ClientApp handlers with a per-node Context (whose ``state`` persists, as
+Flower's does), so strategy and client code run unmodified. The real Flower simulation is
+exercised in tests/test_simulation.py.
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedmae_flwr import client_app
 from fedmae_flwr.data.fashion_mnist import FILES
+from fedmae_flwr.inprocess import InProcessGrid
 
 torch.set_num_threads(2)
 
@@ -81,54 +78,5 @@ def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
     }
 
 
-class LocalGrid(Grid):
-    """Delivers messages to the real client handlers in this process, one Context per node."""
-
-    def __init__(self, num_nodes: int, overrides: dict, run_config: dict | None = None) -> None:
-        self.overrides = overrides
-        # Messages take their sender's identity from the process, as inside a ServerApp.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-        self.contexts = {
-            1000 + i: Context(
-                run_id=1,
-                node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=dict(run_config or {}),
-            )
-            for i in range(num_nodes)
-        }
-        self.sent: list[Message] = []
-        self.tamper: Callable[[Message], Message] | None = None
-
-    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by strategies
-        pass
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            context = self.contexts[msg.metadata.dst_node_id]
-            handler = (
-                client_app.train if msg.metadata.message_type == MessageType.TRAIN
-                else client_app.evaluate
-            )  # fmt: skip
-            reply = handler(msg, context, self.overrides)
-            replies.append(self.tamper(reply) if self.tamper else reply)
-        return replies
+# The real client handlers behind an in-process transport (see fedmae_flwr.inprocess).
+LocalGrid = InProcessGrid

@@ -1,0 +1,125 @@
+"""Run the ServerApp's logic against the real ClientApp handlers in one process, without Ray.
+
+``InProcessGrid`` is a transport stand-in: it hands each message to the real ``train`` /
+``evaluate`` handlers with one ``Context`` per node (whose ``state`` persists, as Flower's
+does), so the strategy, the server run and the client code are the ones ``flwr run`` executes.
+What it leaves out is Flower's transport and the Ray simulation engine: nodes run one after the
+other, node ids are fixed (1000 + partition id) and replies arrive in sending order.
+
+Use ``flwr run`` (``make run``, ``scripts/run_local_simulation.py``) wherever Ray runs. This
+path is for the places it cannot: the unit tests, and a GPU machine without Ray (its wheel is
+larger than what could be carried to the project's GPU machine)::
+
+    python -m fedmae_flwr.inprocess --num-nodes 100 --run-config "preset='fmnist-gpu' seed=1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmae_flwr import client_app
+
+FIRST_NODE_ID = 1000
+
+
+class InProcessGrid(Grid):
+    """Delivers messages to the real ClientApp handlers in this process, one Context per node.
+
+    ``sent`` keeps every message delivered; ``tamper`` (tests) may replace each reply.
+    """
+
+    def __init__(
+        self, num_nodes: int, overrides: dict[str, Any], run_config: dict | None = None
+    ) -> None:
+        self.overrides = overrides
+        # Messages take their sender's identity from the process, as inside a ServerApp.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.contexts = {
+            FIRST_NODE_ID + i: Context(
+                run_id=1,
+                node_id=FIRST_NODE_ID + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+        self.sent: list[Message] = []
+        self.tamper: Callable[[Message], Message] | None = None
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by strategies
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError("InProcessGrid has no Flower run")
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError("strategies build their messages with Message(...)")
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError("InProcessGrid only answers send_and_receive")
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError("InProcessGrid only answers send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            context = self.contexts[msg.metadata.dst_node_id]
+            handler = (
+                client_app.train if msg.metadata.message_type == MessageType.TRAIN
+                else client_app.evaluate
+            )  # fmt: skip
+            reply = handler(msg, context, self.overrides)
+            replies.append(self.tamper(reply) if self.tamper else reply)
+        return replies
+
+
+def run_in_process(overrides: dict[str, Any], num_nodes: int) -> dict[str, Any]:
+    """The whole run (``server_app.run``) over ``num_nodes`` in-process nodes; its summary."""
+    from fedmae_flwr.config import ConfigError, resolve_config
+    from fedmae_flwr.server_app import run
+
+    cfg = resolve_config(overrides)
+    # No node can join later here: a run that waits for more nodes would wait forever.
+    needed = max(cfg.min_available_clients, cfg.clients_per_round, cfg.evaluate_clients)
+    if num_nodes < needed:
+        raise ConfigError(
+            f"{num_nodes} in-process nodes, but the run needs {needed} (min-available-clients, "
+            "clients-per-round, evaluate-clients): give more nodes or lower those keys"
+        )
+    return run(InProcessGrid(num_nodes, overrides), cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flwr.common.config import parse_config_args
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-nodes", type=int, default=100)
+    parser.add_argument("--run-config", default="", help="as flwr run's --run-config")
+    args = parser.parse_args(argv)
+    overrides = parse_config_args([args.run_config]) if args.run_config else {}
+    summary = run_in_process(overrides, args.num_nodes)
+    keys = ("run-name", "finetune-accuracy", "linear-probe-accuracy", "knn-accuracy",
+            "final-psnr", "wall-seconds")  # fmt: skip
+    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
