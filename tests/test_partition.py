@@ -198,7 +198,7 @@ def test_same_split_in_a_fresh_process_without_writing_files(
         "HF_HOME": str(dirs["HF_HOME"]),
         "HF_DATASETS_CACHE": str(dirs["HF_HOME"] / "datasets"),
         "TMPDIR": str(dirs["TMPDIR"]),
-        "PYTHONPATH": str(repo),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
     }
     done = subprocess.run(
         [sys.executable, "-c", script],

@@ -41,7 +41,9 @@ def _rows(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("algorithm", ["fedmae", "fedavg-mae"])
 def test_a_resumed_run_matches_the_uninterrupted_one(algorithm, tiny_overrides):
-    base = {**tiny_overrides, "algorithm": algorithm, "evaluate-clients": 0}
+    # On the CPU: CUDA's nondeterministic kernels (attention backward, say) make two GPU runs of
+    # one seed differ in the last bits, resumed or not; what resume itself promises is exactness.
+    base = {**tiny_overrides, "algorithm": algorithm, "evaluate-clients": 0, "device": "cpu"}
     whole = {**base, "run-name": "whole"}
     run(LocalGrid(6, whole), resolve_config(whole))
 

@@ -23,6 +23,7 @@ from fedmae_flwr.evaluation._common import (
     check_positive,
     cosine_lr,
     num_batches,
+    seeded_global_rng,
     shuffled_batches,
 )
 
@@ -169,7 +170,7 @@ def finetune(
 
     Determinism: shuffling, augmentation and head init come from a ``torch.Generator`` seeded
     with ``seed``; the global RNG (used by dropout / drop path inside the backbone) is seeded with
-    ``seed`` inside a ``fork_rng`` block, so the caller's RNG state is restored afterwards. On the
+    ``seed`` for the call, and the caller's RNG state is restored afterwards. On the
     CPU the same inputs and seed give identical results.
 
     Args:
@@ -221,10 +222,7 @@ def finetune(
 
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices, device_type=device.type):
-        torch.manual_seed(seed)
-
+    with seeded_global_rng(seed, device):
         head = nn.Linear(feature_dim, num_classes)
         with torch.no_grad():
             nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD, generator=generator)
