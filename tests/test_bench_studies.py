@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -144,3 +145,28 @@ def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
     check_same_config(run_dir, {"finetune-epochs": 15, "output-dir": "/here", "run-name": "x"})
     with pytest.raises(RuntimeError, match=r"finetune-epochs=15 \(asked 5\)"):
         check_same_config(run_dir, {"finetune-epochs": 5, "test-images": 5000})
+
+
+def test_gpu_report_pairs_each_seed_with_its_random_init(tmp_path):
+    from benchmarks import gpu_report
+
+    protocol = {"finetune-labels": 1000, "finetune-epochs": 15, "probe-train-images": 5000,
+                "test-images": 5000}  # fmt: skip
+    for seed, (ours, floor) in enumerate([(0.62, 0.60), (0.58, 0.61)]):
+        summary = {
+            "run-name": f"fmnist-gpu-s{seed}",
+            "finetune-accuracy": {"fedmae": ours, "random-init": floor},
+            "linear-probe-accuracy": {"fedmae": 0.7, "random-init": 0.6},
+            "knn-accuracy": {"fedmae": 0.7, "random-init": 0.6},
+            "final-psnr": 14.0,
+            "wall-seconds": 100.0,
+            "communication": {"client-train-seconds-mean": 0.2},
+            "downstream": {"protocol": protocol},
+        }
+        (tmp_path / f"fmnist-gpu-s{seed}-summary.json").write_text(json.dumps(summary))
+    runs = gpu_report.load_runs(tmp_path)
+    text = gpu_report.write_report(runs, "the command", tmp_path / "docs").read_text()
+    assert "| 0 | 62.0 / 60.0 (+2.0) |" in text and "| 1 | 58.0 / 61.0 (-3.0) |" in text
+    assert "fine-tune 1k labels -0.5 (ahead at 1 of 2 seeds)" in text
+    assert "linear probe +10.0 (ahead at 2 of 2 seeds)" in text
+    assert (tmp_path / "docs" / "gpu-pretraining-pays.png").stat().st_size > 0
