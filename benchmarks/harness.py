@@ -51,8 +51,10 @@ EVALUATION: dict[str, Any] = {
 }
 # The 90-minute grid (`make bench-quality`: 22 runs on 2 CPU cores) cannot afford that protocol:
 # the full one costs ~2 min of CPU per backbone and puts the grid at ~120 min. Its runs use this
-# lighter one (shorter fine-tune, 2,000 test images, one `local` node per run) and live in their
-# own folder, so numbers of the two protocols never mix.
+# lighter one (shorter fine-tune, 2,000 test images, one `local` node per run; 1 h 26 min
+# measured) and live in their own folder, so numbers of the two protocols never mix. Its 5-epoch
+# fine-tune ends under-trained; `make bench-quality-finetune` fine-tunes the same backbones with
+# the full recipe afterwards.
 GRID_EVALUATION: dict[str, Any] = {
     **EVALUATION,
     "finetune-epochs": 5,

@@ -55,17 +55,39 @@ def run_config(run_dir: Path) -> FedMAEConfig:
     return FedMAEConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def cache_path(
+    run_dir: Path, labels: int, layer_decay: float | None = None, epochs: int | None = None
+) -> Path:
+    """Where ``finetune_run`` keeps its result (overrides of None = the run's own value)."""
+    cfg = run_config(run_dir)
+    decay = cfg.finetune_layer_decay if layer_decay is None else layer_decay
+    # The run's own epoch count keeps the old name, so results cached before stay valid.
+    tag = "" if epochs in (None, cfg.finetune_epochs) else f"-e{epochs}"
+    return run_dir / f"finetune-{labels or 'all'}-ld{decay:g}{tag}.json"
+
+
+def posthoc_accuracy(run_dir: Path, labels: int, epochs: int) -> float | None:
+    """The cached top-1 of ``finetune_run(run_dir, labels, epochs=epochs)``, if it ran."""
+    path = cache_path(run_dir, labels, epochs=epochs)
+    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+
+
 def finetune_run(
-    run_dir: Path, labels: int, device: str = "cpu", layer_decay: float | None = None
+    run_dir: Path,
+    labels: int,
+    device: str = "cpu",
+    layer_decay: float | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``run_dir``'s exported backbone on ``labels`` labels (0 = all); cached.
 
-    ``layer_decay`` overrides the run's ``finetune-layer-decay`` (the rest of the recipe is the
-    run's own).
+    ``layer_decay`` and ``epochs`` override the run's ``finetune-layer-decay`` and
+    ``finetune-epochs`` (the rest of the recipe is the run's own).
     """
     cfg = run_config(run_dir)
     decay = cfg.finetune_layer_decay if layer_decay is None else layer_decay
-    cache = run_dir / f"finetune-{labels or 'all'}-ld{decay:g}.json"
+    epochs = cfg.finetune_epochs if epochs is None else epochs
+    cache = cache_path(run_dir, labels, layer_decay, epochs)
     if cache.is_file():
         return json.loads(cache.read_text())
     splits = load_dataset(cfg)
@@ -83,7 +105,7 @@ def finetune_run(
         splits.normalize(test.images),
         test.labels,
         splits.num_classes,
-        epochs=cfg.finetune_epochs,
+        epochs=epochs,
         lr=cfg.finetune_lr,
         seed=cfg.seed,
         device=device,
@@ -170,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layer-decay", type=float, default=None, help="default: each run's finetune-layer-decay"
     )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: each run's finetune-epochs"
+    )
     args = parser.parse_args(argv)
     missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
     if missing:
@@ -180,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {}
     for labels in args.labels:
         for run in args.runs:
-            record = finetune_run(args.out / run, labels, args.device, args.layer_decay)
+            record = finetune_run(
+                args.out / run, labels, args.device, args.layer_decay, args.epochs
+            )
             results.setdefault(run, {})[labels] = record
             accuracy, seconds = 100 * record["accuracy"], record["seconds"]
             print(f"[label-efficiency] {run} {record['labels']} labels: {accuracy:.1f} "
                   f"({seconds:.0f} s)", flush=True)  # fmt: skip
     command = command_line("benchmarks.label_efficiency", argv)
     suffix = "" if args.layer_decay is None else f"-ld{args.layer_decay:g}"
+    suffix += "" if args.epochs is None else f"-e{args.epochs}"
     path = write_report(results, args.labels, command.strip(), args.docs, suffix)
     print(f"[label-efficiency] wrote {path}")
     return 0

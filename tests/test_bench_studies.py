@@ -170,3 +170,16 @@ def test_gpu_report_pairs_each_seed_with_its_random_init(tmp_path):
     assert "fine-tune 1k labels -0.5 (ahead at 1 of 2 seeds)" in text
     assert "linear probe +10.0 (ahead at 2 of 2 seeds)" in text
     assert (tmp_path / "docs" / "gpu-pretraining-pays.png").stat().st_size > 0
+
+
+def test_a_posthoc_fine_tune_with_other_epochs_is_cached_apart_and_read_back(tmp_path):
+    from benchmarks.label_efficiency import cache_path, posthoc_accuracy
+    from fedmae_flwr.config import resolve_config, to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(resolve_config({"finetune-epochs": 5})))
+    assert cache_path(tmp_path, 1000).name == "finetune-1000-ld1.json"
+    assert cache_path(tmp_path, 1000, epochs=5).name == "finetune-1000-ld1.json"  # the run's own
+    assert posthoc_accuracy(tmp_path, 1000, epochs=15) is None
+    cache_path(tmp_path, 1000, epochs=15).write_text(json.dumps({"accuracy": 0.64}))
+    assert cache_path(tmp_path, 1000, epochs=15).name == "finetune-1000-ld1-e15.json"
+    assert posthoc_accuracy(tmp_path, 1000, epochs=15) == 0.64
