@@ -40,17 +40,18 @@ def seed_of(run: dict[str, Any]) -> int:
 
 
 def paired_rows(runs: list[dict[str, Any]]) -> list[tuple[int, list[tuple[float, float]]]]:
-    """Per seed: (fedmae, random-init) top-1 in % for each protocol of ``PROTOCOLS``."""
+    """Per run, in order: its seed and (fedmae, random-init) top-1 in % per ``PROTOCOLS``."""
     return [
         (
             seed_of(r),
             [(100 * r[key]["fedmae"], 100 * r[key]["random-init"]) for key, _ in PROTOCOLS],
         )
-        for r in sorted(runs, key=seed_of)
+        for r in runs
     ]
 
 
 def write_report(runs: list[dict[str, Any]], command: str, docs: Path) -> Path:
+    runs = sorted(runs, key=seed_of)
     rows = paired_rows(runs)
     labels = [label for _, label in PROTOCOLS]
     table = [
@@ -59,7 +60,7 @@ def write_report(runs: list[dict[str, Any]], command: str, docs: Path) -> Path:
         + " | PSNR (dB) | run wall s | client s / round |",
         "|---" * (len(labels) + 4) + "|",
     ]
-    for (seed, pairs), run in zip(rows, sorted(runs, key=seed_of), strict=True):
+    for (seed, pairs), run in zip(rows, runs, strict=True):
         cells = [f"{a:.1f} / {b:.1f} ({a - b:+.1f})" for a, b in pairs]
         comm = run["communication"]
         table.append(

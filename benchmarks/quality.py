@@ -92,10 +92,7 @@ def results_table(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
         cells = [
             algorithm,
             partition,
-            mean_std(accuracies(runs, "finetune-accuracy", algorithm)),
-            mean_std(accuracies(runs, POSTHOC_KEY, algorithm)),
-            mean_std(accuracies(runs, "linear-probe-accuracy", algorithm)),
-            mean_std(accuracies(runs, "knn-accuracy", algorithm)),
+            *(mean_std(accuracies(runs, key, algorithm)) for key, _ in ACCURACY_LABELS),
             f"{statistics.fmean(psnr):.2f}" if psnr else "-",
             f"{comm['client-train-mbytes-peak']:.0f}",
             f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",
