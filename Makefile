@@ -44,7 +44,7 @@ bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 
 # The grid's backbones fine-tuned again with the full recipe (15 epochs; the grid's own 5-epoch
-# fine-tune is under-trained), then the report again with that column (~32 min on 2 CPU cores).
+# fine-tune is under-trained), then the report again with that column (~28 min on 2 CPU cores).
 bench-quality-finetune: setup data
 	$(VPY) -m benchmarks.label_efficiency --out outputs/bench-grid --docs outputs/bench-grid \
 		--labels 1000 --epochs 15 --runs $$(ls outputs/bench-grid)

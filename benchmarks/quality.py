@@ -47,7 +47,7 @@ GRID_OUT_ROOT = ROOT / "outputs" / "bench-grid"
 
 # The grid's 5-epoch fine-tune ends under-trained (train accuracy ~ test accuracy ~ 40 %), so
 # the grid's backbones are also fine-tuned afterwards with the full recipe
-# (`make bench-quality-finetune`, ~32 min on 2 CPU cores); the report shows it when present.
+# (`make bench-quality-finetune`, ~28 min on 2 CPU cores); the report shows it when present.
 POSTHOC_FINETUNE_EPOCHS = EVALUATION["finetune-epochs"]
 POSTHOC_KEY = "finetune-full-accuracy"
 
@@ -225,7 +225,7 @@ def finetune_caveat(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
         f"ends at {train:.0f} % train accuracy on average ({test:.0f} % test), and its spread "
         "over seeds is wide, so rank backbones by the probe, k-NN and the "
         f"{POSTHOC_FINETUNE_EPOCHS}-epoch column: the same backbones fine-tuned afterwards with "
-        "the full recipe (`make bench-quality-finetune`, ~32 min on 2 CPU cores; '-' where that "
+        "the full recipe (`make bench-quality-finetune`, ~28 min on 2 CPU cores; '-' where that "
         "has not run).",
         "",
     ]
