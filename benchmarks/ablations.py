@@ -33,12 +33,12 @@ from benchmarks.harness import (
     mean_std,
     run_variant,
 )
+from fedmae_flwr.config import default_run_config
 
+# The reference run's value of each factor: the schema default.
 REFERENCE: dict[str, Any] = {
-    "mask-ratio": 0.75,
-    "next-block-init": "fresh",
-    "decoder-per-stage": "keep",
-    "depth": 4,
+    key: default_run_config()[key]
+    for key in ("mask-ratio", "next-block-init", "decoder-per-stage", "depth")
 }
 # Factor -> the values tried besides the reference one.
 FACTORS: dict[str, tuple[Any, ...]] = {

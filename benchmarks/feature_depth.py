@@ -34,7 +34,7 @@ def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
         return json.loads(cache.read_text())
     cfg = run_config(run_dir)
     splits = load_dataset(cfg)
-    sets = labelled_subsets(cfg, splits)
+    sets = labelled_subsets(cfg.eval, splits, cfg.seed)
     backbone = load_backbone(run_dir)
     train_b = block_features(backbone, splits.normalize(sets["probe"].images))
     test_b = block_features(backbone, splits.normalize(sets["test"].images))
@@ -42,7 +42,7 @@ def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
     results = []
     for train_x, test_x in zip(train_b, test_b, strict=True):
         result = linear_probe(train_x, labels, test_x, test_labels, splits.num_classes,
-                              cfg.probe_epochs, seed=cfg.seed)  # fmt: skip
+                              cfg.eval.probe_epochs, seed=cfg.seed)  # fmt: skip
         results.append(asdict(result))
     cache.write_text(json.dumps(results, indent=2))
     return results

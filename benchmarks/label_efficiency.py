@@ -18,15 +18,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from benchmarks.harness import DOCS, EVALUATION_PROTOCOL, OUT_ROOT, command_line, machine_line
-from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.config import FedMAEConfig, load_config_yaml
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.models.export import load_backbone
@@ -50,9 +49,7 @@ def parse_labels(text: str) -> int:
 
 def run_config(run_dir: Path) -> FedMAEConfig:
     """The resolved config a run wrote (``config.yaml``), as the typed schema."""
-    values = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    known = {f.name for f in fields(FedMAEConfig)}
-    return FedMAEConfig(**{k: v for k, v in values.items() if k in known})
+    return load_config_yaml(run_dir / "config.yaml")
 
 
 def cache_path(
@@ -60,9 +57,9 @@ def cache_path(
 ) -> Path:
     """Where ``finetune_run`` keeps its result (overrides of None = the run's own value)."""
     cfg = run_config(run_dir)
-    decay = cfg.finetune_layer_decay if layer_decay is None else layer_decay
+    decay = cfg.eval.finetune_layer_decay if layer_decay is None else layer_decay
     # The run's own epoch count keeps the old name, so results cached before stay valid.
-    tag = "" if epochs in (None, cfg.finetune_epochs) else f"-e{epochs}"
+    tag = "" if epochs in (None, cfg.eval.finetune_epochs) else f"-e{epochs}"
     return run_dir / f"finetune-{labels or 'all'}-ld{decay:g}{tag}.json"
 
 
@@ -85,15 +82,15 @@ def finetune_run(
     ``finetune-epochs`` (the rest of the recipe is the run's own).
     """
     cfg = run_config(run_dir)
-    decay = cfg.finetune_layer_decay if layer_decay is None else layer_decay
-    epochs = cfg.finetune_epochs if epochs is None else epochs
+    decay = cfg.eval.finetune_layer_decay if layer_decay is None else layer_decay
+    epochs = cfg.eval.finetune_epochs if epochs is None else epochs
     cache = cache_path(run_dir, labels, layer_decay, epochs)
     if cache.is_file():
         return json.loads(cache.read_text())
     splits = load_dataset(cfg)
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
     train = splits.train.subset(order[: labels or len(splits.train)])
-    num_test = min(cfg.test_images or len(splits.test), len(splits.test))
+    num_test = min(cfg.eval.test_images or len(splits.test), len(splits.test))
     test = splits.test.subset(range(num_test))
     backbone = load_backbone(run_dir)
     start = time.perf_counter()
@@ -106,7 +103,7 @@ def finetune_run(
         test.labels,
         splits.num_classes,
         epochs=epochs,
-        lr=cfg.finetune_lr,
+        lr=cfg.eval.finetune_lr,
         seed=cfg.seed,
         device=device,
         layer_decay=decay,
@@ -115,7 +112,7 @@ def finetune_run(
         **asdict(result),
         "labels": len(train),
         "test-images": num_test,
-        "lr": cfg.finetune_lr,
+        "lr": cfg.eval.finetune_lr,
         "layer-decay": decay,
         "seconds": time.perf_counter() - start,
     }

@@ -34,15 +34,15 @@ def _train_rounds(
     on_round: RoundCallback | None,
 ) -> ArrayRecord:
     device = resolve_device(cfg.device)
-    arrays = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
+    arrays = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()})
     for server_round in range(1, strategy.num_rounds + 1):
         stage = strategy.stage_of(server_round)
         arrays = strategy.grow(arrays, stage)
         state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
-        model = model_from_state(cfg, state, frozen_blocks=strategy.frozen_blocks(server_round))
+        model = model_from_state(cfg.model, state, frozen_blocks=strategy.frozen_blocks(server_round))
         model.to(device)
         images = images_for_round(server_round)
-        result = train_local(model, images, cfg, seed=cfg.seed * 1_000_003 + server_round)
+        result = train_local(model, images, cfg.train, seed=cfg.seed * 1_000_003 + server_round)
         state.update(model.active_state())
         arrays = ArrayRecord({k: v.detach().contiguous() for k, v in state.items()})
         if on_round is not None:
@@ -74,7 +74,7 @@ def centralized_pretraining(
     """One model on the pooled training set, ``clients-per-round`` partitions' worth per round."""
     pooled = splits.normalize(splits.train.images)
     per_round = round(
-        cfg.clients_per_round * len(pooled) * (1 - cfg.heldout_fraction) / max(num_nodes, 1)
+        cfg.schedule.clients_per_round * len(pooled) * (1 - cfg.data.heldout_fraction) / max(num_nodes, 1)
     )
     generator = torch.Generator().manual_seed(cfg.seed)
 

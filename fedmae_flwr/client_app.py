@@ -62,7 +62,7 @@ def model_for(msg: Message, context: Context, cfg: FedMAEConfig) -> CascadeMAE |
         if meta is None or meta["version"] != version:
             return None
         state.update(context.state[STATE_PREFIX].to_torch_state_dict())
-    return model_from_state(cfg, state, frozen_blocks=frozen)
+    return model_from_state(cfg.model, state, frozen_blocks=frozen)
 
 
 def _missing_prefix_reply(msg: Message) -> Message:
@@ -80,7 +80,7 @@ def _seed(cfg: FedMAEConfig, msg: Message, context: Context) -> int:
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:
     """Local MAE epochs on the active block; replies with only the trained tensors."""
     cfg = node_config(context, overrides)
-    torch.set_num_threads(cfg.client_threads)
+    torch.set_num_threads(cfg.train.client_threads)
     model = model_for(msg, context, cfg)
     if model is None:
         return _missing_prefix_reply(msg)
@@ -92,7 +92,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             context.node_config.get("partition-id"))  # fmt: skip
         result = None
     else:
-        result = train_local(model, images, cfg, _seed(cfg, msg, context))
+        result = train_local(model, images, cfg.train, _seed(cfg, msg, context))
     arrays = ArrayRecord({k: v.detach().contiguous() for k, v in model.active_state().items()})
     metrics = MetricRecord(
         {
@@ -109,7 +109,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
 def evaluate(msg: Message, context: Context, overrides: dict | None = None) -> Message:
     """Masked-reconstruction loss of the stage's model on the node's held-out images."""
     cfg = node_config(context, overrides)
-    torch.set_num_threads(cfg.client_threads)
+    torch.set_num_threads(cfg.train.client_threads)
     model = model_for(msg, context, cfg)
     if model is None:
         return _missing_prefix_reply(msg)
@@ -117,7 +117,7 @@ def evaluate(msg: Message, context: Context, overrides: dict | None = None) -> M
     data = node_data(context, cfg)
     images = data.splits.normalize(data.heldout.images)
     # The same masks every time a node scores, so losses compare across stages.
-    loss = reconstruction_loss(model, images, cfg, seed=cfg.seed) if len(images) else 0.0
+    loss = reconstruction_loss(model, images, seed=cfg.seed) if len(images) else 0.0
     metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -1,244 +1,445 @@
-"""The run configuration: one typed schema, merged from three sources, validated at start.
+"""The run configuration: one typed schema in sections, merged from three sources, checked at start.
 
 Sources, later wins: the schema defaults below <- ``conf/<preset>.yaml`` (run-config key
 ``preset``) <- Flower run-config overrides (``flwr run . --run-config "depth=6 mask-ratio=0.9"``).
 
-Run-config keys are the field names in kebab-case (``rounds_per_stage`` -> ``rounds-per-stage``).
-Flower fuses ``[tool.flwr.app.config]`` of pyproject.toml (which lists every key with its schema
-default) with the user's overrides before the app sees them, so the app cannot tell an explicit
-override from a default: a run-config value counts as an override when it differs from the schema
-default. To set a key back to its default under a preset that changes it, edit the preset.
+Run-config keys are the field names in kebab-case (``rounds_per_stage`` -> ``rounds-per-stage``),
+flat: each key names one field of one section (``depth`` -> ``cfg.model.depth``). Flower only
+accepts override keys that pyproject.toml's ``[tool.flwr.app.config]`` lists, and hands the app
+that table fused with the overrides. The table therefore lists every key with the value ``""``,
+"not set": the defaults live here only, and any value that is not ``""`` is the user's, so a
+run-config value wins over a preset even where it equals the schema default.
+
+Each section checks its own values in ``__post_init__``; checks that span sections live in
+:class:`FedMAEConfig`. A bad key or value raises :class:`ConfigError` naming the key and what is
+allowed. Models, training and evaluation take only their section.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+UNSET = ""  # pyproject's value for every run-config key: "not set by the user"
+
+Scalar = bool | int | float | str
 
 
 class ConfigError(ValueError):
     """A configuration key or value that is not allowed; the message names both."""
 
 
-@dataclass
-class FedMAEConfig:
-    """Every setting of a run. Field docs live in ``metadata['help']`` (shown in the README)."""
+class Algorithm(enum.StrEnum):
+    FEDMAE = "fedmae"
+    FEDAVG_MAE = "fedavg-mae"
+    CENTRALIZED = "centralized"
+    LOCAL = "local"
+    RANDOM_INIT = "random-init"
 
-    # --- run -------------------------------------------------------------------------------
-    preset: str = field(default="", metadata={"help": "Name of a conf/<preset>.yaml to merge."})
-    run_name: str = field(default="fedmae-fmnist", metadata={"help": "Folder under output-dir."})
-    output_dir: str = field(default="outputs", metadata={"help": "Root folder of run outputs."})
-    seed: int = field(default=0, metadata={"help": "Seed of init, partitions, masks, sampling."})
-    algorithm: str = field(
-        default="fedmae",
-        metadata={
-            "help": "fedmae (one-block cascade); baselines on the same data and schedule: "
-            "fedavg-mae (full depth end to end), centralized (pooled data, one model), "
-            "local (each node alone), random-init (no pretraining).",
-            "choices": ("fedmae", "fedavg-mae", "centralized", "local", "random-init"),
-        },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Continue output-dir/run-name from its last checkpoint (fedmae, fedavg-mae); "
-            "a run without one starts fresh."
-        },
-    )
-    local_clients: int = field(
-        default=2, metadata={"help": "local: nodes trained alone (downstream averaged over them)."}
-    )
-    # --- data ------------------------------------------------------------------------------
-    dataset: str = field(
-        default="fashion-mnist",
-        metadata={
-            "help": "Image source: built-in Fashion-MNIST, a folder of images, a Hugging Face "
-            "dataset (hub id or save_to_disk folder).",
-            "choices": ("fashion-mnist", "imagefolder", "huggingface"),
-        },
-    )
-    data_path: str = field(
-        default="",
-        metadata={
-            "help": "fashion-mnist: folder of the idx files ('' = /usr/share/datasets/"
-            "fashion-mnist); imagefolder: the folder; huggingface: hub id or local folder."
-        },
-    )
-    image_column: str = field(
-        default="", metadata={"help": "Hugging Face image column ('' = detect)."}
-    )
-    label_column: str = field(
-        default="", metadata={"help": "Hugging Face label column ('' = detect; none = unlabelled)."}
-    )
-    test_fraction: float = field(
-        default=0.1, metadata={"help": "Share held out as test set when a source has none."}
-    )
-    partitioner: str = field(
-        default="iid",
-        metadata={
-            "help": "How training images are split over nodes (flwr-datasets partitioners).",
-            "choices": ("iid", "dirichlet", "pathological", "shards"),
-        },
-    )
-    dirichlet_alpha: float = field(
-        default=0.5, metadata={"help": "Dirichlet concentration over labels (smaller: more skew)."}
-    )
-    classes_per_partition: int = field(
-        default=2, metadata={"help": "pathological: classes per node."}
-    )
-    shards_per_partition: int = field(default=2, metadata={"help": "shards: shards per node."})
-    num_partitions: int = field(
-        default=0,
-        metadata={
-            "help": "Partitions of the training set; 0 = one per node (num-partitions of the node)."
-        },
-    )
-    heldout_fraction: float = field(
-        default=0.1, metadata={"help": "Share of each node's images kept for federated evaluation."}
-    )
-    # --- model -----------------------------------------------------------------------------
-    img_size: int = field(default=28, metadata={"help": "Input image side (pixels)."})
-    patch_size: int = field(default=4, metadata={"help": "Patch side (pixels); divides img-size."})
-    in_chans: int = field(default=1, metadata={"help": "Image channels."})
-    embed_dim: int = field(default=192, metadata={"help": "Encoder width."})
-    num_heads: int = field(default=3, metadata={"help": "Encoder attention heads."})
-    mlp_ratio: float = field(default=4.0, metadata={"help": "Encoder MLP hidden / width."})
-    depth: int = field(default=4, metadata={"help": "K: blocks of the final backbone (= stages)."})
-    decoder_embed_dim: int = field(default=128, metadata={"help": "Decoder width."})
-    decoder_depth: int = field(default=1, metadata={"help": "Decoder blocks."})
-    decoder_num_heads: int = field(default=4, metadata={"help": "Decoder attention heads."})
-    mask_ratio: float = field(default=0.75, metadata={"help": "Share of patches masked."})
-    norm_pix_loss: bool = field(
-        default=False, metadata={"help": "Per-patch normalized pixel targets (MAE's norm-pix)."}
-    )
-    # --- federation schedule ---------------------------------------------------------------
-    rounds_per_stage: int = field(default=5, metadata={"help": "R: rounds that train one block."})
-    clients_per_round: int = field(default=10, metadata={"help": "Nodes sampled per train round."})
-    evaluate_clients: int = field(
-        default=5, metadata={"help": "Nodes that evaluate at each stage end; 0 disables."}
-    )
-    min_available_clients: int = field(
-        default=0, metadata={"help": "Nodes to wait for before a round; 0 = clients-per-round."}
-    )
-    next_block_init: str = field(
-        default="fresh",
-        metadata={"help": "Init of the next stage's block.", "choices": ("fresh", "copy")},
-    )
-    decoder_per_stage: str = field(
-        default="keep",
-        metadata={"help": "Decoder at a stage change.", "choices": ("keep", "reset")},
-    )
-    # --- local training --------------------------------------------------------------------
-    local_epochs: int = field(default=1, metadata={"help": "E: local epochs per round."})
-    batch_size: int = field(default=64, metadata={"help": "Local batch size."})
-    lr: float = field(default=1e-3, metadata={"help": "Local AdamW learning rate."})
-    weight_decay: float = field(default=0.05, metadata={"help": "Local AdamW weight decay."})
-    crop_scale_min: float = field(
-        default=1.0,
-        metadata={"help": "MAE random-resized-crop: smallest area share (MAE: 0.2); 1 = no crop."},
-    )
-    horizontal_flip: bool = field(
-        default=False, metadata={"help": "Random left-right flips in local training."}
-    )
-    client_threads: int = field(
-        default=1, metadata={"help": "torch threads per client process (match client num-cpus)."}
-    )
-    device: str = field(
-        default="auto",
-        metadata={
-            "help": "Where clients train and the server evaluates; auto = cuda if available.",
-            "choices": ("auto", "cpu", "cuda"),
-        },
-    )
-    # --- server-side evaluation ------------------------------------------------------------
-    eval_images: int = field(
-        default=1000, metadata={"help": "Held-out images for reconstruction PSNR per stage."}
-    )
-    grid_images: int = field(default=8, metadata={"help": "Images in each reconstruction PNG."})
-    probe_train_images: int = field(
-        default=10000, metadata={"help": "Labelled training images for the linear probe."}
-    )
-    probe_epochs: int = field(default=100, metadata={"help": "Linear-probe epochs."})
-    stage_knn_images: int = field(
-        default=0,
-        metadata={"help": "Labelled images for a k-NN accuracy at each stage end; 0 = off."},
-    )
-    evaluate_random_init: bool = field(
-        default=True, metadata={"help": "Also evaluate a random-init backbone downstream."}
-    )
-    probe_per_block: bool = field(
-        default=False, metadata={"help": "Also probe the features after each block."}
-    )
-    finetune_labels: int = field(
-        default=1000, metadata={"help": "Labelled images for fine-tuning; 0 skips fine-tuning."}
-    )
-    finetune_epochs: int = field(default=30, metadata={"help": "Fine-tuning epochs."})
-    finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning AdamW learning rate."})
-    finetune_layer_decay: float = field(
-        default=1.0,
-        metadata={"help": "Fine-tuning lr scale per block towards the input (MAE: 0.75); 1 = off."},
-    )
-    test_images: int = field(
-        default=0, metadata={"help": "Labelled test images for accuracy; 0 = the whole test set."}
-    )
 
-    @property
-    def num_rounds(self) -> int:
-        """Server rounds of the whole run: one stage of R rounds per block."""
-        return self.depth * self.rounds_per_stage
+class Dataset(enum.StrEnum):
+    FASHION_MNIST = "fashion-mnist"
+    IMAGEFOLDER = "imagefolder"
+    HUGGINGFACE = "huggingface"
 
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+
+class Partitioner(enum.StrEnum):
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    PATHOLOGICAL = "pathological"
+    SHARDS = "shards"
+
+
+class NextBlockInit(enum.StrEnum):
+    FRESH = "fresh"
+    COPY = "copy"
+
+
+class DecoderPerStage(enum.StrEnum):
+    KEEP = "keep"
+    RESET = "reset"
+
+
+class Device(enum.StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 def to_kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def schema_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(FedMAEConfig))
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
-def default_run_config() -> dict[str, bool | int | float | str]:
-    """The schema defaults as a flat, kebab-case Flower run-config."""
-    defaults = FedMAEConfig()
-    return {to_kebab(f.name): getattr(defaults, f.name) for f in schema_fields()}
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(
+        f"Bad value for config key '{to_kebab(key)}': {value!r}. Allowed: {allowed}."
+    )
 
 
-def _from_kebab(run_config: dict[str, Any]) -> dict[str, Any]:
-    known = {to_kebab(f.name): f.name for f in schema_fields()}
-    out = {}
-    for key, value in run_config.items():
-        if key not in known:
-            raise ConfigError(
-                f"Unknown config key '{key}'. Allowed keys: {', '.join(sorted(known))}."
+def _check(section: Any, rules: dict[str, tuple[typing.Callable[[Any], bool], str]]) -> None:
+    """Raise on the first field of ``section`` whose value breaks its rule."""
+    for key, (ok, allowed) in rules.items():
+        value = getattr(section, key)
+        if not ok(value):
+            raise _bad(key, value, allowed)
+
+
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: v > 0, "a number > 0")
+OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
+HALF_OPEN_UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split over nodes."""
+
+    dataset: Dataset = _opt(
+        Dataset.FASHION_MNIST,
+        "Image source: built-in Fashion-MNIST, a folder of images, a Hugging Face dataset "
+        "(hub id or save_to_disk folder).",
+    )
+    data_path: str = _opt(
+        "",
+        "fashion-mnist: folder of the idx files ('' = /usr/share/datasets/fashion-mnist); "
+        "imagefolder: the folder; huggingface: hub id or local folder.",
+    )
+    image_column: str = _opt("", "Hugging Face image column ('' = detect).")
+    label_column: str = _opt("", "Hugging Face label column ('' = detect; none = unlabelled).")
+    test_fraction: float = _opt(0.1, "Share held out as test set when a source has none.")
+    partitioner: Partitioner = _opt(
+        Partitioner.IID, "How training images are split over nodes (flwr-datasets partitioners)."
+    )
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew).")
+    classes_per_partition: int = _opt(2, "pathological: classes per node.")
+    shards_per_partition: int = _opt(2, "shards: shards per node.")
+    num_partitions: int = _opt(
+        0, "Partitions of the training set; 0 = one per node (num-partitions of the node)."
+    )
+    heldout_fraction: float = _opt(
+        0.1, "Share of each node's images kept for federated evaluation."
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "test_fraction": OPEN_UNIT,
+                "dirichlet_alpha": POSITIVE,
+                "classes_per_partition": AT_LEAST_1,
+                "shards_per_partition": AT_LEAST_1,
+                "num_partitions": AT_LEAST_0,
+                "heldout_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            },
+        )
+        if self.dataset != Dataset.FASHION_MNIST and not self.data_path:
+            raise _bad(
+                "data_path",
+                self.data_path,
+                f"a folder (or, for huggingface, a hub id) when dataset is '{self.dataset}'",
             )
-        out[known[key]] = value
-    return out
 
 
-def _merge(base: Any, update: dict[str, Any], source: str) -> Any:
-    try:
-        return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        field_type = {f.name: f.type for f in schema_fields()}.get(str(key), "?")
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ViT backbone and its MAE decoder; ``depth`` is K, the number of stages."""
+
+    img_size: int = _opt(28, "Input image side (pixels).")
+    patch_size: int = _opt(4, "Patch side (pixels); divides img-size.")
+    in_chans: int = _opt(1, "Image channels.")
+    embed_dim: int = _opt(192, "Encoder width.")
+    num_heads: int = _opt(3, "Encoder attention heads.")
+    mlp_ratio: float = _opt(4.0, "Encoder MLP hidden / width.")
+    depth: int = _opt(4, "K: blocks of the final backbone (= stages).")
+    decoder_embed_dim: int = _opt(128, "Decoder width.")
+    decoder_depth: int = _opt(1, "Decoder blocks.")
+    decoder_num_heads: int = _opt(4, "Decoder attention heads.")
+    mask_ratio: float = _opt(0.75, "Share of patches masked.")
+    norm_pix_loss: bool = _opt(False, "Per-patch normalized pixel targets (MAE's norm-pix).")
+
+    def __post_init__(self) -> None:
+        positive = ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "depth",
+                    "decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # fmt: skip
+        _check(self, {key: AT_LEAST_1 for key in positive} | {"mlp_ratio": POSITIVE})
+        _check(
+            self,
+            {
+                "mask_ratio": OPEN_UNIT,
+                "patch_size": (
+                    lambda v: self.img_size % v == 0,
+                    f"a divisor of img-size ({self.img_size})",
+                ),
+                "num_heads": (
+                    lambda v: self.embed_dim % v == 0,
+                    f"a divisor of embed-dim ({self.embed_dim})",
+                ),
+                "decoder_num_heads": (
+                    lambda v: self.decoder_embed_dim % v == 0,
+                    f"a divisor of decoder-embed-dim ({self.decoder_embed_dim})",
+                ),
+                "embed_dim": (
+                    lambda v: v % 4 == 0 and self.decoder_embed_dim % 4 == 0,
+                    "a multiple of 4 (2-D sin-cos position table), as is decoder-embed-dim",
+                ),
+            },
+        )
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise _bad(
+                "mask_ratio",
+                self.mask_ratio,
+                f"a ratio that keeps >= 1 of {self.num_patches} patches",
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """R rounds per stage, who takes part, and what happens at a stage change."""
+
+    rounds_per_stage: int = _opt(5, "R: rounds that train one block.")
+    clients_per_round: int = _opt(10, "Nodes sampled per train round.")
+    evaluate_clients: int = _opt(5, "Nodes that evaluate at each stage end; 0 disables.")
+    min_available_clients: int = _opt(0, "Nodes to wait for before a round; 0 = clients-per-round.")
+    next_block_init: NextBlockInit = _opt(NextBlockInit.FRESH, "Init of the next stage's block.")
+    decoder_per_stage: DecoderPerStage = _opt(DecoderPerStage.KEEP, "Decoder at a stage change.")
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "rounds_per_stage": AT_LEAST_1,
+                "clients_per_round": AT_LEAST_1,
+                "evaluate_clients": AT_LEAST_0,
+                "min_available_clients": AT_LEAST_0,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A node's local MAE training (AdamW as MAE: betas 0.9/0.95, no decay on biases/norms)."""
+
+    local_epochs: int = _opt(1, "E: local epochs per round.")
+    batch_size: int = _opt(64, "Local batch size.")
+    lr: float = _opt(1e-3, "Local AdamW learning rate.")
+    weight_decay: float = _opt(0.05, "Local AdamW weight decay.")
+    crop_scale_min: float = _opt(
+        1.0, "MAE random-resized-crop: smallest area share (MAE: 0.2); 1 = no crop."
+    )
+    horizontal_flip: bool = _opt(False, "Random left-right flips in local training.")
+    client_threads: int = _opt(1, "torch threads per client process (match client num-cpus).")
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "local_epochs": AT_LEAST_1,
+                "batch_size": AT_LEAST_1,
+                "client_threads": AT_LEAST_1,
+                "lr": POSITIVE,
+                "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                "crop_scale_min": HALF_OPEN_UNIT,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Server-side evaluation: reconstructions per stage, then probe, k-NN and fine-tune."""
+
+    eval_images: int = _opt(1000, "Held-out images for reconstruction PSNR per stage.")
+    grid_images: int = _opt(8, "Images in each reconstruction PNG.")
+    probe_train_images: int = _opt(10000, "Labelled training images for the linear probe.")
+    probe_epochs: int = _opt(100, "Linear-probe epochs.")
+    stage_knn_images: int = _opt(
+        0, "Labelled images for a k-NN accuracy at each stage end; 0 = off."
+    )
+    evaluate_random_init: bool = _opt(True, "Also evaluate a random-init backbone downstream.")
+    probe_per_block: bool = _opt(False, "Also probe the features after each block.")
+    finetune_labels: int = _opt(1000, "Labelled images for fine-tuning; 0 skips fine-tuning.")
+    finetune_epochs: int = _opt(30, "Fine-tuning epochs.")
+    finetune_lr: float = _opt(1e-3, "Fine-tuning AdamW learning rate.")
+    finetune_layer_decay: float = _opt(
+        1.0, "Fine-tuning lr scale per block towards the input (MAE: 0.75); 1 = off."
+    )
+    test_images: int = _opt(0, "Labelled test images for accuracy; 0 = the whole test set.")
+
+    def __post_init__(self) -> None:
+        at_least_1 = ("eval_images", "grid_images", "probe_train_images", "probe_epochs",
+                      "finetune_epochs")  # fmt: skip
+        at_least_0 = ("stage_knn_images", "finetune_labels", "test_images")
+        _check(
+            self,
+            {key: AT_LEAST_1 for key in at_least_1}
+            | {key: AT_LEAST_0 for key in at_least_0}
+            | {"finetune_lr": POSITIVE, "finetune_layer_decay": HALF_OPEN_UNIT},
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass(frozen=True)
+class FedMAEConfig:
+    """Every setting of a run: what runs where (top level) and one section per concern."""
+
+    preset: str = _opt("", "Name of a conf/<preset>.yaml to merge.")
+    run_name: str = _opt("fedmae-fmnist", "Folder under output-dir.")
+    output_dir: str = _opt("outputs", "Root folder of run outputs.")
+    seed: int = _opt(0, "Seed of init, partitions, masks, sampling.")
+    algorithm: Algorithm = _opt(
+        Algorithm.FEDMAE,
+        "fedmae (one-block cascade); baselines on the same data and schedule: fedavg-mae (full "
+        "depth end to end), centralized (pooled data, one model), local (each node alone), "
+        "random-init (no pretraining).",
+    )
+    resume: bool = _opt(
+        False,
+        "Continue output-dir/run-name from its last checkpoint (fedmae, fedavg-mae); a run "
+        "without one starts fresh.",
+    )
+    local_clients: int = _opt(2, "local: nodes trained alone (downstream averaged over them).")
+    device: Device = _opt(
+        Device.AUTO, "Where clients train and the server evaluates; auto = cuda if available."
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self, {"local_clients": AT_LEAST_1})
+        federated = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
+        if self.resume and self.algorithm not in federated:
+            raise _bad(
+                "resume",
+                self.resume,
+                f"false for algorithm '{self.algorithm}' (resume: fedmae | fedavg-mae)",
+            )
+
+    @property
+    def num_rounds(self) -> int:
+        """Server rounds of the whole run: one stage of R rounds per block."""
+        return self.model.depth * self.schedule.rounds_per_stage
+
+
+# --- the flat run-config view ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: the section it lives in ('' = top level) and its field."""
+
+    section: str
+    field: dataclasses.Field
+
+    @property
+    def name(self) -> str:
+        return to_kebab(self.field.name)
+
+    @property
+    def type(self) -> Any:
+        return _TYPES[(self.section, self.field.name)]
+
+    @property
+    def default(self) -> Any:
+        owner = SECTIONS[self.section]() if self.section else FedMAEConfig()
+        return getattr(owner, self.field.name)
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata["help"]
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return (
+            tuple(self.type)
+            if isinstance(self.type, type) and issubclass(self.type, enum.Enum)
+            else ()
+        )
+
+
+def _keys() -> dict[str, Key]:
+    keys = {
+        to_kebab(f.name): Key("", f)
+        for f in dataclasses.fields(FedMAEConfig)
+        if f.name not in SECTIONS
+    }
+    for section, cls in SECTIONS.items():
+        keys.update({to_kebab(f.name): Key(section, f) for f in dataclasses.fields(cls)})
+    return keys
+
+
+_TYPES = {
+    (section, name): hint
+    for section, cls in {"": FedMAEConfig, **SECTIONS}.items()
+    for name, hint in typing.get_type_hints(cls).items()
+}
+KEYS: dict[str, Key] = _keys()
+
+
+def default_run_config() -> dict[str, Scalar]:
+    """Every run-config key with its schema default (plain scalars, enums as their values)."""
+    return {name: _plain(key.default) for name, key in KEYS.items()}
+
+
+def _plain(value: Any) -> Scalar:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _coerce(key: Key, value: Any, source: str) -> Any:
+    """``value`` as the key's type; ConfigError naming the key, the source and the type."""
+    kind = key.type
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        if value in set(kind):
+            return kind(value)
+        raise _bad(key.name, value, " | ".join(kind))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
         raise ConfigError(
-            f"Bad value for config key '{to_kebab(str(key))}' in {source}: {err.msg}. "
-            f"Expected type: {field_type}."
-        ) from None
+            f"Bad value for config key '{key.name}' in {source}: {value!r}. "
+            f"Expected type: {kind.__name__}."
+        )
+    return float(value) if kind is float else value
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    for name in values:
+        if name not in KEYS:
+            raise ConfigError(
+                f"Unknown config key '{name}' in {source}. Allowed keys: {', '.join(sorted(KEYS))}."
+            )
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """Read ``conf/<name>.yaml`` as a snake_case dict (keys may be written in kebab-case)."""
+    """Read ``conf/<name>.yaml``: a flat mapping of run-config keys (kebab- or snake_case)."""
     path = CONF_DIR / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -248,131 +449,60 @@ def load_preset(name: str) -> dict[str, Any]:
     raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Preset {path} must be a mapping of config keys to values.")
-    if "preset" in raw:
+    values = {to_kebab(str(k)): v for k, v in raw.items()}
+    _check_keys(values, f"conf/{name}.yaml")
+    if "preset" in values:
         raise ConfigError(f"Preset {path} may not name another preset.")
-    return _from_kebab({to_kebab(str(k)): v for k, v in raw.items()})
+    return values
+
+
+def from_flat(values: dict[str, Any], source: str = "run-config") -> FedMAEConfig:
+    """The config from flat run-config keys (missing keys take the schema default)."""
+    _check_keys(values, source)
+    grouped: dict[str, dict[str, Any]] = {"": {}, **{s: {} for s in SECTIONS}}
+    for name, value in values.items():
+        key = KEYS[name]
+        grouped[key.section][key.field.name] = _coerce(key, value, source)
+    sections = {s: cls(**grouped[s]) for s, cls in SECTIONS.items()}
+    return FedMAEConfig(**grouped[""], **sections)
 
 
 def resolve_config(run_config: dict[str, Any] | None = None) -> FedMAEConfig:
-    """Build the validated config of a run from Flower's run-config.
+    """Build the checked config of a run from Flower's run-config.
 
     Args:
-        run_config: Flower's fused run-config (kebab-case keys, scalar values), or None/empty for
-            the schema defaults (``flwr.simulation.run_simulation`` passes an empty one).
+        run_config: Flower's fused run-config (kebab-case keys, scalar values; ``""`` = not set),
+            or None/empty for the schema defaults (``flwr.simulation.run_simulation`` passes an
+            empty one).
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or a value outside what is allowed;
             the message names the key and the allowed values.
     """
-    overrides = _from_kebab(dict(run_config or {}))
-    defaults = FedMAEConfig()
-    # Flower hands us defaults and overrides fused: only values that differ from the schema
-    # default are overrides, so that a preset is not undone by pyproject's copy of the defaults.
-    overrides = {k: v for k, v in overrides.items() if v != getattr(defaults, k)}
-    cfg = OmegaConf.structured(FedMAEConfig)
-    preset = overrides.get("preset", "")
-    if preset:
-        cfg = _merge(cfg, load_preset(str(preset)), f"conf/{preset}.yaml")
-    cfg = _merge(cfg, overrides, "run-config")
-    resolved: FedMAEConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(resolved)
-    return resolved
+    overrides = {k: v for k, v in (run_config or {}).items() if v != UNSET}
+    _check_keys(overrides, "run-config")
+    preset = str(overrides.get("preset", ""))
+    values = load_preset(preset) if preset else {}
+    for name, value in overrides.items():
+        # The source is named in type errors: the run-config value, else the preset's.
+        _coerce(KEYS[name], value, "run-config")
+    return from_flat({**values, **overrides}, f"conf/{preset}.yaml" if preset else "run-config")
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(
-            f"Bad value for config key '{to_kebab(key)}': {value!r}. Allowed: {allowed}."
-        )
-
-
-def validate(cfg: FedMAEConfig) -> None:
-    """Check values against what each key allows; raises ConfigError naming the key."""
-    for f in schema_fields():
-        choices = f.metadata.get("choices")
-        if choices:
-            value = getattr(cfg, f.name)
-            _require(value in choices, f.name, value, " | ".join(choices))
-    positive = (
-        "img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "depth",
-        "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "rounds_per_stage",
-        "clients_per_round", "local_epochs", "batch_size", "client_threads", "eval_images",
-        "grid_images", "probe_train_images", "probe_epochs", "finetune_epochs",
-        "classes_per_partition", "shards_per_partition", "local_clients",
-    )  # fmt: skip
-    for key in positive:
-        value = getattr(cfg, key)
-        _require(value >= 1, key, value, "an integer >= 1")
-    for key in ("evaluate_clients", "min_available_clients", "finetune_labels", "test_images",
-                "num_partitions", "stage_knn_images"):  # fmt: skip
-        value = getattr(cfg, key)
-        _require(value >= 0, key, value, "an integer >= 0")
-    for key in ("lr", "finetune_lr", "dirichlet_alpha", "mlp_ratio"):
-        value = getattr(cfg, key)
-        _require(value > 0, key, value, "a number > 0")
-    _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
-    _require(
-        0 < cfg.finetune_layer_decay <= 1,
-        "finetune_layer_decay",
-        cfg.finetune_layer_decay,
-        "a number in (0, 1]",
-    )
-    _require(
-        0 < cfg.crop_scale_min <= 1, "crop_scale_min", cfg.crop_scale_min, "a number in (0, 1]"
-    )
-    _require(0 < cfg.mask_ratio < 1, "mask_ratio", cfg.mask_ratio, "a number in (0, 1)")
-    _require(
-        0 <= cfg.heldout_fraction < 1,
-        "heldout_fraction",
-        cfg.heldout_fraction,
-        "a number in [0, 1)",
-    )
-    _require(0 < cfg.test_fraction < 1, "test_fraction", cfg.test_fraction, "a number in (0, 1)")
-    _require(
-        cfg.dataset == "fashion-mnist" or bool(cfg.data_path),
-        "data_path",
-        cfg.data_path,
-        f"a folder (or, for huggingface, a hub id) when dataset is '{cfg.dataset}'",
-    )
-    _require(
-        cfg.img_size % cfg.patch_size == 0,
-        "patch_size",
-        cfg.patch_size,
-        f"a divisor of img-size ({cfg.img_size})",
-    )
-    _require(
-        cfg.embed_dim % cfg.num_heads == 0,
-        "num_heads",
-        cfg.num_heads,
-        f"a divisor of embed-dim ({cfg.embed_dim})",
-    )
-    _require(
-        cfg.decoder_embed_dim % cfg.decoder_num_heads == 0,
-        "decoder_num_heads",
-        cfg.decoder_num_heads,
-        f"a divisor of decoder-embed-dim ({cfg.decoder_embed_dim})",
-    )
-    _require(
-        cfg.embed_dim % 4 == 0 and cfg.decoder_embed_dim % 4 == 0,
-        "embed_dim",
-        cfg.embed_dim,
-        "a multiple of 4 (2-D sin-cos position table), as is decoder-embed-dim",
-    )
-    _require(
-        not cfg.resume or cfg.algorithm in ("fedmae", "fedavg-mae"),
-        "resume",
-        cfg.resume,
-        f"false for algorithm '{cfg.algorithm}' (resume: fedmae | fedavg-mae)",
-    )
-    keep = int(cfg.num_patches * (1 - cfg.mask_ratio))
-    _require(
-        keep >= 1,
-        "mask_ratio",
-        cfg.mask_ratio,
-        f"a ratio that keeps >= 1 of {cfg.num_patches} patches",
-    )
+def to_flat(cfg: FedMAEConfig) -> dict[str, Scalar]:
+    """The config as flat run-config keys and plain values (the inverse of :func:`from_flat`)."""
+    return {
+        name: _plain(getattr(getattr(cfg, key.section) if key.section else cfg, key.field.name))
+        for name, key in KEYS.items()
+    }
 
 
 def to_yaml(cfg: FedMAEConfig) -> str:
-    """The fully resolved config, as written to ``outputs/<run>/config.yaml``."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The fully resolved config, as written to ``outputs/<run>/config.yaml`` (flat keys)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_flat(cfg)))
+
+
+def load_config_yaml(path: str | Path) -> FedMAEConfig:
+    """Read back a run's ``config.yaml`` (checked like any other source)."""
+    raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    return from_flat({to_kebab(str(k)): v for k, v in dict(raw).items()}, str(path))

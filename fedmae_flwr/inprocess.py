@@ -97,7 +97,11 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> dict[str, Any]:
 
     cfg = resolve_config(overrides)
     # No node can join later here: a run that waits for more nodes would wait forever.
-    needed = max(cfg.min_available_clients, cfg.clients_per_round, cfg.evaluate_clients)
+    needed = max(
+        cfg.schedule.min_available_clients,
+        cfg.schedule.clients_per_round,
+        cfg.schedule.evaluate_clients,
+    )
     if num_nodes < needed:
         raise ConfigError(
             f"{num_nodes} in-process nodes, but the run needs {needed} (min-available-clients, "

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
-from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.config import TrainConfig
 from fedmae_flwr.data.augment import mae_augment
 from fedmae_flwr.evaluation.costs import saved_activation_bytes, training_state_bytes
 from fedmae_flwr.models.cascade import CascadeMAE
@@ -27,9 +28,7 @@ class LocalTrainResult:
     peak_bytes: int  # training state + activations saved for backward (first batch)
 
 
-def train_local(
-    model: CascadeMAE, images: Tensor, cfg: FedMAEConfig, seed: int
-) -> LocalTrainResult:
+def train_local(model: CascadeMAE, images: Tensor, cfg: TrainConfig, seed: int) -> LocalTrainResult:
     """``cfg.local_epochs`` epochs of masked reconstruction on ``images`` (normalised float).
 
     Runs on the model's device; ``images`` may stay on the CPU (each batch is moved). Only
@@ -39,10 +38,9 @@ def train_local(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    # As MAE: no weight decay on biases and norms (timm's grouping skips frozen parameters).
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     model.train()
     augment = cfg.crop_scale_min < 1.0 or cfg.horizontal_flip
     steps, epoch_loss, activation_bytes = 0, float("nan"), 0
@@ -72,7 +70,7 @@ def train_local(
 
 @torch.no_grad()
 def reconstruction_loss(
-    model: CascadeMAE, images: Tensor, cfg: FedMAEConfig, seed: int, batch_size: int = 256
+    model: CascadeMAE, images: Tensor, seed: int, batch_size: int = 256
 ) -> float:
     """Mean masked-patch loss on ``images`` with seeded masks (comparable across rounds)."""
     model.eval()

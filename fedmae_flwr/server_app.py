@@ -55,21 +55,21 @@ from fedmae_flwr.strategies import FedMAE
 def build_strategy(cfg: FedMAEConfig) -> FedMAE:
     """The FedMAE strategy the config describes (block and decoder inits seeded per stage)."""
     return FedMAE(
-        depth=cfg.depth,
-        rounds_per_stage=cfg.rounds_per_stage,
+        depth=cfg.model.depth,
+        rounds_per_stage=cfg.schedule.rounds_per_stage,
         new_block=lambda i: {
-            k: v.numpy() for k, v in fresh_block_state(cfg, i, cfg.seed + i).items()
+            k: v.numpy() for k, v in fresh_block_state(cfg.model, i, cfg.seed + i).items()
         },
         new_decoder=lambda s: {
-            k: v.numpy() for k, v in fresh_decoder_state(cfg, cfg.seed + 100 + s).items()
+            k: v.numpy() for k, v in fresh_decoder_state(cfg.model, cfg.seed + 100 + s).items()
         },
-        next_block_init=cfg.next_block_init,
-        decoder_per_stage=cfg.decoder_per_stage,
-        num_train_nodes=cfg.clients_per_round,
-        num_evaluate_nodes=cfg.evaluate_clients,
+        next_block_init=cfg.schedule.next_block_init,
+        decoder_per_stage=cfg.schedule.decoder_per_stage,
+        num_train_nodes=cfg.schedule.clients_per_round,
+        num_evaluate_nodes=cfg.schedule.evaluate_clients,
         seed=cfg.seed,
-        min_available_nodes=cfg.min_available_clients or cfg.clients_per_round,
-        fraction_evaluate=1.0 if cfg.evaluate_clients else 0.0,
+        min_available_nodes=cfg.schedule.min_available_clients or cfg.schedule.clients_per_round,
+        fraction_evaluate=1.0 if cfg.schedule.evaluate_clients else 0.0,
         progressive=cfg.algorithm != "fedavg-mae",
     )
 
@@ -94,7 +94,7 @@ class RoundRecorder:
         self, cfg: FedMAEConfig, strategy: FedMAE, outputs: RunOutputs, splits: DatasetSplits
     ) -> None:
         self.cfg, self.strategy, self.outputs, self.splits = cfg, strategy, outputs, splits
-        self.eval_images = splits.test.images[: cfg.eval_images]
+        self.eval_images = splits.test.images[: cfg.eval.eval_images]
         self.device = resolve_device(cfg.device)
         self.last_time = time.perf_counter()
         # Stages a resumed run finished before its crash come back from their metrics lines.
@@ -116,7 +116,7 @@ class RoundRecorder:
         metrics = MetricRecord()
         if self.strategy.is_stage_end(server_round):
             stage = self.strategy.stage_of(server_round)
-            model = model_from_state(self.cfg, torch_state(arrays)).to(self.device)
+            model = model_from_state(self.cfg.model, torch_state(arrays)).to(self.device)
             report = evaluate_reconstruction(
                 model, self.eval_images, self.splits, seed=self.cfg.seed
             )
@@ -127,11 +127,11 @@ class RoundRecorder:
                 "trivial-psnr": report.trivial_psnr,
                 "heldout-loss": report.loss,
             }
-            if self.cfg.stage_knn_images and self.splits.num_classes:
+            if self.cfg.eval.stage_knn_images and self.splits.num_classes:
                 stage_row["knn-accuracy"] = self.stage_knn(model)
             self.stages.append(stage_row)
             row.update(stage_row, **{"stage-end": True})
-            n = self.cfg.grid_images
+            n = self.cfg.eval.grid_images
             save_reconstruction_grid(
                 self.outputs.dir / "reconstructions" / f"stage-{stage}.png",
                 report.originals[:n],
@@ -151,12 +151,12 @@ class RoundRecorder:
 
     def stage_knn(self, model: CascadeMAE) -> float:
         """k-NN top-1 of the blocks trained so far (accuracy against rounds)."""
-        sets = labelled_subsets(self.cfg, self.splits)
-        n = self.cfg.stage_knn_images
+        sets = labelled_subsets(self.cfg.eval, self.splits, self.cfg.seed)
+        n = self.cfg.eval.stage_knn_images
         train, test = sets["probe"].subset(range(min(n, len(sets["probe"])))), sets["test"]
         test = test.subset(range(min(n, len(test))))
         backbone = create_timm_backbone(
-            self.cfg, {k: v.cpu() for k, v in model.state_dict().items()}
+            self.cfg.model, {k: v.cpu() for k, v in model.state_dict().items()}
         )
         train_f = extract_features(
             backbone, self.splits.normalize(train.images), device=self.device
@@ -168,7 +168,7 @@ class RoundRecorder:
 def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
     """A K-block cascade with the same init as FedMAE's blocks, never trained: the floor."""
     torch.manual_seed(cfg.seed + 12345)
-    return CascadeMAE(cfg, num_blocks=cfg.depth).state_dict()
+    return CascadeMAE(cfg.model, num_blocks=cfg.model.depth).state_dict()
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -200,7 +200,7 @@ def report_partitions(
     The partition count is ``num-partitions`` or the number of connected nodes, as each node
     computes it; nodes that read their own folders (node-config ``data-path``) are not covered.
     """
-    num_partitions = cfg.num_partitions or len(list(grid.get_node_ids()))
+    num_partitions = cfg.data.num_partitions or len(list(grid.get_node_ids()))
     if num_partitions < 1 or num_partitions > len(splits.train):
         return {}
     parts = partitions(cfg, num_partitions)
@@ -229,7 +229,7 @@ def pretrain(
         if checkpoint is None:
             first_round = 1
             initial = ArrayRecord(
-                {k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()}
+                {k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()}
             )
         else:
             first_round, initial = checkpoint[0] + 1, checkpoint[1]
@@ -244,7 +244,7 @@ def pretrain(
             first_round=first_round,
         )
         return [torch_state(result.arrays)]
-    num_nodes = cfg.num_partitions or len(list(grid.get_node_ids()))
+    num_nodes = cfg.data.num_partitions or len(list(grid.get_node_ids()))
     if cfg.algorithm == "centralized":
         return [
             torch_state(centralized_pretraining(cfg, strategy, splits, num_nodes, recorder.record))
@@ -284,17 +284,19 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     partition_summary = report_partitions(cfg, grid, splits, outputs)
     states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)
     baseline = random_init_state(cfg)
-    export_backbone(cfg, states[0] if states else baseline, outputs.dir)
+    export_backbone(cfg.model, states[0] if states else baseline, outputs.dir)
     names = [f"local-{i}" for i in range(len(states))] if cfg.algorithm == "local" else None
     backbones = {
-        name: create_timm_backbone(cfg, state)
+        name: create_timm_backbone(cfg.model, state)
         for name, state in zip(names or [cfg.algorithm] * len(states), states, strict=True)
     }
-    if cfg.evaluate_random_init or not states:
-        backbones["random-init"] = create_timm_backbone(cfg, baseline)
+    if cfg.eval.evaluate_random_init or not states:
+        backbones["random-init"] = create_timm_backbone(cfg.model, baseline)
     downstream: dict[str, Any] = {"linear-probe": {}, "finetune": {}}
     if splits.num_classes:
-        downstream = evaluate_backbones(cfg, splits, backbones)
+        downstream = evaluate_backbones(
+            cfg.eval, splits, backbones, seed=cfg.seed, device=resolve_device(cfg.device)
+        )
     else:
         downstream["skipped"] = "unlabelled source: no downstream accuracy"
         log(INFO, "Unlabelled source: downstream evaluation skipped")
@@ -303,7 +305,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     final = recorder.stages[-1] if recorder.stages else {}
     summary = {
         "run-name": cfg.run_name,
-        "depth": cfg.depth,
+        "depth": cfg.model.depth,
         "rounds": cfg.num_rounds,
         "final-psnr": final.get("psnr"),
         "final-trivial-psnr": final.get("trivial-psnr"),
@@ -319,7 +321,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "downstream": downstream,
         "communication": totals(rows),
         "data": {
-            "dataset": cfg.dataset,
+            "dataset": cfg.data.dataset,
             "train-images": len(splits.train),
             "test-images": len(splits.test),
             "loaded": splits.loaded,
@@ -329,7 +331,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         "backbone": {
             "file": "backbone.safetensors",
             "model_name": TIMM_BASE_MODEL,
-            "kwargs": timm_kwargs(cfg),
+            "kwargs": timm_kwargs(cfg.model),
         },
         "wall-seconds": time.perf_counter() - start,
     }

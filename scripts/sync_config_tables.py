@@ -1,18 +1,18 @@
 """Rewrite pyproject's [tool.flwr.app.config] and README's config table from the schema.
 
-Flower only accepts run-config keys listed in pyproject.toml, and the README documents every key:
-both are generated from ``fedmae_flwr.config.FedMAEConfig`` (tests/test_config.py checks them).
+Flower only accepts run-config keys listed in pyproject.toml, so the table lists every key of
+``fedmae_flwr.config``, each as ``""`` ("not set": the defaults live in the schema only); the
+README documents every key with its section and default. tests/test_config.py checks both.
 Run: ``.venv/bin/python scripts/sync_config_tables.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
-from fedmae_flwr.config import FedMAEConfig, default_run_config, to_kebab
+from fedmae_flwr.config import KEYS, UNSET, default_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,17 +24,17 @@ def toml_value(value: object) -> str:
 
 
 def pyproject_table() -> str:
-    return "\n".join(f"{k} = {toml_value(v)}" for k, v in default_run_config().items())
+    return "\n".join(f"{name} = {toml_value(UNSET)}" for name in KEYS)
 
 
 def readme_table() -> str:
-    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    rows = ["| key | section | default | allowed | meaning |", "|---|---|---|---|---|"]
     defaults = default_run_config()
-    for f in dataclasses.fields(FedMAEConfig):
-        key = to_kebab(f.name)
-        allowed = " \\| ".join(f.metadata.get("choices") or ())
-        default = toml_value(defaults[key])
-        rows.append(f"| `{key}` | `{default}` | {allowed} | {f.metadata['help']} |")
+    for name, key in KEYS.items():
+        allowed = " \\| ".join(key.choices)
+        default = toml_value(defaults[name])
+        section = f"`{key.section}`" if key.section else "(top)"
+        rows.append(f"| `{name}` | {section} | `{default}` | {allowed} | {key.help} |")
     return "\n".join(rows)
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = re.sub(
-        r"\| key \| default \| allowed \| meaning \|\n(\|.*\|\n)+",
+        r"\| key \|( section \|)? default \| allowed \| meaning \|\n(\|.*\|\n)+",
         lambda m: readme_table() + "\n",
         text,
     )

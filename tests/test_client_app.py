@@ -36,7 +36,7 @@ def test_train_replies_with_the_active_tensors_only(tiny_overrides):
     grid = LocalGrid(4, tiny_overrides)  # sets the process' task identity and node contexts
     context = grid.contexts[1000]
     cfg = resolve_config(tiny_overrides)
-    model = CascadeMAE(cfg, num_blocks=2)
+    model = CascadeMAE(cfg.model, num_blocks=2)
     reply = client_app.train(message(model, 1, "v1", with_prefix=True), context, tiny_overrides)
     arrays = reply.content["arrays"]
     assert set(arrays) == {k for k in model.state_dict() if active_key(k, 1)}
@@ -55,14 +55,14 @@ def test_train_replies_with_the_active_tensors_only(tiny_overrides):
 def test_train_with_mae_augmentations(tiny_overrides):
     overrides = {**tiny_overrides, "crop-scale-min": 0.2, "horizontal-flip": True}
     context = LocalGrid(4, overrides).contexts[1001]
-    model = CascadeMAE(resolve_config(overrides), num_blocks=1)
+    model = CascadeMAE(resolve_config(overrides).model, num_blocks=1)
     reply = client_app.train(message(model, 0, "", with_prefix=False), context, overrides)
     assert reply.content["metrics"]["train-loss"] > 0
 
 
 def test_evaluate_scores_the_heldout_split(tiny_overrides):
     context = LocalGrid(4, tiny_overrides).contexts[1002]
-    model = CascadeMAE(resolve_config(tiny_overrides), num_blocks=1)
+    model = CascadeMAE(resolve_config(tiny_overrides).model, num_blocks=1)
     msg = message(model, 0, "", with_prefix=False, kind=MessageType.EVALUATE)
     first = client_app.evaluate(msg, context, tiny_overrides).content["metrics"]
     second = client_app.evaluate(msg, context, tiny_overrides).content["metrics"]
@@ -92,7 +92,7 @@ def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
         state=RecordDict(),
         run_config={},
     )
-    model = CascadeMAE(resolve_config(overrides), num_blocks=1)
+    model = CascadeMAE(resolve_config(overrides).model, num_blocks=1)
     reply = client_app.train(message(model, 0, "", with_prefix=False), context, overrides)
     metrics = reply.content["metrics"]
     # 21 files; 1 per class to the test split (split before decoding); the broken file fell in
@@ -105,7 +105,7 @@ def test_a_node_with_an_empty_partition_replies_with_zero_examples(tiny_override
     # Dirichlet(0.01) over 60 nodes leaves partition 0 of the synthetic set empty (seed 0).
     overrides = {**tiny_overrides, "partitioner": "dirichlet", "dirichlet-alpha": 0.01}
     grid = LocalGrid(60, overrides)
-    model = CascadeMAE(resolve_config(overrides), num_blocks=1)
+    model = CascadeMAE(resolve_config(overrides).model, num_blocks=1)
     reply = client_app.train(
         message(model, 0, "", with_prefix=False), grid.contexts[1000], overrides
     )

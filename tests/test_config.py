@@ -7,22 +7,36 @@ from pathlib import Path
 
 import pytest
 
-from fedmae_flwr.config import ConfigError, default_run_config, resolve_config
+from fedmae_flwr.config import (
+    UNSET,
+    Algorithm,
+    ConfigError,
+    default_run_config,
+    load_config_yaml,
+    resolve_config,
+    to_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_pyproject_lists_every_key_with_the_schema_default():
-    # Flower rejects overrides of keys absent from [tool.flwr.app.config]: keep them in step.
+def test_pyproject_lists_every_key_as_not_set():
+    # Flower rejects overrides of keys absent from [tool.flwr.app.config]; the defaults live in
+    # the schema only, so every key there is "" (not set).
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == default_run_config()
+    assert table == dict.fromkeys(default_run_config(), UNSET)
 
 
 def test_defaults_and_overrides():
     cfg = resolve_config({})
-    assert (cfg.depth, cfg.mask_ratio, cfg.num_rounds) == (4, 0.75, 20)
+    assert (cfg.model.depth, cfg.model.mask_ratio, cfg.num_rounds) == (4, 0.75, 20)
     cfg = resolve_config({"depth": 6, "rounds-per-stage": 2, "mask-ratio": 0.9})
-    assert (cfg.depth, cfg.rounds_per_stage, cfg.mask_ratio, cfg.num_rounds) == (6, 2, 0.9, 12)
+    assert (
+        cfg.model.depth,
+        cfg.schedule.rounds_per_stage,
+        cfg.model.mask_ratio,
+        cfg.num_rounds,
+    ) == (6, 2, 0.9, 12)
 
 
 def test_unknown_key_names_it_and_the_allowed_keys():
@@ -49,12 +63,33 @@ def test_bad_values_fail_with_key_and_allowed_values(override, pattern):
 
 def test_preset_sits_between_defaults_and_overrides():
     cfg = resolve_config({"preset": "smoke"})
-    assert cfg.depth == 2 and cfg.rounds_per_stage == 1
+    assert cfg.model.depth == 2 and cfg.schedule.rounds_per_stage == 1
     cfg = resolve_config({"preset": "smoke", "depth": 3})
-    assert cfg.depth == 3 and cfg.rounds_per_stage == 1
-    # Flower hands the app pyproject's defaults fused with overrides: defaults must not undo it.
-    fused = {**default_run_config(), "preset": "smoke"}
-    assert resolve_config(fused).depth == 2
+    assert cfg.model.depth == 3 and cfg.schedule.rounds_per_stage == 1
+    # Flower hands the app pyproject's table ("" = not set) fused with the overrides.
+    fused = {**dict.fromkeys(default_run_config(), UNSET), "preset": "smoke"}
+    assert resolve_config(fused).model.depth == 2
+
+
+def test_an_override_sets_a_key_back_to_the_schema_default_under_a_preset():
+    assert resolve_config({"preset": "smoke"}).model.depth == 2
+    fused = {**dict.fromkeys(default_run_config(), UNSET), "preset": "smoke", "depth": 4}
+    assert resolve_config(fused).model.depth == 4 == default_run_config()["depth"]
+
+
+def test_sections_hold_typed_values_and_enums_compare_as_their_strings():
+    cfg = resolve_config({"algorithm": "fedavg-mae", "lr": 1, "next-block-init": "copy"})
+    assert cfg.algorithm is Algorithm.FEDAVG_MAE and cfg.algorithm == "fedavg-mae"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.schedule.next_block_init == "copy"
+    with pytest.raises(ConfigError, match=r"'lr' in run-config: True. Expected type: float"):
+        resolve_config({"lr": True})
+
+
+def test_the_written_config_reads_back_equal(tmp_path):
+    cfg = resolve_config({"preset": "smoke", "mask-ratio": 0.5, "algorithm": "local"})
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert load_config_yaml(tmp_path / "config.yaml") == cfg
 
 
 def test_unknown_preset_lists_the_available_ones():
@@ -73,4 +108,4 @@ def test_readme_documents_every_key():
 )
 def test_every_shipped_preset_resolves_and_validates(preset, tmp_path):
     cfg = resolve_config({"preset": preset, "data-path": str(tmp_path)})
-    assert cfg.img_size % cfg.patch_size == 0
+    assert cfg.model.img_size % cfg.model.patch_size == 0

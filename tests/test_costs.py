@@ -31,7 +31,7 @@ def test_one_block_memory_is_flat_in_depth_and_below_full_depth():
     x = torch.randn(32, 1, 28, 28)
 
     def peak(num_blocks: int, frozen: int) -> int:
-        model = CascadeMAE(cfg, num_blocks, frozen)
+        model = CascadeMAE(cfg.model, num_blocks, frozen)
         _, activations = saved_activation_bytes(lambda: model(x)[0])
         trainable_state = training_state_bytes(model) - sum(
             p.numel() * 4 for p in model.parameters() if not p.requires_grad

@@ -50,7 +50,7 @@ def test_a_client_trains_on_the_gpu_and_replies_with_cpu_tensors(tiny_overrides)
     overrides = {**tiny_overrides, "device": "cuda", "crop-scale-min": 0.5,
                  "horizontal-flip": True}  # fmt: skip
     context = LocalGrid(4, overrides).contexts[1000]
-    model = CascadeMAE(resolve_config(overrides), num_blocks=2)
+    model = CascadeMAE(resolve_config(overrides).model, num_blocks=2)
     reply = client_app.train(message(model, 1, "v1", with_prefix=True), context, overrides)
     arrays, sent = reply.content["arrays"], model.state_dict()
     assert set(arrays) == {k for k in sent if active_key(k, 1)}

@@ -349,7 +349,7 @@ def test_labelled_subsets_are_capped_at_what_the_source_has():
 
     splits = DatasetSplits(image_set(50), image_set(30), (0.5,), (0.5,), num_classes=2)
     cfg = resolve_config({"probe-train-images": 400, "finetune-labels": 100, "test-images": 200})
-    sizes = {k: len(v) for k, v in labelled_subsets(cfg, splits).items()}
+    sizes = {k: len(v) for k, v in labelled_subsets(cfg.eval, splits, cfg.seed).items()}
     assert sizes == {"probe": 50, "finetune": 50, "test": 30}
 
 

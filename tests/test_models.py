@@ -83,7 +83,7 @@ def test_sincos_table_has_a_zero_class_row_and_distinct_positions():
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_active_and_prefix_keys_split_each_stage_model(cfg, stage):
-    state = CascadeMAE(cfg, num_blocks=stage + 1).state_dict()
+    state = CascadeMAE(cfg.model, num_blocks=stage + 1).state_dict()
     active = {k for k in state if active_key(k, stage)}
     prefix = {k for k in state if prefix_key(k, stage)}
     assert active | prefix == set(state) and not active & prefix
@@ -93,7 +93,7 @@ def test_active_and_prefix_keys_split_each_stage_model(cfg, stage):
 
 
 def test_frozen_prefix_gets_no_gradient(cfg):
-    model = CascadeMAE(cfg, num_blocks=3)
+    model = CascadeMAE(cfg.model, num_blocks=3)
     loss, _, _ = model(torch.randn(4, 1, 28, 28))
     loss.backward()
     for name, param in model.named_parameters():
@@ -103,15 +103,15 @@ def test_frozen_prefix_gets_no_gradient(cfg):
 
 
 def test_model_from_state_rejects_gaps(cfg):
-    state = initial_state(cfg, 0)
-    state.update(fresh_block_state(cfg, 2, 0))
+    state = initial_state(cfg.model, 0)
+    state.update(fresh_block_state(cfg.model, 2, 0))
     with pytest.raises(ValueError, match="contiguously"):
-        model_from_state(cfg, state)
+        model_from_state(cfg.model, state)
 
 
 def test_export_loads_in_timm_strictly_and_matches_features(cfg, tmp_path):
-    model = CascadeMAE(cfg, num_blocks=3).eval()
-    export_backbone(cfg, model.state_dict(), tmp_path)
+    model = CascadeMAE(cfg.model, num_blocks=3).eval()
+    export_backbone(cfg.model, model.state_dict(), tmp_path)
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["kwargs"]["depth"] == 3
     timm_model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
@@ -126,4 +126,4 @@ def test_export_loads_in_timm_strictly_and_matches_features(cfg, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert torch.allclose(pooled, ours[:, 1:].mean(1), atol=1e-6)
     assert pooled.shape == (2, 32)
-    assert create_timm_backbone(cfg, model.state_dict()).num_features == 32
+    assert create_timm_backbone(cfg.model, model.state_dict()).num_features == 32

@@ -26,7 +26,7 @@ from .conftest import LocalGrid
 
 
 def initial_arrays(cfg) -> ArrayRecord:
-    return ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg, cfg.seed).items()})
+    return ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()})
 
 
 def run_rounds(strategy, grid, arrays, rounds):
@@ -54,23 +54,23 @@ def test_full_run_grows_the_model_and_exchanges_only_active_tensors(setup):
     cfg, strategy, grid = setup
     result = strategy.start(grid, initial_arrays(cfg), num_rounds=cfg.num_rounds)
     blocks = {block_index(k) for k in result.arrays} - {None}
-    assert blocks == set(range(cfg.depth))
+    assert blocks == set(range(cfg.model.depth))
     assert len(strategy.round_log) == cfg.num_rounds
     for entry in strategy.round_log:
         stage = entry["stage"]
-        active = CascadeMAE(cfg, num_blocks=stage + 1).active_state()
+        active = CascadeMAE(cfg.model, num_blocks=stage + 1).active_state()
         expected_bytes = ArrayRecord({k: v.contiguous() for k, v in active.items()}).count_bytes()
-        assert entry["clients"] == cfg.clients_per_round
+        assert entry["clients"] == cfg.schedule.clients_per_round
         assert entry["bytes-up-per-client"] == expected_bytes
         assert entry["active-bytes"] == expected_bytes
         assert entry["bytes-up-per-client"] < entry["full-model-bytes"] or stage == 0
     for msg in grid.sent:
         stage = int(msg.content["config"]["stage"])
-        assert set(msg.content["arrays"]) == set(CascadeMAE(cfg, stage + 1).active_state())
+        assert set(msg.content["arrays"]) == set(CascadeMAE(cfg.model, stage + 1).active_state())
         # The prefix is never part of the per-round payload of stage 0.
         assert (PREFIX_KEY in msg.content) <= (stage > 0)
     # The prefix reaches a node at most once per stage.
-    for stage in range(1, cfg.depth):
+    for stage in range(1, cfg.model.depth):
         receivers = [
             m.metadata.dst_node_id
             for m in grid.sent
@@ -166,7 +166,7 @@ def test_evaluate_runs_only_at_stage_ends(setup):
     assert list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)) == []
     arrays = run_rounds(strategy, grid, arrays, [2])
     messages = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid))
-    assert len(messages) == cfg.evaluate_clients
+    assert len(messages) == cfg.schedule.evaluate_clients
     assert all(m.metadata.message_type == MessageType.EVALUATE for m in messages)
     metrics = strategy.aggregate_evaluate(2, grid.send_and_receive(messages))
     assert metrics is not None and metrics["eval-loss"] > 0

@@ -43,13 +43,15 @@ class SourceSpec:
     @classmethod
     def from_config(cls, cfg: FedMAEConfig, path: str | None = None) -> SourceSpec:
         return cls(
-            dataset=cfg.dataset if path is None else "imagefolder",
-            path=path or cfg.data_path or (DEFAULT_DIR if cfg.dataset == "fashion-mnist" else ""),
-            channels=cfg.in_chans,
-            size=cfg.img_size,
-            image_column=cfg.image_column,
-            label_column=cfg.label_column,
-            test_fraction=cfg.test_fraction,
+            dataset=cfg.data.dataset if path is None else "imagefolder",
+            path=path
+            or cfg.data.data_path
+            or (DEFAULT_DIR if cfg.data.dataset == "fashion-mnist" else ""),
+            channels=cfg.model.in_chans,
+            size=cfg.model.img_size,
+            image_column=cfg.data.image_column,
+            label_column=cfg.data.label_column,
+            test_fraction=cfg.data.test_fraction,
             seed=cfg.seed,
         )
 
@@ -112,13 +114,13 @@ def _partitions(spec: SourceSpec, cfg_key: tuple, num_partitions: int) -> list[t
 def partitions(cfg: FedMAEConfig, num_partitions: int) -> list[torch.Tensor]:
     """Training-set indices of every partition (seeded; identical in every process)."""
     key = (
-        cfg.partitioner,
-        cfg.dirichlet_alpha,
-        cfg.classes_per_partition,
-        cfg.shards_per_partition,
+        cfg.data.partitioner,
+        cfg.data.dirichlet_alpha,
+        cfg.data.classes_per_partition,
+        cfg.data.shards_per_partition,
         cfg.seed,
     )
-    return _partitions(SourceSpec.from_config(cfg), key, cfg.num_partitions or num_partitions)
+    return _partitions(SourceSpec.from_config(cfg), key, cfg.data.num_partitions or num_partitions)
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,12 @@ def load_node_data(
     """
     if node_data_path:
         splits = _load(SourceSpec.from_config(cfg, path=node_data_path))
-        train, heldout = _split_heldout(splits.train, cfg.heldout_fraction, cfg.seed)
+        train, heldout = _split_heldout(splits.train, cfg.data.heldout_fraction, cfg.seed)
         return NodeData(train, heldout, splits)
-    total = cfg.num_partitions or num_partitions
+    total = cfg.data.num_partitions or num_partitions
     if not 0 <= partition_id < total:
         raise ValueError(f"partition-id {partition_id} is outside [0, {total})")
     splits = load_dataset(cfg)
     local = splits.train.subset(partitions(cfg, num_partitions)[partition_id])
-    train, heldout = _split_heldout(local, cfg.heldout_fraction, cfg.seed + partition_id)
+    train, heldout = _split_heldout(local, cfg.data.heldout_fraction, cfg.seed + partition_id)
     return NodeData(train, heldout, splits)

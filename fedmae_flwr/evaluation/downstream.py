@@ -15,20 +15,19 @@ import torch
 from flwr.common import log
 from torch import Tensor, nn
 
-from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.config import EvalConfig
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
-from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.evaluation.linear_probe import knn_accuracy, linear_probe
 
 
-def labelled_subsets(cfg: FedMAEConfig, splits: DatasetSplits) -> dict[str, ImageSet]:
+def labelled_subsets(cfg: EvalConfig, splits: DatasetSplits, seed: int) -> dict[str, ImageSet]:
     """Seeded subsets: probe training images, fine-tuning labels (within them), test images.
 
     Each is capped at what the source has (``test-images`` 0 = the whole test set).
     """
-    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))
     probe = splits.train.subset(order[: cfg.probe_train_images])
     tune = splits.train.subset(order[: cfg.finetune_labels])
     num_test = min(cfg.test_images or len(splits.test), len(splits.test))
@@ -64,19 +63,25 @@ class _Flatten(nn.Module):
 
 
 def evaluate_backbones(
-    cfg: FedMAEConfig, splits: DatasetSplits, backbones: dict[str, nn.Module]
+    cfg: EvalConfig,
+    splits: DatasetSplits,
+    backbones: dict[str, nn.Module],
+    seed: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Linear-probe and fine-tuning top-1 (fractions) of each backbone, plus a pixel probe.
 
     Args:
+        cfg: the evaluation section (subset sizes, epochs, learning rates).
         backbones: name -> timm ViT returning ``[N, D]`` features (``num_classes=0``).
+        seed: seed of the labelled subsets, probe and fine-tuning.
+        device: where features are extracted and heads trained.
 
     Returns:
         ``{"linear-probe": {name: ProbeResult dict}, "finetune": {name: FinetuneResult dict},
         "protocol": {...}}``.
     """
-    device = resolve_device(cfg.device)
-    sets = labelled_subsets(cfg, splits)
+    sets = labelled_subsets(cfg, splits, seed)
     probe_x = splits.normalize(sets["probe"].images)
     test_x = splits.normalize(sets["test"].images)
     probe_y, test_y = sets["probe"].labels, sets["test"].labels
@@ -87,7 +92,7 @@ def evaluate_backbones(
         # The probe trains where its features are.
         return linear_probe(
             train_x.to(device), probe_y, test_x.to(device), test_y, splits.num_classes,
-            cfg.probe_epochs, seed=cfg.seed,
+            cfg.probe_epochs, seed=seed,
         )  # fmt: skip
 
     for name, backbone in candidates.items():
@@ -118,7 +123,7 @@ def evaluate_backbones(
                 splits.num_classes,
                 epochs=cfg.finetune_epochs,
                 lr=cfg.finetune_lr,
-                seed=cfg.seed,
+                seed=seed,
                 device=device,
                 layer_decay=cfg.finetune_layer_decay,
             )

@@ -12,7 +12,7 @@ import torch
 from timm.layers import LayerNorm, PatchEmbed
 from torch import Tensor, nn
 
-from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.config import ModelConfig
 from fedmae_flwr.models.mae import (
     MAEDecoder,
     init_weights,
@@ -58,7 +58,7 @@ def prefix_key(key: str, frozen_blocks: int) -> bool:
     return index is not None and index < frozen_blocks
 
 
-def build_decoder(cfg: FedMAEConfig) -> MAEDecoder:
+def build_decoder(cfg: ModelConfig) -> MAEDecoder:
     return MAEDecoder(
         cfg.embed_dim,
         cfg.num_patches,
@@ -74,15 +74,13 @@ class CascadeMAE(nn.Module):
     """A one-block-at-a-time MAE: ``num_blocks`` encoder blocks of which only the last trains.
 
     Args:
-        cfg: the run config (model shape, mask ratio, norm-pix).
+        cfg: the model section (shapes, mask ratio, norm-pix).
         num_blocks: encoder blocks present (``stage + 1`` in FedMAE).
         frozen_blocks: blocks (and, when > 0, the stem) frozen and run under ``torch.no_grad()``;
             default ``num_blocks - 1`` (FedMAE); 0 trains the whole MAE end to end (fedavg-mae).
     """
 
-    def __init__(
-        self, cfg: FedMAEConfig, num_blocks: int, frozen_blocks: int | None = None
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, frozen_blocks: int | None = None) -> None:
         super().__init__()
         if not 1 <= num_blocks <= cfg.depth:
             raise ValueError(f"num_blocks must be in [1, depth={cfg.depth}], got {num_blocks}")
@@ -180,7 +178,7 @@ class CascadeMAE(nn.Module):
         }
 
 
-def fresh_block_state(cfg: FedMAEConfig, index: int, seed: int) -> dict[str, Tensor]:
+def fresh_block_state(cfg: ModelConfig, index: int, seed: int) -> dict[str, Tensor]:
     """A freshly initialised encoder block ``index``, keyed ``blocks.<index>.*``."""
     torch.manual_seed(seed)
     block = vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
@@ -188,21 +186,21 @@ def fresh_block_state(cfg: FedMAEConfig, index: int, seed: int) -> dict[str, Ten
     return {f"blocks.{index}.{k}": v for k, v in block.state_dict().items()}
 
 
-def fresh_decoder_state(cfg: FedMAEConfig, seed: int) -> dict[str, Tensor]:
+def fresh_decoder_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     """A freshly initialised decoder, keyed ``decoder.*``."""
     torch.manual_seed(seed)
     decoder = build_decoder(cfg)
     return {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
 
 
-def initial_state(cfg: FedMAEConfig, seed: int) -> dict[str, Tensor]:
+def initial_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     """The stage-0 global model: stem, block 0, norm, decoder."""
     torch.manual_seed(seed)
     return CascadeMAE(cfg, num_blocks=1).state_dict()
 
 
 def model_from_state(
-    cfg: FedMAEConfig, state: dict[str, Tensor], frozen_blocks: int | None = None
+    cfg: ModelConfig, state: dict[str, Tensor], frozen_blocks: int | None = None
 ) -> CascadeMAE:
     """Build the cascade that matches ``state``'s blocks and load it strictly."""
     indices = {block_index(k) for k in state} - {None}

@@ -10,7 +10,7 @@ import timm
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fedmae_flwr.config import FedMAEConfig
+from fedmae_flwr.config import ModelConfig
 from fedmae_flwr.models.cascade import STEM_PREFIXES, block_index
 from fedmae_flwr.models.mae import sincos_pos_embed_2d
 
@@ -18,7 +18,7 @@ from fedmae_flwr.models.mae import sincos_pos_embed_2d
 TIMM_BASE_MODEL = "vit_tiny_patch16_224"
 
 
-def timm_kwargs(cfg: FedMAEConfig, depth: int | None = None) -> dict[str, Any]:
+def timm_kwargs(cfg: ModelConfig, depth: int | None = None) -> dict[str, Any]:
     """kwargs for ``timm.create_model(TIMM_BASE_MODEL, pretrained=False, **kwargs)``.
 
     ``global_pool='avg', fc_norm=False``: ``model(x)`` returns the final-norm'd patch tokens
@@ -38,7 +38,7 @@ def timm_kwargs(cfg: FedMAEConfig, depth: int | None = None) -> dict[str, Any]:
     }
 
 
-def timm_state_dict(cfg: FedMAEConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def timm_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The encoder part of a cascade state, in timm's key layout (position table included)."""
     grid = cfg.img_size // cfg.patch_size
     out = {
@@ -50,7 +50,7 @@ def timm_state_dict(cfg: FedMAEConfig, state: dict[str, Tensor]) -> dict[str, Te
     return out
 
 
-def create_timm_backbone(cfg: FedMAEConfig, state: dict[str, Tensor]) -> nn.Module:
+def create_timm_backbone(cfg: ModelConfig, state: dict[str, Tensor]) -> nn.Module:
     """A timm ViT holding the cascade's encoder (strict load: every key must match)."""
     depth = len({block_index(k) for k in state} - {None})
     model = timm.create_model(TIMM_BASE_MODEL, pretrained=False, **timm_kwargs(cfg, depth))
@@ -58,7 +58,7 @@ def create_timm_backbone(cfg: FedMAEConfig, state: dict[str, Tensor]) -> nn.Modu
     return model
 
 
-def export_backbone(cfg: FedMAEConfig, state: dict[str, Tensor], folder: str | Path) -> Path:
+def export_backbone(cfg: ModelConfig, state: dict[str, Tensor], folder: str | Path) -> Path:
     """Write ``backbone.safetensors`` + ``backbone.json`` (timm name and kwargs) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
