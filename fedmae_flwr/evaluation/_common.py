@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -87,21 +86,3 @@ def batched_accuracy(
         pred = logits.argmax(dim=1).cpu()
         correct += int((pred == y[start : start + batch_size].cpu()).sum())
     return correct / x.shape[0]
-
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed the global RNG (and ``device``'s, on CUDA) for a block; restore the caller's after.
-
-    Saved and restored by hand: ``torch.random.fork_rng`` with ``device_type='cpu'`` left the CPU
-    state zeroed on one PyTorch build (2.11 on a CUDA machine).
-    """
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)

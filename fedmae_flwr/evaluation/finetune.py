@@ -23,9 +23,9 @@ from fedmae_flwr.evaluation._common import (
     check_positive,
     cosine_lr,
     num_batches,
-    seeded_global_rng,
     shuffled_batches,
 )
+from fedmae_flwr.seeding import seeded_global_rng
 
 # MAE initializes the fine-tuning head with std 2e-5: the logits start at ~0, so the first,
 # warmup-sized steps do not push large random gradients back into the pretrained backbone.

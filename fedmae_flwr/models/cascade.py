@@ -22,6 +22,7 @@ from fedmae_flwr.models.mae import (
     sincos_pos_embed_2d,
     vit_block,
 )
+from fedmae_flwr.seeding import seeded_global_rng
 
 STEM_PREFIXES = ("patch_embed.", "cls_token")
 
@@ -180,23 +181,23 @@ class CascadeMAE(nn.Module):
 
 def fresh_block_state(cfg: ModelConfig, index: int, seed: int) -> dict[str, Tensor]:
     """A freshly initialised encoder block ``index``, keyed ``blocks.<index>.*``."""
-    torch.manual_seed(seed)
-    block = vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
-    block.apply(init_weights)
+    with seeded_global_rng(seed):
+        block = vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
+        block.apply(init_weights)
     return {f"blocks.{index}.{k}": v for k, v in block.state_dict().items()}
 
 
 def fresh_decoder_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     """A freshly initialised decoder, keyed ``decoder.*``."""
-    torch.manual_seed(seed)
-    decoder = build_decoder(cfg)
+    with seeded_global_rng(seed):
+        decoder = build_decoder(cfg)
     return {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
 
 
 def initial_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     """The stage-0 global model: stem, block 0, norm, decoder."""
-    torch.manual_seed(seed)
-    return CascadeMAE(cfg, num_blocks=1).state_dict()
+    with seeded_global_rng(seed):
+        return CascadeMAE(cfg, num_blocks=1).state_dict()
 
 
 def model_from_state(
