@@ -22,10 +22,7 @@ def test_derived_seeds_are_stable_distinct_per_purpose_and_fit_63_bits():
     assert len(seeds) == 4
     assert all(0 <= s < 2**63 for s in seeds)
     # A known value: the hash must not change between Python versions or processes.
-    assert (
-        derive_seed(0, "x")
-        == int.from_bytes(__import__("hashlib").sha256(b"0/x").digest()[:8], "big") >> 1
-    )
+    assert derive_seed(0, "x") == int.from_bytes(hashlib.sha256(b"0/x").digest()[:8], "big") >> 1
 
 
 def test_seeded_code_restores_the_callers_rng_state():
