@@ -5,7 +5,8 @@
   drawn from the pooled set: the same images seen per round as FedMAE, without averaging.
 - ``local``: a node alone (no federation) trains on its own partition every round.
 
-Both grow the cascade exactly as the FedMAE strategy does (its ``grow``), stage by stage.
+Both follow the FedMAE strategy's :class:`~fedmae_flwr.strategies.StagePlan` (its ``plan``):
+the same schedule, and the cascade grown the same way, stage by stage.
 """
 
 from __future__ import annotations
@@ -22,24 +23,24 @@ from fedmae_flwr.data import DatasetSplits, load_node_data
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import train_local
 from fedmae_flwr.models import initial_state, model_from_state
-from fedmae_flwr.strategies import FedMAE
+from fedmae_flwr.strategies import StagePlan
 
 RoundCallback = Callable[[int, ArrayRecord, dict[str, Any]], None]
 
 
 def _train_rounds(
     cfg: FedMAEConfig,
-    strategy: FedMAE,
+    plan: StagePlan,
     images_for_round: Callable[[int], Tensor],
     on_round: RoundCallback | None,
 ) -> ArrayRecord:
     device = resolve_device(cfg.device)
     arrays = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()})
-    for server_round in range(1, strategy.num_rounds + 1):
-        stage = strategy.stage_of(server_round)
-        arrays = strategy.grow(arrays, stage)
-        state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
-        model = model_from_state(cfg.model, state, frozen_blocks=strategy.frozen_blocks(server_round))
+    for server_round in range(1, plan.num_rounds + 1):
+        stage = plan.stage_of(server_round)
+        grown = plan.grow({k: v.numpy() for k, v in arrays.items()}, server_round)
+        state = {k: torch.from_numpy(v.copy()) for k, v in grown.items()}
+        model = model_from_state(cfg.model, state, frozen_blocks=plan.frozen_blocks(server_round))
         model.to(device)
         images = images_for_round(server_round)
         result = train_local(model, images, cfg.train, seed=cfg.seed * 1_000_003 + server_round)
@@ -52,6 +53,7 @@ def _train_rounds(
                 "clients": 1,
                 "sampled": 1,
                 "rejected": 0,
+                "prefix-missing": 0,
                 "examples": result.examples,
                 "train-loss": result.loss,
                 "train-seconds": result.seconds,
@@ -66,7 +68,7 @@ def _train_rounds(
 
 def centralized_pretraining(
     cfg: FedMAEConfig,
-    strategy: FedMAE,
+    plan: StagePlan,
     splits: DatasetSplits,
     num_nodes: int,
     on_round: RoundCallback | None = None,
@@ -74,19 +76,22 @@ def centralized_pretraining(
     """One model on the pooled training set, ``clients-per-round`` partitions' worth per round."""
     pooled = splits.normalize(splits.train.images)
     per_round = round(
-        cfg.schedule.clients_per_round * len(pooled) * (1 - cfg.data.heldout_fraction) / max(num_nodes, 1)
+        cfg.schedule.clients_per_round
+        * len(pooled)
+        * (1 - cfg.data.heldout_fraction)
+        / max(num_nodes, 1)
     )
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def images_for_round(_: int) -> Tensor:
         return pooled[torch.randperm(len(pooled), generator=generator)[:per_round]]
 
-    return _train_rounds(cfg, strategy, images_for_round, on_round)
+    return _train_rounds(cfg, plan, images_for_round, on_round)
 
 
 def local_pretraining(
     cfg: FedMAEConfig,
-    strategy: FedMAE,
+    plan: StagePlan,
     partition_id: int,
     num_nodes: int,
     on_round: RoundCallback | None = None,
@@ -94,4 +99,4 @@ def local_pretraining(
     """Node ``partition_id`` alone: every round is a round on its own training images."""
     data = load_node_data(cfg, partition_id, num_nodes)
     images = data.splits.normalize(data.train.images)
-    return _train_rounds(cfg, strategy, lambda _: images, on_round)
+    return _train_rounds(cfg, plan, lambda _: images, on_round)

@@ -52,8 +52,9 @@ from fedmae_flwr.run_outputs import (
 from fedmae_flwr.strategies import FedMAE
 
 
-def build_strategy(cfg: FedMAEConfig) -> FedMAE:
-    """The FedMAE strategy the config describes (block and decoder inits seeded per stage)."""
+def build_strategy(cfg: FedMAEConfig, first_round: int = 1) -> FedMAE:
+    """The FedMAE strategy the config describes (block and decoder inits seeded per stage),
+    starting with ``first_round`` (> 1: resuming after round ``first_round - 1``)."""
     return FedMAE(
         depth=cfg.model.depth,
         rounds_per_stage=cfg.schedule.rounds_per_stage,
@@ -71,6 +72,7 @@ def build_strategy(cfg: FedMAEConfig) -> FedMAE:
         min_available_nodes=cfg.schedule.min_available_clients or cfg.schedule.clients_per_round,
         fraction_evaluate=1.0 if cfg.schedule.evaluate_clients else 0.0,
         progressive=cfg.algorithm != "fedavg-mae",
+        first_round=first_round,
     )
 
 
@@ -108,14 +110,23 @@ class RoundRecorder:
         if server_round == 0:
             self.last_time = time.perf_counter()
             return None
-        return self.record(server_round, arrays, self.strategy.round_log[-1])
+        # Flower's start() keeps its Result (where the train MetricRecord of each round lands)
+        # to itself until the run ends, and calls evaluate_fn(round, arrays) right after the
+        # round's aggregate_train/aggregate_evaluate. So the round's record comes from the
+        # strategy's documented `last_round_metrics` (the MetricRecord aggregate_train just
+        # returned, the one Result.train_metrics_clientapp keeps): no re-implemented start(),
+        # no wrapped hooks, nothing else of the strategy read.
+        round_row = self.strategy.last_round_metrics
+        if round_row is None or round_row.get("round") != server_round:
+            raise RuntimeError(f"no train record of round {server_round} from the strategy")
+        return self.record(server_round, arrays, dict(round_row.items()))
 
     def record(self, server_round: int, arrays: ArrayRecord, round_row: dict) -> MetricRecord:
         row: dict[str, Any] = dict(round_row)
         row["seconds"] = time.perf_counter() - self.last_time
         metrics = MetricRecord()
-        if self.strategy.is_stage_end(server_round):
-            stage = self.strategy.stage_of(server_round)
+        if self.strategy.plan.is_stage_end(server_round):
+            stage = self.strategy.plan.stage_of(server_round)
             model = model_from_state(self.cfg.model, torch_state(arrays)).to(self.device)
             report = evaluate_reconstruction(
                 model, self.eval_images, self.splits, seed=self.cfg.seed
@@ -227,13 +238,12 @@ def pretrain(
     """
     if cfg.algorithm in ("fedmae", "fedavg-mae"):
         if checkpoint is None:
-            first_round = 1
             initial = ArrayRecord(
                 {k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()}
             )
-        else:
-            first_round, initial = checkpoint[0] + 1, checkpoint[1]
-        if first_round > cfg.num_rounds:  # the crash came after the last round's checkpoint
+        else:  # the strategy was built to start after it: build_strategy(cfg, first_round)
+            initial = checkpoint[1]
+        if strategy.first_round > cfg.num_rounds:  # the crash came after the last checkpoint
             return [torch_state(initial)]
         result = strategy.start(
             grid=grid,
@@ -241,18 +251,21 @@ def pretrain(
             num_rounds=cfg.num_rounds,
             train_config=ConfigRecord(),
             evaluate_fn=recorder,
-            first_round=first_round,
         )
         return [torch_state(result.arrays)]
     num_nodes = cfg.data.num_partitions or len(list(grid.get_node_ids()))
     if cfg.algorithm == "centralized":
         return [
-            torch_state(centralized_pretraining(cfg, strategy, splits, num_nodes, recorder.record))
+            torch_state(
+                centralized_pretraining(cfg, strategy.plan, splits, num_nodes, recorder.record)
+            )
         ]
     if cfg.algorithm == "local":
         return [
             torch_state(
-                local_pretraining(cfg, strategy, i, num_nodes, recorder.record if i == 0 else None)
+                local_pretraining(
+                    cfg, strategy.plan, i, num_nodes, recorder.record if i == 0 else None
+                )
             )
             for i in range(min(cfg.local_clients, num_nodes))
         ]
@@ -279,7 +292,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
         log(INFO, "resume: no checkpoint under %s, starting fresh", folder)
     outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
     splits = load_dataset(cfg)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, first_round=checkpoint[0] + 1 if checkpoint else 1)
     recorder = RoundRecorder(cfg, strategy, outputs, splits)
     partition_summary = report_partitions(cfg, grid, splits, outputs)
     states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)

@@ -1,4 +1,4 @@
-"""FedMAE strategy: stage schedule, partial exchange, prefix caching and re-send, bad replies.
+"""FedMAE strategy: stage schedule, partial exchange, prefix caching, bad replies, resume, sampling.
 
 Strategy and client handlers are the real ones; messages travel through conftest.LocalGrid.
 """
@@ -11,6 +11,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -21,6 +22,7 @@ from fedmae_flwr.config import resolve_config
 from fedmae_flwr.models import CascadeMAE, block_index, initial_state
 from fedmae_flwr.server_app import build_strategy
 from fedmae_flwr.strategies import PREFIX_KEY
+from fedmae_flwr.strategies.sampling import wait_for_nodes
 
 from .conftest import LocalGrid
 
@@ -30,10 +32,13 @@ def initial_arrays(cfg) -> ArrayRecord:
 
 
 def run_rounds(strategy, grid, arrays, rounds):
+    """Train ``rounds`` as Flower's start() would; returns the arrays and each round's record."""
+    records = []
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
-    return arrays
+        arrays, record = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        records.append(record)
+    return arrays, records
 
 
 @pytest.fixture
@@ -44,26 +49,39 @@ def setup(tiny_overrides):
 
 def test_schedule():
     cfg = resolve_config({"depth": 3, "rounds-per-stage": 4})
-    strategy = build_strategy(cfg)
-    assert strategy.num_rounds == 12
-    assert [strategy.stage_of(r) for r in (1, 4, 5, 8, 9, 12)] == [0, 0, 1, 1, 2, 2]
-    assert [r for r in range(1, 13) if strategy.is_stage_end(r)] == [4, 8, 12]
+    plan = build_strategy(cfg).plan
+    assert plan.num_rounds == 12
+    assert [plan.stage_of(r) for r in (1, 4, 5, 8, 9, 12)] == [0, 0, 1, 1, 2, 2]
+    assert [r for r in range(1, 13) if plan.is_stage_end(r)] == [4, 8, 12]
 
 
 def test_full_run_grows_the_model_and_exchanges_only_active_tensors(setup):
     cfg, strategy, grid = setup
-    result = strategy.start(grid, initial_arrays(cfg), num_rounds=cfg.num_rounds)
+    seen = []
+    result = strategy.start(
+        grid,
+        initial_arrays(cfg),
+        evaluate_fn=lambda r, _: seen.append((r, strategy.last_round_metrics)),
+    )
     blocks = {block_index(k) for k in result.arrays} - {None}
     assert blocks == set(range(cfg.model.depth))
-    assert len(strategy.round_log) == cfg.num_rounds
-    for entry in strategy.round_log:
+    records = result.train_metrics_clientapp
+    assert list(records) == list(range(1, cfg.num_rounds + 1))
+    # evaluate_fn sees each round's record right after the round, as Result keeps it
+    assert [(r, m["round"] if m else None) for r, m in seen] == [(0, None)] + [
+        (r, r) for r in records
+    ]
+    assert all(dict(m.items()) == dict(records[r].items()) for r, m in seen if r)
+    for entry in records.values():
         stage = entry["stage"]
         active = CascadeMAE(cfg.model, num_blocks=stage + 1).active_state()
         expected_bytes = ArrayRecord({k: v.contiguous() for k, v in active.items()}).count_bytes()
         assert entry["clients"] == cfg.schedule.clients_per_round
+        assert (entry["rejected"], entry["prefix-missing"]) == (0, 0)
         assert entry["bytes-up-per-client"] == expected_bytes
         assert entry["active-bytes"] == expected_bytes
         assert entry["bytes-up-per-client"] < entry["full-model-bytes"] or stage == 0
+        assert entry["train-loss"] > 0
     for msg in grid.sent:
         stage = int(msg.content["config"]["stage"])
         assert set(msg.content["arrays"]) == set(CascadeMAE(cfg.model, stage + 1).active_state())
@@ -81,29 +99,32 @@ def test_full_run_grows_the_model_and_exchanges_only_active_tensors(setup):
 
 def test_trained_block_is_frozen_after_its_stage(setup):
     cfg, strategy, grid = setup
-    arrays = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2])
+    arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2])
     block0 = {k: v.numpy().copy() for k, v in arrays.items() if k.startswith("blocks.0.")}
-    arrays = run_rounds(strategy, grid, arrays, [3, 4])
+    arrays, _ = run_rounds(strategy, grid, arrays, [3, 4])
     assert all(np.array_equal(arrays[k].numpy(), v) for k, v in block0.items())
     assert any(k.startswith("blocks.1.") for k in arrays)
 
 
-def test_node_that_lost_its_prefix_gets_it_again_in_the_same_round(setup):
-    cfg, strategy, grid = setup
-    arrays = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2, 3])  # stage 1 began
-    holders = {m.metadata.dst_node_id for m in grid.sent if PREFIX_KEY in m.content}
-    for node in holders:  # every holder restarts and loses Context.state
+def test_node_that_lost_its_prefix_sits_out_the_round_and_rejoins_with_it(tiny_overrides):
+    overrides = {**tiny_overrides, "rounds-per-stage": 3, "clients-per-round": 6}
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(6, overrides)
+    arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2, 3, 4])  # stage 1 began
+    lost = sorted(grid.contexts)[:3]
+    for node in lost:  # these nodes restart and lose Context.state
         grid.contexts[node].state = RecordDict()
     sent_before = len(grid.sent)
-    strategy.num_train_nodes = len(grid.contexts)  # sample every node, holders included
-    run_rounds(strategy, grid, arrays, [4])
-    entry = strategy.round_log[-1]
-    assert entry["clients"] == len(grid.contexts)  # nobody lost
-    round4 = [m.metadata.dst_node_id for m in grid.sent[sent_before:]]
-    resent_to = {n for n in round4 if round4.count(n) == 2}
-    assert resent_to == holders
-    # first sends to the 3 non-holders + re-sends to the 3 holders
-    assert entry["prefix-sends"] == len(grid.contexts)
+    arrays, [round5] = run_rounds(strategy, grid, arrays, [5])
+    assert (round5["clients"], round5["prefix-missing"], round5["rejected"]) == (3, 3, 0)
+    assert round5["prefix-sends"] == 0  # the server believed every node held it
+    round5_sent = grid.sent[sent_before:]
+    assert sorted(m.metadata.dst_node_id for m in round5_sent) == sorted(grid.contexts)  # once
+    _, [round6] = run_rounds(strategy, grid, arrays, [6])
+    assert (round6["clients"], round6["prefix-missing"]) == (6, 0)
+    assert round6["prefix-sends"] == 3
+    round6_sent = grid.sent[sent_before + len(round5_sent) :]
+    assert sorted(m.metadata.dst_node_id for m in round6_sent if PREFIX_KEY in m.content) == lost
 
 
 def test_bad_replies_are_rejected_and_the_round_goes_on(setup):
@@ -122,8 +143,7 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(setup):
 
     grid.tamper = corrupt
     before = initial_arrays(cfg)
-    arrays = run_rounds(strategy, grid, before, [1])
-    entry = strategy.round_log[-1]
+    arrays, [entry] = run_rounds(strategy, grid, before, [1])
     assert (entry["rejected"], entry["clients"]) == (2, 1)
     assert all(np.isfinite(v.numpy()).all() for v in arrays.values())
     assert set(arrays) == set(before)
@@ -136,37 +156,84 @@ def test_error_and_empty_replies_do_not_crash(setup):
     empty = Message(
         RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=messages[1]
     )
-    from flwr.app import Error
-
     failed = Message(Error(code=0, reason="node crashed"), reply_to=messages[2])
-    arrays, _ = strategy.aggregate_train(1, [*replies, empty, failed])
-    entry = strategy.round_log[-1]
+    arrays, entry = strategy.aggregate_train(1, [*replies, empty, failed])
     assert (entry["clients"], entry["rejected"]) == (1, 1)
     assert arrays is not None
 
 
-def test_next_block_copy_and_decoder_reset(tiny_overrides):
-    cfg = resolve_config(
-        {**tiny_overrides, "next-block-init": "copy", "decoder-per-stage": "reset"}
-    )
-    strategy = build_strategy(cfg)
-    arrays = initial_arrays(cfg)
-    grown = strategy.grow(arrays, stage=1)
-    for key in (k for k in arrays if k.startswith("blocks.0.")):
-        assert np.array_equal(
-            grown[key.replace("blocks.0.", "blocks.1.")].numpy(), arrays[key].numpy()
-        )
-    decoder_keys = [k for k in arrays if k.startswith("decoder.")]
-    assert any(not np.array_equal(grown[k].numpy(), arrays[k].numpy()) for k in decoder_keys)
-
-
 def test_evaluate_runs_only_at_stage_ends(setup):
     cfg, strategy, grid = setup
-    arrays = run_rounds(strategy, grid, initial_arrays(cfg), [1])
+    arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1])
     assert list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)) == []
-    arrays = run_rounds(strategy, grid, arrays, [2])
+    arrays, _ = run_rounds(strategy, grid, arrays, [2])
     messages = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid))
     assert len(messages) == cfg.schedule.evaluate_clients
     assert all(m.metadata.message_type == MessageType.EVALUATE for m in messages)
     metrics = strategy.aggregate_evaluate(2, grid.send_and_receive(messages))
     assert metrics is not None and metrics["eval-loss"] > 0
+
+
+def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny_overrides):
+    overrides = {**tiny_overrides, "evaluate-clients": 0}
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg, first_round=3), LocalGrid(6, overrides)
+    seen = []
+    result = strategy.start(
+        grid, initial_arrays(cfg), evaluate_fn=lambda r, _: seen.append(r) or None
+    )
+    assert strategy.first_round == 3
+    assert seen == [0, 3, 4]
+    assert list(result.train_metrics_clientapp) == [3, 4]
+    assert [m["round"] for m in result.train_metrics_clientapp.values()] == [3, 4]
+    assert {int(m.content["config"]["server-round"]) for m in grid.sent} == {3, 4}
+    assert {block_index(k) for k in result.arrays} - {None} == {0, 1}
+    # a new server cannot know what the nodes hold: round 3's nodes all get the prefix
+    assert result.train_metrics_clientapp[3]["prefix-sends"] == cfg.schedule.clients_per_round
+    with pytest.raises(ValueError, match="past the last round"):
+        build_strategy(cfg, first_round=5).start(grid, initial_arrays(cfg))
+    with pytest.raises(ValueError, match="first_round"):
+        build_strategy(cfg, first_round=0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Nodes:
+    """A grid stand-in whose connected nodes grow with a clock."""
+
+    def __init__(self, clock: FakeClock, joins: dict[float, int]) -> None:
+        self.clock, self.joins = clock, joins
+
+    def get_node_ids(self):
+        n = max(count for t, count in self.joins.items() if t <= self.clock.now)
+        return [100 + i for i in reversed(range(n))]
+
+
+def test_node_wait_rechecks_every_second_and_gives_up_with_a_clear_error():
+    clock = FakeClock()
+    grid = Nodes(clock, {0.0: 1, 2.5: 2})
+    with pytest.raises(RuntimeError) as err:
+        wait_for_nodes(grid, wanted=3, timeout=5.0, sleep=clock.sleep, clock=lambda: clock.now)
+    assert clock.sleeps == [1.0] * 5
+    message = str(err.value)
+    assert "2 nodes connected but 3 needed" in message
+    assert "clients-per-round" in message and "min-available-clients" in message
+    clock = FakeClock()
+    grid = Nodes(clock, {0.0: 1, 2.5: 3})
+    nodes = wait_for_nodes(grid, 3, 300.0, sleep=clock.sleep, clock=lambda: clock.now)
+    assert nodes == [100, 101, 102] and clock.now == 3.0
+
+
+def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overrides):
+    cfg = resolve_config(tiny_overrides)  # 3 clients per round
+    strategy = build_strategy(cfg)
+    strategy.node_wait_timeout = 0.0
+    with pytest.raises(RuntimeError, match="2 nodes connected but 3 needed"):
+        strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(2, {}))

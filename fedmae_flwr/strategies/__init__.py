@@ -1,5 +1,14 @@
-"""The FedMAE strategy plugin: ``from fedmae_flwr.strategies import FedMAE``."""
+"""The FedMAE strategy plugin: ``from fedmae_flwr.strategies import FedMAE``.
 
-from fedmae_flwr.strategies.fedmae import PREFIX_KEY, PREFIX_MISSING, FedMAE, StageSchedule
+- :mod:`.fedmae`: the strategy (Flower Message API, on FedAvg).
+- :mod:`.stage_plan`: schedule, model growth and active/prefix split, shared with the baselines.
+- :mod:`.replies`: reply validation; :mod:`.prefix_cache`: which node holds which prefix;
+  :mod:`.accounting`: the per-round record; :mod:`.sampling`: seeded sampling, bounded wait.
+"""
 
-__all__ = ["PREFIX_KEY", "PREFIX_MISSING", "FedMAE", "StageSchedule"]
+from fedmae_flwr.strategies.fedmae import FedMAE
+from fedmae_flwr.strategies.prefix_cache import PREFIX_KEY
+from fedmae_flwr.strategies.replies import PREFIX_MISSING
+from fedmae_flwr.strategies.stage_plan import StagePlan
+
+__all__ = ["PREFIX_KEY", "PREFIX_MISSING", "FedMAE", "StagePlan"]

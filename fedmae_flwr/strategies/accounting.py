@@ -1,0 +1,63 @@
+"""The per-round record of a train round: schedule, participation, bytes each way, client metrics.
+
+It is the MetricRecord ``FedMAE.aggregate_train`` returns, so Flower stores it in
+``Result.train_metrics_clientapp[round]``; the app writes it as the round's ``metrics.jsonl``
+line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import MetricRecord
+
+from fedmae_flwr.strategies.replies import Triage
+
+
+@dataclass(frozen=True)
+class SentRound:
+    """What ``configure_train`` sent in one round."""
+
+    server_round: int
+    stage: int
+    sampled: int  # nodes sent a train message
+    active_bytes: int  # the trained tensors, sent to each sampled node
+    prefix_bytes: int  # the frozen prefix, sent to ``prefix_sends`` of them
+    prefix_sends: int
+    full_model_bytes: int
+
+
+def round_record(
+    sent: SentRound, replies: Triage, client_metrics: MetricRecord, weight_key: str
+) -> MetricRecord:
+    """The round's record: ``sent`` and what came back, then the aggregated client metrics.
+
+    Keys: round, stage, sampled, active-bytes, prefix-bytes, prefix-sends, full-model-bytes,
+    clients (sound replies with examples), rejected, prefix-missing, examples,
+    bytes-up-per-client (mean over those clients), bytes-down-per-client (mean over the sampled
+    nodes, prefix copies included), and the client metrics (e.g. train-loss) unless they clash.
+    """
+    up = [next(iter(r.array_records.values())).count_bytes() for r in replies.sound]
+    down = sent.active_bytes * sent.sampled + sent.prefix_bytes * sent.prefix_sends
+    record = MetricRecord(
+        {
+            "round": sent.server_round,
+            "stage": sent.stage,
+            "sampled": sent.sampled,
+            "active-bytes": sent.active_bytes,
+            "prefix-bytes": sent.prefix_bytes,
+            "prefix-sends": sent.prefix_sends,
+            "full-model-bytes": sent.full_model_bytes,
+            "clients": len(replies.sound),
+            "rejected": replies.rejected,
+            "prefix-missing": len(replies.prefix_missing),
+            "examples": float(
+                sum(next(iter(r.metric_records.values()))[weight_key] for r in replies.sound)  # type: ignore[misc]
+            ),
+            "bytes-up-per-client": sum(up) / len(up) if up else 0.0,
+            "bytes-down-per-client": down / max(sent.sampled, 1),
+        }
+    )
+    for key, value in client_metrics.items():
+        record.setdefault(key, value)
+    return record

@@ -1,0 +1,49 @@
+"""Seeded node sampling with a bounded wait for enough connected nodes.
+
+Flower's own sampling draws from node ids in arrival order with an unseeded ``random``; here a
+round's sample depends only on ``(seed, kind, round)`` and the sorted node ids, so a resumed run
+samples as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.common import log
+from flwr.serverapp import Grid
+
+
+def wait_for_nodes(
+    grid: Grid,
+    wanted: int,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[int]:
+    """The sorted ids of connected nodes once at least ``wanted`` are; re-checks every second.
+
+    Raises:
+        RuntimeError: fewer than ``wanted`` nodes after ``timeout`` seconds.
+    """
+    deadline = clock() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < wanted:
+        left = deadline - clock()
+        if left <= 0:
+            raise RuntimeError(
+                f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
+                f"{timeout:g} s. Start more nodes, or lower the run-config keys "
+                "`clients-per-round` / `min-available-clients` (and `evaluate-clients`)."
+            )
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
+        sleep(min(1.0, left))
+    return nodes
+
+
+def seeded_sample(
+    nodes: list[int], count: int, seed: int, kind: str, server_round: int
+) -> list[int]:
+    """``count`` of ``nodes`` (sorted ids), drawn from ``(seed, kind, server_round)`` alone."""
+    return random.Random(f"{seed}-{kind}-{server_round}").sample(nodes, count)

@@ -1,0 +1,123 @@
+"""The FedMAE stage plan: which stage a round is in, how the model grows, what is trained.
+
+Pure and free of Flower and of the run config: the FedMAE strategy and the baselines trained
+in the ServerApp (``centralized``, ``local``: :mod:`fedmae_flwr.baselines`) follow one plan, so
+every algorithm grows the same cascade on the same schedule.
+
+- Schedule: K stages of R rounds; round ``r`` (1-based) is in stage ``(r - 1) // R``.
+- Progressive (FedMAE): in stage ``s`` blocks ``0..s-1`` (and the stem) are frozen and block
+  ``s`` trains; end to end (``fedavg-mae``): all K blocks are present and train every round.
+- Growth: a model is grown to the blocks its round needs by appending blocks, each freshly
+  initialised or copied from the block before it, optionally resetting the decoder per block.
+- Split: :func:`fedmae_flwr.models.cascade.active_key` / ``prefix_key`` decide which tensors
+  train (and travel every round) and which form the frozen prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from fedmae_flwr.models.cascade import active_key, block_index, prefix_key
+
+StateFactory = Callable[[int], Mapping[str, np.ndarray]]
+V = TypeVar("V")
+
+
+def num_blocks(keys: Iterable[str]) -> int:
+    """Encoder blocks present among parameter names (``blocks.<i>.*``)."""
+    return len({block_index(k) for k in keys} - {None})
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Schedule, growth and active/prefix split of a FedMAE run.
+
+    Args:
+        depth: K, blocks of the final backbone (= number of stages).
+        rounds_per_stage: R; a run has ``depth * rounds_per_stage`` rounds.
+        new_block: ``index -> {"blocks.<index>.*": ndarray}``, a freshly initialised block.
+        new_decoder: ``index -> {"decoder.*": ndarray}``, a fresh decoder for the stage that
+            adds block ``index``; needed when ``decoder_per_stage='reset'``.
+        progressive: True for FedMAE's one-block stages; False trains all ``depth`` blocks end
+            to end every round (``fedavg-mae``), on the same schedule.
+        next_block_init: ``"fresh"`` (``new_block``) or ``"copy"`` (of the block before).
+        decoder_per_stage: ``"keep"`` the trained decoder or ``"reset"`` it with each new block.
+    """
+
+    depth: int
+    rounds_per_stage: int
+    new_block: StateFactory = field(repr=False, compare=False)
+    new_decoder: StateFactory | None = field(default=None, repr=False, compare=False)
+    progressive: bool = True
+    next_block_init: str = "fresh"
+    decoder_per_stage: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.rounds_per_stage < 1:
+            raise ValueError(
+                f"depth and rounds_per_stage must be >= 1, got {self.depth}, "
+                f"{self.rounds_per_stage}"
+            )
+        if self.next_block_init not in ("fresh", "copy"):
+            raise ValueError(
+                f"next_block_init must be 'fresh' or 'copy', got {self.next_block_init!r}"
+            )
+        if self.decoder_per_stage not in ("keep", "reset"):
+            raise ValueError(
+                f"decoder_per_stage must be 'keep' or 'reset', got {self.decoder_per_stage!r}"
+            )
+        if self.decoder_per_stage == "reset" and self.new_decoder is None:
+            raise ValueError("decoder_per_stage='reset' needs a new_decoder factory")
+
+    # --- schedule -----------------------------------------------------------------------------
+    @property
+    def num_rounds(self) -> int:
+        return self.depth * self.rounds_per_stage
+
+    def stage_of(self, server_round: int) -> int:
+        return (server_round - 1) // self.rounds_per_stage
+
+    def is_stage_end(self, server_round: int) -> bool:
+        return server_round % self.rounds_per_stage == 0
+
+    def frozen_blocks(self, server_round: int) -> int:
+        """Blocks frozen on the nodes: the finished ones when progressive, none end to end."""
+        return self.stage_of(server_round) if self.progressive else 0
+
+    def blocks_at(self, server_round: int) -> int:
+        """Blocks the model holds in ``server_round``."""
+        return self.stage_of(server_round) + 1 if self.progressive else self.depth
+
+    # --- model growth -------------------------------------------------------------------------
+    def grow(self, state: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
+        """``state`` with the blocks ``server_round`` needs appended (a new dict; ``state`` is
+        not modified, and tensors that do not change are the same objects)."""
+        grown = dict(state)
+        for index in range(num_blocks(grown), self.blocks_at(server_round)):
+            if self.next_block_init == "copy":
+                src = f"blocks.{index - 1}."
+                block = {
+                    f"blocks.{index}.{k[len(src) :]}": np.array(v, copy=True)
+                    for k, v in grown.items()
+                    if k.startswith(src)
+                }
+            else:
+                block = dict(self.new_block(index))
+            grown.update(block)
+            if self.decoder_per_stage == "reset" and self.new_decoder is not None:
+                grown.update(self.new_decoder(index))
+        return grown
+
+    # --- what trains ----------------------------------------------------------------------------
+    def split(self, state: Mapping[str, V], server_round: int) -> tuple[dict[str, V], dict[str, V]]:
+        """``(active, prefix)``: the tensors trained in ``server_round`` (sent, returned and
+        averaged every round) and the frozen prefix (stem + finished blocks; empty in stage 0
+        and end to end)."""
+        frozen = self.frozen_blocks(server_round)
+        active = {k: v for k, v in state.items() if active_key(k, frozen)}
+        prefix = {k: v for k, v in state.items() if prefix_key(k, frozen)}
+        return active, prefix
