@@ -23,6 +23,7 @@ from fedmae_flwr.data import DatasetSplits, load_node_data
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import train_local
 from fedmae_flwr.models import initial_state, model_from_state
+from fedmae_flwr.seeding import derive_seed
 from fedmae_flwr.strategies import StagePlan
 
 RoundCallback = Callable[[int, ArrayRecord, dict[str, Any]], None]
@@ -35,7 +36,12 @@ def _train_rounds(
     on_round: RoundCallback | None,
 ) -> ArrayRecord:
     device = resolve_device(cfg.device)
-    arrays = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, cfg.seed).items()})
+    arrays = ArrayRecord(
+        {
+            k: v.contiguous()
+            for k, v in initial_state(cfg.model, derive_seed(cfg.seed, "initial-model")).items()
+        }
+    )
     for server_round in range(1, plan.num_rounds + 1):
         stage = plan.stage_of(server_round)
         grown = plan.grow({k: v.numpy() for k, v in arrays.items()}, server_round)
@@ -43,7 +49,9 @@ def _train_rounds(
         model = model_from_state(cfg.model, state, frozen_blocks=plan.frozen_blocks(server_round))
         model.to(device)
         images = images_for_round(server_round)
-        result = train_local(model, images, cfg.train, seed=cfg.seed * 1_000_003 + server_round)
+        result = train_local(
+            model, images, cfg.train, seed=derive_seed(cfg.seed, "baseline-train", server_round)
+        )
         state.update(model.active_state())
         arrays = ArrayRecord({k: v.detach().contiguous() for k, v in state.items()})
         if on_round is not None:
@@ -81,7 +89,7 @@ def centralized_pretraining(
         * (1 - cfg.data.heldout_fraction)
         / max(num_nodes, 1)
     )
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "pooled-sample"))
 
     def images_for_round(_: int) -> Tensor:
         return pooled[torch.randperm(len(pooled), generator=generator)[:per_round]]

@@ -19,6 +19,7 @@ from fedmae_flwr.data import NodeData, load_node_data
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import reconstruction_loss, train_local
 from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
+from fedmae_flwr.seeding import derive_seed
 from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
 
 STATE_PREFIX = "fedmae-prefix"
@@ -74,7 +75,7 @@ def _seed(cfg: FedMAEConfig, msg: Message, context: Context) -> int:
     server_round = int(msg.content["config"]["server-round"])
     # The partition id is stable across runs (node ids are random per simulation run).
     node = int(context.node_config.get("partition-id", context.node_id))
-    return cfg.seed * 1_000_003 + server_round * 10_007 + node
+    return derive_seed(cfg.seed, "client-train", server_round, node)
 
 
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:

@@ -217,6 +217,14 @@ class ScheduleConfig:
     min_available_clients: int = _opt(0, "Nodes to wait for before a round; 0 = clients-per-round.")
     next_block_init: NextBlockInit = _opt(NextBlockInit.FRESH, "Init of the next stage's block.")
     decoder_per_stage: DecoderPerStage = _opt(DecoderPerStage.KEEP, "Decoder at a stage change.")
+    node_wait_timeout: float = _opt(
+        300.0,
+        "Seconds a round waits for enough connected nodes; then the run fails naming the counts.",
+    )
+    round_timeout: float = _opt(
+        3600.0,
+        "Seconds a round waits for replies; nodes that have not replied by then are left out.",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -226,6 +234,8 @@ class ScheduleConfig:
                 "clients_per_round": AT_LEAST_1,
                 "evaluate_clients": AT_LEAST_0,
                 "min_available_clients": AT_LEAST_0,
+                "node_wait_timeout": POSITIVE,
+                "round_timeout": POSITIVE,
             },
         )
 
