@@ -111,3 +111,24 @@ def test_a_node_with_an_empty_partition_replies_with_zero_examples(tiny_override
     )
     assert reply.content["metrics"]["num-examples"] == 0
     assert set(reply.content["arrays"]) == {k for k in model.state_dict() if active_key(k, 0)}
+
+
+def test_a_run_config_value_reaches_the_optimizer(tiny_overrides, monkeypatch):
+    """--run-config lr -> cfg.train.lr (resolve_config) -> train_local -> AdamW: three hops."""
+    import torch
+
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(params, **kwargs):
+        optimizer = real_adamw(params, **kwargs)
+        seen.append([(group["lr"], group["weight_decay"]) for group in optimizer.param_groups])
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    overrides = {**tiny_overrides, "lr": 0.0123, "weight-decay": 0.07}
+    context = LocalGrid(4, overrides).contexts[1002]
+    model = CascadeMAE(resolve_config(overrides).model, num_blocks=1)
+    client_app.train(message(model, 0, "", with_prefix=False), context, overrides)
+    # MAE's grouping: biases and norms without weight decay, the rest with the configured one.
+    assert sorted(seen[0]) == [(0.0123, 0.0), (0.0123, 0.07)]
