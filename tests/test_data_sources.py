@@ -15,16 +15,11 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
-from fedmae_flwr.data import huggingface as hf
-from fedmae_flwr.data.decode import (
-    DecodeStats,
-    channel_stats,
-    decode_file,
-    split_train_test,
-    to_uint8_chw,
-)
+from fedmae_flwr.data import hub
+from fedmae_flwr.data.decode import DecodeStats, decode_file, to_uint8_chw
 from fedmae_flwr.data.huggingface import load_hf_dataset
 from fedmae_flwr.data.imagefolder import load_image_folder
+from fedmae_flwr.data.images import channel_stats, split_train_test
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +99,7 @@ def class_folder(tmp_path: Path) -> Path:
 
 def test_class_folder_counts_shapes_and_labels(class_folder: Path) -> None:
     splits, stats = load_image_folder(class_folder, 3, 32, test_fraction=0.5, seed=0)
-    assert (stats.loaded, stats.skipped) == (8, 4)
+    assert (stats.loaded, stats.skipped) == (8, 4) == (splits.loaded, splits.skipped)
     skipped = {Path(entry.split(": ")[0]).name for entry in stats.skipped_files}
     assert skipped == {"trunc.jpg", "zero.png", "text.jpg", "trunc.png"}
     assert any("truncated" in entry for entry in stats.skipped_files if "trunc" in entry)
@@ -158,8 +153,33 @@ def test_missing_and_undecodable_folders(tmp_path: Path) -> None:
     write(tmp_path / "bad" / "x.png", b"")
     write(tmp_path / "bad" / "y.jpg", b"text")
     write(tmp_path / "bad" / "z.txt", b"text")
-    with pytest.raises(ValueError, match=r"bad.*tried 2 files, skipped 2.*jpg jpeg png"):
+    with pytest.raises(ValueError, match=r"bad.*tried 2 images, skipped 2.*jpg jpeg png"):
         load_image_folder(tmp_path / "bad", 3, 8)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"No image file in image folder .*empty"):
+        load_image_folder(tmp_path / "empty", 3, 8)
+
+
+def test_corrupt_file_among_good_ones_is_skipped_and_counted(tmp_path: Path) -> None:
+    for i in range(4):
+        write(tmp_path / "ds" / "a" / f"{i}.png", encoded(rng_image("RGB", (20, 20), i), "PNG"))
+    good = encoded(rng_image("RGB", (20, 20), 9), "JPEG")
+    write(tmp_path / "ds" / "a" / "cut.jpg", good[: len(good) // 3])
+    splits, stats = load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)
+    assert (len(splits.train), len(splits.test)) == (4, 0)
+    assert (splits.loaded, splits.skipped) == (4, 1)
+    assert stats.skipped_files[0].startswith(str(tmp_path / "ds" / "a" / "cut.jpg"))
+
+
+def test_hidden_folders_and_classes_without_images_are_ignored(tmp_path: Path) -> None:
+    image = encoded(rng_image("RGB", (20, 20), 0), "PNG")
+    write(tmp_path / "ds" / "b" / "0.png", image)
+    write(tmp_path / "ds" / "b" / ".ipynb_checkpoints" / "0.png", image)
+    write(tmp_path / "ds" / "c" / "deeper" / "1.png", image)
+    write(tmp_path / "ds" / "a" / "readme.txt", b"no images: no class")
+    splits, stats = load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)
+    assert stats.loaded == 2 and splits.num_classes == 2
+    assert splits.train.labels.tolist() == [0, 1]  # b = 0, c = 1: 'a' shifts no index
 
 
 def test_sixteen_bit_and_float_scale_by_range(tmp_path: Path) -> None:
@@ -303,18 +323,38 @@ def test_hf_column_detection(tmp_path: Path) -> None:
     assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, 0, 1]
 
 
-def test_hf_local_image_folder_goes_through_federated_dataset(
-    class_folder: Path, isolated_hf: Path
-) -> None:
-    # HF's builder (unlike torchvision) takes loose files too, and then infers no labels.
-    (class_folder / "loose.png").unlink()
-    splits, stats = load_hf_dataset(str(class_folder), 3, 32, test_fraction=0.5)
-    # Hidden and non-image files are left out by the builder too: the same 8 + 4 files.
-    assert (stats.loaded, stats.skipped) == (8, 4)
-    assert splits.num_classes == 2
-    assert torch.bincount(torch.cat([splits.train.labels, splits.test.labels])).tolist() == [4, 4]
-    assert splits.train.images.shape[1:] == (3, 32, 32)
-    assert list(isolated_hf.iterdir()) == []  # the builder's temporary Arrow cache is gone
+def test_hf_labels_strings_span_splits_and_missing_test_labels(tmp_path: Path) -> None:
+    string = Features({"image": datasets.Image(), "label": Value("string")})
+    train = Dataset.from_dict({"image": hf_rows(2, 0), "label": ["b", "a"]}, features=string)
+    test = Dataset.from_dict({"image": hf_rows(1, 5), "label": ["c"]}, features=string)
+    DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "s")
+    splits, _ = load_hf_dataset(str(tmp_path / "s"), 3, 8)
+    assert splits.num_classes == 3  # the vocabulary is taken over both splits
+    assert (splits.train.labels.tolist(), splits.test.labels.tolist()) == ([1, 0], [2])
+
+    ints = Features({"image": datasets.Image(), "label": Value("int64")})
+    train = Dataset.from_dict({"image": hf_rows(2, 0), "label": [4, 1]}, features=ints)
+    test = Dataset.from_dict({"image": hf_rows(2, 5)}, features=Features({"image": ints["image"]}))
+    DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "i")
+    splits, _ = load_hf_dataset(str(tmp_path / "i"), 3, 8)
+    assert splits.num_classes == 5 and splits.test.labels.tolist() == [-1, -1]
+
+
+def test_hf_plain_image_folder_points_to_imagefolder(class_folder: Path) -> None:
+    """One loader for folders of image files: the imagefolder source's."""
+    with pytest.raises(ValueError, match=r"not one written by save_to_disk.*'imagefolder'"):
+        load_hf_dataset(str(class_folder), 3, 32)
+
+
+def test_hub_path_loads_the_splits_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path (FederatedDataset -> datasets.load_dataset), offline on a local repo."""
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda: "")  # no HEAD request from the tests
+    for split, n in (("train", 3), ("validation", 2)):
+        for i in range(n):
+            write(tmp_path / "repo" / split / f"{i}.png", encoded(rng_image("L", (9, 9), i), "PNG"))
+    data = hub.load_hub_dataset(str(tmp_path / "repo"), "train")
+    assert {name: len(split) for name, split in data.items()} == {"train": 3, "validation": 2}
+    assert isinstance(data["train"].features["image"], datasets.Image)
 
 
 def test_hf_offline_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,8 +375,8 @@ def test_hf_offline_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hf_unreachable_hub_falls_back_to_cache_then_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(hf, "_offline_requested", lambda: False)
-    monkeypatch.setattr(hf, "_hub_unreachable", lambda: "huggingface.co: ConnectError: no route")
+    monkeypatch.setattr(hub, "_offline_requested", lambda: False)
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda: "huggingface.co: ConnectError: no route")
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"org/ds.*no route.*save_to_disk.*imagefolder"):
         load_hf_dataset("org/ds", 3, 32)

@@ -13,7 +13,6 @@ only its own folder (all of it is the node's partition).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -70,13 +69,13 @@ def _load(spec: SourceSpec) -> DatasetSplits:
     if spec.dataset == "imagefolder":
         from fedmae_flwr.data.imagefolder import load_image_folder
 
-        splits, stats = load_image_folder(
+        return load_image_folder(
             spec.path, spec.channels, spec.size, test_fraction=spec.test_fraction, seed=spec.seed
-        )
-    elif spec.dataset == "huggingface":
+        )[0]
+    if spec.dataset == "huggingface":
         from fedmae_flwr.data.huggingface import load_hf_dataset
 
-        splits, stats = load_hf_dataset(
+        return load_hf_dataset(
             spec.path,
             spec.channels,
             spec.size,
@@ -84,10 +83,8 @@ def _load(spec: SourceSpec) -> DatasetSplits:
             label_column=spec.label_column,
             seed=spec.seed,
             test_fraction=spec.test_fraction,
-        )
-    else:
-        raise ValueError(f"Unknown dataset '{spec.dataset}'.")
-    return dataclasses.replace(splits, loaded=stats.loaded, skipped=stats.skipped)
+        )[0]
+    raise ValueError(f"Unknown dataset '{spec.dataset}'.")
 
 
 def load_dataset(cfg: FedMAEConfig) -> DatasetSplits:
@@ -96,31 +93,40 @@ def load_dataset(cfg: FedMAEConfig) -> DatasetSplits:
 
 
 @functools.cache
-def _partitions(spec: SourceSpec, cfg_key: tuple, num_partitions: int) -> list[torch.Tensor]:
-    partitioner, alpha, classes, shards, seed = cfg_key
+def _partitions(
+    spec: SourceSpec,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    classes_per_partition: int,
+    shards_per_partition: int,
+) -> list[torch.Tensor]:
     labels = _load(spec).train.labels.numpy()
     parts = partition_indices(
         labels,
         num_partitions,
         partitioner,
         alpha,
-        seed,
-        classes_per_partition=classes,
-        shards_per_partition=shards,
+        spec.seed,
+        classes_per_partition=classes_per_partition,
+        shards_per_partition=shards_per_partition,
     )
     return [torch.from_numpy(p) for p in parts]
 
 
 def partitions(cfg: FedMAEConfig, num_partitions: int) -> list[torch.Tensor]:
-    """Training-set indices of every partition (seeded; identical in every process)."""
-    key = (
-        cfg.data.partitioner,
+    """Training-set indices of every partition (seeded; identical in every process).
+
+    ``num_partitions`` (the number of nodes) is used when the config's ``num-partitions`` is 0.
+    """
+    return _partitions(
+        SourceSpec.from_config(cfg),
+        cfg.data.num_partitions or num_partitions,
+        str(cfg.data.partitioner),
         cfg.data.dirichlet_alpha,
         cfg.data.classes_per_partition,
         cfg.data.shards_per_partition,
-        cfg.seed,
     )
-    return _partitions(SourceSpec.from_config(cfg), key, cfg.data.num_partitions or num_partitions)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Decode image files of any PIL mode into uint8 ``[C, size, size]`` tensors, skipping bad ones.
 
-Shared by the image-folder and Hugging Face sources: every image goes through
-:func:`to_uint8_chw` (mode -> 1 or 3 channels, shorter side resized to ``size`` with antialiased
-bicubic, centre crop), and a file that cannot be decoded is counted and skipped (never fatal), so
-one corrupt file in 100,000 does not stop a run.
+Shared by the image-folder and Hugging Face sources. The steps are torchvision's
+(``transforms.v2``): ``Grayscale(1)`` or ``RGB()``, ``Resize(size)`` (shorter side, bicubic,
+antialiased), ``CenterCrop(size)``, ``PILToTensor``; before them only what those do not cover
+(transparency, 16-bit and float modes) is brought to 8 bits. A file that cannot be decoded is
+counted and skipped (never fatal), so one corrupt file in 100,000 does not stop a run.
 
 Truncated files must fail: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default
 (False) and never set here, so a cut-off JPEG or PNG raises on ``load()`` instead of returning a
@@ -12,14 +13,16 @@ half-grey image.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +31,15 @@ import torch
 from flwr.common import log
 from PIL import Image, ImageOps
 from torch import Tensor
+from torchvision.transforms import InterpolationMode, v2
+
+from fedmae_flwr.data.images import ImageSet
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DecodeStats",
-    "channel_stats",
     "decode_file",
-    "decode_many",
-    "decode_source",
-    "split_train_test",
+    "decode_train_test",
     "to_uint8_chw",
 ]
 
@@ -47,9 +50,8 @@ IMAGE_EXTENSIONS = (
 MAX_LOGGED_SKIPS = 20
 # Images decoded per submission to the thread pool: bounds the encoded bytes held at once.
 CHUNK = 256
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# Modes with an alpha band (or palette transparency) that are composited over black.
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA", "P")
+# 16-bit modes ("I" is how older Pillow opened 16-bit PNGs): scaled to 8 bits by the type's range.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 @dataclass
@@ -76,111 +78,82 @@ class DecodeStats:
         if count == MAX_LOGGED_SKIPS:
             log(WARNING, "%d images skipped; further skips are counted but not logged", count)
 
-    def add_loaded(self, n: int = 1) -> None:
+    def add_loaded(self) -> None:
         with self._lock:
-            self.loaded += n
+            self.loaded += 1
 
     def summary(self) -> str:
         return f"{self.loaded} images decoded, {self.skipped} skipped"
 
 
-def _alpha_over_black(rgba: np.ndarray) -> np.ndarray:
-    """Composite ``[..., bands + alpha]`` uint8 over black: ``round(c * a / 255)``."""
-    color = rgba[..., :-1].astype(np.uint32)
-    alpha = rgba[..., -1:].astype(np.uint32)
-    return ((color * alpha + 127) // 255).astype(np.uint8)
+def _as_8_bit(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> an 8-bit mode without alpha that ``Grayscale`` / ``RGB`` convert as PIL does.
+
+    Transparent pixels (alpha, or a palette's transparent index) are composited over black:
+    their hidden colour is arbitrary (often garbage), and black is what the alpha-weighted colour
+    sums to. 16-bit images keep their contrast (``x >> 8``, as ``ToDtype(uint8, scale=True)``)
+    instead of clipping at 255; float images (mode F) are taken to be in [0, 1].
+    """
+    if image.mode == "La":  # premultiplied, which PIL converts to RGBA only via LA
+        image = image.convert("LA")
+    if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        black = Image.new("RGBA", image.size, "black")
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda x: x / 256).convert("L")
+    if image.mode == "F":
+        return image.point(lambda x: x * 255).convert("L")  # convert clamps to 0..255
+    return image
 
 
-def _to_l_or_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> ``L`` or ``RGB`` (8 bit), keeping the information the mode carries."""
-    mode = image.mode
-    if mode in ("L", "RGB"):
-        return image
-    if mode == "1":
-        return image.convert("L")
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        # 16-bit (and 'I', which older Pillow used for 16-bit PNGs): map 0..65535 to 0..255 by
-        # the type's range (x / 257), not clipping, so a bright 16-bit image stays bright.
-        array = np.asarray(image).astype(np.float64)
-        return Image.fromarray(np.rint(np.clip(array, 0, 65535) / 257.0).astype(np.uint8), "L")
-    if mode == "F":
-        # Float images are taken to be in [0, 1]; any other range is stretched per image so the
-        # image keeps its contrast instead of saturating.
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        lo, hi = float(array.min()), float(array.max())
-        if lo < 0.0 or hi > 1.0:
-            array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
-        return Image.fromarray(np.rint(array * 255.0).astype(np.uint8), "L")
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        # Transparent pixels become black (premultiplied alpha): their hidden colour is
-        # arbitrary (often garbage) and black is what the alpha-weighted colour sums to.
-        if mode in ("LA", "La"):
-            return Image.fromarray(_alpha_over_black(np.asarray(image.convert("LA")))[..., 0])
-        return Image.fromarray(_alpha_over_black(np.asarray(image.convert("RGBA"))))
-    # CMYK, YCbCr, LAB, HSV, I;16 variants PIL converts itself, ...
-    return image.convert("RGB")
+@functools.cache
+def _transform(channels: int, size: int) -> v2.Compose:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    # All on the PIL image until the last step: PIL converts and resamples with the GIL released
+    # for the decode threads, and no small torch kernel competes for the intra-op threads.
+    return v2.Compose(
+        [
+            v2.Grayscale(1) if channels == 1 else v2.RGB(),
+            v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            v2.PILToTensor(),
+        ]
+    )
 
 
 def to_uint8_chw(image: Image.Image, channels: int, size: int) -> Tensor:
-    """Any PIL image -> uint8 ``[channels, size, size]``.
+    """Any PIL image -> uint8 ``[channels, size, size]``: shorter side to ``size``, centre crop.
 
-    Modes: ``1``/``L`` as is; 16-bit (``I;16*``, ``I``) scaled by 1/257; float ``F`` taken as
-    [0, 1] (stretched per image when outside); ``RGBA``/``LA``/``P`` with transparency
-    composited over **black**; ``CMYK``/``YCbCr``/... via PIL's RGB conversion. ``channels=1``
-    is PIL's ITU-R 601-2 luminance, ``channels=3`` RGB (grey replicated).
-
-    Geometry as torchvision's ``Resize(size)`` + ``CenterCrop(size)``: the shorter side becomes
-    ``size`` (bicubic, antialiased on downscale), then the centre square is kept. Done in one
-    PIL ``resize`` with a source ``box`` so only the kept square is resampled.
+    ``channels=1`` is PIL's luminance (ITU-R 601-2 weights), ``channels=3`` RGB (grey
+    replicated). Modes as :func:`_as_8_bit`.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    image = _to_l_or_rgb(image)
-    target = "L" if channels == 1 else "RGB"
-    if image.mode != target:
-        image = image.convert(target)
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValueError(f"empty image {width}x{height}")
-    side = min(width, height)
-    left, top = (width - side) / 2.0, (height - side) / 2.0
-    image = image.resize(
-        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
-    )
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # owned, writable, contiguous
+    return _transform(channels, size)(_as_8_bit(image))
 
 
-def _as_file_or_image(source: Any) -> Image.Image | str | os.PathLike | io.BytesIO:
-    """Normalise a source: path, bytes, HF ``{'bytes', 'path'}`` dict, PIL image or array."""
+def _open_image(source: Any, channels: int, size: int) -> Image.Image:
+    """A fully loaded PIL image from a path, bytes, HF ``{'bytes', 'path'}`` dict, PIL image or
+    array (an array-valued column, e.g. HF ``Array3D``)."""
     if isinstance(source, dict):
         data, path = source.get("bytes"), source.get("path")
         if data is None and not path:
             raise ValueError("row holds neither image bytes nor a path")
         source = data if data is not None else path
     if isinstance(source, bytes | bytearray | memoryview):
-        return io.BytesIO(bytes(source))
-    if isinstance(source, Image.Image | str | os.PathLike):
-        return source
-    array = np.asarray(source)  # an array-valued column (e.g. HF Array3D)
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
-
-
-def _decode(fp: Any, channels: int, size: int) -> Tensor:
-    """Open an (open) file object or take a PIL image, load it fully, convert."""
-    image = fp if isinstance(fp, Image.Image) else Image.open(fp)
+        source = io.BytesIO(bytes(source))
+    elif isinstance(source, str | os.PathLike):
+        # Read into memory: no handle left open, even for multi-frame files PIL would keep open.
+        source = io.BytesIO(Path(source).read_bytes())
+    elif not isinstance(source, Image.Image):
+        source = Image.fromarray(np.clip(np.asarray(source), 0, 255).astype(np.uint8))
+    image = source if isinstance(source, Image.Image) else Image.open(source)
     # JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT, far faster than full size then resize;
     # draft never goes below the requested size, so the shorter side stays >= size.
     if image.format == "JPEG":
         image.draft("L" if channels == 1 else "RGB", (size, size))
     image.load()  # Decode now, inside the caller's try: truncated data raises here.
     # Camera photos store their rotation in EXIF (HF datasets' Image feature applies it too).
-    image = ImageOps.exif_transpose(image)
-    return to_uint8_chw(image, channels, size)
+    return ImageOps.exif_transpose(image)
 
 
 def decode_source(
@@ -192,16 +165,9 @@ def decode_source(
     skip, not an error: one bad file should not end a federated run.
     """
     try:
-        source = _as_file_or_image(source)
-        if isinstance(source, str | os.PathLike):
-            # Our own handle, closed even for multi-frame files PIL would keep open.
-            with open(source, "rb") as f:
-                tensor = _decode(f, channels, size)
-        else:
-            tensor = _decode(source, channels, size)
+        tensor = to_uint8_chw(_open_image(source, channels, size), channels, size)
     except Exception as e:  # every decoder failure is a skip, by design
-        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        stats.skip(name, reason)
+        stats.skip(name, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         return None
     stats.add_loaded()
     return tensor
@@ -215,36 +181,29 @@ def decode_file(path: str | Path, channels: int, size: int, stats: DecodeStats) 
 def default_workers() -> int:
     """Threads for decoding: PIL releases the GIL while decoding and resampling."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
     except AttributeError:  # pragma: no cover - not on Linux
         cpus = os.cpu_count() or 1
     return max(1, min(16, cpus))
 
 
-def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, n)):
-        yield chunk
-
-
-def decode_many(
+def _decode_all(
     sources: Iterable[tuple[str, Any]],
     total: int,
     channels: int,
     size: int,
     stats: DecodeStats,
-    num_workers: int = 0,
+    num_workers: int,
 ) -> tuple[Tensor, list[int]]:
-    """Decode ``(name, source)`` pairs in a thread pool into one uint8 ``[K, C, size, size]``.
+    """Decode ``(name, source)`` pairs into one uint8 ``[K, C, size, size]`` and the index of
+    each kept pair.
 
-    ``total`` bounds the number of pairs: the output is allocated once (no stacking copy, which
-    would double peak memory), and sources are consumed ``CHUNK`` at a time so encoded bytes from a
-    Hugging Face table are never all in memory. Returns the images and, for each, the index of its
-    pair (skipped pairs are left out).
+    The output is allocated once for ``total`` pairs (stacking would double peak memory) and the
+    pairs are consumed ``CHUNK`` at a time, so encoded bytes of a Hugging Face table are never
+    all in memory.
     """
     out = torch.empty((total, channels, size, size), dtype=torch.uint8)
     kept: list[int] = []
-    workers = num_workers or default_workers()
 
     def work(item: tuple[int, tuple[str, Any]]) -> int | None:
         index, (name, source) = item
@@ -254,8 +213,9 @@ def decode_many(
         out[index].copy_(tensor)
         return index
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for chunk in _chunks(enumerate(sources), CHUNK):
+    numbered = enumerate(sources)
+    with ThreadPoolExecutor(max_workers=num_workers or default_workers()) as pool:
+        while chunk := list(itertools.islice(numbered, CHUNK)):
             if chunk[-1][0] >= total:
                 raise ValueError(f"more than total={total} sources")
             kept.extend(i for i in pool.map(work, chunk) if i is not None)
@@ -266,48 +226,43 @@ def decode_many(
     return out[: len(kept)], kept
 
 
-def channel_stats(images: Tensor, chunk: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 ``[N, C, H, W]`` in [0, 1] units.
+def decode_train_test(
+    sources: Iterable[tuple[str, Any]],
+    labels: Tensor,
+    num_train: int,
+    channels: int,
+    size: int,
+    description: str,
+    num_workers: int = 0,
+) -> tuple[ImageSet, ImageSet, DecodeStats]:
+    """Decode ``(name, source)`` pairs, the first ``num_train`` of them training images, into a
+    train and a test :class:`ImageSet` (views of one buffer: no copy of all images).
 
-    Exact and memory-safe: a 256-bin histogram per channel is accumulated over chunks of
-    ``chunk`` images (no float copy of the set; ~4x faster than float sums on CPU), and the
-    moments come from the histogram. A constant channel gets std 1.0 (not 0), so normalising
-    never divides by zero.
+    Args:
+        sources: One pair per entry of ``labels``, train pairs first.
+        labels: ``[N]`` int64 label of each pair (``-1``: unlabelled).
+        num_train: How many leading pairs are training images.
+        channels, size: Output ``[channels, size, size]`` per image.
+        description: The source, in the log line and in errors.
+        num_workers: Decoding threads; 0 = one per available CPU (at most 16).
+
+    Raises:
+        ValueError: No training image decodes.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
+    stats = DecodeStats()
+    start = time.perf_counter()
+    images, kept = _decode_all(sources, len(labels), channels, size, stats, num_workers)
+    seconds = time.perf_counter() - start
+    num_train_kept = sum(1 for i in kept if i < num_train)
+    if num_train_kept == 0:
+        first = "; ".join(stats.skipped_files[:3])
         raise ValueError(
-            f"need a non-empty uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}"
+            f"No decodable training image in {description}: tried {len(labels)} images, "
+            f"skipped {stats.skipped}{f' (first: {first})' if first else ''}."
         )
-    channels = images.shape[1]
-    hist = torch.zeros(channels, 256, dtype=torch.float64)
-    for start in range(0, len(images), chunk):
-        part = images[start : start + chunk]
-        for c in range(channels):
-            hist[c] += torch.bincount(part[:, c].reshape(-1), minlength=256).to(torch.float64)
-    values = torch.arange(256, dtype=torch.float64) / 255.0
-    count = hist.sum(dim=1)
-    mean = (hist * values).sum(dim=1) / count
-    std = ((hist * values.square()).sum(dim=1) / count - mean.square()).clamp_min(0.0).sqrt()
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def split_train_test(labels: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded, per-label (stratified) split of indices: ``round(n * test_fraction)`` of each label.
-
-    Unlabelled sets (all ``-1``) form one group. The same ``labels``, fraction and seed always
-    give the same split.
-    """
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        num_test = round(len(members) * test_fraction)
-        test.append(members[:num_test])
-        train.append(members[num_test:])
-    train_idx = torch.cat(train).sort().values if train else torch.empty(0, dtype=torch.long)
-    test_idx = torch.cat(test).sort().values if test else torch.empty(0, dtype=torch.long)
-    return train_idx, test_idx
+    rate = len(labels) / max(seconds, 1e-9)
+    log(INFO, "%s: %s in %.1f s (%.0f images/s)", description, stats.summary(), seconds, rate)
+    labels = labels[torch.tensor(kept, dtype=torch.long)]
+    train = ImageSet(images[:num_train_kept], labels[:num_train_kept])
+    test = ImageSet(images[num_train_kept:], labels[num_train_kept:])
+    return train, test, stats

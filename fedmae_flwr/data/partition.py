@@ -160,33 +160,28 @@ def make_partitioner(
     raise ValueError(f"partitioner: unknown '{name}'. Allowed: {', '.join(PARTITIONERS)}.")
 
 
-def _index_column(table: Dataset) -> np.ndarray:
-    """The ``index`` column as one int64 array.
+def _read_partitions(part: Partitioner) -> list[np.ndarray]:
+    """The ``index`` column of every partition, through the public ``load_partition``.
 
-    A slice of a numpy-formatted column is read in one Arrow batch; ``np.asarray(table["index"])``
-    would iterate a datasets 4 ``Column`` row by row (seconds for 60,000 rows).
+    Each ``load_partition`` is a ``Dataset.select``, which hashes its index list for the
+    dataset fingerprint: ~1-3 s for 60,000 images (label partitioners), once per process since
+    the partitions are cached. A numpy-formatted slice reads the column in one Arrow batch;
+    ``np.asarray(ds["index"])`` would iterate a datasets 4 ``Column`` row by row.
     """
-    return np.asarray(table.with_format("numpy")["index"][:], dtype=np.int64)
-
-
-def read_partitions(part: Partitioner, fast: bool = True) -> list[np.ndarray]:
-    """The ``index`` column of every partition of ``part`` (whose dataset is already set).
-
-    ``load_partition(i)`` costs a ``Dataset.select`` per partition, and ``select`` hashes its
-    whole index list with dill for the dataset fingerprint: ~3 s for 60,000 images in
-    pathological mode. The label-based partitioners keep the same lists in
-    ``_partition_id_to_indices`` (rows of ``part.dataset``, which ShardPartitioner replaces by
-    its label-sorted copy), so ``fast`` maps those through the ``index`` column in one NumPy
-    gather: exactly what ``load_partition(i)["index"]`` returns. It falls back to
-    ``load_partition`` when the attribute is missing (a future flwr-datasets); a test compares
-    both paths.
-    """
-    num_partitions = part.num_partitions  # public property: also runs the assignment
-    mapping = getattr(part, "_partition_id_to_indices", None) if fast else None
-    if isinstance(mapping, dict) and len(mapping) == num_partitions:
-        index_col = _index_column(part.dataset)
-        return [index_col[np.asarray(mapping[i], dtype=np.int64)] for i in range(num_partitions)]
-    return [_index_column(part.load_partition(i)) for i in range(num_partitions)]
+    with warnings.catch_warnings():
+        # PathologicalPartitioner's own "classes will NOT be used" warning names a parameter
+        # that does not exist (first_class_deterministic_assignment); partition_indices' is
+        # accurate.
+        warnings.filterwarnings("ignore", message=r"Classes: .* will NOT be used")
+        # pyarrow >= 25 deprecates the null_placement that ShardPartitioner's sort passes on;
+        # the labels have no nulls, so it changes nothing here.
+        warnings.filterwarnings(
+            "ignore", message=r"Specifying null_placement", category=FutureWarning
+        )
+        return [
+            np.asarray(part.load_partition(i).with_format("numpy")["index"][:], dtype=np.int64)
+            for i in range(part.num_partitions)
+        ]
 
 
 def partition_indices(
@@ -198,7 +193,6 @@ def partition_indices(
     *,
     classes_per_partition: int = 2,
     shards_per_partition: int = 2,
-    fast: bool = True,
 ) -> list[np.ndarray]:
     """Indices into ``labels`` of each partition; the same arguments give the same split.
 
@@ -211,8 +205,6 @@ def partition_indices(
         seed: Seed (>= 0) of the table shuffle and of the partitioner's generator.
         classes_per_partition: Distinct classes per partition (``pathological`` only).
         shards_per_partition: Shards per partition (``shards`` only).
-        fast: Read the partitioner's index table directly (see :func:`read_partitions`);
-            ``False`` goes through ``load_partition`` only (slower, same result).
 
     Returns:
         ``num_partitions`` disjoint int64 index arrays. They cover every index for ``iid`` and
@@ -223,53 +215,30 @@ def partition_indices(
     contiguous blocks, and the label-based ones take contiguous runs within a class.
     """
     labels = np.asarray(labels)
-    validate_partition_args(
-        labels,
-        num_partitions,
-        partitioner,
-        alpha,
-        seed,
-        classes_per_partition=classes_per_partition,
-        shards_per_partition=shards_per_partition,
+    options = dict(
+        classes_per_partition=classes_per_partition, shards_per_partition=shards_per_partition
     )
+    validate_partition_args(labels, num_partitions, partitioner, alpha, seed, **options)
     # The same permutation as ``Dataset.shuffle(seed=seed)`` (default_rng(seed).permutation),
     # applied before building the table: no index map to flatten with ``map`` (~0.4 s), and the
     # partitioners' full-column label reads take datasets' batched path.
     order = np.random.default_rng(int(seed)).permutation(len(labels))
-    table = Dataset.from_dict({"index": order, "label": labels[order].astype(np.int64)})
-    part = make_partitioner(
-        partitioner,
-        num_partitions,
-        alpha,
-        seed,
-        classes_per_partition=classes_per_partition,
-        shards_per_partition=shards_per_partition,
-    )
-    part.dataset = table
-    with warnings.catch_warnings():
-        # PathologicalPartitioner's own "classes will NOT be used" warning names a parameter
-        # that does not exist (first_class_deterministic_assignment); ours below is accurate.
-        warnings.filterwarnings("ignore", message=r"Classes: .* will NOT be used")
-        # pyarrow >= 25 deprecates the null_placement that ShardPartitioner's sort passes on;
-        # the labels have no nulls, so it changes nothing here.
-        warnings.filterwarnings(
-            "ignore", message=r"Specifying null_placement", category=FutureWarning
+    part = make_partitioner(partitioner, num_partitions, alpha, seed, **options)
+    part.dataset = Dataset.from_dict({"index": order, "label": labels[order].astype(np.int64)})
+    try:
+        parts = _read_partitions(part)
+    except ValueError as err:
+        raise ValueError(
+            f"partitioner '{partitioner}' cannot split {len(labels)} images into "
+            f"num-partitions={num_partitions} (classes-per-partition="
+            f"{classes_per_partition}, shards-per-partition={shards_per_partition}): {err}"
+        ) from err
+    left_out = len(labels) - sum(len(p) for p in parts)
+    if partitioner == "pathological" and left_out:
+        warnings.warn(
+            f"partitioner 'pathological': {left_out} of {len(labels)} images are in no "
+            f"partition (num-partitions={num_partitions} is below the number of classes, "
+            f"so some classes were drawn by no partition)",
+            stacklevel=2,
         )
-        try:
-            parts = read_partitions(part, fast=fast)
-        except ValueError as err:
-            raise ValueError(
-                f"partitioner '{partitioner}' cannot split {len(labels)} images into "
-                f"num-partitions={num_partitions} (classes-per-partition="
-                f"{classes_per_partition}, shards-per-partition={shards_per_partition}): {err}"
-            ) from err
-    if partitioner == "pathological":
-        left_out = len(labels) - sum(len(p) for p in parts)
-        if left_out:
-            warnings.warn(
-                f"partitioner 'pathological': {left_out} of {len(labels)} images are in no "
-                f"partition (num-partitions={num_partitions} is below the number of classes, "
-                f"so some classes were drawn by no partition)",
-                stacklevel=2,
-            )
     return parts
