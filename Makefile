@@ -34,7 +34,7 @@ $(DATA_DIR)/train-images-idx3-ubyte.gz:
 # The default federated pretraining through `flwr run` on a local SuperLink (simulation engine,
 # $(NUM_SUPERNODES) virtual nodes); writes outputs/$(RUN_NAME)/ and prints its summary.
 run: setup data
-	$(VPY) scripts/run_local_simulation.py --num-supernodes $(NUM_SUPERNODES) \
+	$(VPY) scripts/run.py --num-supernodes $(NUM_SUPERNODES) \
 		--run-config "output-dir='$(CURDIR)/outputs' run-name='$(RUN_NAME)' $(RUN_CONFIG)"
 	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
 

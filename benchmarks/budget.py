@@ -1,12 +1,13 @@
 """Does pretraining pay? FedMAE's downstream accuracy against its pretraining budget.
 
 The budget is the local epochs each block is trained for: rounds per stage (R) x local epochs
-per round (E), at the quality benchmark's federation (100 nodes, 10 per round, K=4 blocks,
-IID unless ``--partition``). Every budget is a real ``flwr run``; the random-init backbone of
-the same shape, evaluated with the same protocol and seed, is the floor a pretrained backbone
-must beat. Runs are shared with the other benchmarks under ``outputs/bench/`` (see harness).
+per round (E), at the quality benchmark's federation (``NUM_SUPERNODES`` nodes; ``FEDERATION``:
+the schema defaults of nodes per round and blocks K; IID unless ``--partition``). Every budget
+is a real ``flwr run``; the random-init backbone of the same shape, evaluated with the same
+protocol and seed, is the floor a pretrained backbone must beat. Runs are shared with the other
+benchmarks under ``outputs/bench/`` (see harness).
 
-    .venv/bin/python -m benchmarks.budget                         # R x E in 5x1 5x2 5x4 10x4
+    .venv/bin/python -m benchmarks.budget                         # R x E in DEFAULT_BUDGETS
     .venv/bin/python -m benchmarks.budget --budgets 5x1 20x4 --seeds 0 1
 
 Writes ``docs/budget.md`` and ``docs/budget-accuracy.png``.
@@ -24,6 +25,7 @@ from benchmarks.harness import (
     BUDGET,
     EVALUATION,
     EVALUATION_PROTOCOL,
+    NUM_SUPERNODES,
     PROTOCOLS,
     accuracies,
     accuracy,
@@ -134,7 +136,7 @@ def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
     ax.set(
         xlabel="local epochs per block (rounds per stage x local epochs)",
         ylabel="top-1 (%)",
-        title="Does pretraining pay? (Fashion-MNIST, 100 nodes)",
+        title=f"Does pretraining pay? (Fashion-MNIST, {NUM_SUPERNODES} nodes)",
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -153,15 +155,16 @@ def write_report(
         "",
         f"Command: `{command}` ({machine_line()}).",
         "",
-        f"FedMAE on Fashion-MNIST, {partition} over 100 nodes, "
+        f"FedMAE on Fashion-MNIST, {partition} over {NUM_SUPERNODES} nodes, "
         + ", ".join(f"{k}={v}" for k, v in FEDERATION.items())
         + "; budget R x E = rounds per stage x local epochs per round, i.e. the local epochs "
         "each block is trained for. Evaluation, the same for every backbone: "
         + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
         + f" ({EVALUATION_PROTOCOL}). Top-1 in %, mean ± std over seeds.",
         "",
-        "| budget R x E | server rounds | fine-tune 1k labels | linear probe | k-NN "
-        "| masked PSNR (dB) | client s (run total) | run wall s "
+        "| budget R x E | server rounds | "
+        + " | ".join(label for _, label in PROTOCOLS)
+        + " | masked PSNR (dB) | client s (run total) | run wall s "
         "| vs random init, same seed: fine-tune / probe / k-NN (points) |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| random-init (floor) | 0 | {' | '.join(floor_cells)} | - | 0 | - | - |",

@@ -1,8 +1,13 @@
 """Report of the fmnist-gpu preset's runs on a GPU: does pretraining pay at R=10 x E=4?
 
-Each run (``scripts/gpu_check.sh``, i.e. ``python -m fedmae_flwr.inprocess --num-nodes 100
---run-config "preset='fmnist-gpu' seed=S"``) evaluates its FedMAE backbone and a random-init
-backbone of the same seed with one protocol, so every seed is a paired comparison.
+Each run (``scripts/gpu_check.sh``: ``scripts/run.py --num-supernodes 100 --client-gpus 0.1
+--run-config "preset='fmnist-gpu' seed=S"``; the runs in docs/gpu.md were made before that, with
+the in-process runner of the time, ``GPU_COMMAND``) evaluates its FedMAE backbone and a random-init
+backbone of the same seed with one protocol, so every seed is a paired comparison. A run's
+settings are its ``<run>-config.yaml`` beside the summary when kept there, else its preset's
+(the run-name without ``-s<seed>``) read through the schema, checked against the summary. Run
+times are the summaries' ``wall-seconds``; the CPU comparison is the budget study's runs of the
+same budget under ``--cpu-runs``, when they are there.
 
     .venv/bin/python -m benchmarks.gpu_report --runs docs/gpu   # the summaries kept in the repo
 
@@ -18,18 +23,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import DOCS, PROTOCOLS
+from benchmarks.budget import DEFAULT_BUDGETS, _signed, paired_differences, parse_budget
+from benchmarks.harness import (
+    BUDGET,
+    DOCS,
+    OUT_ROOT,
+    PARTITIONS,
+    finished_seeds,
+    protocols,
+    run_variant,
+)
+from benchmarks.quality import GRID_MINUTES
+from fedmae_flwr.config import load_config_yaml, resolve_config, to_flat
 
+GPU_DEVICE = "one NVIDIA H200"
 GPU_COMMAND = (
     "scripts/gpu_check.sh OUT .devdata/fashion-mnist 470 1 0, then 250 2 3 "
     "(python -m fedmae_flwr.inprocess --num-nodes 100 --run-config \"preset='fmnist-gpu' "
-    'seed=S data-path=..."), one NVIDIA H200, PyTorch 2.11 + CUDA 13, 2026-11-26'
+    f'seed=S data-path=..."), {GPU_DEVICE}, PyTorch 2.11 + CUDA 13, 2026-11-26'
 )
+# Keys a run's own config may differ in from its siblings' (where it ran, and which seed).
+PER_RUN_KEYS = ("seed", "run-name", "output-dir", "data-path")
 
 
 def load_runs(folder: Path) -> list[dict[str, Any]]:
-    """The ``*-summary.json`` files in ``folder``, by seed."""
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*-summary.json"))]
+    """The ``*-summary.json`` files in ``folder``, each with its flat run-config as ``"config"``."""
+    runs = []
+    for path in sorted(folder.glob("*-summary.json")):
+        run = json.loads(path.read_text())
+        saved = path.with_name(path.name.replace("-summary.json", "-config.yaml"))
+        if saved.is_file():
+            cfg = load_config_yaml(saved)
+        else:  # gpu_check.sh kept only the summary: the preset the run-name names
+            cfg = resolve_config({"preset": preset_of(run), "seed": seed_of(run)})
+        if (cfg.model.depth, cfg.num_rounds) != (run["depth"], run["rounds"]):
+            raise ValueError(
+                f"{path}: depth {run['depth']}, {run['rounds']} rounds, but its config has "
+                f"depth {cfg.model.depth}, {cfg.num_rounds} rounds (preset changed since? keep "
+                f"the run's config.yaml as {saved.name})"
+            )
+        runs.append({**run, "config": to_flat(cfg)})
     if not runs:
         raise FileNotFoundError(f"no *-summary.json under {folder}")
     return runs
@@ -39,21 +72,114 @@ def seed_of(run: dict[str, Any]) -> int:
     return int(run["run-name"].rsplit("-s", 1)[1])
 
 
+def preset_of(run: dict[str, Any]) -> str:
+    return run["run-name"].rsplit("-s", 1)[0]
+
+
+def shared(runs: list[dict[str, Any]], what: str, value: Any) -> Any:
+    """``value(run)``, which every run must agree on (else a ValueError naming ``what``)."""
+    values = [value(r) for r in runs]
+    if any(v != values[0] for v in values):
+        raise ValueError(f"the runs differ in {what}: {values}; report them apart")
+    return values[0]
+
+
+def run_protocols(runs: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """The report's protocols, labelled with the runs' own fine-tune label count."""
+    return protocols(shared(runs, "protocol", lambda r: r["downstream"]["protocol"])
+                     ["finetune-labels"])  # fmt: skip
+
+
 def paired_rows(runs: list[dict[str, Any]]) -> list[tuple[int, list[tuple[float, float]]]]:
-    """Per run, in order: its seed and (fedmae, random-init) top-1 in % per ``PROTOCOLS``."""
+    """Per run, in order: its seed and (fedmae, random-init) top-1 in % per protocol."""
+    keys = [key for key, _ in run_protocols(runs)]
     return [
-        (
-            seed_of(r),
-            [(100 * r[key]["fedmae"], 100 * r[key]["random-init"]) for key, _ in PROTOCOLS],
-        )
+        (seed_of(r), [(100 * r[key]["fedmae"], 100 * r[key]["random-init"]) for key in keys])
         for r in runs
     ]
 
 
-def write_report(runs: list[dict[str, Any]], command: str, docs: Path) -> Path:
+def cpu_counterparts(config: dict[str, Any], cpu_runs: Path) -> tuple[list[dict], list[dict]]:
+    """The budget study's fedmae runs of the GPU runs' budget under ``cpu_runs``, and the
+    random-init runs of their seeds; none where the GPU runs' federation is not the study's."""
+    partition = next(
+        (key for key, spec in PARTITIONS.items()
+         if all(config[k] == v for k, v in spec.items())),
+        None,
+    )  # fmt: skip
+    federation = {k: config[k] for k in ("depth", "clients-per-round")}
+    if partition is None or any(BUDGET[k] != v for k, v in federation.items()):
+        return [], []
+    changes = {k: config[k] for k in ("rounds-per-stage", "local-epochs")}
+    ours, floor = [], []
+    for seed in finished_seeds(cpu_runs, "fedmae", partition, changes):
+        ours.append(run_variant("fedmae", partition, seed, cpu_runs, "gpu-report", changes,
+                                report_only=True))  # fmt: skip
+        random_init = run_variant("random-init", partition, seed, cpu_runs, "gpu-report",
+                                  report_only=True)  # fmt: skip
+        if random_init is not None:
+            floor.append(random_init)
+    return ours, floor
+
+
+def budget_text(
+    config: dict[str, Any], cpu: list[dict], floor: list[dict], labels: list[tuple[str, str]]
+) -> str:
+    """Where the GPU runs' budget sits in the CPU budget study, from that study's runs."""
+    budget = (config["rounds-per-stage"], config["local-epochs"])
+    if budget not in [parse_budget(b) for b in DEFAULT_BUDGETS]:
+        return ""
+    text = ", a budget of the CPU budget study (docs/budget.md)"
+    if not cpu:
+        return text
+    diffs = ", ".join(
+        f"{label} {_signed(paired_differences(cpu, floor, key))}" for key, label in labels
+    )
+    seeds = sorted(r["seed"] for r in cpu)
+    return (
+        f"{text}, where FedMAE against random init of the same seed scored {diffs} points "
+        f"(seeds {seeds})"
+    )
+
+
+def time_text(runs: list[dict[str, Any]], cpu: list[dict]) -> str:
+    """The runs' ServerApp wall time, against the CPU runs' of the same budget when there."""
+    seconds = [r["wall-seconds"] for r in runs]
+    spread = f" ({min(seconds):.0f} to {max(seconds):.0f} s)" if len(seconds) > 1 else ""
+    text = (
+        f"A whole run takes {statistics.fmean(seconds) / 60:.1f} min of ServerApp wall time on "
+        f"{GPU_DEVICE}{spread}"
+    )
+    grid = (
+        f"the {GRID_MINUTES}-minute CPU grid (docs/results.md) stays at "
+        f"R={BUDGET['rounds-per-stage']} x E={BUDGET['local-epochs']}"
+    )
+    if not cpu:
+        return f"{text}; {grid} (docs/budget.md has this budget's time on the CPU)."
+    cpu_minutes = statistics.fmean(r["summary"]["wall-seconds"] for r in cpu) / 60
+    machines = {r.get("bench", {}).get("machine") for r in cpu}
+    where = f" on {machines.pop()}" if len(machines) == 1 and None not in machines else ""
+    return (
+        f"{text}, against {cpu_minutes:.0f} min for the same budget{where} through `flwr run` "
+        f"(docs/budget.md), which is why {grid}."
+    )
+
+
+def write_report(
+    runs: list[dict[str, Any]], command: str, docs: Path, cpu_runs: Path | None = None
+) -> Path:
+    """``docs/gpu.md`` and its plot; ``cpu_runs``: the budget study's runs, for comparison."""
     runs = sorted(runs, key=seed_of)
     rows = paired_rows(runs)
-    labels = [label for _, label in PROTOCOLS]
+    keyed = run_protocols(runs)
+    labels = [label for _, label in keyed]
+    preset = shared(runs, "preset", preset_of)
+    config = shared(runs, "settings", lambda r: {k: v for k, v in r["config"].items()
+                                                  if k not in PER_RUN_KEYS})  # fmt: skip
+    rounds, epochs = config["rounds-per-stage"], config["local-epochs"]
+    nodes = shared(runs, "nodes", lambda r: r["data"]["partitions"]["num-partitions"])
+    split = "IID" if config["partitioner"] == "iid" else config["partitioner"]
+    cpu, floor = cpu_counterparts(config, cpu_runs) if cpu_runs else ([], [])
     table = [
         "| seed | "
         + " | ".join(f"{lab}: fedmae / random-init (diff)" for lab in labels)
@@ -72,13 +198,14 @@ def write_report(runs: list[dict[str, Any]], command: str, docs: Path) -> Path:
     wins = [sum(a > b for a, b in col) for col in columns]
     protocol = runs[0]["downstream"]["protocol"]
     lines = [
-        "# fmnist-gpu on a GPU: does pretraining pay at R=10 x E=4?",
+        f"# {preset} on a GPU: does pretraining pay at R={rounds} x E={epochs}?",
         "",
         f"Command: `{command}`.",
         "",
-        "The benchmark federation (Fashion-MNIST, 100 IID nodes, 10 per round, K=4 blocks) at "
-        "the budget where pretraining paid in the CPU budget study (docs/budget.md, one seed "
-        "there): R=10 rounds x E=4 local epochs per block. Each run evaluates its FedMAE "
+        f"The benchmark federation (Fashion-MNIST, {nodes} {split} nodes, "
+        f"{config['clients-per-round']} per round, K={config['depth']} blocks) at R={rounds} "
+        f"rounds x E={epochs} local epochs per block{budget_text(config, cpu, floor, keyed)}. "
+        "Each run evaluates its FedMAE "
         "backbone and a random-init backbone of the same seed with the full protocol "
         f"(fine-tune {protocol['finetune-labels']} labels for {protocol['finetune-epochs']} "
         f"epochs, probe on {protocol['probe-train-images']} images, "
@@ -99,21 +226,22 @@ def write_report(runs: list[dict[str, Any]], command: str, docs: Path) -> Path:
         )
         + ".",
         "",
-        "A whole run takes about 2 minutes on the H200, against ~19 minutes for the same "
-        "budget on 2 CPU cores through `flwr run` (docs/budget.md), which is why the 90-minute "
-        "CPU grid (docs/results.md) stays at R=5 x E=1.",
+        time_text(runs, cpu),
         "",
         "![paired differences](gpu-pretraining-pays.png)",
         "",
     ]
     docs.mkdir(parents=True, exist_ok=True)
-    plot(rows, labels, docs / "gpu-pretraining-pays.png")
+    title = f"{preset} (R={rounds} x E={epochs}), {GPU_DEVICE}"
+    plot(rows, labels, title, docs / "gpu-pretraining-pays.png")
     path = docs / "gpu.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def plot(rows: list[tuple[int, list[tuple[float, float]]]], labels: list[str], path: Path) -> None:
+def plot(
+    rows: list[tuple[int, list[tuple[float, float]]]], labels: list[str], title: str, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +254,7 @@ def plot(rows: list[tuple[int, list[tuple[float, float]]]], labels: list[str], p
         ax.bar(xs, [a - b for a, b in pairs], width, label=f"seed {seed}")
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xticks(range(len(labels)), labels)
-    ax.set(ylabel="fedmae - random-init (points)", title="fmnist-gpu (R=10 x E=4), one H200")
+    ax.set(ylabel="fedmae - random-init (points)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -138,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DOCS / "gpu")
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--command", default=GPU_COMMAND, help="what produced the runs")
+    parser.add_argument(
+        "--cpu-runs", type=Path, default=OUT_ROOT, help="the budget study's runs, to compare"
+    )
     args = parser.parse_args(argv)
-    path = write_report(load_runs(args.runs), args.command, args.docs)
+    path = write_report(load_runs(args.runs), args.command, args.docs, args.cpu_runs)
     print(f"[gpu-report] wrote {path}")
     return 0
 

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from fedmae_flwr.config import default_run_config, load_config_yaml, to_flat
-from scripts.run_local_simulation import run_config_string, run_local_simulation
+from scripts.run import run as flwr_run
+from scripts.run import run_config_string
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_ROOT = ROOT / "outputs" / "bench"
 DOCS = ROOT / "docs"
 NUM_SUPERNODES = 100
+# Written by run_variant beside a run it made: {"flwr-run-seconds", "machine"}.
+RUN_RECORD = "bench-run.json"
 ALGORITHMS = ("fedmae", "fedavg-mae", "centralized", "local", "random-init")
 # Algorithms whose result does not depend on how the data is split over nodes: run once per seed.
 PARTITION_FREE = ("centralized", "random-init")
@@ -48,12 +51,11 @@ EVALUATION: dict[str, Any] = {
     "evaluate-clients": 0,
     "evaluate-random-init": False,
 }
-# The 90-minute grid (`make bench-quality`: 22 runs on 2 CPU cores) cannot afford that protocol:
-# the full one costs ~2 min of CPU per backbone and puts the grid at ~120 min. Its runs use this
-# lighter one (shorter fine-tune, 2,000 test images, one `local` node per run; 1 h 26 min
-# measured) and live in their own folder, so numbers of the two protocols never mix. Its 5-epoch
-# fine-tune ends under-trained; `make bench-quality-finetune` fine-tunes the same backbones with
-# the full recipe afterwards.
+# The quality grid (`make bench-quality`, sized for 90 minutes on 2 CPU cores) cannot afford that
+# protocol. Its runs use this lighter one (shorter fine-tune, fewer test images, one `local` node
+# per run; docs/results.md states the time the grid took) and live in their own folder, so
+# numbers of the two protocols never mix. Its short fine-tune ends under-trained;
+# `make bench-quality-finetune` fine-tunes the same backbones with the full recipe afterwards.
 GRID_EVALUATION: dict[str, Any] = {
     **EVALUATION,
     "finetune-epochs": 5,
@@ -84,6 +86,16 @@ def finished(out_root: Path, name: str) -> bool:
     return (out_root / name / "summary.json").is_file()
 
 
+def finished_seeds(
+    out_root: Path, algorithm: str, partition: str, changes: dict[str, Any] | None = None
+) -> list[int]:
+    """The seeds at which ``run_name(algorithm, partition, seed, changes)`` has finished."""
+    prefix = run_name(algorithm, partition, 0).removesuffix("0")
+    heads = {p.name.removeprefix(prefix).split("-")[0] for p in out_root.glob(f"{prefix}*")}
+    seeds = sorted(int(head) for head in heads if head.isdigit())
+    return [s for s in seeds if finished(out_root, run_name(algorithm, partition, s, changes))]
+
+
 def run_variant(
     algorithm: str,
     partition: str,
@@ -99,6 +111,8 @@ def run_variant(
 
     With ``report_only`` a run that has not finished is neither started nor returned (None).
     ``evaluation`` replaces ``EVALUATION`` (the grid's lighter protocol, ``GRID_EVALUATION``).
+    The result also holds ``"bench"``: the ``RUN_RECORD`` written when this harness made the run
+    (``{}`` for a run made before it wrote one).
     """
     name = run_name(algorithm, partition, seed, changes)
     if report_only and not finished(out_root, name):
@@ -111,8 +125,14 @@ def run_variant(
         "seed": seed,
         **(changes or {}),
     }
+    fresh, start = not finished(out_root, name), time.perf_counter()
     run = run_or_load(name, overrides, out_root, tag, timeout=timeout)
-    return {**run, "algorithm": algorithm, "seed": seed}
+    record = out_root / name / RUN_RECORD
+    if fresh:  # what summary.json cannot hold: the whole `flwr run`, start-up included
+        seconds = time.perf_counter() - start
+        record.write_text(json.dumps({"flwr-run-seconds": seconds, "machine": machine_line()}))
+    bench = json.loads(record.read_text()) if record.is_file() else {}
+    return {**run, "algorithm": algorithm, "seed": seed, "bench": bench}
 
 
 def run_or_load(
@@ -136,8 +156,7 @@ def run_or_load(
         overrides = {**overrides, "output-dir": str(out_root), "run-name": name}
         print(f"[{tag}] {name}: {run_config_string(overrides)}", flush=True)
         start = time.perf_counter()
-        rc = run_local_simulation(
-            app_dir=ROOT,
+        rc = flwr_run(
             num_supernodes=num_supernodes,
             run_config=run_config_string(overrides),
             timeout=timeout,
@@ -165,12 +184,21 @@ def check_same_config(run_dir: Path, overrides: dict[str, Any]) -> None:
         )
 
 
-# Downstream protocols as summary.json keys them, with their report labels.
-PROTOCOLS = (
-    ("finetune-accuracy", "fine-tune 1k labels"),
-    ("linear-probe-accuracy", "linear probe"),
-    ("knn-accuracy", "k-NN"),
-)
+def count_text(count: int) -> str:
+    """A label or image count as the reports write it: ``1000`` -> ``"1k"``, ``1500`` as is."""
+    return f"{count // 1000}k" if count >= 1000 and count % 1000 == 0 else str(count)
+
+
+def protocols(finetune_labels: int) -> tuple[tuple[str, str], ...]:
+    """Downstream protocols as summary.json keys them, with their report labels."""
+    return (
+        ("finetune-accuracy", f"fine-tune {count_text(finetune_labels)} labels"),
+        ("linear-probe-accuracy", "linear probe"),
+        ("knn-accuracy", "k-NN"),
+    )
+
+
+PROTOCOLS = protocols(EVALUATION["finetune-labels"])
 
 
 def accuracy(run: dict[str, Any], key: str, algorithm: str) -> float | None:

@@ -2,9 +2,10 @@
 
 Loads each run's exported backbone the way a user would (``timm.create_model`` + strict load of
 ``backbone.safetensors``), then fine-tunes it with the run's own recipe (epochs, lr, crop + flip,
-seed) on nested seeded subsets of the labelled training split: 1,000 and 5,000 labels by
-default, ``all`` for the whole split. The test set and recipe are the same for every backbone.
-Each (run, labels) result is cached as ``finetune-<labels>.json`` in the run's folder.
+seed) on nested seeded subsets of the labelled training split (``DEFAULT_LABELS`` by default,
+``all`` for the whole split). The test set and recipe are the same for every backbone.
+Each (run, labels) result, its seconds included, is cached as
+``finetune-<labels>-ld<layer decay>[-e<epochs>].json`` in the run's folder.
 
     .venv/bin/python -m benchmarks.label_efficiency --runs fedmae-iid-s0 random-init-pooled-s0
     .venv/bin/python -m benchmarks.label_efficiency --labels 1000 5000 all   # all: GPU-sized
@@ -32,6 +33,7 @@ from fedmae_flwr.models.export import load_backbone
 
 DEFAULT_RUNS = ("fedmae-iid-s0", "fedavg-mae-iid-s0", "centralized-pooled-s0",
                 "random-init-pooled-s0")  # fmt: skip
+DEFAULT_LABELS = (1000, 5000)
 
 
 def parse_labels(text: str) -> int:
@@ -63,10 +65,16 @@ def cache_path(
     return run_dir / f"finetune-{labels or 'all'}-ld{decay:g}{tag}.json"
 
 
+def posthoc_record(run_dir: Path, labels: int, epochs: int) -> dict[str, Any] | None:
+    """The cached record of ``finetune_run(run_dir, labels, epochs=epochs)``, if it ran."""
+    path = cache_path(run_dir, labels, epochs=epochs)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def posthoc_accuracy(run_dir: Path, labels: int, epochs: int) -> float | None:
     """The cached top-1 of ``finetune_run(run_dir, labels, epochs=epochs)``, if it ran."""
-    path = cache_path(run_dir, labels, epochs=epochs)
-    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+    record = posthoc_record(run_dir, labels, epochs)
+    return None if record is None else record["accuracy"]
 
 
 def finetune_run(
@@ -115,6 +123,8 @@ def finetune_run(
         "lr": cfg.eval.finetune_lr,
         "layer-decay": decay,
         "seconds": time.perf_counter() - start,
+        "device": device,
+        "machine": machine_line(),
     }
     cache.write_text(json.dumps(record, indent=2))
     return record
@@ -182,7 +192,7 @@ def write_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
-    parser.add_argument("--labels", nargs="+", type=parse_labels, default=[1000, 5000])
+    parser.add_argument("--labels", nargs="+", type=parse_labels, default=list(DEFAULT_LABELS))
     parser.add_argument("--out", type=Path, default=OUT_ROOT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

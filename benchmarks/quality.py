@@ -1,11 +1,11 @@
 """Quality benchmark: FedMAE against its baselines on one budget, side by side.
 
 Every (algorithm, partition, seed) is a real ``flwr run`` of this app on a local SuperLink
-(simulation engine, 100 virtual nodes, 10 sampled per round), with one budget for all:
-K=4 blocks x R=5 rounds (20 rounds), 10 nodes per round, 1 local epoch; ``centralized`` sees
-the same number of images per round from the pooled set; ``local`` trains each node alone for
-the same rounds. ``centralized`` and ``random-init`` do not depend on the partition: they run
-once per seed. Finished runs are kept and skipped on a re-run.
+(simulation engine, ``NUM_SUPERNODES`` virtual nodes), with one budget for all (``BUDGET``: the
+schema defaults of depth K, rounds per stage R, nodes per round and local epochs);
+``centralized`` sees the same number of images per round from the pooled set; ``local`` trains
+each node alone for the same rounds. ``centralized`` and ``random-init`` do not depend on the
+partition: they run once per seed. Finished runs are kept and skipped on a re-run.
 
     .venv/bin/python -m benchmarks.quality                      # the full grid (make bench-quality)
     .venv/bin/python -m benchmarks.quality --seeds 0 --partitions iid   # a slice
@@ -35,21 +35,34 @@ from benchmarks.harness import (
     ROOT,
     accuracies,
     command_line,
+    count_text,
     machine_line,
     mean_std,
     run_variant,
 )
-from benchmarks.label_efficiency import posthoc_accuracy
+from benchmarks.label_efficiency import posthoc_record
+from fedmae_flwr.config import default_run_config
 
 # The grid's runs use the lighter GRID_EVALUATION protocol, so they live apart from the other
 # studies' runs (outputs/bench/, full protocol).
 GRID_OUT_ROOT = ROOT / "outputs" / "bench-grid"
 
-# The grid's 5-epoch fine-tune ends under-trained (train accuracy ~ test accuracy ~ 40 %), so
-# the grid's backbones are also fine-tuned afterwards with the full recipe
-# (`make bench-quality-finetune`, ~28 min on 2 CPU cores); the report shows it when present.
+# What the grid is sized for (a target, not a measurement: the report states the time it took).
+GRID_MINUTES = 90
+GRID_MACHINE = "2 CPU cores"
+DEFAULT_SEEDS = (0, 1)
+# The backbone every run shares (schema defaults), named in the report.
+MODEL: dict[str, Any] = {
+    key: default_run_config()[key] for key in ("img-size", "patch-size", "embed-dim")
+}
+
+# The grid's short fine-tune ends under-trained (the report states its train and test accuracy),
+# so the grid's backbones are also fine-tuned afterwards with the full recipe
+# (`make bench-quality-finetune`; each fine-tune's seconds are cached beside its accuracy); the
+# report shows it when present.
 POSTHOC_FINETUNE_EPOCHS = EVALUATION["finetune-epochs"]
 POSTHOC_KEY = "finetune-full-accuracy"
+POSTHOC_RECORD = "posthoc-finetune"  # the run's cached post-hoc fine-tune record, if it ran
 
 ACCURACY_LABELS = (
     ("finetune-accuracy", "fine-tune"),
@@ -71,16 +84,25 @@ def run_one(
                       report_only=report_only, evaluation=GRID_EVALUATION)  # fmt: skip
     if run is not None:
         labels = GRID_EVALUATION["finetune-labels"]
-        acc = posthoc_accuracy(out_root / run["name"], labels, POSTHOC_FINETUNE_EPOCHS)
-        if acc is not None:
-            run["summary"][POSTHOC_KEY] = {algorithm: acc}
+        record = posthoc_record(out_root / run["name"], labels, POSTHOC_FINETUNE_EPOCHS)
+        if record is not None:
+            run["summary"][POSTHOC_KEY] = {algorithm: record["accuracy"]}
+            run[POSTHOC_RECORD] = record
     return run
 
 
+def grid_size(algorithms: list[str], partitions: list[str], seeds: list[int]) -> int:
+    """Runs in a grid: partition-free algorithms once per seed, the others once per partition."""
+    per_seed = sum(1 if a in PARTITION_FREE else len(partitions) for a in algorithms)
+    return per_seed * len(seeds)
+
+
 def results_table(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
+    labels = count_text(GRID_EVALUATION["finetune-labels"])
+    epochs = GRID_EVALUATION["finetune-epochs"]
     lines = [
-        f"| algorithm | partition | fine-tune 1k labels, {GRID_EVALUATION['finetune-epochs']} ep "
-        f"| fine-tune 1k labels, {POSTHOC_FINETUNE_EPOCHS} ep | linear probe | k-NN "
+        f"| algorithm | partition | fine-tune {labels} labels, {epochs} ep "
+        f"| fine-tune {labels} labels, {POSTHOC_FINETUNE_EPOCHS} ep | linear probe | k-NN "
         "| masked PSNR (dB) "
         "| client peak train MB | MB up / client-round | MB down / client-round "
         "| client s / round | run wall s |",
@@ -163,7 +185,10 @@ def plot(grid: dict[tuple[str, str], list[dict]], docs: Path, out_root: Path) ->
         if floor:
             level = statistics.fmean(accuracies(floor, "knn-accuracy", "random-init"))
             ax.axhline(level, color="0.5", ls="--", label="random-init")
-        ax.set(title=f"{partition}", xlabel="server round", ylabel="k-NN top-1 (2k labels)")
+        knn_labels = count_text(GRID_EVALUATION["stage-knn-images"])
+        ax.set(
+            title=f"{partition}", xlabel="server round", ylabel=f"k-NN top-1 ({knn_labels} labels)"
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(docs / "results-accuracy-vs-rounds.png", dpi=110)
@@ -225,10 +250,43 @@ def finetune_caveat(grid: dict[tuple[str, str], list[dict]]) -> list[str]:
         f"ends at {train:.0f} % train accuracy on average ({test:.0f} % test), and its spread "
         "over seeds is wide, so rank backbones by the probe, k-NN and the "
         f"{POSTHOC_FINETUNE_EPOCHS}-epoch column: the same backbones fine-tuned afterwards with "
-        "the full recipe (`make bench-quality-finetune`, ~28 min on 2 CPU cores; '-' where that "
+        f"the full recipe (`make bench-quality-finetune`{posthoc_cost(grid)}; '-' where that "
         "has not run).",
         "",
     ]
+
+
+def posthoc_cost(grid: dict[tuple[str, str], list[dict]]) -> str:
+    """``", 28 min on <machine>"``: the post-hoc fine-tunes' cached seconds, summed ('' if none).
+
+    The machine is named when every cached record names the same one; the count of backbones
+    when not all of the grid's have a timed fine-tune.
+    """
+    runs = [r for runs in grid.values() for r in runs]
+    records = [r[POSTHOC_RECORD] for r in runs if POSTHOC_RECORD in r]
+    seconds = [rec["seconds"] for rec in records if "seconds" in rec]
+    if not seconds:
+        return ""
+    machines = {rec.get("machine") for rec in records}
+    where = f" on {machines.pop()}" if len(machines) == 1 and None not in machines else ""
+    some = "" if len(seconds) == len(runs) else f" for {len(seconds)} of {len(runs)} backbones"
+    return f", {sum(seconds) / 60:.0f} min{some}{where}"
+
+
+def startup_text(runs: list[dict]) -> str:
+    """``", plus 15 s start-up per run"``: mean `flwr run` time beyond the ServerApp's.
+
+    From the runs the harness timed (its ``bench-run.json``); '' when it timed none.
+    """
+    extra = [
+        r["bench"]["flwr-run-seconds"] - r["summary"]["wall-seconds"]
+        for r in runs
+        if "flwr-run-seconds" in r.get("bench", {})
+    ]
+    if not extra:
+        return ""
+    timed = "" if len(extra) == len(runs) else f" ({len(extra)} of {len(runs)} runs timed)"
+    return f", plus {statistics.fmean(extra):.0f} s start-up per run{timed}"
 
 
 def write_report(
@@ -243,24 +301,29 @@ def write_report(
     pictures = plot(grid, docs, out_root)
     seeds = sorted({r["seed"] for runs in grid.values() for r in runs})
     # Runs are resumable, so the harness' own clock can miss finished ones: sum the runs.
-    seconds = sum(r["summary"]["wall-seconds"] for runs in grid.values() for r in runs)
+    every_run = [r for runs in grid.values() for r in runs]
+    seconds = sum(r["summary"]["wall-seconds"] for r in every_run)
+    full_size = grid_size(list(ALGORITHMS), list(PARTITIONS), list(DEFAULT_SEEDS))
     lines = [
         "# FedMAE against its baselines",
         "",
         f"Command: `{command}` ({len(grid)} rows, seeds {seeds}; the runs' ServerApp wall "
-        f"time adds up to {seconds / 60:.0f} min, plus ~15 s start-up per run, on "
+        f"time adds up to {seconds / 60:.0f} min{startup_text(every_run)}, on "
         f"{machine_line()}).",
         "",
         *(
             []
             if full_grid
             else [
-                "**A slice of the full grid** (`make bench-quality`: 3 partitions x 2 seeds): "
+                f"**A slice of the full grid** (`make bench-quality`: {len(PARTITIONS)} partitions "
+                f"x {len(DEFAULT_SEEDS)} seeds): "
                 "read single-seed numbers as indicative only.",
                 "",
             ]
         ),
-        "Budget, the same for every algorithm: Fashion-MNIST (28x28, patch 4, ViT width 192), "
+        "Budget, the same for every algorithm: Fashion-MNIST "
+        f"({MODEL['img-size']}x{MODEL['img-size']}, patch {MODEL['patch-size']}, ViT width "
+        f"{MODEL['embed-dim']}), "
         + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
         + f", {NUM_SUPERNODES} nodes. `centralized` trains one model on the pooled set with the "
         "same images per round; `local` trains a node alone for the same rounds "
@@ -273,10 +336,12 @@ def write_report(
             for k, v in GRID_EVALUATION.items()
             if k not in ("evaluate-random-init", "local-clients")
         )
-        + f" ({EVALUATION_PROTOCOL}). This is the grid's lighter protocol (a 5-epoch "
-        "fine-tune, 2,000 test images), chosen so that the 22 runs fit 90 minutes on 2 CPU "
-        "cores; the budget study and the ablations use the full one (15 epochs, 5,000 test "
-        "images), so their numbers are not comparable with this table's.",
+        + f" ({EVALUATION_PROTOCOL}). This is the grid's lighter protocol (a "
+        f"{GRID_EVALUATION['finetune-epochs']}-epoch fine-tune, "
+        f"{GRID_EVALUATION['test-images']:,} test images), chosen so that the {full_size} runs "
+        f"fit {GRID_MINUTES} minutes on {GRID_MACHINE}; the budget study and the ablations use "
+        f"the full one ({EVALUATION['finetune-epochs']} epochs, {EVALUATION['test-images']:,} "
+        "test images), so their numbers are not comparable with this table's.",
         "",
         *finetune_caveat(grid),
         "Accuracies are top-1 in %, mean ± standard deviation over seeds.",
@@ -300,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--out", type=Path, default=GRID_OUT_ROOT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument(
@@ -318,14 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                     grid.setdefault(key, []).append(run)
     # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.
     command = command_line("benchmarks.quality", argv).replace(" --report-only", "")
-    expected = sum(
-        1 if a in PARTITION_FREE else len(args.partitions) for a in args.algorithms
-    ) * len(args.seeds)
+    expected = grid_size(args.algorithms, args.partitions, args.seeds)
     done = sum(len(runs) for runs in grid.values())
     full_grid = (
         set(args.algorithms) == set(ALGORITHMS)
         and set(args.partitions) == set(PARTITIONS)
-        and len(set(args.seeds)) >= 2
+        and len(set(args.seeds)) >= len(DEFAULT_SEEDS)
         and done == expected
     )
     path = write_report(grid, command.strip(), args.docs, args.out, full_grid)

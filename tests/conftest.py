@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny Fashion-MNIST-format dataset on disk, tiny configs, an in-process Grid.
 
-``LocalGrid`` (fedmae_flwr.inprocess.InProcessGrid) is a transport double only: it hands each
+``LocalGrid`` (tests/local_grid.py's InProcessGrid) is a transport double only: it hands each
 message to the REAL ClientApp handlers with a per-node Context (whose ``state`` persists, as
 Flower's does), so strategy and client code run unmodified. The real Flower simulation is
 exercised in tests/test_simulation.py.
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fedmae_flwr.data.fashion_mnist import FILES
-from fedmae_flwr.inprocess import InProcessGrid
+
+from .local_grid import InProcessGrid
 
 torch.set_num_threads(2)
 
@@ -78,5 +79,5 @@ def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
     }
 
 
-# The real client handlers behind an in-process transport (see fedmae_flwr.inprocess).
+# The real client handlers behind an in-process transport (see tests/local_grid.py).
 LocalGrid = InProcessGrid

@@ -76,16 +76,8 @@ def test_costs_and_per_block_probe_are_reported(tiny_overrides):
 
 def test_an_in_process_run_with_too_few_nodes_fails_at_once_naming_the_keys(tiny_overrides):
     from fedmae_flwr.config import ConfigError
-    from fedmae_flwr.inprocess import run_in_process
+
+    from .local_grid import run_in_process
 
     with pytest.raises(ConfigError, match=r"the run needs 3 .*clients-per-round"):
         run_in_process(tiny_overrides, num_nodes=2)
-
-
-def test_the_in_process_command_runs_a_whole_run_and_prints_its_summary(tiny_overrides, capsys):
-    from fedmae_flwr.inprocess import main
-    from scripts.run_local_simulation import run_config_string
-
-    assert main(["--num-nodes", "6", "--run-config", run_config_string(tiny_overrides)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["run-name"] == "tiny" and 0 < printed["finetune-accuracy"]["fedmae"] <= 1

@@ -147,29 +147,124 @@ def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
         check_same_config(run_dir, {"finetune-epochs": 5, "test-images": 5000})
 
 
-def test_gpu_report_pairs_each_seed_with_its_random_init(tmp_path):
-    from benchmarks import gpu_report
-
+def _gpu_summaries(folder, wall_seconds=(100.0, 140.0), depth=4, rounds=40) -> None:
     protocol = {"finetune-labels": 1000, "finetune-epochs": 15, "probe-train-images": 5000,
                 "test-images": 5000}  # fmt: skip
     for seed, (ours, floor) in enumerate([(0.62, 0.60), (0.58, 0.61)]):
         summary = {
             "run-name": f"fmnist-gpu-s{seed}",
+            "depth": depth,
+            "rounds": rounds,
             "finetune-accuracy": {"fedmae": ours, "random-init": floor},
             "linear-probe-accuracy": {"fedmae": 0.7, "random-init": 0.6},
             "knn-accuracy": {"fedmae": 0.7, "random-init": 0.6},
             "final-psnr": 14.0,
-            "wall-seconds": 100.0,
+            "wall-seconds": wall_seconds[seed],
             "communication": {"client-train-seconds-mean": 0.2},
             "downstream": {"protocol": protocol},
+            "data": {"partitions": {"num-partitions": 100}},
         }
-        (tmp_path / f"fmnist-gpu-s{seed}-summary.json").write_text(json.dumps(summary))
+        (folder / f"fmnist-gpu-s{seed}-summary.json").write_text(json.dumps(summary))
+
+
+def test_gpu_report_pairs_each_seed_with_its_random_init(tmp_path):
+    from benchmarks import gpu_report
+
+    _gpu_summaries(tmp_path)
     runs = gpu_report.load_runs(tmp_path)
     text = gpu_report.write_report(runs, "the command", tmp_path / "docs").read_text()
     assert "| 0 | 62.0 / 60.0 (+2.0) |" in text and "| 1 | 58.0 / 61.0 (-3.0) |" in text
     assert "fine-tune 1k labels -0.5 (ahead at 1 of 2 seeds)" in text
     assert "linear probe +10.0 (ahead at 2 of 2 seeds)" in text
     assert (tmp_path / "docs" / "gpu-pretraining-pays.png").stat().st_size > 0
+
+
+def test_gpu_report_takes_settings_from_the_runs_config_and_times_from_the_summaries(tmp_path):
+    """No number of the report is typed into it: settings from the run's config (its preset,
+    or a config.yaml kept beside the summary), times from wall-seconds and the CPU runs."""
+    from benchmarks import gpu_report
+    from benchmarks.harness import EVALUATION, RUN_RECORD
+    from fedmae_flwr.config import resolve_config, to_yaml
+
+    from .test_bench_report import write_run_dir
+
+    # Without a config.yaml: the preset the run-name names (fmnist-gpu: R=10 x E=4, K=4).
+    _gpu_summaries(tmp_path)
+    text = gpu_report.write_report(gpu_report.load_runs(tmp_path), "cmd", tmp_path).read_text()
+    assert text.startswith("# fmnist-gpu on a GPU: does pretraining pay at R=10 x E=4?")
+    assert "(Fashion-MNIST, 100 IID nodes, 10 per round, K=4 blocks) at R=10 rounds x E=4" in text
+    # (100 + 140) / 2 s = 2.0 min
+    assert (
+        "A whole run takes 2.0 min of ServerApp wall time on one NVIDIA H200 (100 to 140 s)" in text
+    )
+    _gpu_summaries(tmp_path, wall_seconds=(300.0, 420.0))
+    text = gpu_report.write_report(gpu_report.load_runs(tmp_path), "cmd", tmp_path).read_text()
+    assert "takes 6.0 min of ServerApp wall time on one NVIDIA H200 (300 to 420 s)" in text
+
+    # The budget study's CPU runs of the same budget, when there: their time and their verdict.
+    cpu = tmp_path / "cpu"
+    changes = {"rounds-per-stage": 10, "local-epochs": 4}
+    name = write_run_dir(cpu, "fedmae", "iid", 0, 0.66, EVALUATION, changes, wall_seconds=1140)
+    (cpu / name / RUN_RECORD).write_text(json.dumps({"machine": "2 test cores"}))
+    write_run_dir(cpu, "random-init", "iid", 0, 0.60, EVALUATION)
+    text = gpu_report.write_report(gpu_report.load_runs(tmp_path), "cmd", tmp_path, cpu).read_text()
+    assert "against 19 min for the same budget on 2 test cores through `flwr run`" in text
+    assert "which is why the 90-minute CPU grid (docs/results.md) stays at R=5 x E=1." in text
+    assert (
+        "scored fine-tune 1k labels +6.0, linear probe +0.0, k-NN +0.0 points (seeds [0])" in text
+    )
+
+    # A config.yaml kept beside a summary wins over the preset, and must match the summary.
+    for seed in (0, 1):
+        cfg = resolve_config({"preset": "fmnist-gpu", "seed": seed, "rounds-per-stage": 3,
+                              "local-epochs": 2})  # fmt: skip
+        (tmp_path / f"fmnist-gpu-s{seed}-config.yaml").write_text(to_yaml(cfg))
+    with pytest.raises(ValueError, match="depth 4, 40 rounds, but its config has depth 4, 12"):
+        gpu_report.load_runs(tmp_path)
+    _gpu_summaries(tmp_path, rounds=12)
+    text = gpu_report.write_report(gpu_report.load_runs(tmp_path), "cmd", tmp_path, cpu).read_text()
+    assert text.startswith("# fmnist-gpu on a GPU: does pretraining pay at R=3 x E=2?")
+    assert "against" not in text  # the CPU study has no run of that budget
+
+
+def test_ablation_report_cites_the_reference_runs_seed_to_seed_spread_from_their_files(tmp_path):
+    from benchmarks.harness import EVALUATION
+
+    from .test_bench_report import write_run_dir
+
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    write_run_dir(out, "fedmae", "iid", 0, 0.620, EVALUATION)
+    write_run_dir(out, "fedmae", "iid", 1, 0.607, EVALUATION)
+    write_run_dir(out, "fedmae", "iid", 0, 0.586, EVALUATION, {"depth": 2})
+    argv = ["--report-only", "--factors", "depth", "--out", str(out), "--docs", str(docs)]
+    assert ablations.main(argv) == 0
+    text = (docs / "ablations.md").read_text()
+    assert "| depth | 2 | 58.6 |" in text
+    assert "Depth keeps 5 rounds per stage, so K=2 trains for 10 rounds." in text
+    assert (
+        "the reference configuration gave 62.0 and 60.7 at seeds 0 and 1 (a spread of 1.3" in text
+    )
+    write_run_dir(out, "fedmae", "iid", 1, 0.550, EVALUATION)
+    ablations.main(argv)
+    assert (
+        "gave 62.0 and 55.0 at seeds 0 and 1 (a spread of 7.0 points)"
+        in (docs / "ablations.md").read_text()
+    )
+
+
+def test_a_run_the_harness_makes_records_its_whole_flwr_run_time(tmp_path, monkeypatch):
+    from benchmarks import harness
+
+    def fake_run_or_load(name, overrides, out_root, tag, timeout):
+        (out_root / name).mkdir(parents=True)
+        (out_root / name / "summary.json").write_text("{}")
+        return {"name": name, "summary": {}, "rows": []}
+
+    monkeypatch.setattr(harness, "run_or_load", fake_run_or_load)
+    run = harness.run_variant("fedmae", "iid", 0, tmp_path, "test")
+    record = json.loads((tmp_path / "fedmae-iid-s0" / harness.RUN_RECORD).read_text())
+    assert record["flwr-run-seconds"] >= 0 and record["machine"] == harness.machine_line()
+    assert run["bench"] == record
 
 
 def test_a_posthoc_fine_tune_with_other_epochs_is_cached_apart_and_read_back(tmp_path):

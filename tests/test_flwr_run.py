@@ -1,104 +1,128 @@
-"""The `make run` path: this app through a real `flwr run` on a local SuperLink (simulation).
+"""The `make run` path: this app through a real `flwr run` on a local SuperLink.
 
-Guards the launcher (SuperLink start, config.toml wiring, status polling, process cleanup) and
-the app as Flower packages and runs it (FAB, run-config from pyproject.toml, --run-config).
+scripts/run.py (simulation engine) and tests/local_deployment.py (real SuperNodes) each run as a
+subprocess with a unique marker in its environment, which every process they start inherits
+(SuperLink -> SuperExec -> flwr-simulation -> Ray, or SuperNode -> ClientApp). While they run,
+the test records the marked processes; once they exit, none may be left: an independent check
+of their cleanup.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
-import shutil
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from scripts.run_local_simulation import read_proc, run_config_string, run_local_simulation
+from scripts.run import run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MARKER = "FEDMAE_TEST_RUN_MARKER"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc"),
+]
 
 
-def _start_time(pid: int) -> int | None:
-    """Start time of a live, non-zombie process; None if gone (PIDs may be reused)."""
-    info = read_proc(pid)
-    return None if info is None or info.state == "Z" else info.start_time
-
-
-def _marked_processes(token: str) -> list[int]:
-    """PIDs whose environment still carries this run's marker."""
-    marker = f"FEDMAE_LOCAL_SIM_TOKEN={token}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
+def _marked(token: str) -> dict[int, str]:
+    """Live (non-zombie) processes whose environment carries this marker: pid -> command."""
+    marker, found = f"{MARKER}={token}".encode(), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat[stat.rfind(")") + 2] != "Z":
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    found[int(pid)] = cmd.decode(errors="replace")
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-@pytest.mark.skipif(
-    not (Path(sys.executable).parent / "flower-superlink").exists()
-    and shutil.which("flower-superlink") is None,
-    reason="flower-superlink not installed",
-)
+def _watched(args: list[str], tmp_path: Path, timeout: float = 600) -> tuple[int, str, str, dict]:
+    """Run ``python args`` with a fresh marker: exit code, output, marked processes seen, left."""
+    token, seen = uuid.uuid4().hex, {}
+    out_path = tmp_path / "runner-output.txt"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env={**os.environ, MARKER: token},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen.update(_marked(token))
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.terminate()  # the runner's own cleanup path
+        rc = proc.wait(60)
+    return rc, out_path.read_text(), " ".join(seen.values()), _marked(token)
+
+
 def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_overrides) -> None:
     """6 SuperNodes, 2 blocks x 2 rounds: exit 0, outputs written, nothing left running."""
     pyproject_before = (REPO_ROOT / "pyproject.toml").read_bytes()
-    record: dict = {}
+    home = tmp_path / "flwr-home"
+    rc, out, seen, left = _watched(
+        ["scripts/run.py", "--num-supernodes", "6", "--flwr-home", str(home),
+         "--run-config", run_config_string(tiny_overrides)],
+        tmp_path,
+    )  # fmt: skip
 
-    rc = run_local_simulation(
-        app_dir=REPO_ROOT,
-        num_supernodes=6,
-        client_cpus=1,
-        run_config=run_config_string(tiny_overrides),
-        flwr_home=tmp_path / "flwr-home",
-        timeout=600,
-        process_record=record,
-    )
-
-    assert rc == 0
+    assert rc == 0, out[-4000:]
     summary = json.loads((Path(tiny_overrides["output-dir"]) / "tiny" / "summary.json").read_text())
     assert summary["depth"] == 2 and len(summary["stages"]) == 2
-    # The SuperLink, SuperExec, flwr-simulation and Ray daemons were all observed ...
-    assert record["superlink_pid"] in record["pids"]
-    assert len(record["pids"]) >= 4
-    # ... and none of them is still alive (same PID *and* start time => same process).
-    alive = [p for p, st in record["pids"].items() if _start_time(p) == st]
-    assert alive == [], f"processes survived: {alive}"
-    assert record["survivors"] == []
-    assert _marked_processes(record["token"]) == []
-    with pytest.raises(ProcessLookupError):
-        os.killpg(record["superlink_pgid"], 0)
-    # `flwr run` must not touch the app's pyproject.toml; the Ray temp dir is removed.
+    # The SuperLink, SuperExec, flwr-simulation and Ray all ran under the marker, and all ended.
+    for command in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet"):
+        assert command in seen, f"{command} never seen: {seen[:2000]}"
+    assert left == {}, f"processes survived: {left}"
+    # The connection lives in $FLWR_HOME/config.toml; `flwr run` left pyproject.toml alone.
+    assert "[superlink.fedmae-local]" in (home / "config.toml").read_text()
     assert (REPO_ROOT / "pyproject.toml").read_bytes() == pyproject_before
-    assert not Path(record["ray_tmpdir"]).exists()
 
 
-@pytest.mark.slow
 def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path, tiny_overrides):
-    out = io.StringIO()
-    rc = run_local_simulation(
-        app_dir=REPO_ROOT,
-        num_supernodes=2,
-        run_config=run_config_string({**tiny_overrides, "mask-ratio": 1.5}),
-        flwr_home=tmp_path / "flwr-home",
-        timeout=300,
-        out=out,
-    )
+    rc, out, _, left = _watched(
+        ["scripts/run.py", "--num-supernodes", "2", "--flwr-home", str(tmp_path / "home"),
+         "--run-config", run_config_string({**tiny_overrides, "mask-ratio": 1.5})],
+        tmp_path,
+    )  # fmt: skip
     assert rc == 1
-    assert (
-        "Bad value for config key 'mask-ratio': 1.5. Allowed: a number in (0, 1)" in out.getvalue()
+    assert "Bad value for config key 'mask-ratio': 1.5. Allowed: a number in (0, 1)" in out
+    assert "[run] FAILED: the run finished:failed" in out
+    assert left == {}
+
+
+def test_the_runner_reports_a_rejected_submission_and_leaves_nothing(tmp_path: Path):
+    """An unknown key: Flower refuses the run at submission; the SuperLink still ends."""
+    rc, out, seen, left = _watched(
+        ["scripts/run.py", "--flwr-home", str(tmp_path / "home"), "--run-config", "no-such-key=1"],
+        tmp_path,
     )
+    assert rc == 1 and "[run] FAILED: the run never submitted" in out
+    assert "flower-superlink" in seen and left == {}
 
 
-@pytest.mark.slow
+def test_a_timeout_stops_the_run_and_ends_ray_too(tmp_path: Path, tiny_overrides):
+    """Mid-run, a stopped SuperLink leaves flwr-simulation and Ray running: the runner ends them."""
+    long_run = {**tiny_overrides, "rounds-per-stage": 500}
+    rc, out, seen, left = _watched(
+        ["scripts/run.py", "--num-supernodes", "6", "--flwr-home", str(tmp_path / "home"),
+         "--timeout", "45", "--run-config", run_config_string(long_run)],
+        tmp_path,
+    )  # fmt: skip
+    assert rc == 124, out[-4000:]
+    assert "[run] TIMEOUT: still running after 45 s" in out
+    assert "raylet" in seen and left == {}, f"processes survived: {left}"
+
+
 def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_overrides):
     """A real SuperLink (no simulation) and 2 SuperNodes whose --node-config data-path differ."""
     import numpy as np
@@ -122,16 +146,13 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
         "evaluate-clients": 2,
         "finetune-labels": 0,
     }
-    record: dict = {}
-    rc = run_local_simulation(
-        app_dir=REPO_ROOT,
-        run_config=run_config_string(overrides),
-        flwr_home=tmp_path / "flwr-home",
-        timeout=600,
-        process_record=record,
-        node_configs=[f"data-path='{tmp_path / node}'" for node in sizes],
-    )
-    assert rc == 0
+    nodes = [arg for node in sizes for arg in ("--node-config", f"data-path='{tmp_path / node}'")]
+    rc, out, seen, left = _watched(
+        ["-m", "tests.local_deployment", "--flwr-home", str(tmp_path / "home"), *nodes,
+         "--run-config", run_config_string(overrides)],
+        tmp_path,
+    )  # fmt: skip
+    assert rc == 0, out[-4000:]
     rows = [
         json.loads(line)
         for line in (Path(overrides["output-dir"]) / "tiny" / "metrics.jsonl")
@@ -141,5 +162,4 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
     # each node trains on its own folder minus its test and held-out shares: 9 + 20 images
     assert {r["examples"] for r in rows} == {29.0}
     assert all(r["clients"] == 2 for r in rows)
-    alive = [p for p, st in record["pids"].items() if _start_time(p) == st]
-    assert alive == [] and record["survivors"] == []
+    assert seen.count("flower-supernode") >= 2 and left == {}, f"processes survived: {left}"

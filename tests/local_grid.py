@@ -1,23 +1,15 @@
-"""Run the ServerApp's logic against the real ClientApp handlers in one process, without Ray.
+"""The tests' in-process Grid: the ServerApp's logic against the real ClientApp handlers, no Ray.
 
 ``InProcessGrid`` is a transport stand-in: it hands each message to the real ``train`` /
 ``evaluate`` handlers with one ``Context`` per node (whose ``state`` persists, as Flower's
 does), so the strategy, the server run and the client code are the ones ``flwr run`` executes.
 What it leaves out is Flower's transport and the Ray simulation engine: nodes run one after the
-other, node ids are fixed (1000 + partition id) and replies arrive in sending order.
-
-Use ``flwr run`` (``make run``, ``scripts/run_local_simulation.py``) wherever Ray runs. This
-path is for the places it cannot: the unit tests, and a GPU machine without Ray (its wheel is
-larger than what could be carried to the project's GPU machine)::
-
-    python -m fedmae_flwr.inprocess --num-nodes 100 --run-config "preset='fmnist-gpu' seed=1"
+other, node ids are fixed (1000 + partition id) and replies arrive in sending order. Runs for
+real go through Flower: ``make run`` / ``scripts/run.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -108,22 +100,3 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> dict[str, Any]:
             "clients-per-round, evaluate-clients): give more nodes or lower those keys"
         )
     return run(InProcessGrid(num_nodes, overrides), cfg)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flwr.common.config import parse_config_args
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-nodes", type=int, default=100)
-    parser.add_argument("--run-config", default="", help="as flwr run's --run-config")
-    args = parser.parse_args(argv)
-    overrides = parse_config_args([args.run_config]) if args.run_config else {}
-    summary = run_in_process(overrides, args.num_nodes)
-    keys = ("run-name", "finetune-accuracy", "linear-probe-accuracy", "knn-accuracy",
-            "final-psnr", "wall-seconds")  # fmt: skip
-    print(json.dumps({k: summary[k] for k in keys}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,51 @@
+"""scripts/gpu_check.sh's run path on a CPU, with a tiny config, set up like the GPU machine.
+
+There, Flower and Ray are only on PYTHONPATH (no console scripts): ``python3`` here is the venv's
+base interpreter with the venv's packages on PYTHONPATH, so scripts/run.py has to write the
+commands Flower starts by name (flower-superexec, flwr-simulation, ...) itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.run import run_config_string
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_PYTHON = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BASE_PYTHON.exists(), reason="no base interpreter beside the venv")
+def test_gpu_check_runs_the_preset_through_flwr_run_on_a_cpu(tmp_path, fmnist_dir, tiny_overrides):
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    (bin_dir / "python3").symlink_to(BASE_PYTHON)
+    keep = ("data-path", "output-dir", "run-name")  # gpu_check.sh sets these itself
+    tiny = {k: v for k, v in tiny_overrides.items() if k not in keep}
+    tiny |= {"local-epochs": 1, "stage-knn-images": 100, "evaluate-random-init": False}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:/usr/bin:/bin",  # no venv, no flower-* commands
+        "PYTHONPATH": os.pathsep.join([*site.getsitepackages(), str(REPO_ROOT)]),
+        "CLIENT_GPUS": "0",
+        "NUM_SUPERNODES": "6",
+        "EXTRA_RUN_CONFIG": run_config_string(tiny),
+    }
+    cmd = ["bash", "scripts/gpu_check.sh", str(out), str(fmnist_dir), "400", "0"]
+    subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=600, check=True)
+
+    log = (out / "gpu-check.log").read_text()
+    assert "[gpu-check] fmnist-gpu-s0: exit 0 " in log, log[-4000:]
+    assert "flwr-simulation" in log or "Starting Flower Simulation" in log
+    summary = json.loads((out / "fmnist-gpu-s0-summary.json").read_text())
+    assert summary["run-name"] == "fmnist-gpu-s0" and summary["depth"] == 2
+    assert (out / "fmnist-gpu-s0-metrics.jsonl").read_text().count("\n") == 4  # 2 blocks x 2 rounds

@@ -1,0 +1,48 @@
+"""scripts/run.py's own pieces, without Flower: the run-config string and the process cleanup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.run import run_config_string
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in its own process: it makes itself a child subreaper, as scripts/run.py does.
+CLEANUP = """
+import ctypes, subprocess, time
+from scripts.run import _below, _end_all
+callers = subprocess.Popen(["sleep", "300"])  # the caller's own child, from before the run
+ctypes.CDLL(None).prctl(36, 1)
+skip = set(_below(set()))
+# A shell in a session of its own that leaves a sleeper behind, as SuperExec and Ray do.
+subprocess.run(["sh", "-c", "sleep 300 &"], start_new_session=True)
+time.sleep(0.5)
+print(callers.pid, *_below(skip), flush=True)
+_end_all(None, skip)
+print(callers.poll(), *_below(skip), flush=True)
+callers.kill()
+"""
+
+
+def test_run_config_string_writes_flwr_run_config_syntax():
+    overrides = {"depth": 6, "run-name": "x", "resume": True, "lr": 0.5, "data-path": "/a b"}
+    assert (
+        run_config_string(overrides) == "depth=6 run-name='x' resume=true lr=0.5 data-path='/a b'"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
+def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
+    out = subprocess.run(
+        [sys.executable, "-c", CLEANUP], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    callers, *orphans = (int(p) for p in out[0].split())
+    assert len(orphans) == 1  # the sleeper, re-parented to the subreaper
+    assert out[1].split() == ["None"]  # the caller's child still runs; nothing of ours is left
+    assert not Path(f"/proc/{orphans[0]}").exists() and callers not in orphans
