@@ -67,6 +67,16 @@ class DecoderPerStage(enum.StrEnum):
     RESET = "reset"
 
 
+class Aggregation(enum.StrEnum):
+    FEDAVG = "fedavg"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+    MULTIKRUM = "multikrum"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
 class Device(enum.StrEnum):
     AUTO = "auto"
     CPU = "cpu"
@@ -301,12 +311,58 @@ class EvalConfig:
         )
 
 
+@dataclass(frozen=True)
+class RobustConfig:
+    """How the server combines replies, and what it refuses before it does."""
+
+    aggregation: Aggregation = _opt(
+        Aggregation.FEDAVG,
+        "How the active tensors of sound replies are combined (Flower's strategy of that name).",
+    )
+    trim_fraction: float = _opt(0.2, "fedtrimmedavg: share of values cut at each end (beta).")
+    byzantine_nodes: int = _opt(1, "krum, multikrum: nodes per round assumed malicious.")
+    krum_keep: int = _opt(0, "multikrum: replies averaged (0 = clients-per-round - byzantine).")
+    server_lr: float = _opt(0.01, "fedadam, fedyogi: server learning rate (eta).")
+    server_tau: float = _opt(1e-3, "fedadam, fedyogi: adaptivity (tau).")
+    dp_noise_multiplier: float = _opt(
+        0.0, "Server-side DP: Gaussian noise std as a multiple of the clipping norm; 0 = off."
+    )
+    dp_clipping_norm: float = _opt(
+        1.0, "Server-side DP: L2 bound of each node's update of the active tensors."
+    )
+    max_update_norm: float = _opt(
+        10.0,
+        "Reject a reply whose update of the active tensors is longer (L2) than this multiple of "
+        "their current norm; 0 = no bound.",
+    )
+    max_examples: int = _opt(
+        0, "Largest num-examples a node may claim; 0 = the largest partition (none if unknown)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+                "byzantine_nodes": AT_LEAST_0,
+                "krum_keep": AT_LEAST_0,
+                "server_lr": POSITIVE,
+                "server_tau": POSITIVE,
+                "dp_noise_multiplier": (lambda v: v >= 0, "a number >= 0"),
+                "dp_clipping_norm": POSITIVE,
+                "max_update_norm": (lambda v: v >= 0, "a number >= 0"),
+                "max_examples": AT_LEAST_0,
+            },
+        )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "schedule": ScheduleConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "robust": RobustConfig,
 }
 
 
@@ -338,6 +394,7 @@ class FedMAEConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         _check(self, {"local_clients": AT_LEAST_1})
