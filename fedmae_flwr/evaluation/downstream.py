@@ -62,6 +62,30 @@ class _Flatten(nn.Module):
         return x.flatten(1)
 
 
+def finetune_backbones(
+    cfg: EvalConfig,
+    backbones: dict[str, nn.Module],
+    sets: dict[str, ImageSet],
+    splits: DatasetSplits,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Fine-tune each backbone on the labelled ``finetune`` subset; top-1 on ``test``."""
+    tune_x = splits.normalize(sets["finetune"].images)
+    test_x = splits.normalize(sets["test"].images)
+    results = {}
+    for name, backbone in backbones.items():
+        start = time.perf_counter()
+        result = finetune(
+            backbone, backbone.num_features, tune_x, sets["finetune"].labels, test_x,
+            sets["test"].labels, splits.num_classes, epochs=cfg.finetune_epochs,
+            lr=cfg.finetune_lr, seed=seed, device=device, layer_decay=cfg.finetune_layer_decay,
+        )  # fmt: skip
+        results[name] = asdict(result)
+        log(INFO, "fine-tune %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start)
+    return results
+
+
 def evaluate_backbones(
     cfg: EvalConfig,
     splits: DatasetSplits,
@@ -110,31 +134,7 @@ def evaluate_backbones(
             accuracies = [probe(a, b).accuracy for a, b in zip(train_b, test_b, strict=True)]
             report.setdefault("linear-probe-per-block", {})[name] = accuracies
     if cfg.finetune_labels > 0:
-        tune_x = splits.normalize(sets["finetune"].images)
-        for name, backbone in backbones.items():
-            start = time.perf_counter()
-            result = finetune(
-                backbone,
-                backbone.num_features,
-                tune_x,
-                sets["finetune"].labels,
-                test_x,
-                test_y,
-                splits.num_classes,
-                epochs=cfg.finetune_epochs,
-                lr=cfg.finetune_lr,
-                seed=seed,
-                device=device,
-                layer_decay=cfg.finetune_layer_decay,
-            )
-            report["finetune"][name] = asdict(result)
-            log(
-                INFO,
-                "fine-tune %s: %.4f (%.1fs)",
-                name,
-                result.accuracy,
-                time.perf_counter() - start,
-            )
+        report["finetune"] = finetune_backbones(cfg, backbones, sets, splits, seed, device)
     report["protocol"] = {
         "probe-train-images": len(sets["probe"]),
         "probe-epochs": cfg.probe_epochs,

@@ -135,6 +135,72 @@ def _random_crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
+def _check_inputs(
+    feature_dim: int,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    **sizes: float,
+) -> None:
+    """The ValueErrors :func:`finetune` documents, before any work."""
+    layer_decay, warmup_fraction = sizes.pop("layer_decay"), sizes.pop("warmup_fraction")
+    check_positive(feature_dim=feature_dim, num_classes=num_classes, **sizes)
+    check_labeled(train_images, train_labels, num_classes, "train", sample_ndim=4)
+    check_labeled(test_images, test_labels, num_classes, "test", sample_ndim=4)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(
+            f"train and test images differ in shape: {tuple(train_images.shape[1:])} vs "
+            f"{tuple(test_images.shape[1:])}"
+        )
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    generator: torch.Generator,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    augment: bool,
+    warmup_fraction: float,
+    label_smoothing: float,
+) -> float:
+    """The training epochs (per-step warmup + cosine lr); returns the last epoch's mean loss."""
+    device = next(model.parameters()).device
+    total_steps = epochs * num_batches(images.shape[0], batch_size)
+    warmup_steps = math.floor(warmup_fraction * total_steps)
+    step, final_loss = 0, math.nan
+    model.train()
+    for _ in range(epochs):
+        loss_sum, seen = 0.0, 0
+        for idx in shuffled_batches(images.shape[0], batch_size, generator):
+            x = images[idx].to(device=device, dtype=torch.float32)
+            y = labels[idx].to(device=device, dtype=torch.long)
+            if augment:
+                x = _random_crop_flip(x, generator)
+            for group in optimizer.param_groups:
+                scale = group.get("lr_scale", 1.0)
+                group["lr"] = scale * cosine_lr(lr, step, total_steps, warmup_steps)
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * idx.numel()
+            seen += idx.numel()
+            step += 1
+        final_loss = loss_sum / seen
+    return final_loss
+
+
 def finetune(
     backbone: nn.Module,
     feature_dim: int,
@@ -201,25 +267,9 @@ def finetune(
             train / test image shapes that differ, non-positive sizes, or a backbone whose
             output is not ``[B, feature_dim]``.
     """
-    check_positive(
-        feature_dim=feature_dim,
-        num_classes=num_classes,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-    )
-    check_labeled(train_images, train_labels, num_classes, "train", sample_ndim=4)
-    check_labeled(test_images, test_labels, num_classes, "test", sample_ndim=4)
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise ValueError(
-            f"train and test images differ in shape: {tuple(train_images.shape[1:])} vs "
-            f"{tuple(test_images.shape[1:])}"
-        )
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    if not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-
+    _check_inputs(feature_dim, train_images, train_labels, test_images, test_labels, num_classes,
+                  epochs=epochs, lr=lr, batch_size=batch_size, layer_decay=layer_decay,
+                  warmup_fraction=warmup_fraction)  # fmt: skip
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     with seeded_global_rng(seed, device):
@@ -231,32 +281,11 @@ def finetune(
         model.requires_grad_(True)
 
         optimizer = torch.optim.AdamW(_param_groups(model, weight_decay, layer_decay), lr=lr)
-        n_train = train_images.shape[0]
-        total_steps = epochs * num_batches(n_train, batch_size)
-        warmup_steps = math.floor(warmup_fraction * total_steps)
-
-        step = 0
-        final_loss = math.nan
-        model.train()
-        for _ in range(epochs):
-            loss_sum, seen = 0.0, 0
-            for idx in shuffled_batches(n_train, batch_size, generator):
-                x = train_images[idx].to(device=device, dtype=torch.float32)
-                y = train_labels[idx].to(device=device, dtype=torch.long)
-                if augment:
-                    x = _random_crop_flip(x, generator)
-                for group in optimizer.param_groups:
-                    scale = group.get("lr_scale", 1.0)
-                    group["lr"] = scale * cosine_lr(lr, step, total_steps, warmup_steps)
-                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * idx.numel()
-                seen += idx.numel()
-                step += 1
-            final_loss = loss_sum / seen
-
+        final_loss = _train(
+            model, optimizer, train_images, train_labels, generator,
+            epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+            warmup_fraction=warmup_fraction, label_smoothing=label_smoothing,
+        )  # fmt: skip
         model.eval()
 
         def predict(x: Tensor) -> Tensor:

@@ -109,6 +109,59 @@ def _dataset_loss(head: nn.Module, x: Tensor, y: Tensor, chunk: int = 4096) -> f
     return total / x.shape[0]
 
 
+def _probe_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Sequential:
+    """MAE's probe head: BatchNorm without affine, then a linear layer (small seeded init)."""
+    # momentum=None: a cumulative average of the batch statistics. The features are frozen, so
+    # their distribution is stationary and the plain average is the right estimate of the
+    # population statistics; the default exponential average would still carry its (0, 1)
+    # initialization after the few steps of a short probe.
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)
+    # nn.Linear's constructor draws a default init from the global RNG; fork it so the caller's
+    # random stream is not advanced (the init is overwritten from ``generator`` right after).
+    with torch.random.fork_rng(devices=[]):
+        linear = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        nn.init.trunc_normal_(linear.weight, std=0.01, generator=generator)
+        linear.bias.zero_()
+    return nn.Sequential(norm, linear)
+
+
+def _train_probe(
+    head: nn.Sequential,
+    train_x: Tensor,
+    train_y: Tensor,
+    generator: torch.Generator,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+) -> list[float]:
+    """SGD with cosine lr; returns the training-set loss after each of the last 2 windows."""
+    device = train_x.device
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    total_steps = epochs * num_batches(train_x.shape[0], batch_size)
+    window = _window(epochs)
+    tail_losses: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        head.train()
+        for idx in shuffled_batches(train_x.shape[0], batch_size, generator):
+            idx = idx.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, total_steps)
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if epoch >= epochs - 2 * window:
+            # Full-pass eval-mode loss, not the running minibatch mean: the latter jitters by a
+            # few percent with the shuffle and BN's batch statistics even at a fixed point,
+            # which would make a 1% plateau test fail on a probe that has long converged.
+            tail_losses.append(_dataset_loss(head, train_x, train_y))
+    return tail_losses
+
+
 def linear_probe(
     train_x: Tensor,
     train_y: Tensor,
@@ -187,49 +240,17 @@ def linear_probe(
     dim = train_x.shape[1]
 
     generator = torch.Generator().manual_seed(seed)
-    # momentum=None: a cumulative average of the batch statistics. The features are frozen, so
-    # their distribution is stationary and the plain average is the right estimate of the
-    # population statistics; the default exponential average would still carry its (0, 1)
-    # initialization after the few steps of a short probe.
-    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)
-    # nn.Linear's constructor draws a default init from the global RNG; fork it so the caller's
-    # random stream is not advanced (the init is overwritten from ``generator`` right after).
-    with torch.random.fork_rng(devices=[]):
-        linear = nn.Linear(dim, num_classes)
-    with torch.no_grad():
-        nn.init.trunc_normal_(linear.weight, std=0.01, generator=generator)
-        linear.bias.zero_()
-    head = nn.Sequential(norm, linear).to(device)
+    head = _probe_head(dim, num_classes, generator).to(device)
+    norm, linear = head[0], head[1]
     init_weight, init_bias = linear.weight.detach().clone(), linear.bias.detach().clone()
-
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    total_steps = epochs * num_batches(train_x.shape[0], batch_size)
-
-    window = _window(epochs)
-    tail_losses: list[float] = []  # training-set loss after each of the last 2 * window epochs
-    step = 0
-    for epoch in range(epochs):
-        head.train()
-        for idx in shuffled_batches(train_x.shape[0], batch_size, generator):
-            idx = idx.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(lr, step, total_steps)
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        if epoch >= epochs - 2 * window:
-            # Full-pass eval-mode loss, not the running minibatch mean: the latter jitters by a
-            # few percent with the shuffle and BN's batch statistics even at a fixed point,
-            # which would make a 1% plateau test fail on a probe that has long converged.
-            tail_losses.append(_dataset_loss(head, train_x, train_y))
+    tail_losses = _train_probe(head, train_x, train_y, generator, epochs, lr, batch_size,
+                               weight_decay)  # fmt: skip
 
     head.eval()
     train_acc = batched_accuracy(head, train_x, train_y, 4096, device)
     test_acc = batched_accuracy(head, test_x, test_y, 4096, device)
     converged = train_acc == 1.0
-    if not converged and _plateaued(tail_losses, window):
+    if not converged and _plateaued(tail_losses, _window(epochs)):
         # Both gradients use the final BN statistics, so they measure the same objective.
         grad_start = _objective_grad_norm(
             norm, init_weight, init_bias, train_x, train_y, weight_decay
