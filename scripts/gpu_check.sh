@@ -28,6 +28,21 @@ export PYTHONUNBUFFERED=1
 timm.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
   python3 -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tail -5
 } >>"$log" 2>&1
+# Flower only on PYTHONPATH (no console scripts): write those pip would have, since SuperLink and
+# SuperExec start flower-superexec, flwr-simulation, ... by name from PATH.
+if ! command -v flower-superlink >/dev/null; then
+  mkdir -p "$runs/bin"
+  python3 - "$runs/bin" <<'PY'
+import importlib.metadata, pathlib, sys
+for ep in importlib.metadata.entry_points(group="console_scripts"):
+    if ep.value.startswith("flwr."):
+        shim = pathlib.Path(sys.argv[1]) / ep.name
+        call = ep.value.replace(":", ".") + "()"
+        shim.write_text(f"#!{sys.executable}\nimport sys, {ep.module}\nsys.exit({call})\n")
+        shim.chmod(0o755)
+PY
+  export PATH="$runs/bin:$PATH"
+fi
 deadline=$(( $(date +%s) + seconds ))
 for seed in ${seeds[@]}; do
   name="fmnist-gpu-s$seed"

@@ -8,7 +8,6 @@ only when Flower reports the run `finished:completed`. Ends every process it sta
 import argparse
 import contextlib
 import ctypes
-import importlib.metadata
 import json
 import os
 import shutil
@@ -32,20 +31,6 @@ def run_config_string(overrides: dict[str, Any]) -> str:
     """``{"depth": 6, "run-name": "x"}`` -> ``"depth=6 run-name='x'"`` for ``--run-config``."""
     quote = {bool: lambda v: str(v).lower(), str: lambda v: f"'{v}'"}
     return " ".join(f"{k}={quote.get(type(v), str)(v)}" for k, v in overrides.items())
-
-
-def _flower_bin(tmp: Path) -> Path:
-    """Flower's commands: beside the interpreter in a venv, else (flwr only on PYTHONPATH, as on
-    the GPU machine) the shims pip would write. SuperLink and SuperExec start theirs from PATH."""
-    if (Path(sys.executable).parent / "flower-superlink").exists():
-        return Path(sys.executable).parent
-    for ep in importlib.metadata.entry_points(group="console_scripts"):
-        if ep.value.startswith("flwr."):
-            call = ep.value.replace(":", ".") + "()"
-            text = f"#!{sys.executable}\nimport sys, {ep.module}\nsys.exit({call})\n"
-            (tmp / ep.name).write_text(text)
-            (tmp / ep.name).chmod(0o755)
-    return tmp
 
 
 def _below(skip: set[int]) -> list[int]:
@@ -101,7 +86,10 @@ def run(
     (home / "mpl").mkdir(parents=True, exist_ok=True)  # /tmp: Ray's socket paths must be short
     env = dict(os.environ, FLWR_HOME=str(home), RAY_TMPDIR=str(tmp), MPLCONFIGDIR=f"{home}/mpl")
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    env.update(RAY_USAGE_STATS_ENABLED="0", PATH=f"{_flower_bin(tmp)}:{env.get('PATH', '')}")
+    # Flower's commands (ours, and those SuperLink/SuperExec start by name) sit beside a venv's
+    # interpreter; a bare interpreter needs them on PATH already (scripts/gpu_check.sh).
+    bindir = Path(sys.executable).parent
+    env.update(RAY_USAGE_STATS_ENABLED="0", PATH=f"{bindir}:{env.get('PATH', '')}")
     ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: our tree's orphans come to us
     skip, superlink, log = set(_below(set())), None, home / "superlink.log"
     deadline = time.monotonic() + (timeout or 1e9)

@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh's run path on a CPU, with a tiny config, set up like the GPU machine.
 
 There, Flower and Ray are only on PYTHONPATH (no console scripts): ``python3`` here is the venv's
-base interpreter with the venv's packages on PYTHONPATH, so scripts/run.py has to write the
+base interpreter with the venv's packages on PYTHONPATH, so scripts/gpu_check.sh has to write the
 commands Flower starts by name (flower-superexec, flwr-simulation, ...) itself.
 """
 
