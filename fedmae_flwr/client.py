@@ -1,0 +1,179 @@
+"""FedMAE for any Flower ClientApp: answer the strategy's messages with the node's own images.
+
+A ClientApp joins a :class:`fedmae_flwr.strategies.FedMAE` run with its images and the model's
+shapes, and no run config::
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_reply(msg, context, images, model=ModelConfig(...), seed=0)
+
+The helpers speak the protocol documented in :mod:`fedmae_flwr.strategies.fedmae`: they rebuild
+the stage's model from the message's active tensors and the frozen prefix the node keeps in its
+``Context.state`` (it arrives once per stage), reply ``prefix-missing`` when the node lacks the
+announced prefix, and send back only the trained tensors with ``num-examples``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from logging import WARNING
+from typing import Any, TypeVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import log
+from torch import Tensor
+
+from fedmae_flwr.config import ConfigError, ModelConfig, TrainConfig
+from fedmae_flwr.devices import resolve_device
+from fedmae_flwr.local_training import reconstruction_loss, train_local
+from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
+from fedmae_flwr.seeding import derive_seed
+from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
+
+# Where a node keeps the stage's frozen prefix between rounds (Flower persists Context.state).
+STATE_PREFIX = "fedmae-prefix"
+STATE_PREFIX_META = "fedmae-prefix-meta"
+
+Section = TypeVar("Section", ModelConfig, TrainConfig)
+
+
+def train_reply(
+    msg: Message,
+    context: Context,
+    images: Tensor,
+    *,
+    model: ModelConfig | Mapping[str, Any],
+    train: TrainConfig | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    metrics: Mapping[str, int | float] | None = None,
+) -> Message:
+    """The reply to a FedMAE ``train`` message: local MAE epochs on the stage's active block.
+
+    Args:
+        msg, context: what Flower hands the ClientApp's ``@app.train()`` handler.
+        images: the node's training images ``[N, C, H, W]``, float, normalised as you like (the
+            MAE target is these values); they may stay on the CPU. ``N = 0`` replies with
+            ``num-examples = 0`` and the tensors as received.
+        model: the shapes the server's model has (``ModelConfig`` or its fields as a mapping).
+        train: local epochs, batch size, AdamW and augmentations (default ``TrainConfig()``).
+            ``client_threads`` is not applied: torch's thread count belongs to the process.
+        seed: the run's seed; masks and batch order are drawn from ``(seed, round, node)``,
+            the node being ``node_config["partition-id"]`` where set, else the node id.
+        device: ``"auto"`` (CUDA when this process sees one), ``"cpu"``, ``"cuda"`` or a
+            ``torch.device``.
+        metrics: more entries for the reply's MetricRecord (e.g. your data's counts).
+
+    Returns:
+        ``"arrays"`` (the trained active tensors) and ``"metrics"`` (``num-examples``,
+        ``train-loss``, ``train-seconds``, ``train-mbytes``, then ``metrics``); or only
+        ``prefix-missing = 1`` and ``num-examples = 0`` when the node lacks the stage's prefix.
+    """
+    shapes, settings = _section(ModelConfig, model), _section(TrainConfig, train or {})
+    _check_images(images, shapes)
+    net = _stage_model(msg, context, shapes)
+    if net is None:
+        return _missing_prefix_reply(msg)
+    net.to(_device(device))
+    if len(images) == 0:
+        log(WARNING, "Node %s has no training images: replying with 0 examples", _node(context))
+        loss, seconds, mbytes = 0.0, 0.0, 0.0
+    else:
+        round_seed = derive_seed(seed, "client-train", _server_round(msg), _node(context))
+        result = train_local(net, images, settings, round_seed)
+        loss, seconds, mbytes = result.loss, result.seconds, result.peak_bytes / 2**20
+    arrays = ArrayRecord({k: v.detach().contiguous() for k, v in net.active_state().items()})
+    own = {"num-examples": len(images), "train-loss": loss, "train-seconds": seconds,
+           "train-mbytes": mbytes}  # fmt: skip
+    if clash := sorted(own.keys() & dict(metrics or {}).keys()):
+        raise ValueError(f"metrics may not set the reply's own keys {clash}")
+    record = MetricRecord({**own, **(metrics or {})})
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=msg)
+
+
+def evaluate_reply(
+    msg: Message,
+    context: Context,
+    images: Tensor,
+    *,
+    model: ModelConfig | Mapping[str, Any],
+    seed: int = 0,
+    device: str | torch.device = "auto",
+) -> Message:
+    """The reply to a FedMAE ``evaluate`` message: masked-reconstruction loss on ``images``.
+
+    Masks come from ``seed`` alone, so a node's scores compare across stages. Arguments as
+    :func:`train_reply`; the reply's ``"metrics"`` hold ``num-examples`` and ``eval-loss`` (or
+    ``prefix-missing = 1``).
+    """
+    shapes = _section(ModelConfig, model)
+    _check_images(images, shapes)
+    net = _stage_model(msg, context, shapes)
+    if net is None:
+        return _missing_prefix_reply(msg)
+    net.to(_device(device))
+    loss = reconstruction_loss(net, images, seed=seed) if len(images) else 0.0
+    metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _stage_model(msg: Message, context: Context, shapes: ModelConfig) -> CascadeMAE | None:
+    """The stage's model from the message's active tensors and the node's cached prefix.
+
+    None when the node does not hold the announced prefix version (and none came along).
+    """
+    config = msg.content["config"]
+    frozen, version = int(config["frozen-blocks"]), str(config["prefix-version"])
+    state = msg.content["arrays"].to_torch_state_dict()
+    if frozen > 0:
+        if PREFIX_KEY in msg.content:
+            context.state[STATE_PREFIX] = msg.content[PREFIX_KEY]
+            context.state[STATE_PREFIX_META] = ConfigRecord({"version": version})
+        meta = context.state.get(STATE_PREFIX_META)
+        if meta is None or meta["version"] != version:
+            return None
+        state.update(context.state[STATE_PREFIX].to_torch_state_dict())
+    return model_from_state(shapes, state, frozen_blocks=frozen)
+
+
+def _missing_prefix_reply(msg: Message) -> Message:
+    metrics = MetricRecord({"num-examples": 0, PREFIX_MISSING: 1})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _section(cls: type[Section], value: Section | Mapping[str, Any]) -> Section:
+    """``value`` as the config section ``cls`` (field names in snake_ or kebab-case)."""
+    if isinstance(value, cls):
+        return value
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {str(k).replace("-", "_"): v for k, v in value.items()}
+    if unknown := sorted(set(given) - fields):
+        raise ConfigError(f"Unknown {cls.__name__} fields {unknown}. Allowed: {sorted(fields)}.")
+    return cls(**given)
+
+
+def _check_images(images: Tensor, shapes: ModelConfig) -> None:
+    expected = (shapes.in_chans, shapes.img_size, shapes.img_size)
+    if len(images) and (images.ndim != 4 or tuple(images.shape[1:]) != expected):
+        raise ValueError(
+            f"images must be [N, {', '.join(map(str, expected))}] for this model "
+            f"(in_chans, img_size, img_size), got {list(images.shape)}"
+        )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(str(device))
+
+
+def _server_round(msg: Message) -> int:
+    return int(msg.content["config"]["server-round"])
+
+
+def _node(context: Context) -> int:
+    # The partition id is stable across runs (node ids are random per simulation run).
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+__all__ = ["evaluate_reply", "train_reply"]
