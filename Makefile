@@ -43,11 +43,12 @@ run: setup data
 bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 
-# The grid's backbones fine-tuned again with the full recipe (15 epochs; the grid's own 5-epoch
-# fine-tune is under-trained), then the report again with that column (~28 min on 2 CPU cores).
+# The grid's backbones fine-tuned again with the full recipe (the benchmarks' EVALUATION; the
+# grid's own shorter fine-tune is under-trained), then the report again with that column
+# (~28 min on 2 CPU cores).
 bench-quality-finetune: setup data
 	$(VPY) -m benchmarks.label_efficiency --out outputs/bench-grid --docs outputs/bench-grid \
-		--labels 1000 --epochs 15 --runs $$(ls outputs/bench-grid)
+		--full-recipe --runs $$(cd outputs/bench-grid && ls -d */ | tr -d /)
 	$(VPY) -m benchmarks.quality --report-only $(BENCH_ARGS)
 
 # Does pretraining pay? fedmae against random init over budgets R x E; writes docs/budget.md.

@@ -34,7 +34,9 @@ from benchmarks.harness import (
     finished_seeds,
     machine_line,
     mean_std,
+    pyplot,
     run_variant,
+    save_figure,
 )
 from fedmae_flwr.config import default_run_config
 
@@ -136,11 +138,7 @@ def _cells(runs: list[dict]) -> list[str]:
 
 
 def plot(reference: list[dict], variants: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     factors = list(dict.fromkeys(factor for factor, _ in variants))
     measured = [
         100 * value
@@ -169,9 +167,7 @@ def plot(reference: list[dict], variants: dict, path: Path) -> None:
         )
         ax.set(title=factor, ylabel="top-1 (%)", ylim=ylim)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(

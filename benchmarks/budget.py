@@ -33,7 +33,9 @@ from benchmarks.harness import (
     command_line,
     machine_line,
     mean_std,
+    pyplot,
     run_variant,
+    save_figure,
 )
 
 FEDERATION: dict[str, Any] = {k: BUDGET[k] for k in ("depth", "clients-per-round")}
@@ -113,11 +115,7 @@ def _signed(diffs: list[float]) -> str:
 
 
 def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     budgets = sorted(by_budget, key=lambda b: (b[0] * b[1], b))
     fig, ax = plt.subplots(figsize=(6, 4))
     for (key, label), color in zip(PROTOCOLS, ("C0", "C1", "C2"), strict=True):
@@ -139,9 +137,7 @@ def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
         title=f"Does pretraining pay? (Fashion-MNIST, {NUM_SUPERNODES} nodes)",
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(

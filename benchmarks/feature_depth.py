@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import DOCS, OUT_ROOT, command_line, machine_line
-from benchmarks.label_efficiency import DEFAULT_RUNS, run_config
+from benchmarks.harness import command_line, machine_line, pyplot, save_figure
+from benchmarks.label_efficiency import add_backbone_arguments, check_backbones, run_config
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.downstream import block_features, labelled_subsets
 from fedmae_flwr.evaluation.linear_probe import linear_probe
@@ -49,22 +49,15 @@ def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_report(results: dict[str, list[dict]], command: str, docs: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     docs.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for run, per_block in results.items():
         blocks = range(1, len(per_block) + 1)
         ax.plot(blocks, [100 * r["accuracy"] for r in per_block], marker="o", label=run)
     ax.set(xlabel="features after block", ylabel="linear probe top-1 (%)",
            title="Where the best features sit")  # fmt: skip
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(docs / "feature-depth.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, docs / "feature-depth.png")
     depth = max(len(v) for v in results.values())
     lines = [
         "# Linear probe after every block",
@@ -90,13 +83,9 @@ def write_report(results: dict[str, list[dict]], command: str, docs: Path) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
-    parser.add_argument("--docs", type=Path, default=DOCS)
+    add_backbone_arguments(parser)
     args = parser.parse_args(argv)
-    missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
-    if missing:
-        parser.error(f"no exported backbone for {missing} under {args.out}; run a benchmark first")
+    check_backbones(parser, args.runs, args.out)
     results = {run: probe_per_block(args.out / run) for run in args.runs}
     for run, per_block in results.items():
         print(

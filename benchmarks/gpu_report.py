@@ -31,9 +31,11 @@ from benchmarks.harness import (
     PARTITIONS,
     finished_seeds,
     protocols,
+    pyplot,
     run_variant,
+    save_figure,
 )
-from benchmarks.quality import GRID_MINUTES
+from benchmarks.quality_grid import GRID_MINUTES
 from fedmae_flwr.config import load_config_yaml, resolve_config, to_flat
 
 GPU_DEVICE = "one NVIDIA H200"
@@ -44,6 +46,8 @@ GPU_COMMAND = (
 )
 # Keys a run's own config may differ in from its siblings' (where it ran, and which seed).
 PER_RUN_KEYS = ("seed", "run-name", "output-dir", "data-path")
+# Per run, in seed order: its seed and (fedmae, random-init) top-1 in % per protocol.
+SeedPairs = list[tuple[int, list[tuple[float, float]]]]
 
 
 def load_runs(folder: Path) -> list[dict[str, Any]]:
@@ -90,7 +94,7 @@ def run_protocols(runs: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
                      ["finetune-labels"])  # fmt: skip
 
 
-def paired_rows(runs: list[dict[str, Any]]) -> list[tuple[int, list[tuple[float, float]]]]:
+def paired_rows(runs: list[dict[str, Any]]) -> SeedPairs:
     """Per run, in order: its seed and (fedmae, random-init) top-1 in % per protocol."""
     keys = [key for key, _ in run_protocols(runs)]
     return [
@@ -165,66 +169,38 @@ def time_text(runs: list[dict[str, Any]], cpu: list[dict]) -> str:
     )
 
 
+# How the runs in docs/gpu.md were made (what the report says of them).
+RUNNER_NOTE = (
+    "These runs went through `fedmae_flwr.inprocess` (the real ServerApp run and ClientApp "
+    "handlers, nodes one after the other in one process), not `flwr run`: Ray's wheel is "
+    "larger than what could be carried to the lent GPU machine. Clients and the server's "
+    "evaluation ran on the GPU."
+)
+
+
 def write_report(
     runs: list[dict[str, Any]], command: str, docs: Path, cpu_runs: Path | None = None
 ) -> Path:
     """``docs/gpu.md`` and its plot; ``cpu_runs``: the budget study's runs, for comparison."""
     runs = sorted(runs, key=seed_of)
     rows = paired_rows(runs)
-    keyed = run_protocols(runs)
-    labels = [label for _, label in keyed]
+    labels = [label for _, label in run_protocols(runs)]
     preset = shared(runs, "preset", preset_of)
-    config = shared(runs, "settings", lambda r: {k: v for k, v in r["config"].items()
-                                                  if k not in PER_RUN_KEYS})  # fmt: skip
+    config = shared_config(runs)
     rounds, epochs = config["rounds-per-stage"], config["local-epochs"]
-    nodes = shared(runs, "nodes", lambda r: r["data"]["partitions"]["num-partitions"])
-    split = "IID" if config["partitioner"] == "iid" else config["partitioner"]
     cpu, floor = cpu_counterparts(config, cpu_runs) if cpu_runs else ([], [])
-    table = [
-        "| seed | "
-        + " | ".join(f"{lab}: fedmae / random-init (diff)" for lab in labels)
-        + " | PSNR (dB) | run wall s | client s / round |",
-        "|---" * (len(labels) + 4) + "|",
-    ]
-    for (seed, pairs), run in zip(rows, runs, strict=True):
-        cells = [f"{a:.1f} / {b:.1f} ({a - b:+.1f})" for a, b in pairs]
-        comm = run["communication"]
-        table.append(
-            f"| {seed} | " + " | ".join(cells) + f" | {run['final-psnr']:.2f} | "
-            f"{run['wall-seconds']:.0f} | {comm['client-train-seconds-mean']:.2f} |"
-        )
-    columns = list(zip(*(pairs for _, pairs in rows), strict=True))  # one per protocol
-    means = [statistics.fmean(a - b for a, b in col) for col in columns]
-    wins = [sum(a > b for a, b in col) for col in columns]
-    protocol = runs[0]["downstream"]["protocol"]
     lines = [
         f"# {preset} on a GPU: does pretraining pay at R={rounds} x E={epochs}?",
         "",
         f"Command: `{command}`.",
         "",
-        f"The benchmark federation (Fashion-MNIST, {nodes} {split} nodes, "
-        f"{config['clients-per-round']} per round, K={config['depth']} blocks) at R={rounds} "
-        f"rounds x E={epochs} local epochs per block{budget_text(config, cpu, floor, keyed)}. "
-        "Each run evaluates its FedMAE "
-        "backbone and a random-init backbone of the same seed with the full protocol "
-        f"(fine-tune {protocol['finetune-labels']} labels for {protocol['finetune-epochs']} "
-        f"epochs, probe on {protocol['probe-train-images']} images, "
-        f"{protocol['test-images']} test images), so "
-        "each seed is paired.",
+        setup_text(runs, config, cpu, floor),
         "",
-        "These runs went through `fedmae_flwr.inprocess` (the real ServerApp run and ClientApp "
-        "handlers, nodes one after the other in one process), not `flwr run`: Ray's wheel is "
-        "larger than what could be carried to the lent GPU machine. Clients and the server's "
-        "evaluation ran on the GPU.",
+        RUNNER_NOTE,
         "",
-        *table,
+        *seed_table(rows, runs, labels),
         "",
-        "Mean difference over seeds (points, positive = FedMAE ahead): "
-        + ", ".join(
-            f"{lab} {m:+.1f} (ahead at {w} of {len(rows)} seeds)"
-            for lab, m, w in zip(labels, means, wins, strict=True)
-        )
-        + ".",
+        mean_difference_text(rows, labels),
         "",
         time_text(runs, cpu),
         "",
@@ -239,15 +215,70 @@ def write_report(
     return path
 
 
-def plot(
-    rows: list[tuple[int, list[tuple[float, float]]]], labels: list[str], title: str, path: Path
-) -> None:
-    import matplotlib
+def shared_config(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The flat run-config every run shares, less the keys a run has of its own."""
+    return shared(runs, "settings", lambda r: {k: v for k, v in r["config"].items()
+                                                if k not in PER_RUN_KEYS})  # fmt: skip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+def setup_text(
+    runs: list[dict[str, Any]], config: dict[str, Any], cpu: list[dict], floor: list[dict]
+) -> str:
+    """The federation, the budget (against the CPU study's runs ``cpu`` and their random-init
+    ``floor``, when there) and the protocol."""
+    keyed = run_protocols(runs)
+    nodes = shared(runs, "nodes", lambda r: r["data"]["partitions"]["num-partitions"])
+    split = "IID" if config["partitioner"] == "iid" else config["partitioner"]
+    protocol = runs[0]["downstream"]["protocol"]
+    return (
+        f"The benchmark federation (Fashion-MNIST, {nodes} {split} nodes, "
+        f"{config['clients-per-round']} per round, K={config['depth']} blocks) at "
+        f"R={config['rounds-per-stage']} rounds x E={config['local-epochs']} local epochs per "
+        f"block{budget_text(config, cpu, floor, keyed)}. Each run evaluates its FedMAE "
+        "backbone and a random-init backbone of the same seed with the full protocol "
+        f"(fine-tune {protocol['finetune-labels']} labels for {protocol['finetune-epochs']} "
+        f"epochs, probe on {protocol['probe-train-images']} images, "
+        f"{protocol['test-images']} test images), so "
+        "each seed is paired."
+    )
+
+
+def seed_table(rows: SeedPairs, runs: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """One row per seed: fedmae / random-init per protocol, PSNR and times."""
+    table = [
+        "| seed | "
+        + " | ".join(f"{lab}: fedmae / random-init (diff)" for lab in labels)
+        + " | PSNR (dB) | run wall s | client s / round |",
+        "|---" * (len(labels) + 4) + "|",
+    ]
+    for (seed, pairs), run in zip(rows, runs, strict=True):
+        cells = [f"{a:.1f} / {b:.1f} ({a - b:+.1f})" for a, b in pairs]
+        comm = run["communication"]
+        table.append(
+            f"| {seed} | " + " | ".join(cells) + f" | {run['final-psnr']:.2f} | "
+            f"{run['wall-seconds']:.0f} | {comm['client-train-seconds-mean']:.2f} |"
+        )
+    return table
+
+
+def mean_difference_text(rows: SeedPairs, labels: list[str]) -> str:
+    """Per protocol: the mean paired difference and at how many seeds FedMAE was ahead."""
+    columns = list(zip(*(pairs for _, pairs in rows), strict=True))  # one per protocol
+    means = [statistics.fmean(a - b for a, b in col) for col in columns]
+    wins = [sum(a > b for a, b in col) for col in columns]
+    return (
+        "Mean difference over seeds (points, positive = FedMAE ahead): "
+        + ", ".join(
+            f"{lab} {m:+.1f} (ahead at {w} of {len(rows)} seeds)"
+            for lab, m, w in zip(labels, means, wins, strict=True)
+        )
+        + "."
+    )
+
+
+def plot(rows: SeedPairs, labels: list[str], title: str, path: Path) -> None:
+    """Bars of the paired differences: one group per protocol, one bar per seed."""
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     width = 0.8 / len(rows)
     for i, (seed, pairs) in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(labels))]
@@ -256,9 +287,7 @@ def plot(
     ax.set_xticks(range(len(labels)), labels)
     ax.set(ylabel="fedmae - random-init (points)", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,16 +228,42 @@ def machine_line() -> str:
     return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
 
 
-def add_run_arguments(parser: Any, seeds: list[int], partition: bool = True) -> None:
+def add_folder_arguments(parser: Any, out: Path = OUT_ROOT) -> None:
+    """``--out`` (where the runs are) and ``--docs`` (where the report goes)."""
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+
+
+def add_run_arguments(
+    parser: Any, seeds: list[int], partition: bool = True, out: Path = OUT_ROOT
+) -> None:
     """The options every run-based benchmark takes: seeds, (partition), folders, report-only."""
     parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
     if partition:
         parser.add_argument("--partition", default="iid", choices=PARTITIONS)
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
-    parser.add_argument("--docs", type=Path, default=DOCS)
+    add_folder_arguments(parser, out)
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs only"
     )
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend: the reports' plots need no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` as every report's plot is (110 dpi), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import DOCS, EVALUATION_PROTOCOL, OUT_ROOT, command_line, machine_line
+from benchmarks.harness import (
+    EVALUATION,
+    EVALUATION_PROTOCOL,
+    add_folder_arguments,
+    command_line,
+    machine_line,
+    pyplot,
+    save_figure,
+)
 from fedmae_flwr.config import FedMAEConfig, load_config_yaml
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.finetune import finetune
@@ -131,12 +139,7 @@ def finetune_run(
 
 
 def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for run, by_labels in results.items():
         points = sorted((r["labels"], 100 * r["accuracy"]) for r in by_labels.values())
         ax.plot(*zip(*points, strict=True), marker="o", label=run)
@@ -144,9 +147,7 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set(xlabel="labelled training images", ylabel="fine-tune top-1 (%)",
            title="Label efficiency (same recipe for every backbone)")  # fmt: skip
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(
@@ -189,12 +190,30 @@ def write_report(
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every post-hoc study takes: ``--runs`` (whose exported backbones) and the folders."""
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
-    parser.add_argument("--labels", nargs="+", type=parse_labels, default=list(DEFAULT_LABELS))
-    parser.add_argument("--out", type=Path, default=OUT_ROOT)
-    parser.add_argument("--docs", type=Path, default=DOCS)
+    add_folder_arguments(parser)
+
+
+def check_backbones(parser: argparse.ArgumentParser, runs: list[str], out: Path) -> None:
+    """Stop with a usage error naming the runs under ``out`` that exported no backbone."""
+    missing = [r for r in runs if not (out / r / "backbone.safetensors").is_file()]
+    if missing:
+        parser.error(
+            f"no exported backbone for {missing} under {out}; run the benchmark that "
+            "makes them first (e.g. make bench-quality)"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, ``--labels`` and ``--epochs`` resolved (``--full-recipe``: EVALUATION's)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_backbone_arguments(parser)
+    default_labels = " ".join(map(str, DEFAULT_LABELS))
+    parser.add_argument(
+        "--labels", nargs="+", type=parse_labels, default=None, help=f"default: {default_labels}"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--layer-decay", type=float, default=None, help="default: each run's finetune-layer-decay"
@@ -202,13 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=None, help="default: each run's finetune-epochs"
     )
+    parser.add_argument(
+        "--full-recipe",
+        action="store_true",
+        help="default --labels and --epochs: the benchmarks' evaluation protocol's "
+        "(EVALUATION's finetune-labels and finetune-epochs; make bench-quality-finetune)",
+    )
     args = parser.parse_args(argv)
-    missing = [r for r in args.runs if not (args.out / r / "backbone.safetensors").is_file()]
-    if missing:
-        parser.error(
-            f"no exported backbone for {missing} under {args.out}; run the benchmark that "
-            "makes them first (e.g. make bench-quality)"
-        )
+    check_backbones(parser, args.runs, args.out)
+    if args.labels is None:
+        args.labels = [EVALUATION["finetune-labels"]] if args.full_recipe else list(DEFAULT_LABELS)
+    if args.epochs is None and args.full_recipe:
+        args.epochs = EVALUATION["finetune-epochs"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     results: dict[str, dict[int, dict]] = {}
     for labels in args.labels:
         for run in args.runs:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from benchmarks.quality import POSTHOC_KEY, write_report
+from benchmarks.quality import write_report
+from benchmarks.quality_grid import POSTHOC_KEY
 
 
 def fake_run(algorithm: str, seed: int, finetune: float, out_root) -> dict:
@@ -107,7 +108,7 @@ def test_the_grid_report_reads_its_times_from_the_run_files(tmp_path):
     bench-run.json and the fine-tune cache; change a file and the text follows."""
     import json
 
-    from benchmarks import quality
+    from benchmarks import quality, quality_grid
     from benchmarks.harness import EVALUATION, GRID_EVALUATION, RUN_RECORD
     from benchmarks.label_efficiency import cache_path
 
@@ -126,7 +127,7 @@ def test_the_grid_report_reads_its_times_from_the_run_files(tmp_path):
     def report() -> str:
         grid = {}
         for algorithm in ("fedmae", "random-init"):
-            run = quality.run_one(algorithm, "iid", 0, out_root, report_only=True)
+            run = quality_grid.run_one(algorithm, "iid", 0, out_root, report_only=True)
             grid[(algorithm, "pooled" if algorithm == "random-init" else "iid")] = [run]
         return quality.write_report(grid, "cmd", tmp_path / "docs", out_root).read_text()
 

@@ -278,3 +278,22 @@ def test_a_posthoc_fine_tune_with_other_epochs_is_cached_apart_and_read_back(tmp
     cache_path(tmp_path, 1000, epochs=15).write_text(json.dumps({"accuracy": 0.64}))
     assert cache_path(tmp_path, 1000, epochs=15).name == "finetune-1000-ld1-e15.json"
     assert posthoc_accuracy(tmp_path, 1000, epochs=15) == 0.64
+
+
+def test_full_recipe_takes_the_post_hoc_fine_tune_from_the_evaluation_protocol(tmp_path):
+    """`make bench-quality-finetune` names no number: --full-recipe reads EVALUATION's."""
+    from benchmarks.harness import EVALUATION
+    from benchmarks.label_efficiency import DEFAULT_LABELS, parse_args
+
+    (tmp_path / "a-s0").mkdir()
+    (tmp_path / "a-s0" / "backbone.safetensors").touch()
+    base = ["--out", str(tmp_path), "--runs", "a-s0"]
+    args = parse_args([*base, "--full-recipe"])
+    assert args.labels == [EVALUATION["finetune-labels"]]
+    assert args.epochs == EVALUATION["finetune-epochs"]
+    args = parse_args([*base, "--full-recipe", "--epochs", "3", "--labels", "all"])
+    assert (args.labels, args.epochs) == ([0], 3)  # what is given wins
+    args = parse_args(base)
+    assert (args.labels, args.epochs) == (list(DEFAULT_LABELS), None)  # each run's own epochs
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--runs", "b-s0"])  # no exported backbone
