@@ -382,8 +382,9 @@ class FedMAEConfig:
     )
     resume: bool = _opt(
         False,
-        "Continue output-dir/run-name from its last checkpoint (fedmae, fedavg-mae); a run "
-        "without one starts fresh.",
+        "Continue output-dir/run-name from its newest readable checkpoint (fedmae, fedavg-mae) "
+        "if its config matches (else an error naming the keys); without one, start fresh. A "
+        "fresh run moves an earlier run of its name to output-dir/.previous-runs/.",
     )
     local_clients: int = _opt(2, "local: nodes trained alone (downstream averaged over them).")
     device: Device = _opt(

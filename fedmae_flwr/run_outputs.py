@@ -1,21 +1,50 @@
-"""What a run writes to ``outputs/<run-name>/``: config, per-round metrics, checkpoints, plots."""
+"""What a run writes to ``outputs/<run-name>/``: config, per-round metrics, checkpoints, plots.
+
+Resume trusts only what it can check (README "Resume after a crash"):
+
+- a resumed run must have the run's own config: :func:`check_resume_config` names every key that
+  differs (old -> new), apart from ``RESUME_MAY_DIFFER`` (where the run is, how it waits);
+- it continues from the newest checkpoint that reads back whole (:func:`latest_checkpoint`),
+  skipping, and logging, a truncated or corrupt one; ``KEEP_CHECKPOINTS`` >= 2 leaves one to
+  fall back to;
+- a torn last metrics line (a crash mid-append) is dropped with a warning;
+- a fresh run never reuses or prunes another run's files: a non-empty run folder is moved to
+  ``<output-dir>/.previous-runs/<run-name>-<time>/`` first (:meth:`RunOutputs.move_aside`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import tempfile
+import time
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from safetensors.numpy import load_file, save_file
+from flwr.common import log
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from fedmae_flwr.config import FedMAEConfig, to_yaml
+from fedmae_flwr.config import ConfigError, FedMAEConfig, load_config_yaml, to_flat, to_yaml
 
+# The newest checkpoints kept; at least 2, so that an unreadable newest one has one to fall back to.
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_NAME = re.compile(r"round-(\d+)\.safetensors")
+# Where a fresh run moves an earlier run's folder of the same name (a hidden folder, so that the
+# tools that list run folders, `ls outputs/bench-grid` say, never take it for a run).
+PREVIOUS_RUNS = ".previous-runs"
+# Run-config keys a resumed run may change: where the run folder is (it is the same folder, by
+# construction), which preset spelled the values (the values themselves are compared), and how
+# and where the run executes and waits, not what it computes. Every other key must be equal.
+RESUME_MAY_DIFFER = frozenset(
+    {"resume", "output-dir", "run-name", "preset", "device", "client-threads",
+     "node-wait-timeout", "round-timeout"}
+)  # fmt: skip
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -25,6 +54,8 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename: a power cut leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -50,22 +81,45 @@ class RunOutputs:
     """The run folder and its files; every write is atomic (metrics lines are appended).
 
     Args:
-        resume_round: continue a run whose checkpoint is at this round: metric lines of later
-            rounds (written after that checkpoint, before a crash) are dropped, earlier ones kept.
-            ``None`` starts a fresh log.
+        resume_round: continue a run whose checkpoint is at this round: metric lines and
+            checkpoints of later rounds (written after that checkpoint, before a crash, or
+            unreadable) are dropped, earlier ones kept. ``None`` starts a fresh run in an empty
+            folder: an earlier run's folder of the same name is moved aside first.
     """
 
     def __init__(self, cfg: FedMAEConfig, resume_round: int | None = None) -> None:
         self.dir = run_dir(cfg)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoints = self.dir / "checkpoints"
+        if resume_round is None:
+            self.move_aside()
+        self.dir.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_round is not None and self.metrics_path.is_file():
-            kept = [row for row in self.read_metrics() if row["round"] <= resume_round]
+        if resume_round is not None:
+            if self.metrics_path.is_file():
+                kept = [row for row in self.read_metrics() if row["round"] <= resume_round]
+            for r, path in checkpoint_files(self.dir).items():
+                if r > resume_round:  # skipped as unreadable: the resumed run writes it anew
+                    path.unlink()
         text = "".join(json.dumps(row) + "\n" for row in kept)
         _atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
         self.write_text("config.yaml", to_yaml(cfg))
+
+    def move_aside(self) -> Path | None:
+        """Move a non-empty run folder to ``.previous-runs/<name>-<time>`` beside it (logged)."""
+        if not self.dir.is_dir() or not any(self.dir.iterdir()):
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.dir.parent / PREVIOUS_RUNS / f"{self.dir.name}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{self.dir.name}-{stamp}-{n}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.dir.rename(target)
+        log(WARNING, "%s held an earlier run (start with resume=true to continue it); moved it "
+            "to %s, starting a fresh run", self.dir, target)  # fmt: skip
+        return target
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.dir / name
@@ -80,10 +134,14 @@ class RunOutputs:
             f.write(json.dumps(_jsonable(row)) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return read_metrics(self.metrics_path)
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """``checkpoints/round-<r>.safetensors`` (+ ``latest.json``); older ones pruned."""
+        """``checkpoints/round-<r>.safetensors`` (+ ``latest.json``).
+
+        Keeps the ``KEEP_CHECKPOINTS`` newest up to this round (this one included); any other
+        round file is removed: older ones, and stale ones of later rounds.
+        """
         path = self.checkpoints / f"round-{server_round:04d}.safetensors"
         tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
         _atomic_write(
@@ -92,21 +150,129 @@ class RunOutputs:
         latest = {"round": server_round, "file": path.name}
         _atomic_write(self.checkpoints / "latest.json",
                       lambda tmp: Path(tmp).write_text(json.dumps(latest)))  # fmt: skip
-        for old in sorted(self.checkpoints.glob("round-*.safetensors"))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
+        files = checkpoint_files(self.dir)
+        keep = sorted(r for r in files if r <= server_round)[-KEEP_CHECKPOINTS:]
+        for r, old in files.items():
+            if r not in keep:
+                old.unlink()
         return path
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl``; a torn last line (a crash mid-append) is dropped, logged.
+
+    Raises:
+        ValueError: a line before the last is not a round's JSON object (not a crash: damage).
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                raise ValueError("not a round's JSON object")
+        except ValueError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}, line {i}: {e}: {line[:80]!r}") from e
+            log(WARNING, "%s: dropped its torn last line %d (%s): %r", path, i, e, line[:80])
+            break
+        rows.append(row)
+    return rows
+
+
+def checkpoint_files(folder: str | Path) -> dict[int, Path]:
+    """``{round: path}`` of a run folder's ``checkpoints/round-<r>.safetensors``."""
+    found = {}
+    for path in (Path(folder) / "checkpoints").glob("round-*.safetensors"):
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
 def has_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / "checkpoints" / "latest.json").is_file()
+    return bool(checkpoint_files(folder))
+
+
+def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
+    """One checkpoint, checked: whole tensors and ``round`` metadata equal to ``server_round``.
+
+    Raises:
+        ValueError: the file is truncated or corrupt, or its metadata names no or another round.
+    """
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open)
+    except Exception as e:  # safetensors raises its own error types (and OSError)
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from e
+    if meta.get("round") != str(server_round):
+        raise ValueError(f"its metadata names round {meta.get('round')!r}, not {server_round}")
+    if not tensors:
+        raise ValueError("it holds no tensors")
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+
+
+def latest_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord] | None:
+    """The newest checkpoint of a run folder that reads back whole: ``(round, global arrays)``.
+
+    A newer one that does not (truncated, corrupt, without its round metadata) is skipped with
+    a warning naming it. None: no readable checkpoint.
+    """
+    for server_round, path in sorted(checkpoint_files(folder).items(), reverse=True):
+        try:
+            return server_round, read_checkpoint_file(path, server_round)
+        except ValueError as e:
+            log(WARNING, "resume: skipped checkpoint %s: %s", path, e)
+    return None
 
 
 def load_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord]:
-    """The last checkpoint of a run folder: ``(round, global arrays)``."""
-    folder = Path(folder) / "checkpoints"
-    latest = json.loads((folder / "latest.json").read_text())
-    tensors = load_file(str(folder / latest["file"]))
-    return int(latest["round"]), ArrayRecord({k: Array(v) for k, v in tensors.items()})
+    """The newest readable checkpoint of a run folder (see :func:`latest_checkpoint`)."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no readable checkpoint under {Path(folder) / 'checkpoints'}")
+    return checkpoint
+
+
+def check_resume_config(folder: str | Path, cfg: FedMAEConfig) -> None:
+    """Refuse to resume the run in ``folder`` with a config other than its own.
+
+    Compares the flat views of the run's ``config.yaml`` and ``cfg``, apart from
+    ``RESUME_MAY_DIFFER``. A folder with neither ``config.yaml`` nor checkpoints holds no run.
+
+    Raises:
+        ConfigError: the keys that differ, each with the run's value and the new one; or
+            checkpoints without a ``config.yaml`` (written before any), or one this code
+            cannot read.
+    """
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        if checkpoint_files(folder):
+            raise ConfigError(
+                f"resume: {folder} holds checkpoints but no config.yaml to check this config "
+                "against; start a new run under another run-name instead"
+            )
+        return
+    try:
+        saved = to_flat(load_config_yaml(path))
+    except Exception as e:
+        raise ConfigError(
+            f"resume: cannot read the config of the run in {folder} ({e}); start a new run "
+            "under another run-name instead"
+        ) from e
+    new = to_flat(cfg)
+    differ = [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in new.items()
+        if key not in RESUME_MAY_DIFFER and saved.get(key) != value
+    ]
+    if differ:
+        raise ConfigError(
+            f"resume: the run in {folder} was made with another config ({'; '.join(differ)}). "
+            "Resume it with its own settings (its config.yaml), or start a new run under another "
+            f"run-name. Keys that may change on resume: {', '.join(sorted(RESUME_MAY_DIFFER))}."
+        )
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
 from fedmae_flwr.config import Algorithm, FedMAEConfig, resolve_config
@@ -41,20 +42,26 @@ from fedmae_flwr.models.export import TIMM_BASE_MODEL
 from fedmae_flwr.round_recorder import RoundRecorder, torch_state, totals
 from fedmae_flwr.run_outputs import (
     RunOutputs,
-    has_checkpoint,
-    load_checkpoint,
+    check_resume_config,
+    latest_checkpoint,
     plot_curves,
     run_dir,
 )
 from fedmae_flwr.seeding import derive_seed, seeded_global_rng
 from fedmae_flwr.strategies import FedMAE
+from fedmae_flwr.strategies.aggregation import build_aggregator
 
 FEDERATED = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
 
 
-def build_strategy(cfg: FedMAEConfig, first_round: int = 1) -> FedMAE:
+def build_strategy(
+    cfg: FedMAEConfig, first_round: int = 1, largest_partition: int | None = None
+) -> FedMAE:
     """The FedMAE strategy the config describes (block and decoder inits seeded per stage),
-    starting with ``first_round`` (> 1: resuming after round ``first_round - 1``)."""
+    starting with ``first_round`` (> 1: resuming after round ``first_round - 1``).
+
+    ``largest_partition`` (images of the largest node partition, when the server knows them:
+    :func:`known_largest_partition`) caps ``num-examples`` unless ``max-examples`` is set."""
     model, schedule = cfg.model, cfg.schedule
 
     def new_block(index: int) -> dict:
@@ -80,6 +87,11 @@ def build_strategy(cfg: FedMAEConfig, first_round: int = 1) -> FedMAE:
         progressive=cfg.algorithm != Algorithm.FEDAVG_MAE,
         first_round=first_round,
         node_wait_timeout=schedule.node_wait_timeout,
+        max_update_norm=cfg.robust.max_update_norm,
+        max_examples=cfg.robust.max_examples or largest_partition or None,
+        aggregator=build_aggregator(cfg.robust, schedule.clients_per_round),
+        dp_noise_multiplier=cfg.robust.dp_noise_multiplier,
+        dp_clipping_norm=cfg.robust.dp_clipping_norm,
     )
 
 
@@ -108,6 +120,15 @@ def report_partitions(
     keys = ("num-partitions", "min-images", "median-images", "max-images", "empty-partitions",
             "mean-label-entropy", "global-label-entropy")  # fmt: skip
     return {k: stats[k] for k in keys}
+
+
+def known_largest_partition(grid: Grid, partition_summary: dict[str, Any]) -> int | None:
+    """The largest partition's image count when the nodes train on the partitions the server
+    computed (a simulation: Flower's InMemoryGrid, or a grid flagged ``simulated_partitions``),
+    else None: deployed nodes read their own folders, of sizes the server cannot know."""
+    simulated = isinstance(grid, InMemoryGrid) or getattr(grid, "simulated_partitions", False)
+    largest = partition_summary.get("max-images")
+    return int(largest) if simulated and largest else None
 
 
 def pretrain(
@@ -174,14 +195,16 @@ def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
 
 
 def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
-    """The checkpoint a ``resume=true`` run continues from (None: start fresh)."""
+    """The checkpoint a ``resume=true`` run continues from (None: start fresh): the newest that
+    reads back whole, of a run made with this config (else ConfigError naming the keys)."""
     folder = run_dir(cfg)
     if not cfg.resume:
         return None
-    if not has_checkpoint(folder):
-        log(INFO, "resume: no checkpoint under %s, starting fresh", folder)
+    check_resume_config(folder, cfg)
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None
-    checkpoint = load_checkpoint(folder)
     log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint[0])
     return checkpoint
 
@@ -258,9 +281,13 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(cfg)
     outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
     splits = load_dataset(cfg)
-    strategy = build_strategy(cfg, first_round=checkpoint[0] + 1 if checkpoint else 1)
-    recorder = RoundRecorder(cfg, strategy.plan, outputs, splits)
     partition_summary = report_partitions(cfg, grid, splits, outputs)
+    strategy = build_strategy(
+        cfg,
+        first_round=checkpoint[0] + 1 if checkpoint else 1,
+        largest_partition=known_largest_partition(grid, partition_summary),
+    )
+    recorder = RoundRecorder(cfg, strategy.plan, outputs, splits)
     states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)
     baseline = random_init_state(cfg)
     export_backbone(cfg.model, states[0] if states else baseline, outputs.dir)

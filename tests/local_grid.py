@@ -26,7 +26,11 @@ class InProcessGrid(Grid):
     """Delivers messages to the real ClientApp handlers in this process, one Context per node.
 
     ``sent`` keeps every message delivered; ``tamper`` (tests) may replace each reply.
+    Its nodes train on the partitions the server computes (``simulated_partitions``), as in a
+    Flower simulation, so the server may cap ``num-examples`` at the largest one.
     """
+
+    simulated_partitions = True
 
     def __init__(
         self, num_nodes: int, overrides: dict[str, Any], run_config: dict | None = None

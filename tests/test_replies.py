@@ -10,7 +10,25 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmae_flwr.strategies.replies import PREFIX_MISSING, check_reply, prefix_missing, triage
+from fedmae_flwr.strategies.replies import (
+    ARRAYS,
+    ERROR,
+    EXAMPLES_CAP,
+    HEADER,
+    KINDS,
+    LAYOUT,
+    MALFORMED,
+    METRICS,
+    NON_FINITE,
+    PREFIX_MISSING,
+    UPDATE_NORM,
+    WEIGHT,
+    ReplyRules,
+    check_reply,
+    judge,
+    prefix_missing,
+    triage,
+)
 
 EXPECTED = ArrayRecord(
     {"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))}
@@ -169,3 +187,93 @@ def test_triage_sorts_a_round():
     assert len(out.sound) == 1 and out.sound[0] is replies[0].content
     assert out.rejected == 3
     assert out.prefix_missing == [7]
+
+
+# --- bounds beyond the layout: update norm, num-examples cap, the pinned dtype ---------------
+CURRENT = ArrayRecord(
+    {"w": Array(np.full((2, 3), 2.0, np.float32)), "b": Array(np.full(3, 2.0, np.float32))}
+)  # norm 2 * 3 = 6
+
+
+def moved(by: float, dtype=np.float32) -> dict[str, Array]:
+    return {k: Array((v.numpy() + by).astype(dtype)) for k, v in CURRENT.items()}
+
+
+def test_an_update_longer_than_the_bound_is_rejected():
+    rules = ReplyRules(max_update_norm=1.0)  # update norm 3 * |by| against 6
+    assert judge(reply({"num-examples": 4}, moved(1.9)), CURRENT, rules) is None
+    for arrays in (
+        moved(2.1),
+        moved(1e30),
+        {k: Array(np.full(v.shape, np.finfo(np.float32).max)) for k, v in CURRENT.items()},
+        {k: Array(v.numpy() * np.float32(1e6)) for k, v in CURRENT.items()},
+    ):
+        got = judge(reply({"num-examples": 4}, arrays), CURRENT, rules)
+        assert got is not None and got.kind == UPDATE_NORM, got
+        assert "exceeds 1 x the active tensors' norm 6" in got.reason
+    # 0 = no bound; a finite huge value is then only a layout-sound reply
+    assert judge(reply({"num-examples": 4}, moved(1e30)), CURRENT, ReplyRules()) is None
+
+
+def test_num_examples_above_the_cap_are_rejected_for_train_and_evaluate():
+    rules = ReplyRules(max_examples=100)
+    zeros = {k: Array(np.zeros(v.shape, np.float32)) for k, v in CURRENT.items()}
+    assert judge(reply({"num-examples": 100}, zeros), CURRENT, rules) is None
+    for expected in (CURRENT, None):
+        got = judge(reply({"num-examples": 1e12}, zeros), expected, rules)
+        assert got is not None and got.kind == EXAMPLES_CAP
+        assert got.reason == "'num-examples' = 1e+12 exceeds the cap 100"
+    assert judge(reply({"num-examples": 1e12}, zeros), CURRENT, ReplyRules()) is None  # no cap
+
+
+def test_a_reply_cannot_change_the_global_dtype():
+    for arrays in (moved(0.0, np.float64), moved(0.0, np.float16)):
+        got = judge(reply({"num-examples": 4}, arrays), CURRENT, ReplyRules(max_update_norm=10))
+        assert got is not None and got.kind == LAYOUT and "expected float32" in got.reason
+    lying = Array("float32", (3,), "numpy.ndarray", npy(np.ones(3, np.float64)))
+    got = judge(reply({"num-examples": 4}, {**moved(0.0), "b": lying}), CURRENT, ReplyRules())
+    assert got is not None and got.kind == HEADER
+
+
+@pytest.mark.parametrize(
+    "msg, kind",
+    [
+        (lambda: Message(Error(code=0, reason="boom"), reply_to=sent()), ERROR),
+        (lambda: None, MALFORMED),
+        (lambda: reply({"num-examples": 4, "train-loss": [0.5]}, good_arrays()), METRICS),
+        (lambda: reply(None, good_arrays()), METRICS),
+        (lambda: reply({"num-examples": -1}, good_arrays()), WEIGHT),
+        (lambda: reply({"num-examples": 4}, good_arrays(), more=ArrayRecord()), ARRAYS),
+        (lambda: reply({"num-examples": 4}, {"w": good_arrays()["w"]}), ARRAYS),
+        (lambda: reply({"num-examples": 4}, {**good_arrays(), "b": Array(np.ones(4))}), LAYOUT),
+        (
+            lambda: reply(
+                {"num-examples": 4},
+                {**good_arrays(), "b": Array(np.array([1, np.inf, 1], np.float32))},
+            ),
+            NON_FINITE,
+        ),
+    ],
+)
+def test_each_rejection_has_a_kind(msg, kind):
+    got = judge(msg(), EXPECTED, ReplyRules())
+    assert got is not None and got.kind == kind and got.kind in KINDS
+    assert str(got) == f"{kind}: {got.reason}"
+
+
+def test_triage_counts_rejections_per_kind_and_logs_the_node(caplog):
+    replies = [
+        reply({"num-examples": 4}, moved(0.5)),
+        reply({"num-examples": 0}),
+        reply({"num-examples": 4}, moved(1e6)),
+        reply({"num-examples": 4}, moved(1e7)),
+        reply({"num-examples": 1e12}, moved(0.0)),
+        Message(Error(code=0, reason="boom"), reply_to=sent()),
+    ]
+    rules = ReplyRules(max_update_norm=10, max_examples=50)
+    out = triage(replies, CURRENT, "num-examples", rules)
+    assert len(out.sound) == 1 and out.empty == 1 and out.rejected == 4
+    assert out.counts() == {UPDATE_NORM: 2, EXAMPLES_CAP: 1, ERROR: 1}
+    assert [node for node, _ in out.rejections] == [7, 7, 7, 7]
+    logged = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(logged) == 4 and all("from node 7 rejected" in line for line in logged)

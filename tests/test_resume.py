@@ -1,7 +1,9 @@
 """A crashed server resumes from its last checkpoint and ends where the uninterrupted run ends.
 
 Real strategy and client handlers through the in-process grid; the crash is an exception in
-round 3's replies, after round 2's checkpoint was written.
+round 3's replies, after round 2's checkpoint was written. Resume refuses another config, falls
+back past an unreadable checkpoint, drops a torn last metrics line; a fresh run moves an earlier
+run of its name aside instead of mixing with (and pruning against) its checkpoints.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
 from fedmae_flwr.config import ConfigError, resolve_config
@@ -78,3 +82,147 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny_overrides):
 def test_resume_is_refused_for_algorithms_without_federated_rounds():
     with pytest.raises(ConfigError, match=re.escape("resume: fedmae | fedavg-mae")):
         resolve_config({"algorithm": "centralized", "resume": True})
+
+
+# --- resume that can be trusted: config check, fallback, torn lines, no reuse of another run ---
+
+
+def _checkpoint_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("round-*"))
+
+
+def _crashed_run(overrides: dict, server_round: int = 3) -> Path:
+    """Run ``overrides`` until the server dies in ``server_round``; the run folder."""
+    grid = LocalGrid(6, overrides)
+    grid.tamper = crash_in_round(grid, server_round)
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config(overrides))
+    return Path(overrides["output-dir"]) / overrides["run-name"]
+
+
+@pytest.fixture
+def cpu_overrides(tiny_overrides):
+    return {**tiny_overrides, "evaluate-clients": 0, "device": "cpu", "run-name": "crashed"}
+
+
+def test_resume_refuses_a_run_made_with_another_config(cpu_overrides):
+    run_dir = _crashed_run(cpu_overrides)
+    changed = {**cpu_overrides, "resume": True, "seed": 1, "lr": 0.01}
+    with pytest.raises(ConfigError) as refused:
+        run(LocalGrid(6, changed), resolve_config(changed))
+    message = str(refused.value)
+    assert "seed: 0 -> 1" in message and "lr: 0.001 -> 0.01" in message
+    assert "batch-size" not in message  # only the keys that differ
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2]  # the run is left as it was
+    assert _checkpoint_rounds(run_dir) == [1, 2]
+
+    # Keys about where and how the run executes may change (RESUME_MAY_DIFFER).
+    same = {**cpu_overrides, "resume": True, "round-timeout": 1234.0, "client-threads": 2}
+    run(LocalGrid(6, same), resolve_config(same))
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+
+    (run_dir / "config.yaml").unlink()  # nothing left to check against: refused too
+    with pytest.raises(ConfigError, match=re.escape("no config.yaml")):
+        run(LocalGrid(6, same), resolve_config(same))
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(cpu_overrides, caplog):
+    whole = {**cpu_overrides, "run-name": "whole"}
+    run(LocalGrid(6, whole), resolve_config(whole))
+    run_dir = _crashed_run(cpu_overrides)
+    newest = run_dir / "checkpoints" / "round-0002.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn by a crash
+
+    resumed = {**cpu_overrides, "resume": True}
+    summary = run(LocalGrid(6, resumed), resolve_config(resumed))
+
+    assert f"skipped checkpoint {newest}" in caplog.text
+    assert "round-1 checkpoint" in caplog.text
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]  # round 2 dropped and rerun
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]
+    a = load_file(str(Path(whole["output-dir"]) / "whole" / "backbone.safetensors"))
+    b = load_file(str(run_dir / "backbone.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_a_torn_last_metrics_line(cpu_overrides, caplog):
+    run_dir = _crashed_run(cpu_overrides)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 3, "clients": 3, "bytes-up-per')  # the crash came mid-write
+
+    resumed = {**cpu_overrides, "resume": True}
+    run(LocalGrid(6, resumed), resolve_config(resumed))
+
+    assert "dropped its torn last line 3" in caplog.text
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_moves_an_earlier_run_aside_and_never_prunes_its_own_checkpoints(
+    cpu_overrides,
+):
+    """The earlier code pruned each new checkpoint as written (older names sort first)."""
+    out = Path(cpu_overrides["output-dir"])
+    first = {**cpu_overrides, "run-name": "reused"}
+    run(LocalGrid(6, first), resolve_config(first))  # finished: checkpoints of rounds 3, 4
+
+    second = {**first, "lr": 0.01}  # a new run under the same name (`make run` twice)
+    run_dir = _crashed_run(second)
+    assert _checkpoint_rounds(run_dir) == [1, 2]
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2]
+    assert not (run_dir / "summary.json").exists()
+    (earlier,) = (out / ".previous-runs").iterdir()
+    assert earlier.name.startswith("reused-")
+    assert (earlier / "summary.json").is_file() and _checkpoint_rounds(earlier) == [3, 4]
+    assert [r["round"] for r in _rows(earlier)] == [1, 2, 3, 4]
+
+    resumed = {**second, "resume": True}
+    run(LocalGrid(6, resumed), resolve_config(resumed))
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+    assert _checkpoint_rounds(run_dir) == [3, 4]
+
+
+def test_checkpoints_that_do_not_read_back_whole_are_skipped(tmp_path, caplog):
+    from safetensors.numpy import save_file
+
+    from fedmae_flwr.run_outputs import latest_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    good = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_file(good, str(folder / "round-0001.safetensors"), metadata={"round": "1"})
+    save_file(good, str(folder / "round-0002.safetensors"))  # no round metadata
+    save_file(good, str(folder / "round-0003.safetensors"), metadata={"round": "2"})  # misnamed
+    (folder / "round-0004.safetensors").write_bytes(b"\0" * 64)  # corrupt
+
+    server_round, arrays = latest_checkpoint(tmp_path)
+
+    assert server_round == 1 and np.array_equal(arrays["w"].numpy(), good["w"])
+    for r in (2, 3, 4):
+        assert f"skipped checkpoint {folder / f'round-000{r}.safetensors'}" in caplog.text
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
+    from fedmae_flwr.run_outputs import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2, "tor\n{"round": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(path)
+    path.write_text('{"round": 1}\n{"round": 2}\n{"rou')
+    assert [r["round"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_resuming_removes_checkpoints_after_the_one_it_uses(cpu_overrides):
+    from fedmae_flwr.run_outputs import RunOutputs
+
+    cfg = resolve_config({**cpu_overrides, "resume": True})
+    outputs = RunOutputs(cfg, resume_round=None)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    for r in (1, 2, 3):
+        outputs.save_checkpoint(r, arrays)
+    assert _checkpoint_rounds(outputs.dir) == [2, 3]  # KEEP_CHECKPOINTS
+    outputs = RunOutputs(cfg, resume_round=2)  # round 3 was unreadable, say
+    assert _checkpoint_rounds(outputs.dir) == [2]
+    outputs.save_checkpoint(3, arrays)
+    assert _checkpoint_rounds(outputs.dir) == [2, 3]

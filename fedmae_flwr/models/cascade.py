@@ -8,6 +8,9 @@ defined once here (:func:`active_key`, :func:`prefix_key`) and shared by client 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 import torch
 from timm.layers import LayerNorm, PatchEmbed
 from torch import Tensor, nn
@@ -24,7 +27,25 @@ from fedmae_flwr.models.mae import (
 )
 from fedmae_flwr.seeding import seeded_global_rng
 
-STEM_PREFIXES = ("patch_embed.", "cls_token")
+# The stem: trained in stage 0, part of the frozen prefix after. ``pos_embed`` is a learned
+# position table (a plain timm ViT has one); CascadeMAE's own is a fixed sin-cos buffer, not a key.
+STEM_PREFIXES = ("patch_embed.", "cls_token", "pos_embed")
+# The parameter names a FedMAE model may hold; any other name would never be sent nor trained.
+KEY_CONTRACT = "patch_embed.*, pos_embed, cls_token, blocks.<i>.*, norm.*, decoder.*"
+_CONTRACT = re.compile(r"patch_embed\..+|pos_embed|cls_token|blocks\.\d+\..+|norm\..+|decoder\..+")
+
+
+def check_model_keys(keys: Iterable[str]) -> None:
+    """Raise ValueError naming the parameter names outside :data:`KEY_CONTRACT`, if any."""
+    unknown = sorted(k for k in keys if not _CONTRACT.fullmatch(k))
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" (+{len(unknown) - 10} more)" if unknown[10:] else "")
+        raise ValueError(
+            f"FedMAE: the model has parameter names outside the contract: {shown}. A FedMAE "
+            f"model holds only {KEY_CONTRACT} (timm VisionTransformer names, the MAE decoder "
+            "under decoder.*); any other tensor would never be sent nor trained. Drop or "
+            "rename those keys (e.g. a classifier head: num_classes=0)."
+        )
 
 
 def block_index(key: str) -> int | None:
@@ -38,7 +59,8 @@ def active_key(key: str, frozen_blocks: int) -> bool:
     """Whether a parameter is trained (and exchanged every round) with ``frozen_blocks`` frozen.
 
     In FedMAE's stage ``s`` the first ``s`` blocks are frozen, so this is the active block, the
-    final norm and the decoder, plus the stem (patch embedding, class token) in stage 0 only.
+    final norm and the decoder, plus the stem (patch embedding, class token, a learned position
+    table if the model has one) in stage 0 only.
     With 0 frozen blocks and the whole depth present (``fedavg-mae``) everything trains.
     """
     if key.startswith(("norm.", "decoder.")):

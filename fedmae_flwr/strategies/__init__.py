@@ -1,6 +1,7 @@
 """The FedMAE strategy plugin: ``from fedmae_flwr.strategies import FedMAE``.
 
 - :mod:`.fedmae`: the strategy (Flower Message API, on FedAvg).
+- :mod:`.aggregation`: the seam to any Flower aggregation (``aggregator=``) and server-side DP.
 - :mod:`.stage_plan`: schedule, model growth and active/prefix split, shared with the baselines.
 - :mod:`.replies`: reply validation; :mod:`.prefix_cache`: which node holds which prefix;
   :mod:`.accounting`: the per-round record; :mod:`.sampling`: seeded sampling, bounded wait.

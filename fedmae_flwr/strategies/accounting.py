@@ -33,7 +33,8 @@ def round_record(
     """The round's record: ``sent`` and what came back, then the aggregated client metrics.
 
     Keys: round, stage, sampled, active-bytes, prefix-bytes, prefix-sends, full-model-bytes,
-    clients (sound replies with examples), rejected, prefix-missing, examples,
+    clients (sound replies with examples), rejected, ``rejected-<kind>`` for each kind of
+    rejection that occurred (see :mod:`.replies`), prefix-missing, examples,
     bytes-up-per-client (mean over those clients), bytes-down-per-client (mean over the sampled
     nodes, prefix copies included), and the client metrics (e.g. train-loss) unless they clash.
     """
@@ -58,6 +59,8 @@ def round_record(
             "bytes-down-per-client": down / max(sent.sampled, 1),
         }
     )
+    for kind, count in sorted(replies.counts().items()):
+        record[f"rejected-{kind}"] = count
     for key, value in client_metrics.items():
         record.setdefault(key, value)
     return record

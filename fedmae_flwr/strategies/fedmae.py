@@ -16,6 +16,7 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -32,24 +33,33 @@ from flwr.app import (
 )
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
+from fedmae_flwr.models.cascade import check_model_keys
 from fedmae_flwr.strategies.accounting import SentRound, round_record
+from fedmae_flwr.strategies.aggregation import (
+    ActiveAggregation,
+    ServerSideDP,
+    refuse_dp_wrapper,
+    refuse_strategy_mixins,
+)
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
-from fedmae_flwr.strategies.replies import Triage, triage
+from fedmae_flwr.strategies.replies import ReplyRules, Triage, triage
 from fedmae_flwr.strategies.sampling import seeded_sample, wait_for_nodes
 from fedmae_flwr.strategies.stage_plan import StagePlan, StateFactory, num_blocks
 
 
 class FedMAE(FedAvg):
-    """Progressive one-block federated MAE (the FedMAE cascade) on top of FedAvg.
+    """Progressive one-block federated MAE (the FedMAE cascade) over any Flower aggregation.
 
     Stage ``s`` (rounds ``s*R+1 .. (s+1)*R``) trains block ``s`` with the final norm and the decoder
     (and the patch embedding in stage 0) while blocks ``0..s-1`` stay frozen on the nodes. Only the
     active tensors travel every round; the frozen prefix reaches each node once per stage. At the
     first round of a new stage the finished block stays in the model and block ``s+1`` is appended.
     :meth:`aggregate_train` returns the FULL global model, as :meth:`Strategy.start` requires.
+    How the active tensors of sound replies are combined is ``aggregator``'s business
+    (:mod:`fedmae_flwr.strategies.aggregation`); compose, never subclass: ``class X(FedMAE,
+    FedMedian)`` raises TypeError, and so does running FedMAE inside Flower's DP wrappers.
 
     Args:
         depth, rounds_per_stage, new_block, new_decoder, next_block_init, decoder_per_stage,
@@ -61,11 +71,25 @@ class FedMAE(FedAvg):
         first_round: the round :meth:`start` begins with; > 1 resumes after round
             ``first_round - 1``. Fixed here: every hook numbers rounds as the whole run does.
         node_wait_timeout: seconds to wait for enough nodes before sampling raises RuntimeError.
+        max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
+            than this multiple of their current norm; 0 = no bound.
+        max_examples: reject a reply claiming more ``num-examples`` than this; None = no cap.
+        aggregator: a Flower strategy whose ``aggregate_train`` combines the sound replies'
+            active tensors (e.g. ``FedMedian()``, ``FedAdam(eta=0.01)``); None: FedAvg.
+        dp_noise_multiplier, dp_clipping_norm: server-side DP on the active tensors (each
+            update clipped to L2 ``dp_clipping_norm``, Gaussian noise of std
+            ``dp_noise_multiplier * dp_clipping_norm / sound replies`` on the aggregate, seeded
+            by ``seed`` and the round); ``dp_noise_multiplier = 0``: off.
         **fedavg_kwargs: passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
     Each train round's record (stage, sampled, clients, rejected, prefix-missing, prefix sends,
     bytes up/down per client, examples, aggregated client metrics) is the MetricRecord
     :meth:`aggregate_train` returns; :attr:`last_round_metrics` gives it to an ``evaluate_fn``.
+
+    Fails loud: :meth:`start` raises ValueError on an initial model with parameter names outside
+    :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT`, and a stage whose rounds brought no sound
+    reply raises RuntimeError (naming the stage and the rejection reasons) instead of appending
+    an untrained block.
     """
 
     def __init__(
@@ -82,10 +106,20 @@ class FedMAE(FedAvg):
         progressive: bool = True,
         first_round: int = 1,
         node_wait_timeout: float = 300.0,
+        max_update_norm: float = 10.0,
+        max_examples: float | None = None,
+        aggregator: Strategy | None = None,
+        dp_noise_multiplier: float = 0.0,
+        dp_clipping_norm: float = 1.0,
         **fedavg_kwargs: Any,
     ) -> None:
         if first_round < 1:
             raise ValueError(f"first_round must be >= 1, got {first_round}")
+        if not max_update_norm >= 0 or not (max_examples is None or max_examples > 0):
+            raise ValueError(
+                f"max_update_norm must be >= 0 and max_examples None or > 0, got "
+                f"{max_update_norm}, {max_examples}"
+            )
         self.plan = StagePlan(depth, rounds_per_stage, new_block, new_decoder, progressive,
                               next_block_init, decoder_per_stage)  # fmt: skip
         super().__init__(**fedavg_kwargs)
@@ -93,11 +127,23 @@ class FedMAE(FedAvg):
         self.num_evaluate_nodes = num_evaluate_nodes
         self.seed = seed
         self.node_wait_timeout = node_wait_timeout
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
+        self._stage_replies: tuple[int, int, Counter[str], dict[str, str]] | None = None
         self._first_round = first_round
         self._global = ArrayRecord()
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
         self._last_round_metrics: MetricRecord | None = None
+        dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
+        self.aggregation = ActiveAggregation(
+            aggregator, self.weighted_by_key, dp if dp_noise_multiplier > 0 else None
+        )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse ``class X(FedMAE, FedMedian)``: pass ``aggregator=FedMedian()`` instead."""
+        super().__init_subclass__(**kwargs)
+        refuse_strategy_mixins(cls, FedMAE)
 
     @property
     def first_round(self) -> int:
@@ -119,6 +165,8 @@ class FedMAE(FedAvg):
         log(INFO, "\t├──> FedMAE: depth %d x %d rounds per stage", p.depth, p.rounds_per_stage)
         log(INFO, "\t│\t└──next block: %s | decoder per stage: %s | nodes per round: %s",
             p.next_block_init, p.decoder_per_stage, self.num_train_nodes)  # fmt: skip
+        refuse_dp_wrapper(self)  # Strategy.start() begins with summary()
+        self.aggregation.summary()
         super().summary()
 
     # --- run ------------------------------------------------------------------------------------
@@ -138,6 +186,7 @@ class FedMAE(FedAvg):
         (e.g. its checkpoint); round numbers (hooks, ``evaluate_fn``, the Result), stages and
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
         """
+        check_model_keys(initial_arrays.keys())
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if not self.first_round <= last:
             raise ValueError(f"first_round {self.first_round} is past the last round {last}")
@@ -166,6 +215,7 @@ class FedMAE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Grow the model at a stage start, then send each sampled node the active tensors."""
+        refuse_dp_wrapper(self)
         server_round = self._run_round(server_round)
         self._global = self._grow(arrays, server_round)
         prefix = self.plan.split(self._global, server_round)[1]
@@ -187,24 +237,32 @@ class FedMAE(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the active tensors of sound replies into the full global model.
+        """Combine the active tensors of sound replies (``aggregator``) into the full model.
 
-        Replies with an error, wrong keys/shapes/dtypes or non-finite values are rejected and
-        logged, never raised; nodes that lacked the prefix are left out and get it next time; a
-        round without sound replies keeps the global model. Returns the round's record.
+        Replies with an error, wrong keys/shapes/dtypes, non-finite values, an update longer
+        than ``max_update_norm`` allows or more than ``max_examples`` are rejected, logged and
+        counted (:mod:`.replies`), never raised; nodes that lacked the prefix are left out and
+        get it next time; a round without sound replies keeps the global model, and a stage
+        without any raises RuntimeError. Returns the round's record.
         """
         if self._sent is None:
             raise RuntimeError("aggregate_train before configure_train")
         active = self._active(self._run_round(server_round))
         sorted_replies = self._triage(replies, expected=active)
+        self._check_stage(self._run_round(server_round), sorted_replies)
         client_metrics = MetricRecord()
         if sorted_replies.sound:
-            averaged = aggregate_arrayrecords(sorted_replies.sound, self.weighted_by_key)
-            self._global = ArrayRecord({k: averaged.get(k, v) for k, v in self._global.items()})
+            run_round = self._run_round(server_round)
+            combined = self.aggregation.combine(
+                active, sorted_replies.sound, self.plan.stage_of(run_round), run_round
+            )
+            combined = active if combined is None else combined
+            self._global = ArrayRecord({k: combined.get(k, v) for k, v in self._global.items()})
             client_metrics = self.train_metrics_aggr_fn(sorted_replies.sound, self.weighted_by_key)
         self._last_round_metrics = round_record(
             self._sent, sorted_replies, client_metrics, self.weighted_by_key
         )
+        self._global = _dtypes_as(self._global, active)  # no aggregate changes the dtype
         return self._global, self._last_round_metrics
 
     # --- federated evaluation -----------------------------------------------------------------
@@ -243,12 +301,43 @@ class FedMAE(FedAvg):
         return ArrayRecord(self.plan.split(self._global, server_round)[0])
 
     def _triage(self, replies: Iterable[Message], expected: ArrayRecord | None) -> Triage:
-        out = triage(replies, expected, self.weighted_by_key)
+        rules = ReplyRules(self.weighted_by_key, self.max_update_norm, self.max_examples)
+        out = triage(replies, expected, self.weighted_by_key, rules)
         if out.prefix_missing:
             log(WARNING, "FedMAE: %d nodes lack prefix %s; it goes with their next message",
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip
             self._prefix.forget(out.prefix_missing)
         return out
+
+    def _check_stage(self, server_round: int, replies: Triage) -> None:
+        """Count the stage's sound replies; at its end, raise RuntimeError if there were none.
+
+        A stage without one sound reply would append its block untrained: the run fails loud,
+        naming the stage and why its replies were refused.
+        """
+        stage = self.plan.stage_of(server_round)
+        if self._stage_replies is None or self._stage_replies[0] != stage:
+            self._stage_replies = (stage, 0, Counter(), {})
+        _, sound, counts, examples = self._stage_replies
+        sound += len(replies.sound)
+        counts.update(replies.counts())
+        counts.update({"no examples": replies.empty, "prefix-missing": len(replies.prefix_missing)})
+        for node, rejection in replies.rejections:
+            examples.setdefault(rejection.kind, f"node {node}: {rejection.reason}")
+        self._stage_replies = (stage, sound, counts, examples)
+        if sound or not self.plan.is_stage_end(server_round):
+            return
+        first = max(stage * self.plan.rounds_per_stage + 1, self.first_round)
+        why = "; ".join(
+            f"{n} x {kind}" + (f" (e.g. {examples[kind]})" if kind in examples else "")
+            for kind, n in counts.most_common()
+            if n
+        )
+        raise RuntimeError(
+            f"FedMAE: stage {stage} (rounds {first}-{server_round}) ended without one sound "
+            f"reply, so block {stage} would be appended untrained; the run stops. Replies: "
+            f"{why or 'none arrived'}"
+        )
 
     def _sample(self, grid: Grid, server_round: int, kind: str, count: int) -> list[int]:
         nodes = wait_for_nodes(grid, max(self.min_available_nodes, count), self.node_wait_timeout)
@@ -274,3 +363,15 @@ class FedMAE(FedAvg):
                 Message(content=content, message_type=message_type, dst_node_id=node_id)
             )
         return messages, sends
+
+
+def _dtypes_as(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each tensor of ``reference`` in its dtype there (the global model's)."""
+    changed = [k for k, v in reference.items() if k in arrays and arrays[k].dtype != v.dtype]
+    if not changed:
+        return arrays
+    log(WARNING, "FedMAE: the aggregate changed the dtype of %s; cast back", changed[:3])
+    return ArrayRecord(
+        {k: Array(v.numpy().astype(reference[k].dtype)) if k in changed else v
+         for k, v in arrays.items()}
+    )  # fmt: skip

@@ -1,15 +1,20 @@
 """Reply validation: which node replies can be aggregated. Never raises on a malformed reply.
 
 A reply is *sound* when it is not an error, holds exactly one MetricRecord whose values are all
-finite numbers with a non-negative weight (``num-examples``), and, for train replies with
-examples, exactly one ArrayRecord with the keys, shapes and dtypes the server sent and finite
-values. Anything else, including what cannot even be read, is a rejection reason. A reply with
-``prefix-missing = 1`` is neither: its node lacked the announced frozen prefix.
+finite numbers with a non-negative weight (``num-examples``) no larger than the cap, and, for
+train replies with examples, exactly one ArrayRecord with the keys, shapes and dtypes the server
+sent (the global model's, so a reply can never change the global dtype), data that matches its
+header, finite values, and an update (reply - sent) no longer (L2, over all active tensors)
+than ``max_update_norm`` times the sent tensors' norm. Anything else, including what cannot even
+be read, is a :class:`Rejection` with a kind (counted per round) and a reason (logged with the
+node id). A reply with ``prefix-missing = 1`` is neither: its node lacked the announced frozen
+prefix.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -20,34 +25,95 @@ from flwr.common import log
 
 PREFIX_MISSING = "prefix-missing"
 
+# Rejection kinds (each counted as ``rejected-<kind>`` in the round record).
+ERROR = "error"  # the node replied with an Error
+MALFORMED = "malformed"  # the reply could not be read (not a Message, bytes that are no npy, ...)
+METRICS = "metrics"  # not exactly one MetricRecord, or a value that is not a finite number
+WEIGHT = "num-examples"  # the weight is missing or negative
+EXAMPLES_CAP = "examples-cap"  # more examples claimed than any node holds
+ARRAYS = "arrays"  # not exactly one ArrayRecord, or keys other than the ones sent
+LAYOUT = "layout"  # a header dtype or shape other than the global model's
+HEADER = "header"  # data whose dtype or shape differs from its own header
+NON_FINITE = "non-finite"  # NaN or inf in a tensor
+UPDATE_NORM = "update-norm"  # the update is too long for the model it updates
+KINDS = (ERROR, MALFORMED, METRICS, WEIGHT, EXAMPLES_CAP, ARRAYS, LAYOUT, HEADER, NON_FINITE,
+         UPDATE_NORM)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a reply cannot be aggregated: a kind (counted) and a reason (logged)."""
+
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """Bounds a sound reply keeps, beyond its layout.
+
+    Args:
+        weight_key: the metric that weighs a reply (``num-examples``).
+        max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
+            than this multiple of the sent tensors' norm; 0 = no bound.
+        max_examples: reject a reply claiming more examples than this; None = no cap.
+    """
+
+    weight_key: str = "num-examples"
+    max_update_norm: float = 0.0
+    max_examples: float | None = None
+
 
 @dataclass
 class Triage:
     """Replies of one round, sorted for aggregation."""
 
     sound: list[RecordDict] = field(default_factory=list)  # fit to aggregate, with examples
-    rejected: int = 0  # errors and malformed replies (each logged with its reason)
+    empty: int = 0  # sound replies with no examples (nothing to aggregate, nothing wrong)
+    rejections: list[tuple[int, Rejection]] = field(default_factory=list)  # (node, why)
     prefix_missing: list[int] = field(default_factory=list)  # nodes that lacked the prefix
+
+    @property
+    def rejected(self) -> int:
+        """Replies rejected (errors and malformed ones, each logged with its reason)."""
+        return len(self.rejections)
+
+    def counts(self) -> Counter[str]:
+        """Rejections per kind."""
+        return Counter(r.kind for _, r in self.rejections)
 
 
 def triage(
-    replies: Iterable[Message], expected: Mapping[str, Array] | None, weight_key: str
+    replies: Iterable[Message],
+    expected: Mapping[str, Array] | None,
+    weight_key: str = "num-examples",
+    rules: ReplyRules | None = None,
 ) -> Triage:
     """Sort ``replies``: sound ones with examples, rejected ones, nodes missing the prefix.
 
-    ``expected`` holds the tensors sent for training (None for evaluation replies).
+    ``expected`` holds the tensors sent for training (None for evaluation replies); ``rules``
+    the bounds beyond the layout (default: none; its ``weight_key`` is ``weight_key``).
     """
+    rules = rules or ReplyRules(weight_key)
+    reference = _Reference.of(expected, rules)
     out = Triage()
     for msg in replies:
         if prefix_missing(msg):
             out.prefix_missing.append(_src_node(msg))
             continue
-        reason = check_reply(msg, expected, weight_key)
-        if reason is not None:
-            out.rejected += 1
-            log(WARNING, "FedMAE: reply from node %s rejected: %s", _src_node(msg), reason)
-        elif next(iter(msg.content.metric_records.values()))[weight_key] > 0:  # type: ignore[operator]
+        rejection = judge(msg, expected, rules, reference)
+        if rejection is not None:
+            node = _src_node(msg)
+            out.rejections.append((node, rejection))
+            log(WARNING, "FedMAE: reply from node %s rejected (%s): %s",
+                node, rejection.kind, rejection.reason)  # fmt: skip
+        elif next(iter(msg.content.metric_records.values()))[rules.weight_key] > 0:  # type: ignore[operator]
             out.sound.append(msg.content)
+        else:
+            out.empty += 1
     return out
 
 
@@ -65,55 +131,120 @@ def prefix_missing(msg: Message) -> bool:
 
 
 def check_reply(
-    msg: Message, expected: Mapping[str, Array] | None, weight_key: str = "num-examples"
+    msg: Message,
+    expected: Mapping[str, Array] | None,
+    weight_key: str = "num-examples",
+    rules: ReplyRules | None = None,
 ) -> str | None:
     """Why ``msg`` cannot be aggregated, or None when it is sound. Never raises."""
+    rejection = judge(msg, expected, rules or ReplyRules(weight_key))
+    return None if rejection is None else rejection.reason
+
+
+def judge(
+    msg: Message,
+    expected: Mapping[str, Array] | None,
+    rules: ReplyRules,
+    reference: _Reference | None = None,
+) -> Rejection | None:
+    """The :class:`Rejection` of ``msg``, or None when it is sound. Never raises."""
     try:
-        return _check(msg, expected, weight_key)
+        reference = reference or _Reference.of(expected, rules)
+        return _check(msg, expected, rules, reference)
     except Exception as err:  # a reply that cannot even be read must not end the run
-        return f"malformed reply: {type(err).__name__}: {err}"
+        return Rejection(MALFORMED, f"malformed reply: {type(err).__name__}: {err}")
 
 
-def _check(msg: Message, expected: Mapping[str, Array] | None, weight_key: str) -> str | None:
+@dataclass(frozen=True)
+class _Reference:
+    """What the update bound compares with: the sent tensors (float64) and their norm."""
+
+    arrays: dict[str, np.ndarray]
+    norm: float
+
+    @classmethod
+    def of(cls, expected: Mapping[str, Array] | None, rules: ReplyRules) -> _Reference | None:
+        if expected is None or not rules.max_update_norm:
+            return None
+        arrays = {k: v.numpy().astype(np.float64) for k, v in expected.items()}
+        return cls(arrays, math.sqrt(sum(float(np.sum(a * a)) for a in arrays.values())))
+
+
+def _check(
+    msg: Message,
+    expected: Mapping[str, Array] | None,
+    rules: ReplyRules,
+    reference: _Reference | None,
+) -> Rejection | None:
     if msg.has_error():
-        return f"error reply: {msg.error.reason}"
+        return Rejection(ERROR, f"error reply: {msg.error.reason}")
     content = msg.content
     if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
+        return Rejection(METRICS, f"expected one MetricRecord, got {len(content.metric_records)}")
     metrics = next(iter(content.metric_records.values()))
     for key, value in metrics.items():
         if not (_is_number(value) and math.isfinite(value)):  # type: ignore[arg-type]
-            return f"metric '{key}' is not a finite number: {value!r}"
+            return Rejection(METRICS, f"metric '{key}' is not a finite number: {value!r:.80}")
+    weight_key = rules.weight_key
     weight = metrics.get(weight_key)
     if weight is None or weight < 0:  # type: ignore[operator]
-        return f"'{weight_key}' missing or negative: {weight!r}"
+        return Rejection(WEIGHT, f"'{weight_key}' missing or negative: {weight!r}")
+    if rules.max_examples is not None and weight > rules.max_examples:  # type: ignore[operator]
+        return Rejection(
+            EXAMPLES_CAP, f"'{weight_key}' = {weight:g} exceeds the cap {rules.max_examples:g}"
+        )
     if expected is None or weight == 0:
         return None  # evaluation, or an empty node: nothing to aggregate, nothing wrong
     if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
+        return Rejection(ARRAYS, f"expected one ArrayRecord, got {len(content.array_records)}")
     arrays = next(iter(content.array_records.values()))
     if set(arrays) != set(expected):
         extra, lacking = set(arrays) - set(expected), set(expected) - set(arrays)
-        return (
+        return Rejection(
+            ARRAYS,
             "keys differ from the active tensors: "
-            f"extra {sorted(extra)[:3]}, missing {sorted(lacking)[:3]}"
+            f"extra {sorted(extra)[:3]}, missing {sorted(lacking)[:3]}",
         )
+    data: dict[str, np.ndarray] = {}
     for key, ref in expected.items():
-        reason = _check_array(key, arrays[key], ref)
-        if reason is not None:
-            return reason
+        checked = _check_array(key, arrays[key], ref)
+        if isinstance(checked, Rejection):
+            return checked
+        data[key] = checked
+    if reference is not None:
+        return _check_update(data, reference, rules.max_update_norm)
     return None
 
 
-def _check_array(key: str, got: Array, ref: Array) -> str | None:
+def _check_array(key: str, got: Array, ref: Array) -> np.ndarray | Rejection:
+    """The tensor's data when header, data and values are fit, else why not."""
     header, want = (got.dtype, tuple(got.shape)), (ref.dtype, tuple(ref.shape))
     if header != want:
-        return f"'{key}' is {header[0]}{header[1]}, expected {want[0]}{want[1]}"
+        return Rejection(LAYOUT, f"'{key}' is {header[0]}{header[1]}, expected {want[0]}{want[1]}")
     data = got.numpy()
     if (str(data.dtype), data.shape) != want:
-        return f"'{key}' holds {data.dtype}{data.shape} under a {header[0]}{header[1]} header"
+        return Rejection(
+            HEADER, f"'{key}' holds {data.dtype}{data.shape} under a {header[0]}{header[1]} header"
+        )
     if not np.all(np.isfinite(data)):
-        return f"'{key}' holds NaN or inf"
+        return Rejection(NON_FINITE, f"'{key}' holds NaN or inf")
+    return data
+
+
+def _check_update(
+    data: Mapping[str, np.ndarray], reference: _Reference, bound: float
+) -> Rejection | None:
+    squares = 0.0
+    for key, ref in reference.arrays.items():
+        delta = data[key].astype(np.float64) - ref
+        squares += float(np.sum(delta * delta))
+    norm = math.sqrt(squares)
+    if not norm <= bound * reference.norm:  # also catches an overflow to inf
+        return Rejection(
+            UPDATE_NORM,
+            f"update norm {norm:.4g} exceeds {bound:g} x the active tensors' norm "
+            f"{reference.norm:.4g}",
+        )
     return None
 
 

@@ -1,0 +1,290 @@
+"""The aggregation seam: how FedMAE combines the active tensors of a round's sound replies.
+
+FedMAE decides WHAT travels (the stage's active tensors every round, the frozen prefix once per
+node per stage) and which replies are sound (:mod:`.replies`). HOW the active tensors of the
+sound replies become the new active tensors is a Flower strategy instance, passed in:
+``FedMAE(..., aggregator=FedMedian())`` (default :class:`~flwr.serverapp.strategy.FedAvg`).
+:class:`ActiveAggregation` calls it as a function:
+
+- Only its ``aggregate_train`` is used, on *copies* of the sound replies (Flower's FedMedian and
+  FedTrimmedAvg pop the arrays out of the replies they read) holding only the active tensors,
+  in the order of the current active tensors, and the metrics all of them share (Flower's
+  strategies raise on differing key sets; its metric aggregate is not used: FedMAE's round
+  record aggregates the client metrics). Its sampling, messaging and evaluation settings are
+  unused: FedMAE samples, sends and evaluates.
+- The ``server_round`` it sees counts its own steps within the stage (1, 2, ... ; a round without
+  sound replies is no step), so FedAdam's bias correction restarts with its moments.
+- Server-optimizer strategies keep state keyed by tensor name, and the tensors change with the
+  stage: before each aggregation ``current_arrays`` is set to the current active tensors (as
+  their ``configure_train`` would), and at each stage change their state is reset (FedOpt family
+  - FedAdam, FedYogi, FedAdagrad: ``m_t``, ``v_t``; FedAvgM: ``momentum_vector``). Server
+  optimizer state is per stage. Other state of a custom strategy is its own business.
+- What it returns is checked against the active tensors (same keys and shapes; cast to their
+  dtype) before FedMAE merges it into the full model.
+
+Server-side DP (:class:`ServerSideDP`), as Flower's ``DifferentialPrivacyServerSideFixedClipping``
+but on the active tensors: each sound reply's update of the active tensors is clipped to L2
+``clipping_norm`` (Flower's ``compute_clip_model_update``) before the aggregator sees it, and
+Gaussian noise of std ``noise_multiplier * clipping_norm / sound replies`` (Flower's
+``compute_stdv``) is added to what it returns, drawn from a generator seeded by
+``derive_seed(seed, "dp-noise", round)``: a run is reproducible, a resumed one too. As in Flower,
+that calibration is the Gaussian mechanism's for a mean of the clipped updates (FedAvg); with
+another aggregator the noise is the same, the privacy analysis is not Flower's or ours.
+
+Flower's DP wrappers (``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``) assume
+the whole model travels: around FedMAE they would clip one-block replies against the full model
+(or noise the frozen prefix every round). :func:`refuse_dp_wrapper` makes that fail at start,
+naming the ``dp-noise-multiplier`` key; :func:`refuse_strategy_mixins` refuses
+``class X(FedMAE, FedMedian)`` (which would silently keep FedAvg's aggregation, or lose the stem).
+"""
+
+from __future__ import annotations
+
+import sys
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
+from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
+
+from fedmae_flwr.config import Aggregation, RobustConfig
+from fedmae_flwr.seeding import derive_seed
+
+# Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping (and subclasses)
+DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
+_DP_INSTEAD = (
+    "use FedMAE's own server-side DP, which clips and noises the active tensors only: run-config "
+    "key dp-noise-multiplier (> 0) with dp-clipping-norm, i.e. "
+    "FedMAE(..., dp_noise_multiplier=..., dp_clipping_norm=...)"
+)
+
+
+def build_aggregator(robust: RobustConfig, clients_per_round: int) -> Strategy:
+    """The Flower strategy the config's robust section names (``aggregation`` and its knobs).
+
+    ``krum-keep = 0`` keeps ``clients-per-round - byzantine-nodes`` replies (at least 1).
+    """
+    rule = Aggregation(robust.aggregation)
+    if rule == Aggregation.FEDMEDIAN:
+        return FedMedian()
+    if rule == Aggregation.FEDTRIMMEDAVG:
+        return FedTrimmedAvg(beta=robust.trim_fraction)
+    if rule == Aggregation.KRUM:
+        return Krum(num_malicious_nodes=robust.byzantine_nodes)
+    if rule == Aggregation.MULTIKRUM:
+        keep = robust.krum_keep or max(1, clients_per_round - robust.byzantine_nodes)
+        return MultiKrum(num_malicious_nodes=robust.byzantine_nodes, num_nodes_to_select=keep)
+    if rule == Aggregation.FEDADAM:
+        return FedAdam(eta=robust.server_lr, tau=robust.server_tau)
+    if rule == Aggregation.FEDYOGI:
+        return FedYogi(eta=robust.server_lr, tau=robust.server_tau)
+    return FedAvg()
+
+
+class ServerSideDP:
+    """Clipping of each node's update of the active tensors, seeded noise on their aggregate."""
+
+    def __init__(self, noise_multiplier: float, clipping_norm: float, seed: int) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"dp_noise_multiplier must be >= 0, got {noise_multiplier}")
+        if clipping_norm <= 0:
+            raise ValueError(f"dp_clipping_norm must be > 0, got {clipping_norm}")
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.seed = seed
+
+    def clip(self, reply: list[np.ndarray], current: list[np.ndarray]) -> list[np.ndarray]:
+        """``current + update * min(1, clipping_norm / ||update||)``, update = reply - current."""
+        clipped = list(reply)
+        if get_norm([r - c for r, c in zip(reply, current, strict=True)]) > 0:  # Flower's
+            compute_clip_model_update(clipped, current, self.clipping_norm)  # divides by it
+        return clipped
+
+    def add_noise(self, arrays: ArrayRecord, num_replies: int, server_round: int) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, num_replies)
+        rng = np.random.default_rng(derive_seed(self.seed, "dp-noise", server_round))
+        noisy = {}
+        for key, array in arrays.items():
+            data = array.numpy()
+            noisy[key] = Array(data + rng.normal(0.0, std, data.shape).astype(data.dtype))
+        log(INFO, "FedMAE DP: update norms clipped at %g, noise std %.4g added to %d tensors",
+            self.clipping_norm, std, len(noisy))  # fmt: skip
+        return ArrayRecord(noisy)
+
+
+class ActiveAggregation:
+    """A Flower strategy's ``aggregate_train`` applied to the active tensors of sound replies.
+
+    Args:
+        strategy: the aggregator (None: FedAvg). Not a FedMAE, not a Flower DP wrapper.
+        weighted_by_key: FedMAE's weight key; the aggregator must weigh by the same key.
+        dp: server-side DP, or None.
+    """
+
+    def __init__(
+        self, strategy: Strategy | None, weighted_by_key: str, dp: ServerSideDP | None = None
+    ) -> None:
+        strategy = FedAvg(weighted_by_key=weighted_by_key) if strategy is None else strategy
+        _check_aggregator(strategy, weighted_by_key)
+        self.strategy = strategy
+        self.dp = dp
+        self._stage: int | None = None
+        self._steps = 0  # the aggregator's steps in the current stage
+
+    def summary(self) -> None:
+        log(INFO, "\t│\t└──aggregator: %s | server-side DP: %s", type(self.strategy).__name__,
+            "off" if self.dp is None else f"noise x{self.dp.noise_multiplier:g}, clip "
+            f"{self.dp.clipping_norm:g}")  # fmt: skip
+
+    def combine(
+        self, current: ArrayRecord, sound: list[RecordDict], stage: int, server_round: int
+    ) -> ArrayRecord | None:
+        """The new active tensors from ``current`` and the ``sound`` replies (None: keep them).
+
+        ``sound`` is not modified.
+        """
+        if stage != self._stage:
+            reset_server_state(self.strategy)
+            self._stage, self._steps = stage, 0
+        if not sound:
+            return None
+        keys = list(current.keys())
+        now = [current[k].numpy() for k in keys]
+        metrics = [next(iter(content.metric_records.values())) for content in sound]
+        shared = set.intersection(*(set(m) for m in metrics))  # Flower wants equal key sets
+        replies = []
+        for content, metric in zip(sound, metrics, strict=True):
+            arrays = next(iter(content.array_records.values()))
+            values = [arrays[k].numpy() for k in keys]
+            if self.dp is not None:
+                values = self.dp.clip(values, now)
+            replies.append(_message(keys, values, {k: metric[k] for k in metric if k in shared}))
+        _set_current_arrays(self.strategy, current)
+        self._steps += 1
+        combined, _ = self.strategy.aggregate_train(self._steps, replies)
+        if combined is None:
+            return None
+        combined = _conform(combined, current, type(self.strategy).__name__)
+        if self.dp is not None:
+            combined = self.dp.add_noise(combined, len(sound), server_round)
+        return combined
+
+
+def reset_server_state(strategy: Strategy) -> None:
+    """Forget a server optimizer's state (its tensors are those of the stage that ended)."""
+    if isinstance(strategy, FedOpt):
+        strategy.current_arrays = strategy.m_t = strategy.v_t = None
+    elif isinstance(strategy, FedAvgM):
+        strategy.current_arrays = strategy.momentum_vector = None
+
+
+def _set_current_arrays(strategy: Strategy, current: ArrayRecord) -> None:
+    """What the optimizer steps from, as its ``configure_train`` would set it."""
+    if isinstance(strategy, FedOpt):
+        strategy.current_arrays = {k: v.numpy() for k, v in current.items()}
+    elif isinstance(strategy, FedAvgM):
+        strategy.current_arrays = ArrayRecord(dict(current.items()))
+
+
+def _message(keys: list[str], values: list[np.ndarray], metrics: dict) -> Message:
+    """A reply Message with records of its own (the aggregator may pop from them)."""
+    record = RecordDict(
+        {
+            "arrays": ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in zip(keys, values, strict=True)}
+            ),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    metadata = Metadata(run_id=0, message_id="", src_node_id=0, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=0.0,
+                        message_type=MessageType.TRAIN)  # fmt: skip
+    return Message(content=record, metadata=metadata)
+
+
+def _conform(combined: ArrayRecord, current: ArrayRecord, name: str) -> ArrayRecord:
+    """``combined`` with exactly ``current``'s keys, shapes and dtypes (cast), else ValueError."""
+    if set(combined.keys()) != set(current.keys()):
+        extra, lacking = set(combined) - set(current), set(current) - set(combined)
+        raise ValueError(
+            f"aggregator {name} returned other tensors than the active ones: extra "
+            f"{sorted(extra)[:3]}, missing {sorted(lacking)[:3]}"
+        )
+    out = {}
+    for key, ref in current.items():
+        data, want = combined[key].numpy(), ref.numpy()
+        if data.shape != want.shape:
+            raise ValueError(
+                f"aggregator {name} returned '{key}' of shape {data.shape}, expected {want.shape}"
+            )
+        out[key] = Array(np.ascontiguousarray(data, dtype=want.dtype))
+    return ArrayRecord(out)
+
+
+def _check_aggregator(strategy: object, weighted_by_key: str) -> None:
+    from fedmae_flwr.strategies.fedmae import FedMAE  # the seam is FedMAE's; no import cycle
+
+    if isinstance(strategy, DP_WRAPPERS):
+        raise TypeError(
+            f"aggregator={type(strategy).__name__}(...): Flower's DP wrappers clip against the "
+            f"model their configure_train saw, which FedMAE never calls; {_DP_INSTEAD}"
+        )
+    if isinstance(strategy, FedMAE) or not isinstance(strategy, Strategy):
+        raise TypeError(
+            "aggregator must be a Flower strategy that combines replies (e.g. FedMedian(), "
+            f"FedAdam(eta=...)), got {type(strategy).__name__}"
+        )
+    key = getattr(strategy, "weighted_by_key", weighted_by_key)
+    if key != weighted_by_key:
+        raise ValueError(
+            f"aggregator {type(strategy).__name__} weighs by '{key}' but FedMAE by "
+            f"'{weighted_by_key}': give both the same weighted_by_key"
+        )
+
+
+def refuse_strategy_mixins(cls: type, fedmae: type) -> None:
+    """TypeError when ``cls`` (a FedMAE subclass) also derives from another Flower strategy."""
+    foreign = [
+        b.__name__
+        for b in cls.__mro__
+        if issubclass(b, Strategy) and not issubclass(b, fedmae) and b not in (FedAvg, Strategy)
+    ]
+    if foreign:
+        raise TypeError(
+            f"class {cls.__name__} combines FedMAE with {', '.join(foreign)} by inheritance, "
+            "which silently keeps FedAvg's aggregation or breaks FedMAE's partial exchange "
+            "(depending on the base order). Compose instead: "
+            f"FedMAE(..., aggregator={foreign[0]}(...))"
+        )
+
+
+def refuse_dp_wrapper(strategy: Strategy, depth: int = 4) -> None:
+    """TypeError when a Flower DP wrapper around ``strategy`` is among the last callers."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, DP_WRAPPERS) and getattr(caller, "strategy", None) is strategy:
+            raise TypeError(
+                f"FedMAE cannot run inside {type(caller).__name__}: Flower's DP wrappers "
+                "assume the whole model travels, but FedMAE exchanges only each stage's active "
+                "tensors (they would clip one-block replies against the full model, or noise "
+                f"the frozen prefix every round); {_DP_INSTEAD}"
+            )
