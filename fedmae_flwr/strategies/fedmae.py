@@ -16,7 +16,6 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -46,6 +45,7 @@ from fedmae_flwr.strategies.aggregation import (
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
 from fedmae_flwr.strategies.replies import ReplyRules, Triage, triage
 from fedmae_flwr.strategies.sampling import seeded_sample, wait_for_nodes
+from fedmae_flwr.strategies.stage_guard import StageGuard
 from fedmae_flwr.strategies.stage_plan import StagePlan, StateFactory, num_blocks
 
 
@@ -129,7 +129,7 @@ class FedMAE(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
-        self._stage_replies: tuple[int, int, Counter[str], dict[str, str]] | None = None
+        self._stage_guard = StageGuard()
         self._first_round = first_round
         self._global = ArrayRecord()
         self._prefix = PrefixCache()
@@ -247,12 +247,12 @@ class FedMAE(FedAvg):
         """
         if self._sent is None:
             raise RuntimeError("aggregate_train before configure_train")
-        active = self._active(self._run_round(server_round))
+        run_round = self._run_round(server_round)
+        active = self._active(run_round)
         sorted_replies = self._triage(replies, expected=active)
-        self._check_stage(self._run_round(server_round), sorted_replies)
+        self._check_stage(run_round, sorted_replies)
         client_metrics = MetricRecord()
-        if sorted_replies.sound:
-            run_round = self._run_round(server_round)
+        if sorted_replies.sound:  # combine() keeps the active tensors' dtypes (pinned)
             combined = self.aggregation.combine(
                 active, sorted_replies.sound, self.plan.stage_of(run_round), run_round
             )
@@ -262,7 +262,6 @@ class FedMAE(FedAvg):
         self._last_round_metrics = round_record(
             self._sent, sorted_replies, client_metrics, self.weighted_by_key
         )
-        self._global = _dtypes_as(self._global, active)  # no aggregate changes the dtype
         return self._global, self._last_round_metrics
 
     # --- federated evaluation -----------------------------------------------------------------
@@ -310,34 +309,11 @@ class FedMAE(FedAvg):
         return out
 
     def _check_stage(self, server_round: int, replies: Triage) -> None:
-        """Count the stage's sound replies; at its end, raise RuntimeError if there were none.
-
-        A stage without one sound reply would append its block untrained: the run fails loud,
-        naming the stage and why its replies were refused.
-        """
-        stage = self.plan.stage_of(server_round)
-        if self._stage_replies is None or self._stage_replies[0] != stage:
-            self._stage_replies = (stage, 0, Counter(), {})
-        _, sound, counts, examples = self._stage_replies
-        sound += len(replies.sound)
-        counts.update(replies.counts())
-        counts.update({"no examples": replies.empty, "prefix-missing": len(replies.prefix_missing)})
-        for node, rejection in replies.rejections:
-            examples.setdefault(rejection.kind, f"node {node}: {rejection.reason}")
-        self._stage_replies = (stage, sound, counts, examples)
-        if sound or not self.plan.is_stage_end(server_round):
-            return
-        first = max(stage * self.plan.rounds_per_stage + 1, self.first_round)
-        why = "; ".join(
-            f"{n} x {kind}" + (f" (e.g. {examples[kind]})" if kind in examples else "")
-            for kind, n in counts.most_common()
-            if n
-        )
-        raise RuntimeError(
-            f"FedMAE: stage {stage} (rounds {first}-{server_round}) ended without one sound "
-            f"reply, so block {stage} would be appended untrained; the run stops. Replies: "
-            f"{why or 'none arrived'}"
-        )
+        """Count the stage's replies; at its end, fail if none was sound (:mod:`.stage_guard`)."""
+        self._stage_guard.add(self.plan.stage_of(server_round), replies)
+        if self.plan.is_stage_end(server_round):
+            stage_start = self._stage_guard.stage * self.plan.rounds_per_stage + 1
+            self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
 
     def _sample(self, grid: Grid, server_round: int, kind: str, count: int) -> list[int]:
         nodes = wait_for_nodes(grid, max(self.min_available_nodes, count), self.node_wait_timeout)
@@ -363,15 +339,3 @@ class FedMAE(FedAvg):
                 Message(content=content, message_type=message_type, dst_node_id=node_id)
             )
         return messages, sends
-
-
-def _dtypes_as(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """``arrays`` with each tensor of ``reference`` in its dtype there (the global model's)."""
-    changed = [k for k, v in reference.items() if k in arrays and arrays[k].dtype != v.dtype]
-    if not changed:
-        return arrays
-    log(WARNING, "FedMAE: the aggregate changed the dtype of %s; cast back", changed[:3])
-    return ArrayRecord(
-        {k: Array(v.numpy().astype(reference[k].dtype)) if k in changed else v
-         for k, v in arrays.items()}
-    )  # fmt: skip
