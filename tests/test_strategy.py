@@ -237,3 +237,38 @@ def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overr
     strategy.node_wait_timeout = 0.0
     with pytest.raises(RuntimeError, match="2 nodes connected but 3 needed"):
         strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(2, {}))
+
+
+def test_a_node_that_failed_or_went_silent_gets_the_prefix_with_its_next_message(tiny_overrides):
+    """A crash loses Context.state: no round is wasted on the node saying it lacks the prefix."""
+    from flwr.app import Error, Message
+
+    overrides = {**tiny_overrides, "rounds-per-stage": 3, "clients-per-round": 6}
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(6, overrides)
+    arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2, 3])
+    failed, silent = sorted(grid.contexts)[:2]
+    deliver = grid.send_and_receive
+
+    def crash_two(messages, *args, **kwargs):  # round 4 only: then the grid is itself again
+        grid.send_and_receive = deliver
+        replies = []
+        for reply in deliver(messages, *args, **kwargs):
+            node = reply.metadata.src_node_id
+            if node in (failed, silent):
+                grid.contexts[node].state = RecordDict()  # the process died with its state
+            if node == failed:
+                sent = next(m for m in messages if m.metadata.dst_node_id == node)
+                replies.append(Message(Error(code=0, reason="crashed"), reply_to=sent))
+            elif node != silent:
+                replies.append(reply)
+        return replies
+
+    grid.send_and_receive = crash_two
+    arrays, [round4] = run_rounds(strategy, grid, arrays, [4])
+    assert (round4["clients"], round4["rejected"]) == (4, 1)
+    sent_before = len(grid.sent)
+    _, [round5] = run_rounds(strategy, grid, arrays, [5])
+    assert (round5["clients"], round5["prefix-missing"], round5["prefix-sends"]) == (6, 0, 2)
+    holders = {m.metadata.dst_node_id for m in grid.sent[sent_before:] if PREFIX_KEY in m.content}
+    assert holders == {failed, silent}

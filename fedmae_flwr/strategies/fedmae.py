@@ -134,6 +134,7 @@ class FedMAE(FedAvg):
         self._global = ArrayRecord()
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
+        self._sampled: list[int] = []
         self._last_round_metrics: MetricRecord | None = None
         dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
         self.aggregation = ActiveAggregation(
@@ -226,6 +227,7 @@ class FedMAE(FedAvg):
                         self.min_train_nodes)  # fmt: skip
         nodes = self._sample(grid, server_round, "train", count)
         messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
+        self._sampled = nodes
         stage = self.plan.stage_of(server_round)
         self._sent = SentRound(
             server_round, stage, len(nodes), self._active(server_round).count_bytes(),
@@ -249,7 +251,12 @@ class FedMAE(FedAvg):
             raise RuntimeError("aggregate_train before configure_train")
         run_round = self._run_round(server_round)
         active = self._active(run_round)
+        replies = list(replies)
         sorted_replies = self._triage(replies, expected=active)
+        # A node that sent nothing usable may have crashed and lost its prefix with its state:
+        # it gets the prefix again with its next message instead of wasting a round on saying so.
+        replied = {m.metadata.src_node_id for m in replies}
+        self._prefix.forget([n for n in self._sampled if n not in replied])
         self._check_stage(run_round, sorted_replies)
         client_metrics = MetricRecord()
         if sorted_replies.sound:  # combine() keeps the active tensors' dtypes (pinned)
@@ -306,6 +313,7 @@ class FedMAE(FedAvg):
             log(WARNING, "FedMAE: %d nodes lack prefix %s; it goes with their next message",
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip
             self._prefix.forget(out.prefix_missing)
+        self._prefix.forget(node for node, _ in out.rejections)
         return out
 
     def _check_stage(self, server_round: int, replies: Triage) -> None:
