@@ -1,0 +1,158 @@
+"""Faults on a secure loopback federation, for tests/test_secure_deployment.py.
+
+    .venv/bin/python -m tests.secure_deployment --root /tmp/secure --report /tmp/report.json
+
+scripts/deploy_local.py's federation (TLS, node auth, a SuperLink database) with three
+registered devices and one whose key nobody registered, then, in order:
+
+1. the SuperLink is stopped and started again on its database: registered keys survive;
+2. the devices and the unregistered one start; the latter must be refused;
+3. a run (2 blocks x 3 rounds, 2 clients a round, no federated evaluation) is submitted and one
+   device is shut down for good (SIGTERM: it deactivates, so it is not sampled);
+4. after its reply in the first round of block 2, another device goes down (--crash: SIGTERM,
+   or SIGKILL) and is started again: it rejoins under its node id, lacks the prefix, says so,
+   and gets it again.
+
+Writes what it saw (exit codes, node ids, the run's row and metrics, a timeline) to --report;
+the test judges it. Exit 0 when the scenario could be played out. Ends every process by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.deploy_local import NAME, SecureFederation, image_folders, tiny_run_config
+
+DEVICES = ["device-a", "device-b", "device-c"]
+ROGUE = "unregistered"
+CRASHES, DIES = "device-b", "device-c"
+
+
+def _sent(fed: SecureFederation, name: str) -> int:
+    """How many replies the SuperNode ``name`` has sent (its log, across restarts)."""
+    return (fed.logs / f"{name}.log").read_text(errors="replace").count("Sent successfully")
+
+
+def _node_ids(fed: SecureFederation) -> dict[str, str]:
+    out = fed.flwr("supernode", "list", NAME, "--format", "json", check=False).stdout
+    nodes = json.loads(out[out.find("{") :]).get("nodes", []) if "{" in out else []
+    return {n["node-id"]: n["status"] for n in nodes}
+
+
+def _restart(fed: SecureFederation, name: str, data: Path, deadline: float) -> int:
+    """Start ``name`` again every 5 s while it exits at once (refused); the starts it took."""
+    starts = 0
+    while time.monotonic() < deadline:
+        fed.start_supernode(name, data)
+        starts += 1
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            fed.supernodes[name].wait(8)  # a refused SuperNode exits within seconds
+            time.sleep(5)
+            continue
+        return starts
+    return starts
+
+
+def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> dict[str, Any]:
+    start, timeline = time.monotonic(), []
+
+    def note(event: str) -> None:
+        timeline.append(f"{time.monotonic() - start:6.1f} s  {event}")
+        print(f"[secure] {timeline[-1]}", flush=True)
+
+    fed.make_secrets([*DEVICES, ROGUE])
+    folders = image_folders(fed.root, [*DEVICES, ROGUE, "server"], per_node=16)
+    fed.start_superlink()
+    fed.register(DEVICES)
+    registered = _node_ids(fed)
+    note(f"SuperLink up, {len(registered)} keys registered")
+    assert fed.superlink is not None
+    fed.superlink.send_signal(signal.SIGTERM)  # a restart on the same --database
+    fed.superlink.wait(30)
+    fed.start_superlink()
+    note("SuperLink restarted on its database")
+    for name in [*DEVICES, ROGUE]:
+        fed.start_supernode(name, folders[name])
+    deadline = time.monotonic() + 60
+    while sum(s == "online" for s in _node_ids(fed).values()) < 3:
+        if time.monotonic() > deadline:
+            return {"error": "the devices did not come online", "timeline": timeline}
+        time.sleep(0.5)
+    note("3 devices online")
+
+    cfg = {**tiny_run_config(fed.root, clients=2), "rounds-per-stage": 3, "evaluate-clients": 0}
+    cfg.update({"round-timeout": 90.0, "node-wait-timeout": 60.0, "run-name": "faults"})
+    run_id = fed.submit(cfg)
+    note(f"run {run_id} submitted")
+    fed.supernodes[DIES].send_signal(signal.SIGTERM)  # shut down for good
+    dead_rc = fed.supernodes[DIES].wait(30)
+    note(f"{DIES} shut down (exit {dead_rc})")
+
+    # Block 2 starts at round 4: stop the device once it has replied to it (it then waits 3 s
+    # before it asks for the next message), then start it again until the SuperLink takes it
+    # back, as systemd's Restart=on-failure would (after a SIGKILL, Flower 1.41 refuses the
+    # node id until its heartbeat expires: up to 60 s).
+    deadline, crashed, asked = time.monotonic() + timeout, False, time.monotonic()
+    while not crashed and time.monotonic() < deadline:
+        if time.monotonic() - asked > 5:  # `flwr list` costs a second of CPU: not too often
+            if fed.run_row(run_id).get("status", "").startswith("finished"):
+                break
+            asked = time.monotonic()
+        if _sent(fed, CRASHES) >= 4:
+            fed.supernodes[CRASHES].send_signal(crash)
+            fed.supernodes[CRASHES].wait(30)
+            note(f"{CRASHES} stopped ({crash.name}) after {_sent(fed, CRASHES)} replies")
+            starts = _restart(fed, CRASHES, folders[CRASHES], deadline)
+            note(f"{CRASHES} back online after {starts} start(s)")
+            crashed = True
+        time.sleep(0.1)
+    row = fed.wait(run_id, max(1.0, deadline - time.monotonic()))
+    note(f"run {row.get('status')}")
+    rogue = fed.supernodes[ROGUE]
+    metrics = fed.root / "outputs" / "faults" / "metrics.jsonl"
+    return {
+        "registered": registered,
+        "nodes-at-end": _node_ids(fed),
+        "rogue-exit": rogue.poll(),
+        "rogue-log": (fed.logs / f"{ROGUE}.log").read_text(errors="replace")[-3000:],
+        "superlink-log": (fed.logs / "superlink.log").read_text(errors="replace"),
+        "dead-exit": dead_rc,
+        "crashed": crashed,
+        "crash-signal": crash.name,
+        "crashed-replies": _sent(fed, CRASHES),
+        "run": row,
+        "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
+        if metrics.exists()
+        else [],
+        "timeline": timeline,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds for the run")
+    parser.add_argument(
+        "--crash",
+        choices=["SIGTERM", "SIGKILL"],
+        default="SIGTERM",
+        help="how device-b goes down mid-run (SIGTERM: it deactivates first)",
+    )
+    args = parser.parse_args(argv)
+    with SecureFederation(args.root) as fed:
+        report = scenario(fed, args.timeout, signal.Signals[args.crash])
+    args.report.write_text(json.dumps(report, indent=1))
+    return 1 if "error" in report else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
