@@ -12,7 +12,7 @@ RUN_CONFIG ?=
 RUN_NAME ?= fedmae-fmnist
 
 .PHONY: run test lint setup data clean bench-quality bench-quality-finetune bench-budget \
-	bench-ablations
+	bench-ablations deploy-local
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required, found " + sys.version)'
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e ".[dev]"
+	$(VPY) -m pip install --quiet -e ".[server,dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Fashion-MNIST from Debian's archive (offline afterwards); needs root or sudo.
@@ -58,6 +58,13 @@ bench-budget: setup data
 # One design choice at a time (mask ratio, next-block init, decoder, depth); docs/ablations.md.
 bench-ablations: setup data
 	$(VPY) -m benchmarks.ablations $(BENCH_ARGS)
+
+# A secure federation on this machine: TLS, SuperNode authentication and a SuperLink database,
+# N SuperNodes reading their own (synthetic) image folders, one short `flwr run`; everything
+# generated under .deploy-local/ and every process ended. deploy/README.md: real devices.
+N ?= 3
+deploy-local: setup
+	$(VPY) -m scripts.deploy_local --supernodes $(N)
 
 test: setup
 	$(VPY) -m pytest -q

@@ -106,5 +106,5 @@ def local_pretraining(
 ) -> ArrayRecord:
     """Node ``partition_id`` alone: every round is a round on its own training images."""
     data = load_node_data(cfg, partition_id, num_nodes)
-    images = data.splits.normalize(data.train.images)
+    images = data.normalize(data.train.images)
     return _train_rounds(cfg, plan, lambda _: images, on_round)

@@ -3,19 +3,58 @@
 The run config is resolved here and the node's images loaded; answering the strategy's messages
 (the frozen prefix kept in ``Context.state``, only the active tensors travelling back) is
 :mod:`fedmae_flwr.client`, the helper any Flower ClientApp can call.
+
+A deployed SuperNode starts a fresh process for every message, so this module's import path is
+kept light (torch, timm, flwr and this package; no matplotlib, pandas, pyarrow, datasets or
+flwr-datasets unless the node has to partition a shared source or read a Hugging Face one), and
+the node's decoded images are kept on disk (node-config ``cache-dir``,
+:mod:`fedmae_flwr.data.node_cache`). Measured in docs/client-overhead.md;
+``tests/test_light_client.py`` checks both.
+
+Node-config keys (``flower-supernode --node-config "..."``; a simulation sets the partition):
+
+- ``data-path``: the folder of this device's own images (class sub-folders or flat); or
+- ``partition-id`` and ``num-partitions``: this node's share of the run's ``data-path``;
+- ``cache-dir`` (optional): where its decoded images are kept (default
+  ``~/.cache/fedmae-flwr/node-data``, or ``$FEDMAE_CACHE_DIR``; ``off`` disables).
 """
 
 from __future__ import annotations
 
-import functools
+import gc
 
-import torch
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+# A deployed SuperNode's process imports torch, timm and Flower, answers one message and exits.
+# Python's cyclic garbage collector would walk the ~400,000 objects these imports create over
+# and over while they are being imported (~0.7 s on the project's 2-core machines) and once more
+# at exit (~0.9 s), although they live exactly as long as the process. So collection is paused
+# while this module's imports run, and what exists then is frozen (gc.freeze: left out of every
+# later collection, exit included); messages, models and images made afterwards are collected as
+# usual. docs/client-overhead.md measures it.
+_GC_WAS_ENABLED = gc.isenabled()
+gc.disable()
+try:
+    import functools
 
-from fedmae_flwr.client import evaluate_reply, train_reply
-from fedmae_flwr.config import FedMAEConfig, resolve_config
-from fedmae_flwr.data import NodeData, load_node_data
+    import torch
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from fedmae_flwr.client import evaluate_reply, train_reply
+    from fedmae_flwr.config import ConfigError, FedMAEConfig, resolve_config
+    from fedmae_flwr.data import NodeData, load_node_data
+    from fedmae_flwr.data.node_cache import resolve_cache_dir
+finally:
+    gc.freeze()
+    if _GC_WAS_ENABLED:
+        gc.enable()
+
+NODE_CONFIG_HELP = (
+    "Start the SuperNode with --node-config \"data-path='/folder/of/its/images'\" (a device's "
+    'own images: class sub-folders or a flat folder) or --node-config "partition-id=0 '
+    "num-partitions=10\" (its share of the run's data-path, as a simulation sets); optional: "
+    "cache-dir='/folder' for its decoded images (default ~/.cache/fedmae-flwr/node-data, "
+    "'off' disables)."
+)
 
 
 @functools.cache
@@ -30,13 +69,42 @@ def node_config(context: Context, overrides: dict | None = None) -> FedMAEConfig
 
 def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
     """The node's images: its own folder on a deployed SuperNode (node-config ``data-path``),
-    else its partition of the run's source (simulation: ``partition-id`` of ``num-partitions``)."""
-    own_folder = str(context.node_config.get("data-path", ""))
+    else its partition of the run's source (simulation: ``partition-id`` of ``num-partitions``);
+    kept on disk under node-config ``cache-dir`` for the next message's process.
+
+    Raises:
+        ConfigError: the node-config has neither, or a value that is no whole number; the
+            message names the keys and what is allowed (Flower sends it back as the node's
+            Error reply, which the server rejects and counts).
+    """
+    node = context.node_config
+    cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
+    own_folder = str(node.get("data-path", ""))
     if own_folder:
-        return load_node_data(cfg, 0, 1, node_data_path=own_folder)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    return load_node_data(cfg, partition_id, num_partitions)
+        return load_node_data(cfg, 0, 1, node_data_path=own_folder, cache_dir=cache_dir)
+    partition_id, num_partitions = _partition(context)
+    return load_node_data(cfg, partition_id, num_partitions, cache_dir=cache_dir)
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node-config, else a ConfigError naming them."""
+    node = context.node_config
+    has = ", ".join(f"{k}={node[k]!r}" for k in sorted(node)) or "nothing"
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node]
+    if missing:
+        raise ConfigError(
+            f"Node {context.node_id} has no data to train on: its node-config sets no "
+            f"'data-path' and lacks {' and '.join(repr(k) for k in missing)} (it has: {has}). "
+            f"{NODE_CONFIG_HELP}"
+        )
+    try:
+        return int(node["partition-id"]), int(node["num-partitions"])
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Node {context.node_id}: node-config 'partition-id' and 'num-partitions' must be "
+            f"whole numbers, 0 <= partition-id < num-partitions (it has: {has}). "
+            f"{NODE_CONFIG_HELP}"
+        ) from None
 
 
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:
@@ -47,12 +115,12 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
     return train_reply(
         msg,
         context,
-        data.splits.normalize(data.train.images),
+        data.normalize(data.train.images),
         model=cfg.model,
         train=cfg.train,
         seed=cfg.seed,
         device=cfg.device,
-        metrics={"skipped-images": data.splits.skipped},
+        metrics={"skipped-images": data.skipped},
     )
 
 
@@ -61,7 +129,7 @@ def evaluate(msg: Message, context: Context, overrides: dict | None = None) -> M
     cfg = node_config(context, overrides)
     torch.set_num_threads(cfg.train.client_threads)
     data = node_data(context, cfg)
-    images = data.splits.normalize(data.heldout.images)
+    images = data.normalize(data.heldout.images)
     return evaluate_reply(msg, context, images, model=cfg.model, seed=cfg.seed, device=cfg.device)
 
 

@@ -42,6 +42,17 @@ def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The ClientApp's on-disk node cache (fedmae_flwr/data/node_cache.py) in a session folder,
+    not the user's ~/.cache; the env var reaches the Flower processes the tests start too."""
+    folder = tmp_path_factory.mktemp("node-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FEDMAE_CACHE_DIR", str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder in Fashion-MNIST's idx format: 800 train and 200 test synthetic images."""

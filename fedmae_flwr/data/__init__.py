@@ -9,19 +9,32 @@ is decoded and partitioned once per process, not once per call. Sources:
 
 On a deployed SuperNode, ``--node-config "data-path='/its/own/images'"`` makes the node read
 only its own folder (all of it is the node's partition).
+
+A ClientApp passes ``cache_dir`` to :func:`load_node_data`: the node's images are then also kept
+on disk (:mod:`fedmae_flwr.data.node_cache`), because Flower starts a process per message on a
+deployed SuperNode and the in-memory caches would last one message.
+
+Imports: this package is on the ClientApp's import path, so what only some sources or only the
+server need is imported where it is used: flwr-datasets (partitioning; it loads ``datasets``,
+pandas, pyarrow, seaborn and matplotlib, ~2 s), the image-folder and Hugging Face loaders.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import importlib.metadata
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data.fashion_mnist import DEFAULT_DIR, load_fashion_mnist
-from fedmae_flwr.data.images import DatasetSplits, ImageSet
-from fedmae_flwr.data.partition import partition_indices
+from fedmae_flwr.data.images import DatasetSplits, ImageSet, NodeData
+from fedmae_flwr.data.node_cache import cached_node_data, source_fingerprint
 
 __all__ = ["DatasetSplits", "ImageSet", "NodeData", "load_dataset", "load_node_data"]
 
@@ -55,6 +68,19 @@ class SourceSpec:
         )
 
 
+@contextlib.contextmanager
+def _needs_server_extra(what: str) -> Iterator[None]:
+    """An ImportError of the libraries a device install leaves out, with what to do about it."""
+    try:
+        yield
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs {err.name or 'a library'}, which the device install "
+            "(`pip install fedmae-flwr`) leaves out: install `fedmae-flwr[server]`, or give "
+            f"the node its own image folder (node-config data-path). ({err})"
+        ) from err
+
+
 @functools.cache
 def _load(spec: SourceSpec) -> DatasetSplits:
     if spec.dataset == "fashion-mnist":
@@ -73,7 +99,8 @@ def _load(spec: SourceSpec) -> DatasetSplits:
             spec.path, spec.channels, spec.size, test_fraction=spec.test_fraction, seed=spec.seed
         )[0]
     if spec.dataset == "huggingface":
-        from fedmae_flwr.data.huggingface import load_hf_dataset
+        with _needs_server_extra("A Hugging Face source"):
+            from fedmae_flwr.data.huggingface import load_hf_dataset
 
         return load_hf_dataset(
             spec.path,
@@ -101,6 +128,11 @@ def _partitions(
     classes_per_partition: int,
     shards_per_partition: int,
 ) -> list[torch.Tensor]:
+    # Deferred: flwr-datasets (and through it datasets, pandas, pyarrow, matplotlib) is needed
+    # only to split a shared source, not by a node that reads its own folder or its cache.
+    with _needs_server_extra("Splitting the source over nodes (node-config partition-id)"):
+        from fedmae_flwr.data.partition import partition_indices
+
     labels = _load(spec).train.labels.numpy()
     parts = partition_indices(
         labels,
@@ -129,13 +161,12 @@ def partitions(cfg: FedMAEConfig, num_partitions: int) -> list[torch.Tensor]:
     )
 
 
-@dataclass(frozen=True)
-class NodeData:
-    """One node's images: ``train`` for local MAE steps, ``heldout`` for federated evaluation."""
-
-    train: ImageSet
-    heldout: ImageSet
-    splits: DatasetSplits
+def _installed_version(distribution: str) -> str:
+    """The installed version ("" when not installed), read without importing the package."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _split_heldout(local: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -144,8 +175,17 @@ def _split_heldout(local: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     return local.subset(order[num_heldout:]), local.subset(order[:num_heldout])
 
 
+def _node_of(splits: DatasetSplits, local: ImageSet, fraction: float, seed: int) -> NodeData:
+    train, heldout = _split_heldout(local, fraction, seed)
+    return NodeData(train, heldout, splits.mean, splits.std, splits.num_classes, splits.skipped)
+
+
 def load_node_data(
-    cfg: FedMAEConfig, partition_id: int, num_partitions: int, node_data_path: str = ""
+    cfg: FedMAEConfig,
+    partition_id: int,
+    num_partitions: int,
+    node_data_path: str = "",
+    cache_dir: Path | None = None,
 ) -> NodeData:
     """A node's images, split train/held-out.
 
@@ -153,15 +193,44 @@ def load_node_data(
         partition_id, num_partitions: the node's partition of the run's source (simulation).
         node_data_path: a deployed node's own image folder (its ``--node-config data-path``):
             when set, the whole folder is this node's data and no partitioning happens.
+        cache_dir: keep the node's images in this folder and read them from there in later
+            processes (:mod:`fedmae_flwr.data.node_cache`); None: decode from the source (once
+            per process).
     """
     if node_data_path:
-        splits = _load(SourceSpec.from_config(cfg, path=node_data_path))
-        train, heldout = _split_heldout(splits.train, cfg.data.heldout_fraction, cfg.seed)
-        return NodeData(train, heldout, splits)
-    total = cfg.data.num_partitions or num_partitions
-    if not 0 <= partition_id < total:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {total})")
-    splits = load_dataset(cfg)
-    local = splits.train.subset(partitions(cfg, num_partitions)[partition_id])
-    train, heldout = _split_heldout(local, cfg.data.heldout_fraction, cfg.seed + partition_id)
-    return NodeData(train, heldout, splits)
+        spec = SourceSpec.from_config(cfg, path=node_data_path)
+        node: dict = {"own-folder": True}
+
+        def compute() -> NodeData:
+            splits = _load(spec)
+            return _node_of(splits, splits.train, cfg.data.heldout_fraction, cfg.seed)
+
+    else:
+        total = cfg.data.num_partitions or num_partitions
+        if not 0 <= partition_id < total:
+            raise ValueError(f"partition-id {partition_id} is outside [0, {total})")
+        spec = SourceSpec.from_config(cfg)
+        node = {
+            "partition-id": partition_id,
+            "num-partitions": total,
+            "partitioner": str(cfg.data.partitioner),
+            "dirichlet-alpha": cfg.data.dirichlet_alpha,
+            "classes-per-partition": cfg.data.classes_per_partition,
+            "shards-per-partition": cfg.data.shards_per_partition,
+            "flwr-datasets": _installed_version("flwr-datasets"),
+        }
+
+        def compute() -> NodeData:
+            splits = load_dataset(cfg)
+            local = splits.train.subset(partitions(cfg, num_partitions)[partition_id])
+            return _node_of(splits, local, cfg.data.heldout_fraction, cfg.seed + partition_id)
+
+    if cache_dir is None:
+        return compute()
+    content = source_fingerprint(spec.dataset, spec.path)
+    parts = {
+        "source": {**dataclasses.asdict(spec), "content": content},
+        "node": node,
+        "heldout-fraction": cfg.data.heldout_fraction,
+    }
+    return cached_node_data(cache_dir, parts, spec.channels, spec.size, compute)

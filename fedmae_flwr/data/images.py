@@ -44,15 +44,40 @@ class DatasetSplits:
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``[N, C, H, W]`` -> float32 normalised model input."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, self.mean, self.std)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Model-space float ``[N, C, H, W]`` -> pixel values in [0, 1] (clamped)."""
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """One node's images: ``train`` for local MAE steps, ``heldout`` for federated evaluation.
+
+    Self-contained (the source's normalisation and skip count, not the source itself), so a node
+    can keep it on disk and read it back without the source (:mod:`fedmae_flwr.data.node_cache`).
+    """
+
+    train: ImageSet
+    heldout: ImageSet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int  # the source's; 0 when unlabelled
+    skipped: int = 0  # unreadable images skipped when the source was decoded
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 ``[N, C, H, W]`` -> float32 normalised model input (the source's statistics)."""
+        return normalize(images, self.mean, self.std)
+
+
+def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 ``[N, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t
 
 
 def channel_stats(images: Tensor, chunk: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:

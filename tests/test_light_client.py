@@ -1,0 +1,269 @@
+"""A light ClientApp: what a deployed SuperNode's process per message imports, reads and reports.
+
+Flower 1.41 starts a fresh ClientApp process for every message on a deployed SuperNode, so the
+app's import path must not pull the server's heavy libraries, and a node's decoded images must
+come from its on-disk cache from the second message on (docs/client-overhead.md). A node started
+without the node-config it needs fails its messages with an error naming the keys, which the
+server rejects and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from PIL import Image
+
+from fedmae_flwr import client_app
+from fedmae_flwr.config import ConfigError, resolve_config
+from fedmae_flwr.data import _load, load_node_data, node_cache
+from fedmae_flwr.server_app import run
+
+from .local_grid import InProcessGrid
+
+# What the server side needs and a node reading idx files or an image folder must not import.
+HEAVY = ("matplotlib", "pandas", "pyarrow", "datasets", "flwr_datasets", "seaborn", "ray")
+
+# A fresh interpreter: import the ClientApp, load one node's images, report what it did.
+CHILD = rf"""
+import hashlib, json, sys, time
+HEAVY = {HEAVY!r}
+t = time.perf_counter()
+from fedmae_flwr import client_app
+import_seconds = time.perf_counter() - t
+after_import = sorted(m for m in HEAVY if m in sys.modules)
+from flwr.app import Context, RecordDict
+spec = json.loads(sys.argv[1])
+context = Context(run_id=1, node_id=7, node_config=spec["node_config"], state=RecordDict(),
+                  run_config={{}})
+cfg = client_app.node_config(context, spec["overrides"])
+t = time.perf_counter()
+data = client_app.node_data(context, cfg)
+seconds = time.perf_counter() - t
+tensors = (data.train.images, data.train.labels, data.heldout.images, data.heldout.labels)
+print(json.dumps({{
+    "import-seconds": import_seconds,
+    "seconds": seconds,
+    "after-import": after_import,
+    "after-load": sorted(m for m in HEAVY if m in sys.modules),
+    "loaders": [m for m in ("fedmae_flwr.data.imagefolder", "fedmae_flwr.data.partition")
+                if m in sys.modules],
+    "sizes": [len(data.train), len(data.heldout)],
+    "digest": hashlib.sha256(b"".join(x.numpy().tobytes() for x in tensors)).hexdigest(),
+}}))
+"""
+
+
+def fresh_process(node_config: dict, overrides: dict) -> dict:
+    spec = json.dumps({"node_config": node_config, "overrides": overrides})
+    env = {k: v for k, v in os.environ.items() if k != node_cache.ENV_VAR}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, spec], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def image_folder(folder: Path, count: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % 2}" / f"{i}.png")
+    return folder
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_importing_the_client_app_loads_no_server_library():
+    code = (
+        "import sys, json; import fedmae_flwr.client_app; "
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_device_folder_is_decoded_once_then_read_from_the_cache(tmp_path, tiny_overrides):
+    """Two fresh processes, one device: the second reads the cache file the first wrote."""
+    folder = image_folder(tmp_path / "own")
+    overrides = {**tiny_overrides, "dataset": "imagefolder", "data-path": str(folder),
+                 "in-chans": 3, "img-size": 16, "patch-size": 4}  # fmt: skip
+    cache = tmp_path / "cache"
+    node_config = {"data-path": str(folder), "cache-dir": str(cache)}
+    cold = fresh_process(node_config, overrides)
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 1
+    written = files[0].stat().st_mtime_ns
+    warm = fresh_process(node_config, overrides)
+    print(f"device folder: cold {cold['seconds']:.3f} s, warm {warm['seconds']:.3f} s")
+    assert cold["after-import"] == cold["after-load"] == []  # no heavy library, even decoding
+    assert cold["loaders"] == ["fedmae_flwr.data.imagefolder"]
+    assert warm["loaders"] == []  # nothing decoded: the images came from the file
+    assert list(cache.glob("*.safetensors")) == files and files[0].stat().st_mtime_ns == written
+    assert (warm["sizes"], warm["digest"]) == (cold["sizes"], cold["digest"])
+    assert warm["after-load"] == []
+
+
+def test_a_partition_is_computed_once_then_read_from_the_cache(tmp_path, tiny_overrides):
+    """A node holding partition 2 of 4: the second process neither decodes nor partitions."""
+    cache = tmp_path / "cache"
+    node_config = {"partition-id": 2, "num-partitions": 4, "cache-dir": str(cache)}
+    cold = fresh_process(node_config, tiny_overrides)
+    warm = fresh_process(node_config, tiny_overrides)
+    print(f"partition: cold {cold['seconds']:.3f} s, warm {warm['seconds']:.3f} s")
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert cold["after-import"] == []
+    assert "fedmae_flwr.data.partition" in cold["loaders"]  # flwr-datasets split it, once
+    assert warm["loaders"] == [] and warm["after-load"] == []
+    assert (warm["sizes"], warm["digest"]) == (cold["sizes"], cold["digest"])
+    assert cold["sizes"] == [180, 20]  # 800 / 4 nodes, 10 % held out
+    assert warm["seconds"] < cold["seconds"]
+
+
+def _clear_process_caches() -> None:
+    _load.cache_clear()
+    node_cache.source_fingerprint.cache_clear()
+
+
+def _same(a, b) -> bool:
+    return all(
+        torch.equal(x, y)
+        for x, y in (
+            (a.train.images, b.train.images),
+            (a.train.labels, b.train.labels),
+            (a.heldout.images, b.heldout.images),
+        )
+    ) and (a.mean, a.std, a.num_classes, a.skipped) == (b.mean, b.std, b.num_classes, b.skipped)
+
+
+def test_the_cache_holds_what_decoding_gives_and_follows_the_source(tmp_path, tiny_overrides):
+    folder = image_folder(tmp_path / "own")
+    cfg = resolve_config({**tiny_overrides, "dataset": "imagefolder", "data-path": str(folder),
+                          "in-chans": 3, "img-size": 16, "patch-size": 4})  # fmt: skip
+    cache = tmp_path / "cache"
+    decoded = load_node_data(cfg, 0, 1, node_data_path=str(folder))
+    first = load_node_data(cfg, 0, 1, node_data_path=str(folder), cache_dir=cache)
+    _clear_process_caches()
+    again = load_node_data(cfg, 0, 1, node_data_path=str(folder), cache_dir=cache)
+    assert _same(decoded, first) and _same(first, again)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    # an image rewritten on disk is a new key: decoded again, not served stale
+    Image.new("RGB", (24, 20), (255, 0, 0)).save(folder / "c0" / "0.png")
+    _clear_process_caches()
+    changed = load_node_data(cfg, 0, 1, node_data_path=str(folder), cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert not _same(changed, first)
+    # another held-out share or seed is another key too
+    _clear_process_caches()
+    other = resolve_config({**tiny_overrides, "dataset": "imagefolder", "data-path": str(folder),
+                            "in-chans": 3, "img-size": 16, "patch-size": 4, "seed": 1})  # fmt: skip
+    load_node_data(other, 0, 1, node_data_path=str(folder), cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_a_damaged_cache_file_is_decoded_again_and_rewritten(tmp_path, tiny_overrides, caplog):
+    cfg = resolve_config(tiny_overrides)
+    cache = tmp_path / "cache"
+    good = load_node_data(cfg, 1, 4, cache_dir=cache)
+    (path,) = cache.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])  # cut off, as by a full disk
+    with caplog.at_level(logging.WARNING):
+        again = load_node_data(cfg, 1, 4, cache_dir=cache)
+    assert _same(good, again)
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert node_cache.read(path, 1, 28) is not None  # written whole again
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_where_the_cache_is(monkeypatch, tmp_path):
+    monkeypatch.delenv(node_cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert node_cache.resolve_cache_dir() == tmp_path / "xdg" / "fedmae-flwr" / "node-data"
+    monkeypatch.setenv(node_cache.ENV_VAR, str(tmp_path / "env"))
+    assert node_cache.resolve_cache_dir() == tmp_path / "env"
+    assert node_cache.resolve_cache_dir(str(tmp_path / "node")) == tmp_path / "node"
+    assert node_cache.resolve_cache_dir("off") is None
+    monkeypatch.setenv(node_cache.ENV_VAR, "off")
+    assert node_cache.resolve_cache_dir() is None
+
+
+def test_the_cache_can_be_turned_off_per_node(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setenv(node_cache.ENV_VAR, str(tmp_path / "env-cache"))
+    context = _context({"partition-id": 0, "num-partitions": 4, "cache-dir": "off"})
+    data = client_app.node_data(context, resolve_config(tiny_overrides))
+    assert len(data.train) == 180 and not (tmp_path / "env-cache").exists()
+
+
+# --- a node started without the node-config it needs ---------------------------------------------
+@pytest.mark.parametrize(
+    ("node_config", "named"),
+    [
+        ({}, ["'partition-id' and 'num-partitions'", "it has: nothing"]),
+        ({"partition-id": 3}, ["lacks 'num-partitions'", "partition-id=3"]),
+        ({"partition-id": "three", "num-partitions": 4}, ["must be whole numbers"]),
+    ],
+)
+def test_a_node_without_its_node_config_fails_naming_the_keys(node_config, named, tiny_overrides):
+    cfg = resolve_config(tiny_overrides)
+    with pytest.raises(ConfigError) as err:
+        client_app.node_data(_context(node_config), cfg)
+    text = str(err.value)
+    for part in [*named, "data-path='/folder/of/its/images'", "partition-id=0 num-partitions=10"]:
+        assert part in text, text
+    assert "KeyError" not in text
+
+
+class FlowerErrorsGrid(InProcessGrid):
+    """Like Flower's runtimes: a handler's exception becomes the node's Error reply."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            try:
+                replies.extend(super().send_and_receive([msg], timeout=timeout))
+            except Exception as ex:
+                # flwr/supernode/runtime/run_clientapp.py builds the reason this way.
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+                replies.append(Message(error, reply_to=msg))
+        return replies
+
+
+def test_the_server_rejects_and_counts_an_unconfigured_node(tiny_overrides, caplog):
+    """Node 1000 has an empty node-config: each message it gets comes back an Error reply,
+    rejected and counted; the run completes on the other nodes. Sampling does not exclude it
+    (seeded per round over all connected nodes), so it costs its share of each round it is in."""
+    config = {**tiny_overrides, "run-name": "unconfigured", "evaluate-random-init": False,
+              "finetune-labels": 0}  # fmt: skip
+    grid = FlowerErrorsGrid(6, config)
+    grid.contexts[1000].node_config = {}
+    with caplog.at_level(logging.INFO):
+        run(grid, resolve_config(config))
+    metrics = Path(config["output-dir"]) / "unconfigured" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    sampled = {
+        int(m.content["config"]["server-round"])
+        for m in grid.sent
+        if m.metadata.dst_node_id == 1000 and m.metadata.message_type == "train"
+    }
+    assert sampled, "seed 0 samples node 1000 in some round"
+    for row in rows:
+        expected = 1 if row["round"] in sampled else 0
+        assert (row["rejected"], row.get("rejected-error", 0)) == (expected, expected), row
+        assert row["clients"] == 3 - expected
+    rejections = [r.getMessage() for r in caplog.records if "rejected (error)" in r.getMessage()]
+    assert rejections and all("node 1000" in r for r in rejections)
+    assert "node-config sets no 'data-path'" in rejections[0]
