@@ -38,9 +38,10 @@ def _below(skip: set[int]) -> list[int]:
     found, stack = [], [os.getpid()]
     while stack:
         found.append(pid := stack.pop())
-        for task in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                stack += [int(c) for c in task.read_text().split() if int(c) not in skip]
+        with contextlib.suppress(OSError):  # it ended meanwhile (/proc/<pid> gone)
+            for task in list(Path(f"/proc/{pid}/task").glob("*/children")):
+                with contextlib.suppress(OSError):  # that thread ended meanwhile
+                    stack += [int(c) for c in task.read_text().split() if int(c) not in skip]
     return found[1:]
 
 
@@ -86,6 +87,7 @@ def run(
     (home / "mpl").mkdir(parents=True, exist_ok=True)  # /tmp: Ray's socket paths must be short
     env = dict(os.environ, FLWR_HOME=str(home), RAY_TMPDIR=str(tmp), MPLCONFIGDIR=f"{home}/mpl")
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.setdefault("FEDMAE_CACHE_DIR", str(REPO / ".cache" / "node-data"))  # ignored, in the repo
     # Flower's commands (ours, and those SuperLink/SuperExec start by name) sit beside a venv's
     # interpreter; a bare interpreter needs them on PATH already (scripts/gpu_check.sh).
     bindir = Path(sys.executable).parent

@@ -41,6 +41,14 @@ def _sent(fed: SecureFederation, name: str) -> int:
     return (fed.logs / f"{name}.log").read_text(errors="replace").count("Sent successfully")
 
 
+def _lines(path: Path) -> int:
+    """Whole lines in ``path`` so far (0 while it does not exist)."""
+    try:
+        return path.read_text(errors="replace").count("\n")
+    except OSError:
+        return 0
+
+
 def _node_ids(fed: SecureFederation) -> dict[str, str]:
     out = fed.flwr("supernode", "list", NAME, "--format", "json", check=False).stdout
     nodes = json.loads(out[out.find("{") :]).get("nodes", []) if "{" in out else []
@@ -100,13 +108,16 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
     # before it asks for the next message), then start it again until the SuperLink takes it
     # back, as systemd's Restart=on-failure would (after a SIGKILL, Flower 1.41 refuses the
     # node id until its heartbeat expires: up to 60 s).
+    # ... and once the server has aggregated round 4 (its metrics line): stopped earlier, the
+    # SuperLink may turn the device's last reply into an error before the server collects it.
+    metrics = fed.root / "outputs" / "faults" / "metrics.jsonl"
     deadline, crashed, asked = time.monotonic() + timeout, False, time.monotonic()
     while not crashed and time.monotonic() < deadline:
         if time.monotonic() - asked > 5:  # `flwr list` costs a second of CPU: not too often
             if fed.run_row(run_id).get("status", "").startswith("finished"):
                 break
             asked = time.monotonic()
-        if _sent(fed, CRASHES) >= 4:
+        if _sent(fed, CRASHES) >= 4 and _lines(metrics) >= 4:
             fed.supernodes[CRASHES].send_signal(crash)
             fed.supernodes[CRASHES].wait(30)
             note(f"{CRASHES} stopped ({crash.name}) after {_sent(fed, CRASHES)} replies")
@@ -117,7 +128,6 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
     row = fed.wait(run_id, max(1.0, deadline - time.monotonic()))
     note(f"run {row.get('status')}")
     rogue = fed.supernodes[ROGUE]
-    metrics = fed.root / "outputs" / "faults" / "metrics.jsonl"
     return {
         "registered": registered,
         "nodes-at-end": _node_ids(fed),
