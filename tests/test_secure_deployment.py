@@ -92,14 +92,17 @@ def test_a_secure_federation_survives_a_dead_and_a_restarted_device(tmp_path: Pa
     assert report["dead-exit"] == 0
 
     # 2 blocks x 3 rounds, 2 of the 2 live devices each round. Block 2 (round 4) sends the
-    # prefix to both; the restarted device lacks it in round 5 and gets it again in round 6.
+    # prefix to both. Where the stop lands is timing: the device's round-4 reply may still be
+    # lost (an error reply, then the prefix goes with its next message), or it says in round 5
+    # that it lacks the prefix. Either way it gets the prefix again and is back by round 6.
     rows = report["metrics"]
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6], timeline
-    assert all(r["sampled"] == 2 and r["rejected"] == 0 for r in rows), rows
+    assert all(r["sampled"] == 2 for r in rows), rows
+    assert all(r["rejected"] == 0 for r in rows[:3]), rows[:3]
     assert report["crashed"], timeline
-    assert (rows[3]["prefix-sends"], rows[3]["clients"]) == (2, 2)
-    assert (rows[4]["prefix-missing"], rows[4]["clients"]) == (1, 1), rows[4]
-    assert (rows[5]["prefix-sends"], rows[5]["clients"]) == (1, 2), rows[5]
+    assert rows[3]["prefix-sends"] == 2, rows[3]
+    assert rows[4]["prefix-sends"] + rows[5]["prefix-sends"] >= 1, rows[4:]
+    assert (rows[5]["clients"], rows[5]["rejected"], rows[5]["prefix-missing"]) == (2, 0, 0)
     assert (tmp_path / "fed" / "outputs" / "faults" / "summary.json").exists()
 
     # Every Flower process ran under the marker, and none is left.
