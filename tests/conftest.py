@@ -64,6 +64,20 @@ def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# The tiny model and schedule shared by the in-process runs: 2 blocks x 2 rounds, 3 of 6 nodes.
+TINY_FEDERATION = {
+    "embed-dim": 32,
+    "num-heads": 2,
+    "decoder-embed-dim": 16,
+    "decoder-num-heads": 2,
+    "depth": 2,
+    "rounds-per-stage": 2,
+    "clients-per-round": 3,
+    "evaluate-clients": 2,
+    "batch-size": 32,
+}
+
+
 @pytest.fixture
 def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
     """A small but complete run: 2 blocks x 2 rounds, 3 of 6 nodes per round."""
@@ -71,15 +85,7 @@ def tiny_overrides(fmnist_dir: Path, tmp_path: Path) -> dict:
         "data-path": str(fmnist_dir),
         "output-dir": str(tmp_path / "outputs"),
         "run-name": "tiny",
-        "embed-dim": 32,
-        "num-heads": 2,
-        "decoder-embed-dim": 16,
-        "decoder-num-heads": 2,
-        "depth": 2,
-        "rounds-per-stage": 2,
-        "clients-per-round": 3,
-        "evaluate-clients": 2,
-        "batch-size": 32,
+        **TINY_FEDERATION,
         "eval-images": 50,
         "grid-images": 4,
         "probe-train-images": 200,

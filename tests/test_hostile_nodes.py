@@ -39,6 +39,7 @@ from fedmae_flwr.server_app import build_strategy, known_largest_partition, run
 from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
 from fedmae_flwr.strategies import replies as kinds
 
+from .conftest import TINY_FEDERATION
 from .local_grid import InProcessGrid
 
 Attack = Callable[[Message, Message], Message]  # (honest reply, message it answers) -> reply
@@ -188,15 +189,7 @@ def overrides(fmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {
         "data-path": str(fmnist_dir),
         "output-dir": str(tmp_path_factory.mktemp("hostile")),
-        "embed-dim": 32,
-        "num-heads": 2,
-        "decoder-embed-dim": 16,
-        "decoder-num-heads": 2,
-        "depth": 2,
-        "rounds-per-stage": 2,
-        "clients-per-round": 3,
-        "evaluate-clients": 2,
-        "batch-size": 32,
+        **TINY_FEDERATION,
         "eval-images": 20,
         "grid-images": 2,
         "probe-train-images": 100,
