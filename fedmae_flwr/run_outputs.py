@@ -190,10 +190,6 @@ def checkpoint_files(folder: str | Path) -> dict[int, Path]:
     return found
 
 
-def has_checkpoint(folder: str | Path) -> bool:
-    return bool(checkpoint_files(folder))
-
-
 def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
     """One checkpoint, checked: whole tensors and ``round`` metadata equal to ``server_round``.
 
