@@ -7,30 +7,26 @@ Generates a CA, the SuperLink's certificate and one key pair per SuperNode (depl
 --enable-supernode-auth and --database, registers the SuperNodes' public keys with
 `flwr supernode register`, starts N `flower-supernode`s that each read their own folder of
 synthetic images, submits a tiny run with `flwr run` and asks `flwr list` for its outcome.
-Exits 0 only on `finished:completed`. Every process it started ends, by PID (scripts/run.py's
-cleanup: this process is a child subreaper).
+Exits 0 only on `finished:completed`. Every process it started ends, by PID
+(scripts/processes.py: this process is a child subreaper).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from scripts.run import REPO, _below, _end_all, run_config_string
+from scripts.processes import ProcessTree, free_port, wait_for_port
+from scripts.run import REPO, flwr_env, run_config_string
 
 NAME = "fedmae-secure"  # the connection's name in $FLWR_HOME/config.toml
 DEPLOY = REPO / "deploy"
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def tiny_run_config(root: Path, clients: int) -> dict[str, Any]:
@@ -63,12 +59,6 @@ def image_folders(root: Path, names: list[str], per_node: int = 16) -> dict[str,
     return folders
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class SecureFederation:
     """The SuperLink and SuperNodes of one loopback federation, under ``root``.
 
@@ -78,35 +68,22 @@ class SecureFederation:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.certs, self.keys, self.logs = (self.root / d for d in ("certs", "keys", "logs"))
-        self.home, self.port = self.root / "flwr-home", _free_port()
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), MPLCONFIGDIR=str(self.home / "mpl"))
-        self.env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-        self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"
+        self.home, self.port = self.root / "flwr-home", free_port()
+        self.env = flwr_env(self.home)
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
-        self._skip: set[int] = set()
-        self._signals: dict[int, Any] = {}
+        self._tree = ProcessTree()
 
     def __enter__(self) -> SecureFederation:
-        for folder in (self.logs, self.home / "mpl"):
-            folder.mkdir(parents=True, exist_ok=True)
-        ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER, as in scripts/run.py
-        self._skip = set(_below(set()))
-        # SIGTERM and SIGHUP (make killed, terminal closed) take Ctrl-C's path: the cleanup.
-        self._signals = {sig: signal.signal(sig, signal.default_int_handler) for sig in SIGNALS}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._tree.__enter__()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        for sig in SIGNALS:  # a second signal must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
-        _end_all(self.superlink, self._skip)
-        for sig, handler in self._signals.items():
-            signal.signal(sig, handler)
+    def __exit__(self, *exc: object) -> None:
+        self._tree.__exit__(*exc)
 
     def _popen(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
-        with (self.logs / log).open("ab") as out:
-            return subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=out, stderr=out,
-                                    start_new_session=True)  # fmt: skip
+        return self._tree.start(cmd, self.logs / log, self.env, REPO)
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = ["flwr", *args]
@@ -129,13 +106,8 @@ class SecureFederation:
              "--port", str(self.port)],
             "superlink.log",
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:  # until the port accepts connections
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                break
-            if self.superlink.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SuperLink did not start; see {self.logs}/superlink.log")
-            time.sleep(0.2)
+        if not wait_for_port(self.port, self.superlink, timeout):
+            raise RuntimeError(f"the SuperLink did not start; see {self.logs}/superlink.log")
         # The CLI's connection: TLS, trusting our CA (deploy/config.toml is the example).
         conn = f'[superlink.{NAME}]\naddress = "127.0.0.1:{self.port}"\n'
         conn += f'root-certificates = "{self.certs / "ca.crt"}"\n'
@@ -152,7 +124,7 @@ class SecureFederation:
             ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
              "--root-certificates", str(self.certs / "ca.crt"),
              "--auth-supernode-private-key", str(self.keys / (key or name)),
-             "--port", str(_free_port()), "--node-config", f"data-path='{data_path}'"],
+             "--port", str(free_port()), "--node-config", f"data-path='{data_path}'"],
             f"{name}.log",
         )  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""scripts/run.py's own pieces, without Flower: the run-config string and the process cleanup."""
+"""scripts/run.py's own pieces, without Flower: the run-config string and the process cleanup
+(scripts/processes.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,17 @@ from scripts.run import run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Runs in its own process: it makes itself a child subreaper, as scripts/run.py does.
+# Runs in its own process: ProcessTree makes it a child subreaper, as in scripts/run.py.
 CLEANUP = """
-import ctypes, subprocess, time
-from scripts.run import _below, _end_all
+import subprocess, time
+from scripts.processes import ProcessTree, descendants
 callers = subprocess.Popen(["sleep", "300"])  # the caller's own child, from before the run
-ctypes.CDLL(None).prctl(36, 1)
-skip = set(_below(set()))
-# A shell in a session of its own that leaves a sleeper behind, as SuperExec and Ray do.
-subprocess.run(["sh", "-c", "sleep 300 &"], start_new_session=True)
-time.sleep(0.5)
-print(callers.pid, *_below(skip), flush=True)
-_end_all(None, skip)
-print(callers.poll(), *_below(skip), flush=True)
+with ProcessTree() as tree:
+    # A shell in a session of its own that leaves a sleeper behind, as SuperExec and Ray do.
+    subprocess.run(["sh", "-c", "sleep 300 &"], start_new_session=True)
+    time.sleep(0.5)
+    print(callers.pid, *descendants({callers.pid}), flush=True)
+print(callers.poll(), *descendants({callers.pid}), flush=True)
 callers.kill()
 """
 
