@@ -79,6 +79,11 @@ def budget_runs(
     return by_budget, floor
 
 
+def _budget_order(by_budget: dict) -> list[tuple[int, int]]:
+    """Budgets by total local epochs R x E, ties by (R, E)."""
+    return sorted(by_budget, key=lambda b: (b[0] * b[1], b))
+
+
 def paired_differences(runs: list[dict], floor: list[dict], key: str) -> list[float]:
     """fedmae minus random-init accuracy under ``key``, seed by seed (seeds both have)."""
     floor_by_seed = {r["seed"]: accuracy(r, key, "random-init") for r in floor}
@@ -98,7 +103,7 @@ def smallest_paying_budget(
     Each seed is compared with random init of the same seed (same init draw, label subset and
     fine-tuning seed): the seed-to-seed spread of a 1k-label fine-tune is larger than the effect.
     """
-    for budget in sorted(by_budget, key=lambda b: (b[0] * b[1], b)):
+    for budget in _budget_order(by_budget):
         diffs = paired_differences(by_budget[budget], floor, key)
         if diffs and all(d > 0 for d in diffs):
             return budget
@@ -116,7 +121,7 @@ def _signed(diffs: list[float]) -> str:
 
 def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
     plt = pyplot()
-    budgets = sorted(by_budget, key=lambda b: (b[0] * b[1], b))
+    budgets = _budget_order(by_budget)
     fig, ax = plt.subplots(figsize=(6, 4))
     for (key, label), color in zip(PROTOCOLS, ("C0", "C1", "C2"), strict=True):
         means = [
@@ -140,13 +145,10 @@ def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_report(
-    by_budget: dict, floor: list[dict], command: str, partition: str, docs: Path
-) -> Path:
-    docs.mkdir(parents=True, exist_ok=True)
-    plot(by_budget, floor, docs / "budget-accuracy.png")
+def _table_header(floor: list[dict], command: str, partition: str) -> list[str]:
+    """Title, command, setup paragraph, and the table's head and random-init floor row."""
     floor_cells = [mean_std(accuracies(floor, key, "random-init")) for key, _ in PROTOCOLS]
-    lines = [
+    return [
         "# Does pretraining pay? Accuracy against the pretraining budget",
         "",
         f"Command: `{command}` ({machine_line()}).",
@@ -165,21 +167,27 @@ def write_report(
         "|---|---|---|---|---|---|---|---|---|",
         f"| random-init (floor) | 0 | {' | '.join(floor_cells)} | - | 0 | - | - |",
     ]
-    for rounds, epochs in sorted(by_budget, key=lambda b: (b[0] * b[1], b)):
-        runs = by_budget[(rounds, epochs)]
-        comm = runs[0]["summary"]["communication"]
-        client_seconds = comm["client-train-seconds-mean"] * rounds * FEDERATION["depth"]
-        cells = [
-            f"{rounds} x {epochs}",
-            str(rounds * FEDERATION["depth"]),
-            *(mean_std(accuracies(runs, key, "fedmae")) for key, _ in PROTOCOLS),
-            f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
-            f"{client_seconds:.0f}",
-            f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
-            " / ".join(_signed(paired_differences(runs, floor, key)) for key, _ in PROTOCOLS),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+
+
+def _budget_row(rounds: int, epochs: int, runs: list[dict], floor: list[dict]) -> str:
+    """The table row of one budget: accuracies, PSNR, client and wall time, paired gains."""
+    comm = runs[0]["summary"]["communication"]
+    client_seconds = comm["client-train-seconds-mean"] * rounds * FEDERATION["depth"]
+    cells = [
+        f"{rounds} x {epochs}",
+        str(rounds * FEDERATION["depth"]),
+        *(mean_std(accuracies(runs, key, "fedmae")) for key, _ in PROTOCOLS),
+        f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
+        f"{client_seconds:.0f}",
+        f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
+        " / ".join(_signed(paired_differences(runs, floor, key)) for key, _ in PROTOCOLS),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _verdicts(by_budget: dict, floor: list[dict]) -> list[str]:
+    """Per protocol, the smallest budget that beats random init at every seed."""
+    lines = [
         "",
         "Smallest measured budget at which FedMAE beats random init at every seed (each seed "
         "against random init of the same seed):",
@@ -193,6 +201,19 @@ def write_report(
         else:
             verdict = "none of the measured budgets"
         lines.append(f"- {label}: {verdict}")
+    return lines
+
+
+def write_report(
+    by_budget: dict, floor: list[dict], command: str, partition: str, docs: Path
+) -> Path:
+    """Write ``docs/budget.md`` (table and verdicts) and its figure; returns the page's path."""
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(by_budget, floor, docs / "budget-accuracy.png")
+    lines = _table_header(floor, command, partition)
+    for rounds, epochs in _budget_order(by_budget):
+        lines.append(_budget_row(rounds, epochs, by_budget[(rounds, epochs)], floor))
+    lines += _verdicts(by_budget, floor)
     lines += ["", "![budget-accuracy.png](budget-accuracy.png)", ""]
     path = docs / "budget.md"
     path.write_text("\n".join(lines))

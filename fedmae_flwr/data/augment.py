@@ -23,6 +23,12 @@ def random_resized_crop(
 
     As torchvision's ``RandomResizedCrop`` (10 tries, then the whole image), bicubic resize.
 
+    Hand-written because torchvision's ``RandomResizedCrop.get_params`` (and v2's
+    ``make_params``) takes no generator: it draws with ``torch.empty(1).uniform_`` and
+    ``torch.randint`` from torch's global RNG. Here every draw comes from ``generator``, which
+    each node seeds itself, so a node's crops are reproducible and do not depend on other nodes
+    or on anything else in the process that uses the global RNG.
+
     Args:
         x: ``[N, C, H, W]`` float.
     """

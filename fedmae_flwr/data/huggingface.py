@@ -179,6 +179,45 @@ def _rows_and_labels(
     return image_rows, torch.cat(labels), len(train_ds), num_classes
 
 
+def _columns(
+    data: DatasetDict, source: str, train_split: str, image_column: str, label_column: str
+) -> tuple[str, str | None]:
+    """The image and label columns of ``train_split`` (see :func:`_pick_column`).
+
+    Raises ``ValueError`` when the dataset has no ``train_split``.
+    """
+    if train_split not in data:
+        raise ValueError(f"{source} has no split '{train_split}'. Splits: {', '.join(data)}.")
+    columns = data[train_split]
+    image_col = _pick_column(
+        columns, image_column, datasets.Image, IMAGE_COLUMN_NAMES, "image-column", required=True
+    )
+    label_col = _pick_column(
+        columns, label_column, ClassLabel, LABEL_COLUMN_NAMES, "label-column", required=False
+    )
+    assert image_col is not None
+    return image_col, label_col
+
+
+def _decode_splits(
+    rows: Iterator[tuple[str, Any]],
+    labels: torch.Tensor,
+    num_train: int,
+    num_classes: int,
+    description: str,
+    channels: int,
+    size: int,
+    num_workers: int,
+) -> tuple[DatasetSplits, DecodeStats]:
+    """Decode ``rows`` (the first ``num_train`` are train); the splits carry train mean/std."""
+    train, test, stats = decode_train_test(
+        rows, labels, num_train, channels, size, description, num_workers
+    )
+    mean, std = channel_stats(train.images)
+    splits = DatasetSplits(train, test, mean, std, num_classes, stats.loaded, stats.skipped)
+    return splits, stats
+
+
 def load_hf_dataset(
     name: str,
     channels: int,
@@ -218,24 +257,12 @@ def load_hf_dataset(
             columns, nothing decodable.
     """
     data, source = _open(name, train_split)
-    if train_split not in data:
-        raise ValueError(f"{source} has no split '{train_split}'. Splits: {', '.join(data)}.")
-    columns = data[train_split]
-    image_col = _pick_column(
-        columns, image_column, datasets.Image, IMAGE_COLUMN_NAMES, "image-column", required=True
-    )
-    label_col = _pick_column(
-        columns, label_column, ClassLabel, LABEL_COLUMN_NAMES, "label-column", required=False
-    )
-    assert image_col is not None
+    image_col, label_col = _columns(data, source, train_split, image_column, label_column)
     rows, labels, num_train, num_classes = _rows_and_labels(
         data, (train_split, test_split), image_col, label_col, test_fraction, seed
     )
     label = f"'{label_col}'" if label_col else "none"
     description = f"{source} (image '{image_col}', label {label}, {num_classes} classes)"
-    train, test, stats = decode_train_test(
-        rows, labels, num_train, channels, size, description, num_workers
+    return _decode_splits(
+        rows, labels, num_train, num_classes, description, channels, size, num_workers
     )
-    mean, std = channel_stats(train.images)
-    splits = DatasetSplits(train, test, mean, std, num_classes, stats.loaded, stats.skipped)
-    return splits, stats

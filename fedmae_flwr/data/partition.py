@@ -56,20 +56,10 @@ def _num_classes(labels: np.ndarray) -> int:
     return len(np.unique(labels))
 
 
-def validate_partition_args(
-    labels: np.ndarray,
-    num_partitions: int,
-    partitioner: str,
-    alpha: float,
-    seed: int,
-    classes_per_partition: int = 2,
-    shards_per_partition: int = 2,
+def _check_common_args(
+    labels: np.ndarray, num_partitions: int, partitioner: str, seed: int
 ) -> None:
-    """Raise ``ValueError`` (naming the config key and its allowed range) for impossible splits.
-
-    Only the arguments the chosen ``partitioner`` uses are checked, so e.g. a Dirichlet alpha
-    left at any value does not break an IID run.
-    """
+    """The checks every partitioner needs: its name, the labels, the node count and the seed."""
     if partitioner not in PARTITIONERS:
         raise ValueError(
             f"partitioner: unknown '{partitioner}'. Allowed: {', '.join(PARTITIONERS)}."
@@ -89,8 +79,17 @@ def validate_partition_args(
     # numpy's default_rng (used by datasets' shuffle and every partitioner) rejects negatives.
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if partitioner not in LABEL_PARTITIONERS:
-        return
+
+
+def _check_label_args(
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    classes_per_partition: int,
+    shards_per_partition: int,
+) -> None:
+    """The checks of a label partitioner: fully labelled data and its own option's range."""
     if (labels < 0).any():
         what = "unlabelled (all labels -1)" if (labels < 0).all() else "partly unlabelled"
         raise ValueError(
@@ -108,6 +107,7 @@ def validate_partition_args(
                 f"labels), got {classes_per_partition}"
             )
     elif partitioner == "shards":
+        n = len(labels)
         max_shards = n // num_partitions
         if not 1 <= shards_per_partition <= max_shards:
             raise ValueError(
@@ -115,6 +115,27 @@ def validate_partition_args(
                 f"image: {n} images // num-partitions {num_partitions}), "
                 f"got {shards_per_partition}"
             )
+
+
+def validate_partition_args(
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    seed: int,
+    classes_per_partition: int = 2,
+    shards_per_partition: int = 2,
+) -> None:
+    """Raise ``ValueError`` (naming the config key and its allowed range) for impossible splits.
+
+    Only the arguments the chosen ``partitioner`` uses are checked, so e.g. a Dirichlet alpha
+    left at any value does not break an IID run.
+    """
+    _check_common_args(labels, num_partitions, partitioner, seed)
+    if partitioner in LABEL_PARTITIONERS:
+        _check_label_args(
+            labels, num_partitions, partitioner, alpha, classes_per_partition, shards_per_partition
+        )
 
 
 def make_partitioner(
@@ -184,6 +205,49 @@ def _read_partitions(part: Partitioner) -> list[np.ndarray]:
         ]
 
 
+def _shuffled_table(labels: np.ndarray, seed: int) -> Dataset:
+    """The in-memory ``index``/``label`` table, its rows in a seeded random order.
+
+    The same permutation as ``Dataset.shuffle(seed=seed)`` (default_rng(seed).permutation),
+    applied before building the table: no index map to flatten with ``map`` (~0.4 s), and the
+    partitioners' full-column label reads take datasets' batched path.
+    """
+    order = np.random.default_rng(int(seed)).permutation(len(labels))
+    return Dataset.from_dict({"index": order, "label": labels[order].astype(np.int64)})
+
+
+def _split(
+    part: Partitioner,
+    partitioner: str,
+    num_images: int,
+    num_partitions: int,
+    classes_per_partition: int,
+    shards_per_partition: int,
+) -> list[np.ndarray]:
+    """:func:`_read_partitions`, a partitioner's ``ValueError`` restated with the config keys."""
+    try:
+        return _read_partitions(part)
+    except ValueError as err:
+        raise ValueError(
+            f"partitioner '{partitioner}' cannot split {num_images} images into "
+            f"num-partitions={num_partitions} (classes-per-partition="
+            f"{classes_per_partition}, shards-per-partition={shards_per_partition}): {err}"
+        ) from err
+
+
+def _warn_left_out(num_images: int, parts: list[np.ndarray], num_partitions: int) -> None:
+    """Warn when the pathological split left images out (fewer partitions than classes)."""
+    left_out = num_images - sum(len(p) for p in parts)
+    if left_out:
+        warnings.warn(
+            f"partitioner 'pathological': {left_out} of {num_images} images are in no "
+            f"partition (num-partitions={num_partitions} is below the number of classes, "
+            f"so some classes were drawn by no partition)",
+            # 3: point at partition_indices' caller, past this helper.
+            stacklevel=3,
+        )
+
+
 def partition_indices(
     labels: np.ndarray,
     num_partitions: int,
@@ -219,26 +283,10 @@ def partition_indices(
         classes_per_partition=classes_per_partition, shards_per_partition=shards_per_partition
     )
     validate_partition_args(labels, num_partitions, partitioner, alpha, seed, **options)
-    # The same permutation as ``Dataset.shuffle(seed=seed)`` (default_rng(seed).permutation),
-    # applied before building the table: no index map to flatten with ``map`` (~0.4 s), and the
-    # partitioners' full-column label reads take datasets' batched path.
-    order = np.random.default_rng(int(seed)).permutation(len(labels))
+    table = _shuffled_table(labels, seed)
     part = make_partitioner(partitioner, num_partitions, alpha, seed, **options)
-    part.dataset = Dataset.from_dict({"index": order, "label": labels[order].astype(np.int64)})
-    try:
-        parts = _read_partitions(part)
-    except ValueError as err:
-        raise ValueError(
-            f"partitioner '{partitioner}' cannot split {len(labels)} images into "
-            f"num-partitions={num_partitions} (classes-per-partition="
-            f"{classes_per_partition}, shards-per-partition={shards_per_partition}): {err}"
-        ) from err
-    left_out = len(labels) - sum(len(p) for p in parts)
-    if partitioner == "pathological" and left_out:
-        warnings.warn(
-            f"partitioner 'pathological': {left_out} of {len(labels)} images are in no "
-            f"partition (num-partitions={num_partitions} is below the number of classes, "
-            f"so some classes were drawn by no partition)",
-            stacklevel=2,
-        )
+    part.dataset = table
+    parts = _split(part, partitioner, len(labels), num_partitions, **options)
+    if partitioner == "pathological":
+        _warn_left_out(len(labels), parts, num_partitions)
     return parts

@@ -86,31 +86,19 @@ def finetune_backbones(
     return results
 
 
-def evaluate_backbones(
+def _probe_backbones(
+    report: dict[str, Any],
     cfg: EvalConfig,
     splits: DatasetSplits,
-    backbones: dict[str, nn.Module],
+    sets: dict[str, ImageSet],
+    candidates: dict[str, nn.Module],
     seed: int,
     device: torch.device,
-) -> dict[str, Any]:
-    """Linear-probe and fine-tuning top-1 (fractions) of each backbone, plus a pixel probe.
-
-    Args:
-        cfg: the evaluation section (subset sizes, epochs, learning rates).
-        backbones: name -> timm ViT returning ``[N, D]`` features (``num_classes=0``).
-        seed: seed of the labelled subsets, probe and fine-tuning.
-        device: where features are extracted and heads trained.
-
-    Returns:
-        ``{"linear-probe": {name: ProbeResult dict}, "finetune": {name: FinetuneResult dict},
-        "protocol": {...}}``.
-    """
-    sets = labelled_subsets(cfg, splits, seed)
+) -> None:
+    """Fill ``report`` with each candidate's linear probe, k-NN and (if asked) per-block probe."""
     probe_x = splits.normalize(sets["probe"].images)
     test_x = splits.normalize(sets["test"].images)
     probe_y, test_y = sets["probe"].labels, sets["test"].labels
-    report: dict[str, Any] = {"linear-probe": {}, "knn": {}, "finetune": {}}
-    candidates: dict[str, nn.Module] = {**backbones, "pixels": _Flatten()}
 
     def probe(train_x: Tensor, test_x: Tensor) -> Any:
         # The probe trains where its features are.
@@ -133,9 +121,11 @@ def evaluate_backbones(
             test_b = block_features(backbone, test_x, device=device)
             accuracies = [probe(a, b).accuracy for a, b in zip(train_b, test_b, strict=True)]
             report.setdefault("linear-probe-per-block", {})[name] = accuracies
-    if cfg.finetune_labels > 0:
-        report["finetune"] = finetune_backbones(cfg, backbones, sets, splits, seed, device)
-    report["protocol"] = {
+
+
+def _protocol(cfg: EvalConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
+    """The protocol as run: subset sizes as used (capped at what the source has)."""
+    return {
         "probe-train-images": len(sets["probe"]),
         "probe-epochs": cfg.probe_epochs,
         "probe-head": "BatchNorm1d(affine=False) + Linear on mean-pooled final-norm tokens",
@@ -145,4 +135,33 @@ def evaluate_backbones(
         "finetune-layer-decay": cfg.finetune_layer_decay,
         "test-images": len(sets["test"]),
     }
+
+
+def evaluate_backbones(
+    cfg: EvalConfig,
+    splits: DatasetSplits,
+    backbones: dict[str, nn.Module],
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Linear-probe and fine-tuning top-1 (fractions) of each backbone, plus a pixel probe.
+
+    Args:
+        cfg: the evaluation section (subset sizes, epochs, learning rates).
+        backbones: name -> timm ViT returning ``[N, D]`` features (``num_classes=0``).
+        seed: seed of the labelled subsets, probe and fine-tuning.
+        device: where features are extracted and heads trained.
+
+    Returns:
+        ``{"linear-probe": {name: ProbeResult dict}, "finetune": {name: FinetuneResult dict},
+        "protocol": {...}}``.
+    """
+    sets = labelled_subsets(cfg, splits, seed)
+    # Key order of the report: these three, then per-block probes (if any), then protocol.
+    report: dict[str, Any] = {"linear-probe": {}, "knn": {}, "finetune": {}}
+    candidates: dict[str, nn.Module] = {**backbones, "pixels": _Flatten()}
+    _probe_backbones(report, cfg, splits, sets, candidates, seed, device)
+    if cfg.finetune_labels > 0:
+        report["finetune"] = finetune_backbones(cfg, backbones, sets, splits, seed, device)
+    report["protocol"] = _protocol(cfg, sets)
     return report

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # matplotlib is imported only when a grid is drawn
+    from matplotlib.figure import Figure
 
 
 def _check_pixel_mask(images: Tensor, pixel_mask: Tensor) -> Tensor:
@@ -98,6 +102,40 @@ def _to_numpy_image(image: Tensor):
     return image.permute(1, 2, 0).numpy()
 
 
+def _check_grid_shapes(originals: Tensor, masked: Tensor, reconstructions: Tensor) -> None:
+    """Raise ``ValueError`` unless all three are the same ``[N, C, H, W]``, N >= 1, C in {1, 3}."""
+    if not (originals.shape == masked.shape == reconstructions.shape):
+        raise ValueError(
+            "originals, masked and reconstructions must have the same shape, got "
+            f"{tuple(originals.shape)}, {tuple(masked.shape)}, {tuple(reconstructions.shape)}"
+        )
+    if originals.ndim != 4 or originals.shape[0] == 0 or originals.shape[1] not in (1, 3):
+        raise ValueError(
+            f"images must be [N, C, H, W] with N >= 1 and C in {{1, 3}}, "
+            f"got {tuple(originals.shape)}"
+        )
+
+
+def _draw_grid(
+    fig: Figure, columns: tuple[tuple[str, Tensor], ...], n: int, title: str | None
+) -> None:
+    """Fill ``fig`` with ``n`` rows of one panel per ``(header, images)`` column."""
+    axes = fig.subplots(n, len(columns), squeeze=False)
+    for row in range(n):
+        for col, (header, images) in enumerate(columns):
+            ax = axes[row][col]
+            # vmin/vmax pin the gray colormap to [0, 1]; otherwise each panel is rescaled to its
+            # own min/max and a flat reconstruction would look like full-contrast noise.
+            ax.imshow(_to_numpy_image(images[row]), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(header, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+
+
 def save_reconstruction_grid(
     path: str | Path,
     originals: Tensor,
@@ -121,17 +159,7 @@ def save_reconstruction_grid(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not (originals.shape == masked.shape == reconstructions.shape):
-        raise ValueError(
-            "originals, masked and reconstructions must have the same shape, got "
-            f"{tuple(originals.shape)}, {tuple(masked.shape)}, {tuple(reconstructions.shape)}"
-        )
-    if originals.ndim != 4 or originals.shape[0] == 0 or originals.shape[1] not in (1, 3):
-        raise ValueError(
-            f"images must be [N, C, H, W] with N >= 1 and C in {{1, 3}}, "
-            f"got {tuple(originals.shape)}"
-        )
-
+    _check_grid_shapes(originals, masked, reconstructions)
     n = originals.shape[0]
     columns = (
         ("original", originals),
@@ -140,20 +168,7 @@ def save_reconstruction_grid(
     )
     fig = Figure(figsize=(3 * 1.6, n * 1.6 + (0.4 if title else 0.0)), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(n, 3, squeeze=False)
-    for row in range(n):
-        for col, (header, images) in enumerate(columns):
-            ax = axes[row][col]
-            # vmin/vmax pin the gray colormap to [0, 1]; otherwise each panel is rescaled to its
-            # own min/max and a flat reconstruction would look like full-contrast noise.
-            ax.imshow(_to_numpy_image(images[row]), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(header, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _draw_grid(fig, columns, n, title)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
