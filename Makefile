@@ -73,4 +73,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf outputs .flwr .pytest_cache .ruff_cache
+	rm -rf outputs .flwr .pytest_cache .ruff_cache .deploy-local

@@ -43,6 +43,7 @@ try:
     from fedmae_flwr.config import ConfigError, FedMAEConfig, resolve_config
     from fedmae_flwr.data import NodeData, load_node_data
     from fedmae_flwr.data.node_cache import resolve_cache_dir
+    from fedmae_flwr.strategies.replies import NODE_UNUSABLE
 finally:
     gc.freeze()
     if _GC_WAS_ENABLED:
@@ -73,17 +74,26 @@ def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
     kept on disk under node-config ``cache-dir`` for the next message's process.
 
     Raises:
-        ConfigError: the node-config has neither, or a value that is no whole number; the
-            message names the keys and what is allowed (Flower sends it back as the node's
-            Error reply, which the server rejects and counts).
+        NodeUnusable: the node-config has neither, a value that is no whole number or out of
+            range, or its folder is missing or holds no decodable image; the message names what
+            is wrong and what is allowed. Flower sends it back as the node's Error reply; the
+            server rejects it, logs it and samples the node no more in this run.
     """
     node = context.node_config
-    cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
-    own_folder = str(node.get("data-path", ""))
-    if own_folder:
-        return load_node_data(cfg, 0, 1, node_data_path=own_folder, cache_dir=cache_dir)
-    partition_id, num_partitions = _partition(context)
-    return load_node_data(cfg, partition_id, num_partitions, cache_dir=cache_dir)
+    try:
+        cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
+        own_folder = str(node.get("data-path", ""))
+        if own_folder:
+            return load_node_data(cfg, 0, 1, node_data_path=own_folder, cache_dir=cache_dir)
+        partition_id, num_partitions = _partition(context)
+        return load_node_data(cfg, partition_id, num_partitions, cache_dir=cache_dir)
+    except (ConfigError, OSError, ValueError) as err:  # the node's own setup, not the run's
+        raise NodeUnusable(f"{NODE_UNUSABLE} Node {context.node_id}: {err}") from err
+
+
+class NodeUnusable(ConfigError):
+    """This node cannot take part in the run as configured; its message carries the
+    :data:`~fedmae_flwr.strategies.replies.NODE_UNUSABLE` marker the server looks for."""
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -93,7 +103,7 @@ def _partition(context: Context) -> tuple[int, int]:
     missing = [k for k in ("partition-id", "num-partitions") if k not in node]
     if missing:
         raise ConfigError(
-            f"Node {context.node_id} has no data to train on: its node-config sets no "
+            "No data to train on: its node-config sets no "
             f"'data-path' and lacks {' and '.join(repr(k) for k in missing)} (it has: {has}). "
             f"{NODE_CONFIG_HELP}"
         )
@@ -101,7 +111,7 @@ def _partition(context: Context) -> tuple[int, int]:
         return int(node["partition-id"]), int(node["num-partitions"])
     except (TypeError, ValueError):
         raise ConfigError(
-            f"Node {context.node_id}: node-config 'partition-id' and 'num-partitions' must be "
+            "node-config 'partition-id' and 'num-partitions' must be "
             f"whole numbers, 0 <= partition-id < num-partitions (it has: {has}). "
             f"{NODE_CONFIG_HELP}"
         ) from None

@@ -11,7 +11,9 @@ registered devices and one whose key nobody registered, then, in order:
    device is shut down for good (SIGTERM: it deactivates, so it is not sampled);
 4. after its reply in the first round of block 2, another device goes down (--crash: SIGTERM,
    or SIGKILL) and is started again: it rejoins under its node id, lacks the prefix, says so,
-   and gets it again.
+   and gets it again;
+5. a run that needs 3 devices while 2 are alive is submitted: it must end ``finished:failed``
+   within its ``node-wait-timeout``, saying how many nodes are connected and how many needed.
 
 Writes what it saw (exit codes, node ids, the run's row and metrics, a timeline) to --report;
 the test judges it. Exit 0 when the scenario could be played out. Ends every process by PID.
@@ -26,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,7 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
         time.sleep(0.1)
     row = fed.wait(run_id, max(1.0, deadline - time.monotonic()))
     note(f"run {row.get('status')}")
+    too_few = _too_few_devices(fed, note)
     rogue = fed.supernodes[ROGUE]
     return {
         "registered": registered,
@@ -142,8 +146,22 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
         "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
         if metrics.exists()
         else [],
+        "too-few": too_few,
         "timeline": timeline,
     }
+
+
+def _too_few_devices(fed: SecureFederation, note: Callable[[str], None]) -> dict[str, Any]:
+    """Submit a run needing 3 devices with 2 alive; its row, wait and log once it ends."""
+    cfg = {**tiny_run_config(fed.root, clients=3), "evaluate-clients": 0,
+           "node-wait-timeout": 10.0, "run-name": "too-few"}  # fmt: skip
+    begun = time.monotonic()
+    run_id = fed.submit(cfg)
+    row = fed.wait(run_id, 180)
+    seconds = time.monotonic() - begun
+    note(f"run {run_id} needing 3 devices: {row.get('status')} after {seconds:.0f} s")
+    log = fed.flwr("log", str(run_id), NAME, "--show", check=False)
+    return {"run": row, "seconds": seconds, "log": (log.stdout + log.stderr)[-6000:]}
 
 
 def main(argv: list[str] | None = None) -> int:

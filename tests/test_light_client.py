@@ -3,8 +3,8 @@
 Flower 1.41 starts a fresh ClientApp process for every message on a deployed SuperNode, so the
 app's import path must not pull the server's heavy libraries, and a node's decoded images must
 come from its on-disk cache from the second message on (docs/client-overhead.md). A node started
-without the node-config it needs fails its messages with an error naming the keys, which the
-server rejects and counts.
+without the node-config it needs (or whose data cannot be read) fails its first message with an
+error naming the keys, which the server rejects, counts and stops sampling.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fedmae_flwr import client_app
 from fedmae_flwr.config import ConfigError, resolve_config
 from fedmae_flwr.data import _load, load_node_data, node_cache
 from fedmae_flwr.server_app import run
+from fedmae_flwr.strategies import NODE_UNUSABLE
 
 from .local_grid import InProcessGrid
 
@@ -224,6 +225,25 @@ def test_a_node_without_its_node_config_fails_naming_the_keys(node_config, named
     for part in [*named, "data-path='/folder/of/its/images'", "partition-id=0 num-partitions=10"]:
         assert part in text, text
     assert "KeyError" not in text
+    assert text.startswith(f"{NODE_UNUSABLE} Node 7:")  # the marker the server looks for
+
+
+@pytest.mark.parametrize(
+    ("node_config", "named"),
+    [
+        ({"partition-id": 4, "num-partitions": 4}, "partition-id 4 is outside [0, 4)"),
+        ({"data-path": "/nonexistent/fedmae-images"}, "'/nonexistent/fedmae-images' is not a"),
+        ({"data-path": "EMPTY"}, "No image file in image folder"),
+    ],
+)
+def test_a_node_whose_data_cannot_be_read_says_it_cannot_take_part(
+    node_config, named, tiny_overrides, tmp_path
+):
+    if node_config.get("data-path") == "EMPTY":
+        node_config = {"data-path": str(tmp_path), "cache-dir": "off"}
+    with pytest.raises(client_app.NodeUnusable) as err:
+        client_app.node_data(_context(node_config), resolve_config(tiny_overrides))
+    assert NODE_UNUSABLE in str(err.value) and named in str(err.value)
 
 
 class FlowerErrorsGrid(InProcessGrid):
@@ -242,10 +262,10 @@ class FlowerErrorsGrid(InProcessGrid):
         return replies
 
 
-def test_the_server_rejects_and_counts_an_unconfigured_node(tiny_overrides, caplog):
-    """Node 1000 has an empty node-config: each message it gets comes back an Error reply,
-    rejected and counted; the run completes on the other nodes. Sampling does not exclude it
-    (seeded per round over all connected nodes), so it costs its share of each round it is in."""
+def test_an_unconfigured_node_is_rejected_once_then_no_longer_sampled(tiny_overrides, caplog):
+    """Node 1000 has an empty node-config: its first message comes back an Error reply with the
+    node-unusable marker, rejected, logged and counted; the node is not sampled again and the
+    run completes on the other five."""
     config = {**tiny_overrides, "run-name": "unconfigured", "evaluate-random-init": False,
               "finetune-labels": 0}  # fmt: skip
     grid = FlowerErrorsGrid(6, config)
@@ -254,16 +274,19 @@ def test_the_server_rejects_and_counts_an_unconfigured_node(tiny_overrides, capl
         run(grid, resolve_config(config))
     metrics = Path(config["output-dir"]) / "unconfigured" / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    sampled = {
-        int(m.content["config"]["server-round"])
-        for m in grid.sent
-        if m.metadata.dst_node_id == 1000 and m.metadata.message_type == "train"
-    }
-    assert sampled, "seed 0 samples node 1000 in some round"
+    to_1000 = [(int(m.content["config"]["server-round"]), m.metadata.message_type)
+               for m in grid.sent if m.metadata.dst_node_id == 1000]  # fmt: skip
+    assert to_1000 == [(2, "train")], to_1000  # seed 0 samples it first in round 2; then never
     for row in rows:
-        expected = 1 if row["round"] in sampled else 0
-        assert (row["rejected"], row.get("rejected-error", 0)) == (expected, expected), row
-        assert row["clients"] == 3 - expected
-    rejections = [r.getMessage() for r in caplog.records if "rejected (error)" in r.getMessage()]
-    assert rejections and all("node 1000" in r for r in rejections)
+        if row["round"] < 2:
+            assert (row["rejected"], row["clients"], row["excluded-nodes"]) == (0, 3, 0), row
+        elif row["round"] == 2:
+            assert row["rejected"] == row["rejected-node-unusable"] == 1, row
+            assert (row["clients"], row["excluded-nodes"]) == (2, 1), row
+        else:
+            assert (row["rejected"], row["clients"], row["excluded-nodes"]) == (0, 3, 1), row
+    messages = [r.getMessage() for r in caplog.records]
+    rejections = [m for m in messages if "rejected (node-unusable)" in m]
+    assert len(rejections) == 1 and "node 1000" in rejections[0]
     assert "node-config sets no 'data-path'" in rejections[0]
+    assert any("node 1000 is not sampled again" in m for m in messages)

@@ -19,8 +19,10 @@ from fedmae_flwr.strategies.replies import (
     LAYOUT,
     MALFORMED,
     METRICS,
+    NODE_UNUSABLE,
     NON_FINITE,
     PREFIX_MISSING,
+    UNUSABLE,
     UPDATE_NORM,
     WEIGHT,
     ReplyRules,
@@ -239,6 +241,10 @@ def test_a_reply_cannot_change_the_global_dtype():
     "msg, kind",
     [
         (lambda: Message(Error(code=0, reason="boom"), reply_to=sent()), ERROR),
+        (
+            lambda: Message(Error(code=2, reason=f"<'{NODE_UNUSABLE} x'>"), reply_to=sent()),
+            UNUSABLE,
+        ),
         (lambda: None, MALFORMED),
         (lambda: reply({"num-examples": 4, "train-loss": [0.5]}, good_arrays()), METRICS),
         (lambda: reply(None, good_arrays()), METRICS),
@@ -277,3 +283,9 @@ def test_triage_counts_rejections_per_kind_and_logs_the_node(caplog):
     assert [node for node, _ in out.rejections] == [7, 7, 7, 7]
     logged = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(logged) == 4 and all("from node 7 rejected" in line for line in logged)
+
+
+def test_triage_lists_the_nodes_that_cannot_take_part():
+    unusable = Message(Error(code=2, reason=f"{NODE_UNUSABLE} Node 7: no data"), reply_to=sent())
+    out = triage([unusable, Message(Error(code=0, reason="boom"), reply_to=sent())], EXPECTED)
+    assert out.unusable == [7] and out.counts() == {UNUSABLE: 1, ERROR: 1}

@@ -67,7 +67,8 @@ def test_the_cli_connection_example_uses_tls() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_secure_federation_survives_a_dead_and_a_restarted_device(tmp_path: Path) -> None:
     """3 registered devices and 1 unregistered one; the SuperLink restarted on its database;
-    one device shut down for good and one restarted mid-run (~2.5 min on 2 cores)."""
+    one device shut down for good and one restarted mid-run; then a run needing more devices
+    than are alive (~3 min on 2 cores)."""
     report_path = tmp_path / "report.json"
     rc, out, seen, left = _watched(
         ["-m", "tests.secure_deployment", "--root", str(tmp_path / "fed"),
@@ -104,6 +105,12 @@ def test_a_secure_federation_survives_a_dead_and_a_restarted_device(tmp_path: Pa
     assert rows[4]["prefix-sends"] + rows[5]["prefix-sends"] >= 1, rows[4:]
     assert (rows[5]["clients"], rows[5]["rejected"], rows[5]["prefix-missing"]) == (2, 0, 0)
     assert (tmp_path / "fed" / "outputs" / "faults" / "summary.json").exists()
+
+    # A run that needs more devices than are alive ends, failed, with the counts (not a hang).
+    too_few = report["too-few"]
+    assert too_few["run"]["status"] == "finished:failed", too_few
+    assert too_few["seconds"] < 120, too_few  # node-wait-timeout=10 s, plus start and polling
+    assert "2 nodes connected but 3 needed" in too_few["log"], too_few["log"]
 
     # Every Flower process ran under the marker, and none is left.
     for command in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp"):

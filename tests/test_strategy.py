@@ -231,6 +231,16 @@ def test_node_wait_rechecks_every_second_and_gives_up_with_a_clear_error():
     assert nodes == [100, 101, 102] and clock.now == 3.0
 
 
+def test_excluded_nodes_do_not_count_as_connected_and_the_error_says_so():
+    clock = FakeClock()
+    grid = Nodes(clock, {0.0: 4})
+    with pytest.raises(RuntimeError) as err:
+        wait_for_nodes(grid, 3, 2.0, clock.sleep, lambda: clock.now, excluded={100, 101, 999})
+    assert "2 nodes connected but 3 needed" in str(err.value)
+    assert "2 more connected but excluded" in str(err.value)
+    assert wait_for_nodes(grid, 3, 0.0, excluded={101}) == [100, 102, 103]
+
+
 def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overrides):
     cfg = resolve_config(tiny_overrides)  # 3 clients per round
     strategy = build_strategy(cfg)

@@ -9,7 +9,7 @@
 
 from fedmae_flwr.strategies.fedmae import FedMAE
 from fedmae_flwr.strategies.prefix_cache import PREFIX_KEY
-from fedmae_flwr.strategies.replies import PREFIX_MISSING
+from fedmae_flwr.strategies.replies import NODE_UNUSABLE, PREFIX_MISSING
 from fedmae_flwr.strategies.stage_plan import StagePlan
 
-__all__ = ["PREFIX_KEY", "PREFIX_MISSING", "FedMAE", "StagePlan"]
+__all__ = ["NODE_UNUSABLE", "PREFIX_KEY", "PREFIX_MISSING", "FedMAE", "StagePlan"]

@@ -28,13 +28,18 @@ class SentRound:
 
 
 def round_record(
-    sent: SentRound, replies: Triage, client_metrics: MetricRecord, weight_key: str
+    sent: SentRound,
+    replies: Triage,
+    client_metrics: MetricRecord,
+    weight_key: str,
+    excluded_nodes: int = 0,
 ) -> MetricRecord:
     """The round's record: ``sent`` and what came back, then the aggregated client metrics.
 
     Keys: round, stage, sampled, active-bytes, prefix-bytes, prefix-sends, full-model-bytes,
     clients (sound replies with examples), rejected, ``rejected-<kind>`` for each kind of
-    rejection that occurred (see :mod:`.replies`), prefix-missing, examples,
+    rejection that occurred (see :mod:`.replies`), prefix-missing, excluded-nodes (nodes no
+    longer sampled because they said they cannot take part), examples,
     bytes-up-per-client (mean over those clients), bytes-down-per-client (mean over the sampled
     nodes, prefix copies included), and the client metrics (e.g. train-loss) unless they clash.
     """
@@ -52,6 +57,7 @@ def round_record(
             "clients": len(replies.sound),
             "rejected": replies.rejected,
             "prefix-missing": len(replies.prefix_missing),
+            "excluded-nodes": excluded_nodes,
             "examples": float(
                 sum(next(iter(r.metric_records.values()))[weight_key] for r in replies.sound)  # type: ignore[misc]
             ),

@@ -11,7 +11,10 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
   ``"metrics"`` with ``num-examples``. A node that lacks the announced prefix (e.g. it restarted
   and lost its ``Context.state``) replies ``prefix-missing = 1`` and ``num-examples = 0``; it is
   left out of that round's aggregate (counted as ``prefix-missing``) and its next message
-  carries the prefix again.
+  carries the prefix again. A node that cannot take part at all (e.g. its node-config names no
+  data) replies with an Error whose reason contains ``[fedmae:node-unusable]``
+  (:data:`~fedmae_flwr.strategies.replies.NODE_UNUSABLE`): it is rejected (``node-unusable``),
+  logged, and not sampled again in this run (``excluded-nodes`` in the round record).
 """
 
 from __future__ import annotations
@@ -82,9 +85,10 @@ class FedMAE(FedAvg):
             by ``seed`` and the round); ``dp_noise_multiplier = 0``: off.
         **fedavg_kwargs: passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
-    Each train round's record (stage, sampled, clients, rejected, prefix-missing, prefix sends,
-    bytes up/down per client, examples, aggregated client metrics) is the MetricRecord
-    :meth:`aggregate_train` returns; :attr:`last_round_metrics` gives it to an ``evaluate_fn``.
+    Each train round's record (stage, sampled, clients, rejected, prefix-missing, excluded
+    nodes, prefix sends, bytes up/down per client, examples, aggregated client metrics) is the
+    MetricRecord :meth:`aggregate_train` returns; :attr:`last_round_metrics` gives it to an
+    ``evaluate_fn``.
 
     Fails loud: :meth:`start` raises ValueError on an initial model with parameter names outside
     :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT`, and a stage whose rounds brought no sound
@@ -135,6 +139,7 @@ class FedMAE(FedAvg):
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
         self._sampled: list[int] = []
+        self._excluded: set[int] = set()  # nodes that said they cannot take part (NODE_UNUSABLE)
         self._last_round_metrics: MetricRecord | None = None
         dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
         self.aggregation = ActiveAggregation(
@@ -223,8 +228,8 @@ class FedMAE(FedAvg):
         self._prefix.update(ArrayRecord(prefix), self.plan.frozen_blocks(server_round))
         count = self.num_train_nodes
         if count is None:  # as FedAvg: a fraction of the connected nodes, at least a minimum
-            count = max(int(len(list(grid.get_node_ids())) * self.fraction_train),
-                        self.min_train_nodes)  # fmt: skip
+            usable = [n for n in grid.get_node_ids() if n not in self._excluded]
+            count = max(int(len(usable) * self.fraction_train), self.min_train_nodes)
         nodes = self._sample(grid, server_round, "train", count)
         messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
         self._sampled = nodes
@@ -267,7 +272,7 @@ class FedMAE(FedAvg):
             self._global = ArrayRecord({k: combined.get(k, v) for k, v in self._global.items()})
             client_metrics = self.train_metrics_aggr_fn(sorted_replies.sound, self.weighted_by_key)
         self._last_round_metrics = round_record(
-            self._sent, sorted_replies, client_metrics, self.weighted_by_key
+            self._sent, sorted_replies, client_metrics, self.weighted_by_key, len(self._excluded)
         )
         return self._global, self._last_round_metrics
 
@@ -314,6 +319,10 @@ class FedMAE(FedAvg):
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip
             self._prefix.forget(out.prefix_missing)
         self._prefix.forget(node for node, _ in out.rejections)
+        for node in set(out.unusable) - self._excluded:
+            log(WARNING, "FedMAE: node %s is not sampled again in this run: it replied that it "
+                "cannot take part (fix its node-config and restart the run)", node)  # fmt: skip
+            self._excluded.add(node)
         return out
 
     def _check_stage(self, server_round: int, replies: Triage) -> None:
@@ -324,7 +333,8 @@ class FedMAE(FedAvg):
             self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
 
     def _sample(self, grid: Grid, server_round: int, kind: str, count: int) -> list[int]:
-        nodes = wait_for_nodes(grid, max(self.min_available_nodes, count), self.node_wait_timeout)
+        wanted = max(self.min_available_nodes, count)
+        nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded)
         return seeded_sample(nodes, count, self.seed, kind, server_round)
 
     def _messages(

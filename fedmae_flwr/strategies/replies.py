@@ -8,7 +8,9 @@ header, finite values, and an update (reply - sent) no longer (L2, over all acti
 than ``max_update_norm`` times the sent tensors' norm. Anything else, including what cannot even
 be read, is a :class:`Rejection` with a kind (counted per round) and a reason (logged with the
 node id). A reply with ``prefix-missing = 1`` is neither: its node lacked the announced frozen
-prefix.
+prefix. An Error reply whose reason holds :data:`NODE_UNUSABLE` comes from a node that cannot
+take part at all (its node-config names no data): kind ``node-unusable``, listed in
+:attr:`Triage.unusable` so that the strategy stops sampling it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from flwr.app import Array, Message, RecordDict
 from flwr.common import log
 
 PREFIX_MISSING = "prefix-missing"
+# In an Error reply's reason: the node cannot take part in this run (e.g. no data in its
+# node-config), so sampling it again only wastes a place in every round.
+NODE_UNUSABLE = "[fedmae:node-unusable]"
 
 # Rejection kinds (each counted as ``rejected-<kind>`` in the round record).
 ERROR = "error"  # the node replied with an Error
+UNUSABLE = "node-unusable"  # an Error saying the node cannot take part (NODE_UNUSABLE)
 MALFORMED = "malformed"  # the reply could not be read (not a Message, bytes that are no npy, ...)
 METRICS = "metrics"  # not exactly one MetricRecord, or a value that is not a finite number
 WEIGHT = "num-examples"  # the weight is missing or negative
@@ -36,8 +42,8 @@ LAYOUT = "layout"  # a header dtype or shape other than the global model's
 HEADER = "header"  # data whose dtype or shape differs from its own header
 NON_FINITE = "non-finite"  # NaN or inf in a tensor
 UPDATE_NORM = "update-norm"  # the update is too long for the model it updates
-KINDS = (ERROR, MALFORMED, METRICS, WEIGHT, EXAMPLES_CAP, ARRAYS, LAYOUT, HEADER, NON_FINITE,
-         UPDATE_NORM)  # fmt: skip
+KINDS = (ERROR, UNUSABLE, MALFORMED, METRICS, WEIGHT, EXAMPLES_CAP, ARRAYS, LAYOUT, HEADER,
+         NON_FINITE, UPDATE_NORM)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class Triage:
     def rejected(self) -> int:
         """Replies rejected (errors and malformed ones, each logged with its reason)."""
         return len(self.rejections)
+
+    @property
+    def unusable(self) -> list[int]:
+        """Nodes that said they cannot take part in this run (kind ``node-unusable``)."""
+        return [node for node, r in self.rejections if r.kind == UNUSABLE]
 
     def counts(self) -> Counter[str]:
         """Rejections per kind."""
@@ -177,7 +188,8 @@ def _check(
     reference: _Reference | None,
 ) -> Rejection | None:
     if msg.has_error():
-        return Rejection(ERROR, f"error reply: {msg.error.reason}")
+        reason = str(msg.error.reason)
+        return Rejection(UNUSABLE if NODE_UNUSABLE in reason else ERROR, f"error reply: {reason}")
     content = msg.content
     if len(content.metric_records) != 1:
         return Rejection(METRICS, f"expected one MetricRecord, got {len(content.metric_records)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from logging import INFO
 
 from flwr.common import log
@@ -22,19 +22,28 @@ def wait_for_nodes(
     timeout: float,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    excluded: Collection[int] = (),
 ) -> list[int]:
-    """The sorted ids of connected nodes once at least ``wanted`` are; re-checks every second.
+    """The sorted ids of connected nodes not in ``excluded`` once at least ``wanted`` are;
+    re-checks every second.
 
     Raises:
-        RuntimeError: fewer than ``wanted`` nodes after ``timeout`` seconds.
+        RuntimeError: fewer than ``wanted`` such nodes after ``timeout`` seconds.
     """
     deadline = clock() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < wanted:
+    while len(nodes := sorted(n for n in grid.get_node_ids() if n not in excluded)) < wanted:
         left = deadline - clock()
         if left <= 0:
+            dropped = len(set(grid.get_node_ids()) & set(excluded))
+            why_fewer = (
+                f" ({dropped} more connected but excluded: they replied that they cannot take "
+                "part, see the log for why)"
+                if dropped
+                else ""
+            )
             raise RuntimeError(
                 f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
-                f"{timeout:g} s. Start more nodes, or lower the run-config keys "
+                f"{timeout:g} s{why_fewer}. Start more nodes, or lower the run-config keys "
                 "`clients-per-round` / `min-available-clients` (and `evaluate-clients`)."
             )
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
