@@ -300,18 +300,58 @@ class EvalConfig:
     finetune_layer_decay: float = _opt(
         1.0, "Fine-tuning lr scale per block towards the input (MAE: 0.75); 1 = off."
     )
+    finetune_subsets: int = _opt(
+        1, "Disjoint seeded subsets of finetune-labels images; > 1 reports mean and std over them."
+    )
+    finetune_val_fraction: float = _opt(
+        0.0,
+        "Share of each fine-tuning subset held out for validation (selects the lr; never the "
+        "test set); 0 = none.",
+    )
+    finetune_lr_grid: str = _opt(
+        "",
+        "Comma-separated fine-tuning lrs chosen between by validation accuracy "
+        "('' = finetune-lr only); more than one needs finetune-val-fraction > 0.",
+    )
     test_images: int = _opt(5000, "Labelled test images for accuracy; 0 = the whole test set.")
 
     def __post_init__(self) -> None:
         at_least_1 = ("eval_images", "grid_images", "probe_train_images", "probe_epochs",
-                      "finetune_epochs")  # fmt: skip
+                      "finetune_epochs", "finetune_subsets")  # fmt: skip
         at_least_0 = ("stage_knn_images", "finetune_labels", "test_images")
         _check(
             self,
             {key: AT_LEAST_1 for key in at_least_1}
             | {key: AT_LEAST_0 for key in at_least_0}
-            | {"finetune_lr": POSITIVE, "finetune_layer_decay": HALF_OPEN_UNIT},
+            | {"finetune_lr": POSITIVE, "finetune_layer_decay": HALF_OPEN_UNIT}
+            | {"finetune_val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)")}
+            | {"finetune_lr_grid": (_lr_grid_ok, "'' or comma-separated numbers > 0")},
         )
+        if len(self.lr_grid) > 1 and self.finetune_val_fraction == 0:
+            raise _bad(
+                "finetune_lr_grid",
+                self.finetune_lr_grid,
+                "a single lr while finetune-val-fraction is 0 (a grid is chosen on validation)",
+            )
+
+    @property
+    def lr_grid(self) -> tuple[float, ...]:
+        """The fine-tuning lrs to choose between: the grid, or ``finetune_lr`` alone."""
+        return _parse_lr_grid(self.finetune_lr_grid) or (self.finetune_lr,)
+
+
+def _parse_lr_grid(text: str) -> tuple[float, ...]:
+    """``"3e-4, 1e-3"`` -> ``(3e-4, 1e-3)``; ``""`` -> ``()``; ValueError on anything else."""
+    return tuple(float(part) for part in text.split(",")) if text.strip() else ()
+
+
+def _lr_grid_ok(text: str) -> bool:
+    """A grid string :func:`_parse_lr_grid` reads, with only finite lrs > 0."""
+    try:
+        lrs = _parse_lr_grid(text)
+    except ValueError:
+        return False
+    return all(0 < lr < float("inf") for lr in lrs)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
 - :mod:`~fedmae_flwr.evaluation.features`: frozen-feature extraction.
 - :mod:`~fedmae_flwr.evaluation.linear_probe`: MAE's linear probe and DINO's weighted kNN.
 - :mod:`~fedmae_flwr.evaluation.finetune`: end-to-end fine-tuning with a fresh linear head.
+- :mod:`~fedmae_flwr.evaluation.protocol`: fine-tuning over K disjoint label subsets (mean, std,
+  each subset), the lr chosen on a validation share, the test set scored once.
 """
 
 from fedmae_flwr.evaluation.features import extract_features

@@ -6,6 +6,7 @@ numbers compare. Raw pixels get the probe too, as a floor a backbone should clea
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict
 from logging import INFO
@@ -20,6 +21,14 @@ from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.evaluation.linear_probe import knn_accuracy, linear_probe
+from fedmae_flwr.evaluation.protocol import disjoint_subsets, finetune_protocol
+
+# What EvalConfig leaves fixed, at finetune()'s own defaults (read from its signature, so the
+# single run and the protocol cannot drift apart).
+PROTOCOL_RECIPE: dict[str, Any] = {
+    key: inspect.signature(finetune).parameters[key].default
+    for key in ("batch_size", "weight_decay", "augment", "label_smoothing", "warmup_fraction")
+}
 
 
 def labelled_subsets(cfg: EvalConfig, splits: DatasetSplits, seed: int) -> dict[str, ImageSet]:
@@ -62,6 +71,20 @@ class _Flatten(nn.Module):
         return x.flatten(1)
 
 
+def _protocol_subsets(
+    cfg: EvalConfig, splits: DatasetSplits, seed: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The ``finetune-subsets`` disjoint labelled subsets, normalized (subset 0 = ``finetune``)."""
+    indices = disjoint_subsets(len(splits.train), cfg.finetune_labels, cfg.finetune_subsets, seed)
+    subsets = [splits.train.subset(index) for index in indices]
+    return [(splits.normalize(s.images), s.labels) for s in subsets]
+
+
+def _single_run(cfg: EvalConfig) -> bool:
+    """One subset, no validation share, one lr: plain :func:`finetune`, as before the protocol."""
+    return cfg.finetune_subsets == 1 and cfg.finetune_val_fraction == 0 and len(cfg.lr_grid) == 1
+
+
 def finetune_backbones(
     cfg: EvalConfig,
     backbones: dict[str, nn.Module],
@@ -70,19 +93,31 @@ def finetune_backbones(
     seed: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Fine-tune each backbone on the labelled ``finetune`` subset; top-1 on ``test``."""
-    tune_x = splits.normalize(sets["finetune"].images)
-    test_x = splits.normalize(sets["test"].images)
+    """Fine-tune each backbone on the labelled subset(s); top-1 on ``test``.
+
+    A single run gives FinetuneResult's keys; several subsets or an lr grid give the same keys
+    as means over the subsets plus ``accuracy_std`` and ``subsets`` (:mod:`.protocol`).
+    """
+    test = (splits.normalize(sets["test"].images), sets["test"].labels)
+    recipe = {"num_classes": splits.num_classes, "epochs": cfg.finetune_epochs, "device": device,
+              "layer_decay": cfg.finetune_layer_decay}  # fmt: skip
+    subsets = None if _single_run(cfg) else _protocol_subsets(cfg, splits, seed)
     results = {}
     for name, backbone in backbones.items():
         start = time.perf_counter()
-        result = finetune(
-            backbone, backbone.num_features, tune_x, sets["finetune"].labels, test_x,
-            sets["test"].labels, splits.num_classes, epochs=cfg.finetune_epochs,
-            lr=cfg.finetune_lr, seed=seed, device=device, layer_decay=cfg.finetune_layer_decay,
-        )  # fmt: skip
-        results[name] = asdict(result)
-        log(INFO, "fine-tune %s: %.4f (%.1fs)", name, result.accuracy, time.perf_counter() - start)
+        if subsets is None:
+            results[name] = asdict(finetune(
+                backbone, backbone.num_features, splits.normalize(sets["finetune"].images),
+                sets["finetune"].labels, *test, lr=cfg.finetune_lr, seed=seed, **recipe,
+            ))  # fmt: skip
+        else:
+            results[name] = finetune_protocol(
+                backbone, subsets, test, val_fraction=cfg.finetune_val_fraction,
+                lrs=cfg.lr_grid, seed=seed, feature_dim=backbone.num_features,
+                **PROTOCOL_RECIPE, **recipe,
+            )  # fmt: skip
+        log(INFO, "fine-tune %s: %.4f (%.1fs)",
+            name, results[name]["accuracy"], time.perf_counter() - start)  # fmt: skip
     return results
 
 
@@ -133,6 +168,9 @@ def _protocol(cfg: EvalConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
         "finetune-epochs": cfg.finetune_epochs,
         "finetune-lr": cfg.finetune_lr,
         "finetune-layer-decay": cfg.finetune_layer_decay,
+        "finetune-subsets": cfg.finetune_subsets if cfg.finetune_labels else 0,
+        "finetune-val-fraction": cfg.finetune_val_fraction,
+        "finetune-lr-grid": list(cfg.lr_grid),
         "test-images": len(sets["test"]),
     }
 

@@ -270,6 +270,44 @@ def finetune(
     _check_inputs(feature_dim, train_images, train_labels, test_images, test_labels, num_classes,
                   epochs=epochs, lr=lr, batch_size=batch_size, layer_decay=layer_decay,
                   warmup_fraction=warmup_fraction)  # fmt: skip
+    model, final_loss = finetuned_model(
+        backbone, feature_dim, train_images, train_labels, num_classes, epochs=epochs, lr=lr,
+        batch_size=batch_size, weight_decay=weight_decay, augment=augment, seed=seed,
+        device=device, label_smoothing=label_smoothing, warmup_fraction=warmup_fraction,
+        layer_decay=layer_decay,
+    )  # fmt: skip
+    train_acc = classifier_accuracy(model, train_images, train_labels, batch_size)
+    test_acc = classifier_accuracy(model, test_images, test_labels, batch_size)
+    return FinetuneResult(
+        accuracy=test_acc, train_accuracy=train_acc, final_loss=final_loss, epochs=epochs
+    )
+
+
+def finetuned_model(
+    backbone: nn.Module,
+    feature_dim: int,
+    train_images: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    augment: bool,
+    seed: int,
+    device: str | torch.device,
+    label_smoothing: float,
+    warmup_fraction: float,
+    layer_decay: float,
+) -> tuple[nn.Module, float]:
+    """The training half of :func:`finetune` (same recipe and seeding), unchecked.
+
+    Returned apart from any scoring so that a caller choosing between runs (validation-based
+    selection in :mod:`~fedmae_flwr.evaluation.protocol`) can keep the chosen model and score
+    the test set with it alone. Returns the classifier (eval mode, on ``device``) and the last
+    epoch's mean training loss.
+    """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     with seeded_global_rng(seed, device):
@@ -286,13 +324,10 @@ def finetune(
             epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing,
         )  # fmt: skip
-        model.eval()
+    return model.eval(), final_loss
 
-        def predict(x: Tensor) -> Tensor:
-            return model(x.float())
 
-        train_acc = batched_accuracy(predict, train_images, train_labels, batch_size, device)
-        test_acc = batched_accuracy(predict, test_images, test_labels, batch_size, device)
-    return FinetuneResult(
-        accuracy=test_acc, train_accuracy=train_acc, final_loss=final_loss, epochs=epochs
-    )
+def classifier_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> float:
+    """Top-1 of a :func:`finetuned_model` classifier, batched on the model's device."""
+    device = next(model.parameters()).device
+    return batched_accuracy(lambda x: model(x.float()), images, labels, batch_size, device)

@@ -1,0 +1,319 @@
+"""The evaluation protocol's noise floor: random-init backbones, several init seeds x label subsets.
+
+A difference between two backbones means something only if it exceeds what the protocol itself
+moves when nothing but chance changes. This measures that: random-init backbones (exactly a
+``random-init`` run's, for each init seed) are fine-tuned with the library's protocol
+(:func:`fedmae_flwr.evaluation.protocol.finetune_protocol`: disjoint label subsets, a
+validation share of each, the lr kept by validation accuracy, the test set scored once) and
+linear-probed, on the same disjoint subsets for every init seed. The subsets are drawn with one
+seed (``--subset-seed``) so that the spread over init seeds and the spread over subsets can be
+told apart; each fine-tune trains with the init seed (subset ``k > 0``: a seed derived from it).
+
+Every (init seed) result is appended to ``outputs/eval-protocol/results.json`` as soon as it is
+measured; a rerun skips what is there, and ``--report-only`` writes the report from the file:
+
+    .venv/bin/python -m benchmarks.eval_protocol --init-seeds 0 1 2 --subsets 3
+
+Writes ``docs/eval-protocol.md`` and ``docs/eval-protocol.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.harness import command_line, pyplot, save_figure
+from fedmae_flwr.config import resolve_config
+from fedmae_flwr.data import load_dataset
+from fedmae_flwr.data.images import DatasetSplits
+from fedmae_flwr.evaluation.downstream import PROTOCOL_RECIPE
+from fedmae_flwr.evaluation.features import extract_features
+from fedmae_flwr.evaluation.linear_probe import linear_probe
+from fedmae_flwr.evaluation.protocol import disjoint_subsets, finetune_protocol
+from fedmae_flwr.models.export import create_timm_backbone
+from fedmae_flwr.server_app import random_init_state
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "outputs" / "eval-protocol" / "results.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = resolve_config().eval
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--subsets", type=int, default=3)
+    parser.add_argument("--subset-seed", type=int, default=0)
+    parser.add_argument("--labels", type=int, default=defaults.finetune_labels)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--lr-grid", default=str(defaults.finetune_lr))
+    parser.add_argument("--epochs", type=int, default=defaults.finetune_epochs)
+    parser.add_argument("--probe-images", type=int, default=defaults.probe_train_images)
+    parser.add_argument("--probe-epochs", type=int, default=defaults.probe_epochs)
+    parser.add_argument("--test-images", type=int, default=defaults.test_images)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args(argv)
+
+
+def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything a measured value depends on besides the init seed (kept in the results file,
+    which only ever holds measurements of one protocol)."""
+    model = resolve_config().model
+    return {
+        "model": asdict(model),
+        "finetune-labels": args.labels,
+        "subsets": args.subsets,
+        "subset-seed": args.subset_seed,
+        "val-fraction": args.val_fraction,
+        "lr-grid": [float(v) for v in args.lr_grid.split(",")],
+        "finetune-epochs": args.epochs,
+        "finetune-recipe": PROTOCOL_RECIPE,
+        "probe-train-images": args.probe_images,
+        "probe-epochs": args.probe_epochs,
+        "test-images": args.test_images,
+        "threads": args.threads,
+    }
+
+
+def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
+    """The results file for ``protocol`` (a fresh one if absent); refuses another protocol's."""
+    if not path.is_file():
+        return {"protocol": protocol, "seeds": {}}
+    results = json.loads(path.read_text())
+    if results["protocol"] != protocol:
+        raise SystemExit(f"{path} holds another protocol's results; move it or pass --results")
+    return results
+
+
+def _probes(
+    backbone: torch.nn.Module, splits: DatasetSplits, probe_sets: list[Any], test: Any, args: Any
+) -> list[dict[str, Any]]:
+    """The linear probe of ``backbone`` on each disjoint probe subset (same test images)."""
+    test_f = extract_features(backbone, splits.normalize(test.images))
+    out = []
+    for subset in probe_sets:
+        train_f = extract_features(backbone, splits.normalize(subset.images))
+        result = linear_probe(train_f, subset.labels, test_f, test.labels, splits.num_classes,
+                              args.probe_epochs, seed=0)  # fmt: skip
+        out.append(asdict(result))
+    return out
+
+
+def measure_seed(seed: int, splits: DatasetSplits, args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune (protocol) and linear probe of the random-init backbone of init seed ``seed``."""
+    cfg = resolve_config({"seed": seed})
+    backbone = create_timm_backbone(cfg.model, random_init_state(cfg))
+    n = len(splits.train)
+    test = splits.test.subset(range(min(args.test_images or n, len(splits.test))))
+    tune_idx = disjoint_subsets(n, args.labels, args.subsets, args.subset_seed)
+    probe_idx = disjoint_subsets(n, args.probe_images, args.subsets, args.subset_seed)
+    start = time.perf_counter()
+    probes = _probes(backbone, splits, [splits.train.subset(i) for i in probe_idx], test, args)
+    probe_s = time.perf_counter() - start
+    tune_sets = [splits.train.subset(i) for i in tune_idx]
+    finetune = finetune_protocol(
+        backbone, [(splits.normalize(s.images), s.labels) for s in tune_sets],
+        (splits.normalize(test.images), test.labels), val_fraction=args.val_fraction,
+        lrs=tuple(float(v) for v in args.lr_grid.split(",")), seed=seed,
+        feature_dim=backbone.num_features, num_classes=splits.num_classes, epochs=args.epochs,
+        device="cpu", layer_decay=1.0, **PROTOCOL_RECIPE,
+    )  # fmt: skip
+    return {
+        "finetune": finetune,
+        "linear-probe": probes,
+        "seconds": {"probe": probe_s, "finetune": time.perf_counter() - start - probe_s},
+    }
+
+
+def spreads(seeds: dict[str, Any], pick: str) -> dict[str, Any]:
+    """Grid ``[seed][subset]`` of a metric and its spreads (sample std, in fractions)."""
+    grid = [[row[pick] for row in per_seed] for per_seed in seeds.values()]
+    flat = [v for row in grid for v in row]
+
+    def std(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    by_seed = [statistics.fmean(row) for row in grid]
+    by_subset = [statistics.fmean(col) for col in zip(*grid, strict=True)]
+    within_seed = [std(row) for row in grid]
+    within_subset = [std(list(col)) for col in zip(*grid, strict=True)]
+    return {
+        "grid": grid,
+        "mean": statistics.fmean(flat),
+        "std": std(flat),
+        "min": min(flat),
+        "max": max(flat),
+        "std-of-seed-means": std(by_seed),
+        "std-of-subset-means": std(by_subset),
+        "mean-std-over-subsets": statistics.fmean(within_seed),
+        "mean-std-over-seeds": statistics.fmean(within_subset),
+    }
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per metric: :func:`spreads` over (init seed, subset)."""
+    fine = {s: r["finetune"]["subsets"] for s, r in results["seeds"].items()}
+    probe = {s: r["linear-probe"] for s, r in results["seeds"].items()}
+    val = {
+        s: [{"val": next(iter(row["val_accuracy"].values()), float("nan"))} for row in rows]
+        for s, rows in fine.items()
+    }
+    return {
+        "finetune-test": spreads(fine, "accuracy"),
+        "finetune-train": spreads(fine, "train_accuracy"),
+        "finetune-val": spreads(val, "val"),
+        "probe-test": spreads(probe, "accuracy"),
+        "probe-train": spreads(probe, "train_accuracy"),
+    }
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _table(summary: dict[str, Any]) -> list[str]:
+    rows = [
+        "| metric | mean ± std (all runs) | min - max | std of the init-seed means | "
+        "std of the subset means | mean std over subsets (one seed) | mean std over seeds "
+        "(one subset) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "finetune-test": "fine-tune, test top-1",
+        "finetune-train": "fine-tune, train top-1",
+        "finetune-val": "fine-tune, validation top-1 (first lr)",
+        "probe-test": "linear probe, test top-1",
+        "probe-train": "linear probe, train top-1",
+    }
+    for key, name in names.items():
+        s = summary[key]
+        rows.append(
+            f"| {name} | {_pct(s['mean'])} ± {_pct(s['std'])} | {_pct(s['min'])} - "
+            f"{_pct(s['max'])} | {_pct(s['std-of-seed-means'])} | "
+            f"{_pct(s['std-of-subset-means'])} | {_pct(s['mean-std-over-subsets'])} | "
+            f"{_pct(s['mean-std-over-seeds'])} |"
+        )
+    return rows
+
+
+def _grid_rows(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    subsets = len(summary["finetune-test"]["grid"][0])
+    rows = ["| init seed | " + " | ".join(f"subset {k}" for k in range(subsets)) + " |",
+            "|---|" + "---|" * subsets]  # fmt: skip
+    grids = zip(summary["finetune-test"]["grid"], summary["probe-test"]["grid"], strict=True)
+    for seed, (tune, probe) in zip(results["seeds"], grids, strict=True):
+        cells = [f"{_pct(t)} / {_pct(p)}" for t, p in zip(tune, probe, strict=True)]
+        rows.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.6), sharey=False)
+    for ax, key, title in zip(axes, ("finetune-test", "probe-test"),
+                              ("fine-tune (protocol)", "linear probe"), strict=True):  # fmt: skip
+        for seed, row in zip(results["seeds"], summary[key]["grid"], strict=True):
+            ax.plot(range(len(row)), [100 * v for v in row], marker="o", label=f"init seed {seed}")
+        mean = 100 * summary[key]["mean"]
+        std = 100 * summary[key]["std"]
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2, label="mean ± std")
+        ax.set(xlabel="label subset", ylabel="test top-1 (%)", title=title)
+        ax.set_xticks(range(len(summary[key]["grid"][0])))
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def _findings(results: dict[str, Any], summary: dict[str, Any], asked: int) -> list[str]:
+    """Statements the numbers support, computed from them (none typed in by hand)."""
+    tune, train = summary["finetune-test"], summary["finetune-train"]
+    k = results["protocol"]["subsets"]
+    seeds = len(results["seeds"])
+    floor = 2 * tune["std"] * (2 / k) ** 0.5
+    lines = [
+        f"- Measured: {seeds} of {asked} init seeds x {k} subsets"
+        + ("." if seeds >= asked else " (**partial**: the rest was not measured in time)."),
+        f"- Fine-tune train top-1 is {_pct(train['min'])} - {_pct(train['max'])} %: it "
+        + ("reaches ~100 %." if train["min"] >= 0.99 else "does **not** reach ~100 %."),
+        f"- One fine-tune's test top-1 varies with std {_pct(tune['std'])} points (all runs). "
+        f"A difference between two backbones' means over {k} subsets each smaller than about "
+        f"2 x std x sqrt(2/{k}) = {_pct(floor)} points is not shown by this protocol.",
+    ]
+    return lines
+
+
+def write_report(
+    results: dict[str, Any], command: str, asked: int, docs: Path, source: Path
+) -> Path:
+    """``docs/eval-protocol.md`` and ``.png`` from the results file (``source``) alone."""
+    docs.mkdir(parents=True, exist_ok=True)
+    shown = source.resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    summary = summarize(results)
+    plot(results, summary, docs / "eval-protocol.png")
+    p = results["protocol"]
+    seconds = sum(sum(r["seconds"].values()) for r in results["seeds"].values())
+    lines = [
+        "# The evaluation protocol's noise floor",
+        "",
+        f"Command: `{command}` (2-core CPU, {p['threads']} torch thread; {seconds / 60:.0f} min "
+        f"measured). Numbers: `{shown}`; this page is written from it.",
+        "",
+        f"Backbones: random init (a `random-init` run's backbone, default model: depth "
+        f"{p['model']['depth']}, width {p['model']['embed_dim']}, patch {p['model']['patch_size']}"
+        f") at init seeds {', '.join(results['seeds'])}, Fashion-MNIST. Fine-tune: "
+        f"{p['subsets']} disjoint subsets of {p['finetune-labels']} training images (subset seed "
+        f"{p['subset-seed']}, the same for every init seed), {_pct(p['val-fraction'])} % of each "
+        f"held out for validation, lr kept by validation top-1 from {p['lr-grid']}, "
+        f"{p['finetune-epochs']} epochs, recipe {p['finetune-recipe']}; the kept model alone is "
+        f"scored on the first {p['test-images']} test images. Linear probe: {p['subsets']} "
+        f"disjoint subsets of {p['probe-train-images']} images (same seed), {p['probe-epochs']} "
+        "epochs, MAE's BatchNorm-without-affine head. Top-1 in %; std = sample std.",
+        "",
+        *_table(summary),
+        "",
+        "Each run, fine-tune / probe test top-1:",
+        "",
+        *_grid_rows(results, summary),
+        "",
+        *_findings(results, summary, asked),
+        "",
+        "![eval-protocol.png](eval-protocol.png)",
+        "",
+    ]
+    path = docs / "eval-protocol.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = load_results(args.results, protocol_of(args))
+    if not args.report_only:
+        splits = load_dataset(resolve_config())
+        for seed in args.init_seeds:
+            if str(seed) in results["seeds"]:
+                continue
+            results["seeds"][str(seed)] = measure_seed(seed, splits, args)
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2))
+            print(f"[eval-protocol] seed {seed}: {results['seeds'][str(seed)]['seconds']}")
+    if not results["seeds"]:
+        raise SystemExit(f"no results in {args.results}")
+    command = command_line("benchmarks.eval_protocol", argv)
+    path = write_report(results, command.strip(), len(args.init_seeds), args.docs, args.results)
+    print(f"[eval-protocol] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
