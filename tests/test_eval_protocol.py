@@ -200,3 +200,21 @@ def test_the_full_eval_preset_runs_the_whole_protocol():
     assert default.finetune_subsets == 1 and default.lr_grid == (default.finetune_lr,)
     grid = resolve_config({"finetune-lr-grid": " 3e-4, 1e-3 ", "finetune-val-fraction": 0.2})
     assert grid.eval.lr_grid == (3e-4, 1e-3)
+
+
+def test_a_run_under_the_protocol_reports_the_mean_as_its_finetune_accuracy(tiny_overrides):
+    from fedmae_flwr.server_app import run
+    from tests.conftest import LocalGrid
+
+    overrides = {**tiny_overrides, "algorithm": "random-init", "run-name": "protocol",
+                 "finetune-subsets": 2, "finetune-val-fraction": 0.2,
+                 "finetune-lr-grid": "1e-3,3e-3"}  # fmt: skip
+    summary = run(LocalGrid(6, overrides), resolve_config(overrides))
+    entry = summary["downstream"]["finetune"]["random-init"]
+    assert summary["finetune-accuracy"]["random-init"] == entry["accuracy"]
+    assert [r["subset"] for r in entry["subsets"]] == [0, 1]
+    assert all(r["lr"] in (1e-3, 3e-3) and len(r["val_accuracy"]) == 2 for r in entry["subsets"])
+    assert all(r["train_labels"] == 40 and r["val_labels"] == 10 for r in entry["subsets"])
+    protocol_record = summary["downstream"]["protocol"]
+    assert protocol_record["finetune-subsets"] == 2
+    assert protocol_record["finetune-lr-grid"] == [1e-3, 3e-3]
