@@ -21,12 +21,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.superlink.grid import InMemoryGrid
 
 from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
 from fedmae_flwr.config import Algorithm, FedMAEConfig, resolve_config
-from fedmae_flwr.data import DatasetSplits, load_dataset, partitions
-from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
+from fedmae_flwr.data import DatasetSplits, load_dataset
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import evaluate_backbones
 from fedmae_flwr.models import (
@@ -39,6 +37,11 @@ from fedmae_flwr.models import (
     timm_kwargs,
 )
 from fedmae_flwr.models.export import TIMM_BASE_MODEL
+from fedmae_flwr.node_data_report import (
+    known_largest_partition,
+    report_node_data,
+    report_partitions,
+)
 from fedmae_flwr.round_recorder import RoundRecorder, torch_state, totals
 from fedmae_flwr.run_outputs import (
     RunOutputs,
@@ -99,36 +102,6 @@ def random_init_state(cfg: FedMAEConfig) -> dict[str, torch.Tensor]:
     """A K-block cascade initialised as FedMAE's blocks are, never trained: the floor."""
     with seeded_global_rng(derive_seed(cfg.seed, "random-init")):
         return CascadeMAE(cfg.model, num_blocks=cfg.model.depth).state_dict()
-
-
-def report_partitions(
-    cfg: FedMAEConfig, grid: Grid, splits: DatasetSplits, outputs: RunOutputs
-) -> dict[str, Any]:
-    """Write ``partitions.json`` + ``partitions.png`` for the simulation's partitioning.
-
-    The partition count is ``num-partitions`` or the number of connected nodes, as each node
-    computes it; nodes that read their own folders (node-config ``data-path``) are not covered.
-    """
-    num_partitions = cfg.data.num_partitions or len(list(grid.get_node_ids()))
-    if num_partitions < 1 or num_partitions > len(splits.train):
-        return {}
-    parts = partitions(cfg, num_partitions)
-    stats = partition_stats(
-        splits.train.labels.numpy(), [p.numpy() for p in parts], splits.num_classes
-    )
-    write_partition_report(outputs.dir, stats)
-    keys = ("num-partitions", "min-images", "median-images", "max-images", "empty-partitions",
-            "mean-label-entropy", "global-label-entropy")  # fmt: skip
-    return {k: stats[k] for k in keys}
-
-
-def known_largest_partition(grid: Grid, partition_summary: dict[str, Any]) -> int | None:
-    """The largest partition's image count when the nodes train on the partitions the server
-    computed (a simulation: Flower's InMemoryGrid, or a grid flagged ``simulated_partitions``),
-    else None: deployed nodes read their own folders, of sizes the server cannot know."""
-    simulated = isinstance(grid, InMemoryGrid) or getattr(grid, "simulated_partitions", False)
-    largest = partition_summary.get("max-images")
-    return int(largest) if simulated and largest else None
 
 
 def pretrain(
@@ -289,12 +262,14 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     )
     recorder = RoundRecorder(cfg, strategy.plan, outputs, splits)
     states = pretrain(grid, cfg, strategy, recorder, splits, checkpoint)
+    node_data = report_node_data(grid, strategy, outputs)
     baseline = random_init_state(cfg)
     export_backbone(cfg.model, states[0] if states else baseline, outputs.dir)
     downstream = evaluate_downstream(cfg, splits, states, baseline)
     rows = outputs.read_metrics()
     plot_curves(rows, outputs.dir / "curves.png")
     summary = summarize(cfg, splits, recorder.stages, rows, downstream, partition_summary)
+    summary["data"]["nodes"] = node_data  # per node id: images, skipped-images, rounds
     summary["wall-seconds"] = time.perf_counter() - start
     outputs.write_json("summary.json", summary)
     log(INFO, "run written to %s", outputs.dir)

@@ -79,8 +79,49 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
         timeline.append(f"{time.monotonic() - start:6.1f} s  {event}")
         print(f"[secure] {timeline[-1]}", flush=True)
 
-    fed.make_secrets([*DEVICES, ROGUE])
     folders = image_folders(fed.root, [*DEVICES, ROGUE, "server"], per_node=16)
+    registered = _bring_up(fed, folders, note)
+    if registered is None:
+        return {"error": "the devices did not come online", "timeline": timeline}
+
+    cfg = {**tiny_run_config(fed.root, clients=2), "rounds-per-stage": 3, "evaluate-clients": 0}
+    cfg.update({"round-timeout": 90.0, "node-wait-timeout": 60.0, "run-name": "faults"})
+    run_id = fed.submit(cfg)
+    note(f"run {run_id} submitted")
+    fed.supernodes[DIES].send_signal(signal.SIGTERM)  # shut down for good
+    dead_rc = fed.supernodes[DIES].wait(30)
+    note(f"{DIES} shut down (exit {dead_rc})")
+    deadline = time.monotonic() + timeout
+    metrics = fed.root / "outputs" / "faults" / "metrics.jsonl"
+    crashed = _crash_after_round_4(fed, run_id, metrics, folders[CRASHES], crash, deadline, note)
+    row = fed.wait(run_id, max(1.0, deadline - time.monotonic()))
+    note(f"run {row.get('status')}")
+    too_few = _too_few_devices(fed, note)
+    return {
+        "registered": registered,
+        "nodes-at-end": _node_ids(fed),
+        "rogue-exit": fed.supernodes[ROGUE].poll(),
+        "rogue-log": (fed.logs / f"{ROGUE}.log").read_text(errors="replace")[-3000:],
+        "superlink-log": (fed.logs / "superlink.log").read_text(errors="replace"),
+        "dead-exit": dead_rc,
+        "crashed": crashed,
+        "crash-signal": crash.name,
+        "crashed-replies": _sent(fed, CRASHES),
+        "run": row,
+        "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
+        if metrics.exists()
+        else [],
+        "too-few": too_few,
+        "timeline": timeline,
+    }
+
+
+def _bring_up(
+    fed: SecureFederation, folders: dict[str, Path], note: Callable[[str], None]
+) -> dict[str, str] | None:
+    """Steps 1-2: keys registered, the SuperLink restarted on its database, every device (the
+    unregistered one too) started; the registered node ids, or None if 3 did not come online."""
+    fed.make_secrets([*DEVICES, ROGUE])
     fed.start_superlink()
     fed.register(DEVICES)
     registered = _node_ids(fed)
@@ -95,60 +136,44 @@ def scenario(fed: SecureFederation, timeout: float, crash: signal.Signals) -> di
     deadline = time.monotonic() + 60
     while sum(s == "online" for s in _node_ids(fed).values()) < 3:
         if time.monotonic() > deadline:
-            return {"error": "the devices did not come online", "timeline": timeline}
+            return None
         time.sleep(0.5)
     note("3 devices online")
+    return registered
 
-    cfg = {**tiny_run_config(fed.root, clients=2), "rounds-per-stage": 3, "evaluate-clients": 0}
-    cfg.update({"round-timeout": 90.0, "node-wait-timeout": 60.0, "run-name": "faults"})
-    run_id = fed.submit(cfg)
-    note(f"run {run_id} submitted")
-    fed.supernodes[DIES].send_signal(signal.SIGTERM)  # shut down for good
-    dead_rc = fed.supernodes[DIES].wait(30)
-    note(f"{DIES} shut down (exit {dead_rc})")
 
-    # Block 2 starts at round 4: stop the device once it has replied to it (it then waits 3 s
-    # before it asks for the next message), then start it again until the SuperLink takes it
-    # back, as systemd's Restart=on-failure would (after a SIGKILL, Flower 1.41 refuses the
-    # node id until its heartbeat expires: up to 60 s).
-    # ... and once the server has aggregated round 4 (its metrics line): stopped earlier, the
-    # SuperLink may turn the device's last reply into an error before the server collects it.
-    metrics = fed.root / "outputs" / "faults" / "metrics.jsonl"
-    deadline, crashed, asked = time.monotonic() + timeout, False, time.monotonic()
-    while not crashed and time.monotonic() < deadline:
+def _crash_after_round_4(
+    fed: SecureFederation,
+    run_id: int,
+    metrics: Path,
+    data: Path,
+    crash: signal.Signals,
+    deadline: float,
+    note: Callable[[str], None],
+) -> bool:
+    """Step 4: stop CRASHES once it has replied in round 4 and the server has aggregated that
+    round, then start it again until the SuperLink takes it back; whether that happened.
+
+    Block 2 starts at round 4. After its reply the device waits 3 s before it asks for the next
+    message; stopped before the server collected round 4, the SuperLink may turn that reply into
+    an error. It is started again as systemd's Restart=on-failure would (after a SIGKILL, Flower
+    1.41 refuses the node id until its heartbeat expires: up to 60 s).
+    """
+    asked = time.monotonic()
+    while time.monotonic() < deadline:
         if time.monotonic() - asked > 5:  # `flwr list` costs a second of CPU: not too often
             if fed.run_row(run_id).get("status", "").startswith("finished"):
-                break
+                return False
             asked = time.monotonic()
         if _sent(fed, CRASHES) >= 4 and _lines(metrics) >= 4:
             fed.supernodes[CRASHES].send_signal(crash)
             fed.supernodes[CRASHES].wait(30)
             note(f"{CRASHES} stopped ({crash.name}) after {_sent(fed, CRASHES)} replies")
-            starts = _restart(fed, CRASHES, folders[CRASHES], deadline)
+            starts = _restart(fed, CRASHES, data, deadline)
             note(f"{CRASHES} back online after {starts} start(s)")
-            crashed = True
+            return True
         time.sleep(0.1)
-    row = fed.wait(run_id, max(1.0, deadline - time.monotonic()))
-    note(f"run {row.get('status')}")
-    too_few = _too_few_devices(fed, note)
-    rogue = fed.supernodes[ROGUE]
-    return {
-        "registered": registered,
-        "nodes-at-end": _node_ids(fed),
-        "rogue-exit": rogue.poll(),
-        "rogue-log": (fed.logs / f"{ROGUE}.log").read_text(errors="replace")[-3000:],
-        "superlink-log": (fed.logs / "superlink.log").read_text(errors="replace"),
-        "dead-exit": dead_rc,
-        "crashed": crashed,
-        "crash-signal": crash.name,
-        "crashed-replies": _sent(fed, CRASHES),
-        "run": row,
-        "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
-        if metrics.exists()
-        else [],
-        "too-few": too_few,
-        "timeline": timeline,
-    }
+    return False
 
 
 def _too_few_devices(fed: SecureFederation, note: Callable[[str], None]) -> dict[str, Any]:

@@ -34,8 +34,9 @@ from flwr.superlink.grid import InMemoryGrid
 from fedmae_flwr.config import resolve_config
 from fedmae_flwr.models import initial_state
 from fedmae_flwr.models.cascade import KEY_CONTRACT
+from fedmae_flwr.node_data_report import known_largest_partition
 from fedmae_flwr.run_outputs import load_checkpoint
-from fedmae_flwr.server_app import build_strategy, known_largest_partition, run
+from fedmae_flwr.server_app import build_strategy, run
 from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
 from fedmae_flwr.strategies import replies as kinds
 

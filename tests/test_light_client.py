@@ -290,3 +290,35 @@ def test_an_unconfigured_node_is_rejected_once_then_no_longer_sampled(tiny_overr
     assert len(rejections) == 1 and "node 1000" in rejections[0]
     assert "node-config sets no 'data-path'" in rejections[0]
     assert any("node 1000 is not sampled again" in m for m in messages)
+
+
+class DeployedGrid(FlowerErrorsGrid):
+    """Nodes that read their own folders (node-config ``data-path``), as on real devices."""
+
+    simulated_partitions = False
+
+
+def test_a_deployment_describes_the_data_its_devices_reported(tmp_path, tiny_overrides):
+    """partitions.json and summary.json's ``data.nodes`` come from the devices' replies (their
+    images and skipped files), not from the server's own evaluation data."""
+    server = image_folder(tmp_path / "server", count=40)
+    config = {**tiny_overrides, "dataset": "imagefolder", "data-path": str(server),
+              "in-chans": 3, "img-size": 16, "patch-size": 4, "run-name": "deployed",
+              "evaluate-random-init": False, "finetune-labels": 0}  # fmt: skip
+    grid = DeployedGrid(3, config)
+    for i, node in enumerate(sorted(grid.contexts)):
+        folder = image_folder(tmp_path / f"device-{i}", count=12 + 6 * i)
+        if i == 2:
+            (folder / "c0" / "broken.png").write_bytes(b"not a png")
+        grid.contexts[node].node_config = {"data-path": str(folder), "cache-dir": "off"}
+    summary = run(grid, resolve_config(config))
+    nodes = summary["data"]["nodes"]
+    assert sorted(nodes) == [str(n) for n in sorted(grid.contexts)]
+    images = [nodes[str(n)]["images"] for n in sorted(grid.contexts)]
+    assert images[0] < images[1] < images[2]  # 12, 18, 24 files, less each node's held-out part
+    assert [nodes[str(n)]["skipped-images"] for n in sorted(grid.contexts)] == [0, 0, 1]
+    assert sum(n["rounds"] for n in nodes.values()) == 4 * 3  # 4 rounds x 3 clients
+    report = json.loads((Path(config["output-dir"]) / "deployed" / "partitions.json").read_text())
+    assert report["source"].startswith("reported by the nodes")
+    assert (report["num-partitions"], report["max-images"]) == (3, images[2])
+    assert report["skipped-images"] == 1 and report["nodes"] == nodes

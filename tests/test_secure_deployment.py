@@ -104,7 +104,13 @@ def test_a_secure_federation_survives_a_dead_and_a_restarted_device(tmp_path: Pa
     assert rows[3]["prefix-sends"] == 2, rows[3]
     assert rows[4]["prefix-sends"] + rows[5]["prefix-sends"] >= 1, rows[4:]
     assert (rows[5]["clients"], rows[5]["rejected"], rows[5]["prefix-missing"]) == (2, 0, 0)
-    assert (tmp_path / "fed" / "outputs" / "faults" / "summary.json").exists()
+    # What the devices hold is what they reported: 16 images each (less the held-out part).
+    outputs = tmp_path / "fed" / "outputs" / "faults"
+    nodes = json.loads((outputs / "summary.json").read_text())["data"]["nodes"]
+    assert 2 <= len(nodes) <= 3 and set(nodes) <= set(report["registered"]), nodes
+    assert len({n["images"] for n in nodes.values()}) == 1 and 0 < nodes.popitem()[1]["images"] < 16
+    partitions = json.loads((outputs / "partitions.json").read_text())
+    assert partitions["source"].startswith("reported by the nodes"), partitions
 
     # A run that needs more devices than are alive ends, failed, with the counts (not a hang).
     too_few = report["too-few"]

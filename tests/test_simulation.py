@@ -50,6 +50,9 @@ def test_simulation_writes_a_run_whose_backbone_loads_in_timm(tiny_overrides):
     data = summary["data"]
     assert (data["train-images"], data["skipped-unreadable"]) == (800, 0)
     assert data["partitions"]["num-partitions"] == 6
+    # what the nodes reported: up to 6 of them, 4 rounds x 3 sound replies in all
+    assert 1 <= len(data["nodes"]) <= 6 and sum(n["rounds"] for n in data["nodes"].values()) == 12
+    assert all(n["images"] > 0 and n["skipped-images"] == 0 for n in data["nodes"].values())
 
     meta = json.loads((run_dir / "backbone.json").read_text())
     model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])

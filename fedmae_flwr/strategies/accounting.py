@@ -70,3 +70,33 @@ def round_record(
     for key, value in client_metrics.items():
         record.setdefault(key, value)
     return record
+
+
+class NodeLedger:
+    """What each node reported about its data in its sound train replies.
+
+    Per node id: ``images`` (its latest ``num-examples``), ``skipped-images`` (its latest count of
+    unreadable files; 0 when a node does not report it), ``rounds`` (sound replies) and
+    ``last-round``. A deployed node reads its own folder, so this is the only place its data is
+    described; ``summary.json`` and a deployment's ``partitions.json`` are written from it.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, dict[str, int]] = {}
+
+    def add(self, server_round: int, replies: Triage, weight_key: str) -> None:
+        """Count the round's sound replies, with examples or without."""
+        contents = [*replies.sound, *([None] * len(replies.empty_nodes))]
+        for node, content in zip(
+            [*replies.sound_nodes, *replies.empty_nodes], contents, strict=True
+        ):
+            metrics = next(iter(content.metric_records.values())) if content else {}
+            entry = self._nodes.setdefault(node, {"rounds": 0})
+            entry["images"] = int(metrics.get(weight_key, 0))  # type: ignore[arg-type]
+            entry["skipped-images"] = int(metrics.get("skipped-images", 0))  # type: ignore[arg-type]
+            entry["rounds"] += 1
+            entry["last-round"] = server_round
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """``{node id: counts}``, node ids as strings (JSON keys), in id order."""
+        return {str(node): dict(self._nodes[node]) for node in sorted(self._nodes)}

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from fedmae_flwr.models.cascade import check_model_keys
-from fedmae_flwr.strategies.accounting import SentRound, round_record
+from fedmae_flwr.strategies.accounting import NodeLedger, SentRound, round_record
 from fedmae_flwr.strategies.aggregation import (
     ActiveAggregation,
     ServerSideDP,
@@ -140,6 +140,7 @@ class FedMAE(FedAvg):
         self._sent: SentRound | None = None
         self._sampled: list[int] = []
         self._excluded: set[int] = set()  # nodes that said they cannot take part (NODE_UNUSABLE)
+        self._ledger = NodeLedger()
         self._last_round_metrics: MetricRecord | None = None
         dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
         self.aggregation = ActiveAggregation(
@@ -165,6 +166,11 @@ class FedMAE(FedAvg):
         """
         record = self._last_round_metrics
         return None if record is None else MetricRecord(dict(record.items()))
+
+    @property
+    def node_reports(self) -> dict[str, dict[str, int]]:
+        """What each node reported of its data (:class:`~.accounting.NodeLedger`), by node id."""
+        return self._ledger.report()
 
     def summary(self) -> None:
         p = self.plan
@@ -263,6 +269,7 @@ class FedMAE(FedAvg):
         replied = {m.metadata.src_node_id for m in replies}
         self._prefix.forget([n for n in self._sampled if n not in replied])
         self._check_stage(run_round, sorted_replies)
+        self._ledger.add(run_round, sorted_replies, self.weighted_by_key)
         client_metrics = MetricRecord()
         if sorted_replies.sound:  # combine() keeps the active tensors' dtypes (pinned)
             combined = self.aggregation.combine(

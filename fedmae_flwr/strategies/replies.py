@@ -78,9 +78,15 @@ class Triage:
     """Replies of one round, sorted for aggregation."""
 
     sound: list[RecordDict] = field(default_factory=list)  # fit to aggregate, with examples
-    empty: int = 0  # sound replies with no examples (nothing to aggregate, nothing wrong)
+    sound_nodes: list[int] = field(default_factory=list)  # who sent each of ``sound``
+    empty_nodes: list[int] = field(default_factory=list)  # sound replies with no examples
     rejections: list[tuple[int, Rejection]] = field(default_factory=list)  # (node, why)
     prefix_missing: list[int] = field(default_factory=list)  # nodes that lacked the prefix
+
+    @property
+    def empty(self) -> int:
+        """Sound replies with no examples (nothing to aggregate, nothing wrong)."""
+        return len(self.empty_nodes)
 
     @property
     def rejected(self) -> int:
@@ -123,8 +129,9 @@ def triage(
                 node, rejection.kind, rejection.reason)  # fmt: skip
         elif next(iter(msg.content.metric_records.values()))[rules.weight_key] > 0:  # type: ignore[operator]
             out.sound.append(msg.content)
+            out.sound_nodes.append(_src_node(msg))
         else:
-            out.empty += 1
+            out.empty_nodes.append(_src_node(msg))
     return out
 
 
