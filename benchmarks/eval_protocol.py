@@ -310,6 +310,11 @@ def write_report(
         f"disjoint subsets of {p['probe-train-images']} images (same seed), {p['probe-epochs']} "
         "epochs, MAE's BatchNorm-without-affine head. Top-1 in %; std = sample std.",
         "",
+        "A run evaluates its backbones the same way with the eval keys `finetune-subsets`, "
+        "`finetune-val-fraction` and `finetune-lr-grid` (`preset='full-eval'` sets all three); "
+        "its summary's fine-tune entries then carry `accuracy` (the mean over subsets), "
+        "`accuracy_std` and `subsets`.",
+        "",
         *_table(summary),
         "",
         "Each run, fine-tune / probe test top-1:",
