@@ -279,7 +279,15 @@ def _findings(results: dict[str, Any], summary: dict[str, Any], asked: int) -> l
         f"(probe: {_pct(2 * probe['std'] * (2 / k) ** 0.5)}) is not shown by this protocol; "
         f"for single fine-tunes (one subset each) the bound is 2 x std x sqrt(2) = "
         f"{_pct(2 * tune['std'] * 2**0.5)} points.",
+        f"- Every run is scored on the same {results['protocol']['test-images']} test images, "
+        "so these spreads leave out the test set's own sampling noise (binomial std at the "
+        f"fine-tune's mean accuracy: {_pct(_binomial_std(tune['mean'], results))} points).",
     ]
+
+
+def _binomial_std(accuracy: float, results: dict[str, Any]) -> float:
+    """Std of a top-1 on ``test-images`` independent images at ``accuracy`` (0 = all: nan)."""
+    return math.sqrt(accuracy * (1 - accuracy) / (results["protocol"]["test-images"] or math.nan))
 
 
 def write_report(
