@@ -190,23 +190,8 @@ def linear_probe(
     ``torch.Generator`` seeded with ``seed``, and the global RNG is left untouched; on the CPU the
     same inputs and seed give bit-identical results.
 
-    Convergence rule (``converged``): True when the training accuracy is 1.0 (separable
-    features: the loss then decreases forever and only accuracy can plateau); otherwise True only
-    when both hold:
-
-    1. plateau: the training loss averaged over the last 10% of the epochs (at least one epoch)
-       is within 1% (relative) of its average over the 10% of epochs before. The loss of an
-       epoch is the cross-entropy of the whole training split after that epoch, in eval mode,
-       so minibatch noise does not enter. With ``epochs == 1`` there is no earlier window: False.
-    2. stationarity: the gradient norm of the full objective (cross-entropy + weight decay,
-       BN on its final statistics, which makes it convex) at the final weights is at most 10%
-       of its norm at the initial weights.
-
-    The plateau test alone would pass a run whose learning rate is simply too small to move the
-    loss (and the cosine schedule anneals every run's step size towards 0, which flattens any
-    tail); the gradient test catches that. False with a non-finite loss. ``converged=False``
-    therefore means the head did not reach the optimum of its objective: raise ``epochs`` or
-    tune ``lr``.
+    ``converged`` says whether the head reached the optimum of its objective (the rule:
+    :func:`_converged`); False means: raise ``epochs`` or tune ``lr``.
 
     Args:
         train_x: ``[N, D]`` frozen training features.
@@ -241,7 +226,7 @@ def linear_probe(
 
     generator = torch.Generator().manual_seed(seed)
     head = _probe_head(dim, num_classes, generator).to(device)
-    norm, linear = head[0], head[1]
+    linear = head[1]
     init_weight, init_bias = linear.weight.detach().clone(), linear.bias.detach().clone()
     tail_losses = _train_probe(head, train_x, train_y, generator, epochs, lr, batch_size,
                                weight_decay)  # fmt: skip
@@ -249,16 +234,8 @@ def linear_probe(
     head.eval()
     train_acc = batched_accuracy(head, train_x, train_y, 4096, device)
     test_acc = batched_accuracy(head, test_x, test_y, 4096, device)
-    converged = train_acc == 1.0
-    if not converged and _plateaued(tail_losses, _window(epochs)):
-        # Both gradients use the final BN statistics, so they measure the same objective.
-        grad_start = _objective_grad_norm(
-            norm, init_weight, init_bias, train_x, train_y, weight_decay
-        )
-        grad_end = _objective_grad_norm(
-            norm, linear.weight, linear.bias, train_x, train_y, weight_decay
-        )
-        converged = grad_end <= GRAD_RATIO_TOL * grad_start
+    converged = _converged(head, (init_weight, init_bias), train_x, train_y, train_acc,
+                           tail_losses, epochs, weight_decay)  # fmt: skip
     return ProbeResult(
         accuracy=test_acc,
         train_accuracy=train_acc,
@@ -266,6 +243,48 @@ def linear_probe(
         converged=converged,
         epochs=epochs,
     )
+
+
+def _converged(
+    head: nn.Sequential,
+    init: tuple[Tensor, Tensor],
+    train_x: Tensor,
+    train_y: Tensor,
+    train_acc: float,
+    tail_losses: list[float],
+    epochs: int,
+    weight_decay: float,
+) -> bool:
+    """Whether a trained probe ``head`` (started from weight and bias ``init``) converged.
+
+    True when the training accuracy is 1.0 (separable
+    features: the loss then decreases forever and only accuracy can plateau); otherwise True only
+    when both hold:
+
+    1. plateau: the training loss averaged over the last 10% of the epochs (at least one epoch)
+       is within 1% (relative) of its average over the 10% of epochs before. The loss of an
+       epoch is the cross-entropy of the whole training split after that epoch, in eval mode,
+       so minibatch noise does not enter. With ``epochs == 1`` there is no earlier window: False.
+    2. stationarity: the gradient norm of the full objective (cross-entropy + weight decay,
+       BN on its final statistics, which makes it convex) at the final weights is at most 10%
+       of its norm at the initial weights.
+
+    The plateau test alone would pass a run whose learning rate is simply too small to move the
+    loss (and the cosine schedule anneals every run's step size towards 0, which flattens any
+    tail); the gradient test catches that. False with a non-finite loss. ``converged=False``
+    therefore means the head did not reach the optimum of its objective: raise ``epochs`` or
+    tune ``lr``.
+    """
+    if train_acc == 1.0:
+        return True
+    if not _plateaued(tail_losses, _window(epochs)):
+        return False
+    norm, linear = head[0], head[1]
+    # Both gradients use the final BN statistics, so they measure the same objective.
+    grad_start = _objective_grad_norm(norm, *init, train_x, train_y, weight_decay)
+    grad_end = _objective_grad_norm(norm, linear.weight, linear.bias, train_x, train_y,
+                                    weight_decay)  # fmt: skip
+    return grad_end <= GRAD_RATIO_TOL * grad_start
 
 
 @torch.no_grad()
