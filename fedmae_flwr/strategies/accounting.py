@@ -86,16 +86,17 @@ class NodeLedger:
 
     def add(self, server_round: int, replies: Triage, weight_key: str) -> None:
         """Count the round's sound replies, with examples or without."""
-        contents = [*replies.sound, *([None] * len(replies.empty_nodes))]
-        for node, content in zip(
-            [*replies.sound_nodes, *replies.empty_nodes], contents, strict=True
-        ):
-            metrics = next(iter(content.metric_records.values())) if content else {}
-            entry = self._nodes.setdefault(node, {"rounds": 0})
-            entry["images"] = int(metrics.get(weight_key, 0))  # type: ignore[arg-type]
-            entry["skipped-images"] = int(metrics.get("skipped-images", 0))  # type: ignore[arg-type]
-            entry["rounds"] += 1
-            entry["last-round"] = server_round
+        for node, content in zip(replies.sound_nodes, replies.sound, strict=True):
+            metrics = next(iter(content.metric_records.values()))
+            images, skipped = metrics[weight_key], metrics.get("skipped-images", 0)
+            self._count(node, server_round, int(images), int(skipped))  # type: ignore[arg-type]
+        for node in replies.empty_nodes:
+            self._count(node, server_round, 0, 0)
+
+    def _count(self, node: int, server_round: int, images: int, skipped: int) -> None:
+        entry = self._nodes.setdefault(node, {"rounds": 0})
+        entry.update({"images": images, "skipped-images": skipped, "last-round": server_round})
+        entry["rounds"] += 1
 
     def report(self) -> dict[str, dict[str, int]]:
         """``{node id: counts}``, node ids as strings (JSON keys), in id order."""
