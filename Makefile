@@ -43,12 +43,11 @@ run: setup data
 bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 
-# The grid's backbones fine-tuned again with the full recipe (the benchmarks' EVALUATION; the
-# grid's own shorter fine-tune is under-trained), then the report again with that column
-# (~28 min on 2 CPU cores).
+# The grid's fine-tune column: every finished grid run's exported backbone fine-tuned under
+# benchmarks.harness.FINETUNE_PROTOCOL (label subsets, lr chosen on validation; cached per run
+# in finetune-protocol.json), then the report again with that column.
 bench-quality-finetune: setup data
-	$(VPY) -m benchmarks.label_efficiency --out outputs/bench-grid --docs outputs/bench-grid \
-		--full-recipe --runs $$(cd outputs/bench-grid && ls -d */ | tr -d /)
+	$(VPY) -m benchmarks.grid_finetune --out outputs/bench-grid
 	$(VPY) -m benchmarks.quality --report-only $(BENCH_ARGS)
 
 # Does pretraining pay? fedmae against random init over budgets R x E; writes docs/budget.md.

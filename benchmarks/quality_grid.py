@@ -3,7 +3,9 @@
 A grid is ``{(algorithm, partition): [run, ...]}`` over seeds, one ``flwr run`` per (algorithm,
 partition, seed) under the grid's lighter protocol (``GRID_EVALUATION``) in its own folder;
 ``centralized`` and ``random-init`` do not depend on the partition and run once per seed, keyed
-``pooled``. ``benchmarks.quality`` reports it.
+``pooled``. The runs fine-tune nothing; their fine-tune value is ``benchmarks.grid_finetune``'s
+(``FINETUNE_PROTOCOL`` on the exported backbone, cached beside the run), when it ran.
+``benchmarks.quality`` reports it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.grid_finetune import read_cache
 from benchmarks.harness import (
     ALGORITHMS,
-    EVALUATION,
     GRID_EVALUATION,
     PARTITION_FREE,
     PARTITIONS,
     ROOT,
     run_variant,
 )
-from benchmarks.label_efficiency import posthoc_record
 
 # The grid's runs use the lighter GRID_EVALUATION protocol, so they live apart from the other
 # studies' runs (outputs/bench/, full protocol).
@@ -29,15 +30,13 @@ GRID_OUT_ROOT = ROOT / "outputs" / "bench-grid"
 # What the grid is sized for (a target, not a measurement: the report states the time it took).
 GRID_MINUTES = 90
 GRID_MACHINE = "2 CPU cores"
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0, 1, 2)
 
-# The grid's short fine-tune ends under-trained (the report states its train and test accuracy),
-# so the grid's backbones are also fine-tuned afterwards with the full recipe
-# (`make bench-quality-finetune`; each fine-tune's seconds are cached beside its accuracy); the
-# report shows it when present.
-POSTHOC_FINETUNE_EPOCHS = EVALUATION["finetune-epochs"]
-POSTHOC_KEY = "finetune-full-accuracy"
-POSTHOC_RECORD = "posthoc-finetune"  # the run's cached post-hoc fine-tune record, if it ran
+# The fine-tune under FINETUNE_PROTOCOL (benchmarks.grid_finetune, `make bench-quality-finetune`):
+# its top-1 (the mean over label subsets) under this summary key, and its cached record (result
+# with per-subset values and std, seconds, machine, protocol) under this run key, when it ran.
+FINETUNE_KEY = "finetune-protocol-accuracy"
+FINETUNE_RECORD = "finetune-protocol"
 
 # Runs by (algorithm, partition), ``pooled`` for the partition-free algorithms.
 Grid = dict[tuple[str, str], list[dict]]
@@ -49,13 +48,27 @@ def run_one(
     """One run of the grid (loaded when it finished before; None if report-only and missing)."""
     run = run_variant(algorithm, partition, seed, out_root, "bench-quality", timeout=1800,
                       report_only=report_only, evaluation=GRID_EVALUATION)  # fmt: skip
-    if run is not None:
-        labels = GRID_EVALUATION["finetune-labels"]
-        record = posthoc_record(out_root / run["name"], labels, POSTHOC_FINETUNE_EPOCHS)
-        if record is not None:
-            run["summary"][POSTHOC_KEY] = {algorithm: record["accuracy"]}
-            run[POSTHOC_RECORD] = record
+    if run is not None and (record := read_cache(out_root / run["name"])) is not None:
+        result = finetune_result(record)
+        run["summary"][FINETUNE_KEY] = {algorithm: result["accuracy"]}
+        run[FINETUNE_RECORD] = record
     return run
+
+
+def finetune_result(record: dict[str, Any]) -> dict[str, Any]:
+    """The one backbone's result in a ``finetune-protocol.json`` record: ``accuracy`` (mean over
+    the subsets), ``accuracy_std`` and ``subsets`` (each subset's own result)."""
+    (result,) = record["results"].values()
+    return result
+
+
+def finetune_subsets(run: dict[str, Any]) -> list[float]:
+    """The run's per-subset fine-tune test top-1 (empty when it was not fine-tuned)."""
+    record = run.get(FINETUNE_RECORD)
+    if record is None:
+        return []
+    result = finetune_result(record)
+    return [s["accuracy"] for s in result.get("subsets", [])] or [result["accuracy"]]
 
 
 def grid_size(algorithms: list[str], partitions: list[str], seeds: list[int]) -> int:

@@ -1,12 +1,16 @@
-"""The quality benchmark's report: table cells and plots from run summaries (no training)."""
+"""The quality benchmark's report: table cells and plots from run summaries (no training), and
+the grid's post-hoc fine-tune (benchmarks.grid_finetune) on a tiny exported backbone."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.quality import write_report
-from benchmarks.quality_grid import POSTHOC_KEY
+from benchmarks.quality_grid import FINETUNE_KEY
 
 
 def fake_run(algorithm: str, seed: int, finetune: float, out_root) -> dict:
@@ -50,21 +54,98 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
         ],
         ("random-init", "pooled"): [fake_run("random-init", 0, 0.60, out_root)],
     }
-    # The full-recipe fine-tune ran afterwards for the fedmae runs only.
-    for run, accuracy in zip(grid[("fedmae", "iid")], (0.66, 0.68), strict=True):
-        run["summary"][POSTHOC_KEY] = {"fedmae": accuracy}
-    path = write_report(grid, "python -m benchmarks.quality", tmp_path / "docs", out_root)
+    # The protocol fine-tune ran afterwards for the fedmae runs only.
+    for run, value in zip(grid[("fedmae", "iid")], (0.70, 0.80), strict=True):
+        run["summary"][FINETUNE_KEY] = {"fedmae": value}
+    bounds = {FINETUNE_KEY: 0.02, "linear-probe-accuracy": 0.005, "knn-accuracy": None}
+    path = write_report(
+        grid, "python -m benchmarks.quality", tmp_path / "docs", out_root, bounds=bounds
+    )
     text = path.read_text()
     # mean 75.0, sample standard deviation of (70, 80) = 7.1
+    assert "| fine-tune 1,000 labels (protocol) | linear probe | k-NN | masked PSNR (dB) |" in text
     assert (
-        "| fedmae | iid | 75.0 ± 7.1 | 67.0 ± 1.4 | 70.0 ± 0.0 | 60.0 ± 0.0 | 12.00 | 56 | 2.00 "
-        "| 3.00 |" in text
+        "| fedmae | iid | 75.0 ± 7.1 | 70.0 ± 0.0 | 60.0 ± 0.0 | 12.00 | 56 | 2.00 | 3.00 |" in text
     )
-    assert "| random-init | pooled | 60.0 | - | 70.0 | 60.0 | - |" in text
+    assert "| random-init | pooled | - | 70.0 | 60.0 | - |" in text
     assert "python -m benchmarks.quality" in text
-    assert "- iid: fedmae vs random-init: fine-tune +15.0, probe +0.0, k-NN +0.0 points" in text
+    # random-init has seed 0 only, and no fine-tune: one pair per measured metric, no verdict.
+    assert (
+        "| iid | random-init | linear probe | s0 +0.0 | +0.0 | 0.5 | one seed: not shown |" in text
+    )
+    assert "| iid | random-init | fine-tune |" not in text
+    assert "| no noise bound measured | one seed: not shown |" in text  # k-NN
     for picture in ("accuracy-vs-rounds", "accuracy-vs-bytes", "reconstructions"):
         assert (tmp_path / "docs" / f"results-{picture}.png").stat().st_size > 0
+
+
+def test_verdicts_need_one_sign_at_every_seed_and_a_mean_beyond_the_noise_bound():
+    from benchmarks.quality import verdict
+
+    assert verdict([0.03, 0.05], bound=0.02) == "ahead at every seed"
+    assert verdict([-0.03, -0.05, -0.04], bound=0.02) == "behind at every seed"
+    assert verdict([0.03, -0.01, 0.05], bound=0.02) == "not shown"  # signs differ
+    assert verdict([0.01, 0.02], bound=0.02) == "not shown"  # mean 0.015 within the bound
+    assert verdict([0.03, 0.0], bound=0.001) == "not shown"  # a zero is no sign
+    assert verdict([0.05], bound=0.001) == "one seed: not shown"
+    assert verdict([], bound=None) == "one seed: not shown"
+    # Without a measured bound: the same sign at 3 or more seeds.
+    assert verdict([0.03, 0.05], bound=None) == "not shown"
+    assert verdict([0.001, 0.002, 0.003], bound=None) == "ahead at every seed"
+    assert verdict([-0.001, -0.002, -0.003], bound=None) == "behind at every seed"
+
+
+def _with(run: dict, **values: float) -> dict:
+    """``run`` with these accuracies (fine-tune, probe, knn) for its own algorithm."""
+    keys = {"finetune": FINETUNE_KEY, "probe": "linear-probe-accuracy", "knn": "knn-accuracy"}
+    for name, value in values.items():
+        run["summary"][keys[name]] = {run["algorithm"]: value}
+    return run
+
+
+def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_path):
+    from benchmarks.quality import comparisons, paired_differences
+
+    out = tmp_path / "runs"
+    ours = [
+        _with(fake_run("fedmae", 0, 0.0, out / "a"), finetune=0.72, probe=0.80, knn=0.70),
+        _with(fake_run("fedmae", 1, 0.0, out / "a"), finetune=0.90, probe=0.81, knn=0.71),
+        _with(fake_run("fedmae", 2, 0.0, out / "a"), finetune=0.75, probe=0.79, knn=0.72),
+    ]
+    # fedavg-mae lacks seed 1; listed out of seed order.
+    theirs = [
+        _with(fake_run("fedavg-mae", 2, 0.0, out / "b"), finetune=0.72, probe=0.80, knn=0.69),
+        _with(fake_run("fedavg-mae", 0, 0.0, out / "b"), finetune=0.70, probe=0.78, knn=0.68),
+    ]
+    assert paired_differences(ours, theirs, FINETUNE_KEY, "fedavg-mae") == {
+        0: pytest.approx(0.02),
+        2: pytest.approx(0.03),
+    }
+    grid = {("fedmae", "iid"): ours, ("fedavg-mae", "iid"): theirs}
+    bounds = {FINETUNE_KEY: 0.02, "linear-probe-accuracy": 0.02, "knn-accuracy": None}
+    lines = comparisons(grid, bounds)
+    # fine-tune: +2, +3, mean 2.5 > 2.0 -> ahead; probe: +2, -1 -> not shown; k-NN: +2, +3 at
+    # two seeds without a bound -> not shown.
+    assert (
+        "| iid | fedavg-mae | fine-tune | s0 +2.0, s2 +3.0 | +2.5 | 2.0 | ahead at every seed |"
+        in lines
+    )
+    assert (
+        "| iid | fedavg-mae | linear probe | s0 +2.0, s2 -1.0 | +0.5 | 2.0 | not shown |" in lines
+    )
+    assert (
+        "| iid | fedavg-mae | k-NN | s0 +2.0, s2 +3.0 | +2.5 | no noise bound measured "
+        "| not shown |" in lines
+    )
+    assert "- iid: fedmae vs fedavg-mae: client memory 1.00x, bytes up per client-round 1.00x" in (
+        lines
+    )
+    # A wider bound and the fine-tune lead is no longer shown; a baseline behind at every seed.
+    assert "| 3.0 | not shown |" in comparisons(grid, {**bounds, FINETUNE_KEY: 0.03})[2]
+    for run in theirs:
+        run["summary"][FINETUNE_KEY]["fedavg-mae"] += 0.10
+    behind = comparisons(grid, bounds)[2]
+    assert "| s0 -8.0, s2 -7.0 | -7.5 | 2.0 | behind at every seed |" in behind
 
 
 def write_run_dir(
@@ -103,14 +184,36 @@ def write_run_dir(
     return name
 
 
-def test_the_grid_report_reads_its_times_from_the_run_files(tmp_path):
-    """Wall time, start-up and post-hoc fine-tune minutes: from summary.json, the harness'
-    bench-run.json and the fine-tune cache; change a file and the text follows."""
-    import json
+def protocol_record(algorithm: str, subsets: list[float], seconds: float, protocol=None) -> dict:
+    """A ``finetune-protocol.json`` as benchmarks.grid_finetune writes it."""
+    import statistics
 
+    from benchmarks.harness import FINETUNE_PROTOCOL
+
+    result = {
+        "accuracy": statistics.fmean(subsets),
+        "accuracy_std": statistics.stdev(subsets),
+        "train_accuracy": 0.9,
+        "subsets": [{"subset": k, "accuracy": a, "lr": 0.001} for k, a in enumerate(subsets)],
+    }
+    return {"protocol": dict(FINETUNE_PROTOCOL if protocol is None else protocol),
+            "results": {algorithm: result}, "seconds": seconds,
+            "machine": "the test machine"}  # fmt: skip
+
+
+def test_the_grid_report_reads_its_times_and_fine_tunes_from_the_run_files(tmp_path):
+    """Wall time, start-up, the fine-tune column and its minutes: from summary.json, the
+    harness' bench-run.json and the grid_finetune cache; change a file and the text follows."""
     from benchmarks import quality, quality_grid
-    from benchmarks.harness import EVALUATION, GRID_EVALUATION, RUN_RECORD
-    from benchmarks.label_efficiency import cache_path
+    from benchmarks.grid_finetune import CACHE
+    from benchmarks.harness import (
+        ALGORITHMS,
+        EVALUATION,
+        FINETUNE_PROTOCOL,
+        GRID_EVALUATION,
+        PARTITIONS,
+        RUN_RECORD,
+    )
 
     out_root = tmp_path / "runs"
     names = [
@@ -119,36 +222,165 @@ def test_the_grid_report_reads_its_times_from_the_run_files(tmp_path):
     ]
     for name, seconds in zip(names, (1520.0, 930.0), strict=True):  # start-up 20 and 30 s
         (out_root / name / RUN_RECORD).write_text(json.dumps({"flwr-run-seconds": seconds}))
-    labels, epochs = GRID_EVALUATION["finetune-labels"], EVALUATION["finetune-epochs"]
-    for name, seconds in zip(names, (600.0, 1200.0), strict=True):
-        record = {"accuracy": 0.65, "seconds": seconds, "machine": "the test machine"}
-        cache_path(out_root / name, labels, epochs=epochs).write_text(json.dumps(record))
+    records = [
+        protocol_record("fedmae", [0.64, 0.66, 0.65], 600.0),
+        protocol_record("random-init", [0.57, 0.58, 0.59], 1200.0),
+    ]
+    for name, record in zip(names, records, strict=True):
+        (out_root / name / CACHE).write_text(json.dumps(record))
 
     def report() -> str:
         grid = {}
         for algorithm in ("fedmae", "random-init"):
             run = quality_grid.run_one(algorithm, "iid", 0, out_root, report_only=True)
             grid[(algorithm, "pooled" if algorithm == "random-init" else "iid")] = [run]
-        return quality.write_report(grid, "cmd", tmp_path / "docs", out_root).read_text()
+        bounds = {key: None for key, _, _ in quality.ACCURACY_LABELS}
+        docs = tmp_path / "docs"
+        return quality.write_report(grid, "cmd", docs, out_root, bounds=bounds).read_text()
 
     text = report()
     # 1500 + 900 s = 40 min; (20 + 30) / 2 = 25 s; 600 + 1200 s = 30 min
     assert "wall time adds up to 40 min, plus 25 s start-up per run, on" in text
-    assert "(`make bench-quality-finetune`, 30 min on the test machine;" in text
-    assert "| fedmae | iid | 70.0 | 65.0 |" in text
+    assert "it ran for every run, 30 min on the test machine." in text
+    assert "| fedmae | iid | 65.0 | 70.0 | 60.0 |" in text  # the mean over the 3 subsets
+    assert "| random-init | pooled | 58.0 | 70.0 |" in text
+    assert "- fedmae-iid-s0: 64.0, 66.0, 65.0 (65.0 ± 1.0; kept lr 0.001; train top-1 90.0)" in text
+    assert "| iid | random-init | fine-tune | s0 +7.0 | +7.0 | no noise bound measured " in text
     summary = json.loads((out_root / names[0] / "summary.json").read_text())
     (out_root / names[0] / "summary.json").write_text(
         json.dumps({**summary, "wall-seconds": 1200.0})
     )
     (out_root / names[1] / RUN_RECORD).unlink()  # a run the harness did not time
-    cache_path(out_root / names[1], labels, epochs=epochs).unlink()  # nor fine-tuned afterwards
+    # ... and whose fine-tune was made under another protocol: not this column's value.
+    other = {**FINETUNE_PROTOCOL, "finetune-epochs": FINETUNE_PROTOCOL["finetune-epochs"] + 1}
+    stale = protocol_record("random-init", [0.1, 0.2, 0.3], 1200.0, protocol=other)
+    (out_root / names[1] / CACHE).write_text(json.dumps(stale))
     text = report()
     # 1200 + 900 s = 35 min; start-up 1520 - 1200 = 320 s, from the one run timed
     assert "adds up to 35 min, plus 320 s start-up per run (1 of 2 runs timed), on" in text
-    assert (
-        "(`make bench-quality-finetune`, 10 min for 1 of 2 backbones on the test machine;" in text
-    )
+    assert "it ran for 1 of 2 runs, 10 min on the test machine: fedmae-iid-s0 ('-' where" in text
+    assert "| random-init | pooled | - | 70.0 |" in text
     # Settings in the prose come from the schema and the evaluation dicts, not from the text.
     assert "Fashion-MNIST (28x28, patch 4, ViT width 192)" in text
-    assert "(a 5-epoch fine-tune, 2,000 test images), chosen so that the 22 runs" in text
-    assert "the full one (15 epochs, 5,000 test images)" in text
+    for key, value in FINETUNE_PROTOCOL.items():
+        assert f"{key}={value}" in text
+    runs = quality_grid.grid_size(list(ALGORITHMS), list(PARTITIONS), quality.DEFAULT_SEEDS)
+    assert f"so that the {runs} runs fit" in text
+    assert f"({EVALUATION['finetune-labels']:,} labels, one subset, " in text
+    assert f"{EVALUATION['finetune-epochs']} epochs)" in text
+    assert "finetune-labels=0" in text and "finetune-epochs=" not in text.split("Fine-tune col")[0]
+
+
+def tiny_run_dir(out_root, tiny_overrides: dict, seed: int = 0):
+    """A finished random-init run folder as the app leaves it: config.yaml, summary.json and the
+    exported (random-init) backbone."""
+    from fedmae_flwr.config import resolve_config, to_yaml
+    from fedmae_flwr.models.export import export_backbone
+    from fedmae_flwr.server_app import random_init_state
+
+    cfg = resolve_config(
+        {**tiny_overrides, "algorithm": "random-init", "seed": seed, "device": "cpu",
+         "output-dir": str(out_root), "run-name": f"random-init-pooled-s{seed}"}
+    )  # fmt: skip
+    run_dir = out_root / cfg.run_name
+    export_backbone(cfg.model, random_init_state(cfg), run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_path, tiny_overrides):
+    from benchmarks import grid_finetune
+    from fedmae_flwr.data import load_dataset
+    from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
+    from fedmae_flwr.models.export import load_backbone
+
+    run_dir = tiny_run_dir(tmp_path / "grid", tiny_overrides)
+    (tmp_path / "grid" / "unfinished").mkdir()  # no summary.json: not a run to fine-tune
+    assert grid_finetune.finished_runs(tmp_path / "grid") == [run_dir.name]
+    protocol = {"finetune-labels": 24, "finetune-epochs": 1, "finetune-subsets": 2,
+                "finetune-val-fraction": 0.25, "finetune-lr-grid": "1e-3,3e-3",
+                "finetune-head-norm": "batchnorm", "test-images": 30}  # fmt: skip
+    record, fresh = grid_finetune.finetune_run(run_dir, "cpu", protocol)
+    assert fresh and record["protocol"] == protocol and record["seconds"] > 0
+    result = record["results"]["random-init"]
+    assert len(result["subsets"]) == 2 and result["subsets"][0]["train_labels"] == 18
+    # What a run with those eval keys computes: the library's own call on the same config.
+    cfg = grid_finetune.protocol_config(run_dir, protocol)
+    assert cfg.eval.finetune_epochs == 1 and cfg.eval.lr_grid == (1e-3, 3e-3)
+    assert cfg.model.embed_dim == tiny_overrides["embed-dim"]  # the run's own settings stay
+    splits = load_dataset(cfg)
+    direct = finetune_backbones(cfg.eval, {"random-init": load_backbone(run_dir)},
+                                labelled_subsets(cfg.eval, splits, cfg.seed), splits,
+                                seed=cfg.seed, device="cpu")  # fmt: skip
+    assert direct["random-init"]["accuracy"] == result["accuracy"]
+    # Same protocol: read back, not computed again.
+    again, fresh = grid_finetune.finetune_run(run_dir, "cpu", protocol)
+    assert not fresh and again == record
+    assert grid_finetune.read_cache(run_dir) is None  # not FINETUNE_PROTOCOL's result
+    # Another protocol: computed again, and the cache now holds that one.
+    changed = {**protocol, "finetune-lr-grid": "1e-3"}
+    record2, fresh = grid_finetune.finetune_run(run_dir, "cpu", changed)
+    assert fresh and record2["protocol"] == changed
+    assert grid_finetune.read_cache(run_dir, protocol) is None
+    assert grid_finetune.read_cache(run_dir, changed) == record2
+
+
+def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_path):
+    import math
+    import statistics
+    from dataclasses import asdict
+
+    from benchmarks.harness import BUDGET, FINETUNE_PROTOCOL, GRID_EVALUATION
+    from benchmarks.quality import noise_bounds
+    from fedmae_flwr.config import from_flat
+    from fedmae_flwr.evaluation.downstream import PROTOCOL_RECIPE
+
+    path = tmp_path / "results.json"
+    none = {FINETUNE_KEY: None, "linear-probe-accuracy": None, "knn-accuracy": None}
+    assert noise_bounds(path) == none  # nothing measured
+    cfg = from_flat({**BUDGET, **GRID_EVALUATION, **FINETUNE_PROTOCOL})
+    protocol = {
+        "model": asdict(cfg.model),
+        "finetune-labels": FINETUNE_PROTOCOL["finetune-labels"],
+        "subsets": 2,
+        "val-fraction": FINETUNE_PROTOCOL["finetune-val-fraction"],
+        "lr-grid": list(cfg.eval.lr_grid),
+        "finetune-epochs": FINETUNE_PROTOCOL["finetune-epochs"],
+        "finetune-recipe": PROTOCOL_RECIPE,
+        "finetune-head-norm": FINETUNE_PROTOCOL["finetune-head-norm"],
+        "probe-train-images": GRID_EVALUATION["probe-train-images"],
+        "probe-epochs": GRID_EVALUATION["probe-epochs"],
+        "test-images": GRID_EVALUATION["test-images"],
+    }
+    tune = {"0": [0.55, 0.57], "1": [0.60, 0.58]}
+    probe = {"0": [0.750, 0.752], "1": [0.756, 0.754]}
+    lr = cfg.eval.lr_grid[0]
+
+    def write(protocol: dict) -> None:
+        seeds = {
+            s: {
+                "finetune": {"subsets": [{"accuracy": a, "train_accuracy": 0.6, "lr": lr,
+                                          "val_accuracy": {repr(lr): a}} for a in tune[s]]},
+                "linear-probe": [{"accuracy": a, "train_accuracy": 0.8} for a in probe[s]],
+            }
+            for s in tune
+        }  # fmt: skip
+        path.write_text(json.dumps({"protocol": protocol, "seeds": seeds}))
+
+    write(protocol)
+    k = FINETUNE_PROTOCOL["finetune-subsets"]
+    tune_std = statistics.stdev([v for row in tune.values() for v in row])
+    probe_std = statistics.stdev([v for row in probe.values() for v in row])
+    bounds = noise_bounds(path)
+    assert bounds[FINETUNE_KEY] == pytest.approx(2 * tune_std * math.sqrt(2 / k))
+    assert bounds["linear-probe-accuracy"] == pytest.approx(2 * probe_std * math.sqrt(2))
+    assert bounds["knn-accuracy"] is None
+    # A fine-tune measured under other epochs is not this column's noise; the probe's still is.
+    write({**protocol, "finetune-epochs": protocol["finetune-epochs"] + 1})
+    assert noise_bounds(path)[FINETUNE_KEY] is None
+    assert noise_bounds(path)["linear-probe-accuracy"] == pytest.approx(
+        bounds["linear-probe-accuracy"]
+    )
+    write({**protocol, "probe-epochs": 1})
+    assert noise_bounds(path)["linear-probe-accuracy"] is None

@@ -1,0 +1,155 @@
+"""The quality grid's fine-tune column: its exported backbones fine-tuned under FINETUNE_PROTOCOL.
+
+The grid's runs score probe, k-NN and PSNR only (``GRID_EVALUATION``: ``finetune-labels=0``).
+This fine-tunes each run's exported backbone afterwards through the library's own path, so the
+number is exactly what a run with the eval keys of ``FINETUNE_PROTOCOL`` gives: the run's
+``config.yaml`` with those keys on top, its dataset, its seed, ``labelled_subsets`` and
+:func:`fedmae_flwr.evaluation.downstream.finetune_backbones` (disjoint label subsets, a validation
+share of each, the lr kept by validation top-1, the kept model alone scored on the test images).
+
+Each run's result is cached as ``<run>/finetune-protocol.json`` (the result, its seconds, the
+machine and the protocol); a run whose cache holds the same protocol is skipped, one whose cache
+holds another protocol is fine-tuned again.
+
+    .venv/bin/python -m benchmarks.grid_finetune                    # every finished grid run
+    .venv/bin/python -m benchmarks.grid_finetune --runs fedmae-iid-s0 --threads 2
+
+``make bench-quality-finetune`` runs it, then ``benchmarks.quality --report-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.harness import ALGORITHMS, FINETUNE_PROTOCOL, ROOT, machine_line
+from benchmarks.label_efficiency import run_config
+from fedmae_flwr.config import Algorithm, FedMAEConfig, from_flat, to_flat
+from fedmae_flwr.data import load_dataset
+from fedmae_flwr.devices import resolve_device
+from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
+from fedmae_flwr.models.export import create_timm_backbone, load_backbone
+from fedmae_flwr.server_app import random_init_state
+
+CACHE = "finetune-protocol.json"
+DEFAULT_OUT = ROOT / "outputs" / "bench-grid"
+
+
+def cache_path(run_dir: Path) -> Path:
+    return run_dir / CACHE
+
+
+def read_cache(run_dir: Path, protocol: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The cached record of ``run_dir`` if it was made under ``protocol`` (FINETUNE_PROTOCOL by
+    default); None when there is none or it holds another protocol's result."""
+    path = cache_path(run_dir)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    wanted = FINETUNE_PROTOCOL if protocol is None else protocol
+    return record if record.get("protocol") == json.loads(json.dumps(wanted)) else None
+
+
+def protocol_config(run_dir: Path, protocol: dict[str, Any] | None = None) -> FedMAEConfig:
+    """The run's resolved config (``config.yaml``) with the ``protocol`` keys on top, checked
+    as any run config is (so it is the config of a run made with those eval keys)."""
+    keys = FINETUNE_PROTOCOL if protocol is None else protocol
+    saved = to_flat(run_config(run_dir))
+    return from_flat({**saved, **keys}, f"{run_dir / 'config.yaml'} + the fine-tune protocol")
+
+
+def run_backbone(run_dir: Path, cfg: FedMAEConfig) -> nn.Module:
+    """The backbone the run exported (a random-init run exports its random-init backbone); a
+    random-init run without one gets it rebuilt from its config and seed, as the run builds it."""
+    if (run_dir / "backbone.safetensors").is_file():
+        return load_backbone(run_dir)
+    if cfg.algorithm == Algorithm.RANDOM_INIT:
+        return create_timm_backbone(cfg.model, random_init_state(cfg))
+    raise FileNotFoundError(f"{run_dir} has no exported backbone (backbone.safetensors)")
+
+
+def finetune_run(
+    run_dir: Path, device: str | None = None, protocol: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Fine-tune ``run_dir``'s backbone under ``protocol`` (FINETUNE_PROTOCOL); cached.
+
+    ``device``: None = the run's own ``device`` key (resolved as the run resolves it).
+    Returns (the record, whether it was computed now rather than read from the cache).
+    """
+    protocol = dict(FINETUNE_PROTOCOL if protocol is None else protocol)
+    cached = read_cache(run_dir, protocol)
+    if cached is not None:
+        return cached, False
+    cfg = protocol_config(run_dir, protocol)
+    where = resolve_device(str(cfg.device) if device is None else device)
+    splits = load_dataset(cfg)
+    sets = labelled_subsets(cfg.eval, splits, cfg.seed)
+    backbone = run_backbone(run_dir, cfg)
+    name = cfg.algorithm.value
+    start = time.perf_counter()
+    results = finetune_backbones(cfg.eval, {name: backbone}, sets, splits, seed=cfg.seed,
+                                 device=where)  # fmt: skip
+    record = {
+        "protocol": protocol,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+        "machine": machine_line(),
+        "device": str(where),
+        "threads": torch.get_num_threads(),
+    }
+    cache_path(run_dir).write_text(json.dumps(record, indent=2))
+    return record, True
+
+
+def finished_runs(out: Path) -> list[str]:
+    """Every run folder under ``out`` that finished (summary.json) and has its config."""
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir() and (p / "summary.json").is_file() and (p / "config.yaml").is_file()
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--runs", nargs="+", default=None, help="default: every finished run")
+    parser.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default=None, help="default: each run's device key")
+    args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        parser.error(f"no run folder {args.out}; run the grid first (make bench-quality)")
+    runs = finished_runs(args.out) if args.runs is None else args.runs
+    missing = [r for r in runs if r not in finished_runs(args.out)]
+    if missing:
+        parser.error(f"no finished run {missing} under {args.out}")
+    if args.algorithms is not None:
+        runs = [r for r in runs if run_config(args.out / r).algorithm.value in args.algorithms]
+    args.runs = runs
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        record, fresh = finetune_run(args.out / run, args.device)
+        (result,) = record["results"].values()
+        std = result.get("accuracy_std", 0.0)
+        how = f"{record['seconds']:.0f} s" if fresh else "cached"
+        print(f"[grid-finetune] {run}: {100 * result['accuracy']:.1f} ± {100 * std:.1f} "
+              f"({how})", flush=True)  # fmt: skip
+    print(f"[grid-finetune] {len(args.runs)} runs under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
