@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import command_line, pyplot, save_figure
-from fedmae_flwr.config import resolve_config
+from fedmae_flwr.config import HeadNorm, resolve_config
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.data.images import DatasetSplits
 from fedmae_flwr.evaluation.downstream import PROTOCOL_RECIPE
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--lr-grid", default=str(defaults.finetune_lr))
     parser.add_argument("--epochs", type=int, default=defaults.finetune_epochs)
+    parser.add_argument("--head-norm", default=str(defaults.finetune_head_norm),
+                        choices=[str(kind) for kind in HeadNorm])  # fmt: skip
     parser.add_argument("--probe-images", type=int, default=defaults.probe_train_images)
     parser.add_argument("--probe-epochs", type=int, default=defaults.probe_epochs)
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
@@ -79,6 +81,7 @@ def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
         "lr-grid": [float(v) for v in args.lr_grid.split(",")],
         "finetune-epochs": args.epochs,
         "finetune-recipe": PROTOCOL_RECIPE,
+        "finetune-head-norm": args.head_norm,
         "probe-train-images": args.probe_images,
         "probe-epochs": args.probe_epochs,
         "test-images": args.test_images,
@@ -127,7 +130,7 @@ def measure_seed(seed: int, splits: DatasetSplits, args: argparse.Namespace) -> 
         (splits.normalize(test.images), test.labels), val_fraction=args.val_fraction,
         lrs=tuple(float(v) for v in args.lr_grid.split(",")), seed=seed,
         feature_dim=backbone.num_features, num_classes=splits.num_classes, epochs=args.epochs,
-        device="cpu", layer_decay=1.0, **PROTOCOL_RECIPE,
+        device="cpu", layer_decay=1.0, head_norm=args.head_norm, **PROTOCOL_RECIPE,
     )  # fmt: skip
     return {
         "finetune": finetune,
@@ -313,7 +316,9 @@ def write_report(
         f"{p['subsets']} disjoint subsets of {p['finetune-labels']} training images (subset seed "
         f"{p['subset-seed']}, the same for every init seed), {_pct(p['val-fraction'])} % of each "
         f"held out for validation, lr kept by validation top-1 from {p['lr-grid']}, "
-        f"{p['finetune-epochs']} epochs, recipe {p['finetune-recipe']}; the kept model alone is "
+        f"{p['finetune-epochs']} epochs, recipe {p['finetune-recipe']}, head norm "
+        # Files from before the key existed were measured with a bare linear head.
+        f"{p.get('finetune-head-norm', 'none')}; the kept model alone is "
         f"scored on the first {p['test-images']} test images. Linear probe: {p['subsets']} "
         f"disjoint subsets of {p['probe-train-images']} images (same seed), {p['probe-epochs']} "
         "epochs, MAE's BatchNorm-without-affine head. Top-1 in %; std = sample std.",

@@ -46,6 +46,10 @@ EVALUATION: dict[str, Any] = {
     "probe-epochs": 50,
     "finetune-labels": 1000,
     "finetune-epochs": 15,
+    # The studies of docs/budget.md, ablations.md, feature-depth.md were measured with a bare
+    # linear head; pinned so that their runs stay reproducible (the grid's FINETUNE_PROTOCOL and
+    # the schema default use the BatchNorm head).
+    "finetune-head-norm": "none",
     "test-images": 5000,
     "stage-knn-images": 2000,
     "evaluate-clients": 0,
@@ -57,7 +61,8 @@ EVALUATION: dict[str, Any] = {
 # column is the evaluation protocol of docs/eval-protocol.md run on the exported backbones
 # afterwards (`make bench-quality-finetune`: label subsets, lr chosen on validation).
 GRID_EVALUATION: dict[str, Any] = {
-    **EVALUATION,
+    # No fine-tune in the runs, so no head to pin (the grid's runs of 2026-12-04 have no such key).
+    **{key: value for key, value in EVALUATION.items() if key != "finetune-head-norm"},
     "finetune-labels": 0,
     "stage-knn-images": 1000,
     "local-clients": 1,

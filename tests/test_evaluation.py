@@ -20,7 +20,7 @@ from fedmae_flwr.evaluation import (
     mean_fill_baseline,
     save_reconstruction_grid,
 )
-from fedmae_flwr.evaluation.finetune import _random_crop_flip
+from fedmae_flwr.evaluation.finetune import HEAD_NORMS, _random_crop_flip, finetuned_model
 
 torch.set_num_threads(2)
 
@@ -305,6 +305,37 @@ def test_finetune_rejects_wrong_feature_dim():
     x, y = quadrant_images(16, seed=0)
     with pytest.raises(ValueError, match="feature_dim=8"):
         finetune(tiny_backbone(16), 8, x, y, x, y, num_classes=4, epochs=1)
+
+
+@pytest.mark.parametrize("kind", HEAD_NORMS)
+def test_finetune_learns_with_every_head_norm(kind):
+    train_x, train_y = quadrant_images(512, seed=0)
+    test_x, test_y = quadrant_images(256, seed=1)
+    result = finetune(tiny_backbone(), 16, train_x, train_y, test_x, test_y, 4, epochs=8,
+                      lr=1e-2, augment=False, head_norm=kind)  # fmt: skip
+    assert result.accuracy >= 0.95 and result.train_accuracy >= 0.95
+
+
+def test_the_head_norm_sits_between_backbone_and_head():
+    x, y = quadrant_images(64, seed=0)
+    kwargs = dict(num_classes=4, epochs=1, lr=1e-3, batch_size=32, weight_decay=0.05,
+                  augment=False, seed=0, device="cpu", label_smoothing=0.0,
+                  warmup_fraction=0.0, layer_decay=1.0)  # fmt: skip
+    model, _ = finetuned_model(tiny_backbone(), 16, x, y, head_norm="batchnorm", **kwargs)
+    assert isinstance(model.norm, nn.BatchNorm1d) and not model.norm.affine
+    assert model.norm.running_mean.abs().sum() > 0  # it saw the training features
+    model, _ = finetuned_model(tiny_backbone(), 16, x, y, head_norm="none", **kwargs)
+    assert isinstance(model.norm, nn.Identity)
+    # Under layer decay the LayerNorm's scale and shift are trained (in a group) too.
+    model, _ = finetuned_model(tiny_backbone(), 16, x, y, head_norm="layernorm",
+                               **{**kwargs, "layer_decay": 0.75})  # fmt: skip
+    assert not torch.equal(model.norm.weight, torch.ones(16))
+
+
+def test_finetune_rejects_an_unknown_head_norm_before_training():
+    x, y = quadrant_images(16, seed=0)
+    with pytest.raises(ValueError, match="head_norm must be one of batchnorm, layernorm, none"):
+        finetune(tiny_backbone(16), 16, x, y, x, y, num_classes=4, epochs=1, head_norm="bn")
 
 
 # ---------------------------------------------------------------- save_reconstruction_grid

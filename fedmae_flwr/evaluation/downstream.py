@@ -100,7 +100,8 @@ def finetune_backbones(
     """
     test = (splits.normalize(sets["test"].images), sets["test"].labels)
     recipe = {"num_classes": splits.num_classes, "epochs": cfg.finetune_epochs, "device": device,
-              "layer_decay": cfg.finetune_layer_decay}  # fmt: skip
+              "layer_decay": cfg.finetune_layer_decay,
+              "head_norm": str(cfg.finetune_head_norm)}  # fmt: skip
     subsets = None if _single_run(cfg) else _protocol_subsets(cfg, splits, seed)
     results = {}
     for name, backbone in backbones.items():
@@ -168,6 +169,7 @@ def _protocol(cfg: EvalConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
         "finetune-epochs": cfg.finetune_epochs,
         "finetune-lr": cfg.finetune_lr,
         "finetune-layer-decay": cfg.finetune_layer_decay,
+        "finetune-head-norm": str(cfg.finetune_head_norm),
         "finetune-subsets": cfg.finetune_subsets if cfg.finetune_labels else 0,
         "finetune-val-fraction": cfg.finetune_val_fraction,
         "finetune-lr-grid": list(cfg.lr_grid),
