@@ -384,3 +384,26 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     )
     write({**protocol, "probe-epochs": 1})
     assert noise_bounds(path)["linear-probe-accuracy"] is None
+
+
+def test_the_grid_random_init_row_gives_the_fine_tune_bound_when_no_floor_matches():
+    """2 x stdev of random init's per-subset values over all seeds x sqrt(2 / subsets); none
+    from a single fine-tuned seed."""
+    import math
+    import statistics
+
+    from benchmarks.harness import FINETUNE_PROTOCOL
+    from benchmarks.quality import grid_noise_bound
+    from benchmarks.quality_grid import FINETUNE_RECORD
+
+    per_seed = [[0.70, 0.72, 0.71], [0.68, 0.69, 0.73]]
+    runs = [{"seed": s, FINETUNE_RECORD: protocol_record("random-init", v, 1.0)}
+            for s, v in enumerate(per_seed)]  # fmt: skip
+    grid = {("random-init", "pooled"): runs}
+    k = FINETUNE_PROTOCOL["finetune-subsets"]
+    values = [v for row in per_seed for v in row]
+    expected = 2 * statistics.stdev(values) * math.sqrt(2 / k)
+    assert grid_noise_bound(grid) == pytest.approx(expected)
+    assert grid_noise_bound({("random-init", "pooled"): runs[:1]}) is None
+    assert grid_noise_bound({("random-init", "pooled"): [{"seed": 0}, {"seed": 1}]}) is None
+    assert grid_noise_bound({}) is None
