@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subsets", type=int, default=3)
     parser.add_argument("--subset-seed", type=int, default=0)
-    parser.add_argument("--labels", type=int, default=defaults.finetune_labels)
+    parser.add_argument("--labels", type=int, default=1000)  # the schema default is 0 (off)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--lr-grid", default=str(defaults.finetune_lr))
     parser.add_argument("--epochs", type=int, default=defaults.finetune_epochs)
@@ -94,6 +94,8 @@ def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {"protocol": protocol, "seeds": {}}
     results = json.loads(path.read_text())
+    # Files from before the head-norm key were measured with the bare linear head.
+    results["protocol"].setdefault("finetune-head-norm", "none")
     if results["protocol"] != protocol:
         raise SystemExit(f"{path} holds another protocol's results; move it or pass --results")
     return results
@@ -184,6 +186,21 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def _pct(value: float) -> str:
     """A fraction in percent, one decimal; "-" where undefined (a spread of one value)."""
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _recipe_note(protocol: dict[str, Any]) -> list[str]:
+    """Where the page measures another recipe than today's default fine-tune, it says so."""
+    today = resolve_config().eval
+    measured = (protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"))
+    if measured == (today.finetune_epochs, str(today.finetune_head_norm)):
+        return []
+    return [
+        f"**Not today's fine-tune recipe**: measured with {measured[0]} epochs and head norm "
+        f"{measured[1]}; the default is now {today.finetune_epochs} epochs with head norm "
+        f"{today.finetune_head_norm}. That recipe's noise floor under the grid's protocol is "
+        "the random-init row of docs/results.md (3 init seeds x 3 label subsets).",
+        "",
+    ]
 
 
 def _table(summary: dict[str, Any]) -> list[str]:
@@ -328,6 +345,7 @@ def write_report(
         "its summary's fine-tune entries then carry `accuracy` (the mean over subsets), "
         "`accuracy_std` and `subsets`.",
         "",
+        *_recipe_note(p),
         *_table(summary),
         "",
         "Each run, fine-tune / probe test top-1:",
