@@ -12,7 +12,7 @@ RUN_CONFIG ?=
 RUN_NAME ?= fedmae-fmnist
 
 .PHONY: run test lint setup data clean bench-quality bench-quality-finetune bench-budget \
-	bench-ablations deploy-local
+	bench-ablations deploy-local device-carry
 
 setup: $(STAMP)
 
@@ -73,3 +73,8 @@ lint: setup
 
 clean:
 	rm -rf outputs .flwr .pytest_cache .ruff_cache .deploy-local
+
+# What a lent GPU machine needs carried (docs/gpu.md, "Running the GPU checks on a lent machine"):
+# outputs/device-carry/{site,fashion-mnist}.tar.xz; needs PyPI.
+device-carry: setup data
+	$(VPY) scripts/pack_device_carry.py --data-dir $(DATA_DIR)

@@ -49,3 +49,10 @@ def test_gpu_check_runs_the_preset_through_flwr_run_on_a_cpu(tmp_path, fmnist_di
     summary = json.loads((out / "fmnist-gpu-s0-summary.json").read_text())
     assert summary["run-name"] == "fmnist-gpu-s0" and summary["depth"] == 2
     assert (out / "fmnist-gpu-s0-metrics.jsonl").read_text().count("\n") == 4  # 2 blocks x 2 rounds
+
+
+def test_device_check_without_a_bundle_exits_2_naming_make_device_carry(tmp_path):
+    env = {**os.environ, "DEVICE_CARRY": str(tmp_path / "none")}
+    cmd = ["bash", "scripts/device_check.sh", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "make device-carry" in done.stderr
