@@ -172,9 +172,10 @@ def time_text(runs: list[dict[str, Any]], cpu: list[dict]) -> str:
 # How the runs in docs/gpu.md were made (what the report says of them).
 RUNNER_NOTE = (
     "These runs went through `fedmae_flwr.inprocess` (the real ServerApp run and ClientApp "
-    "handlers, nodes one after the other in one process), not `flwr run`: Ray's wheel is "
-    "larger than what could be carried to the lent GPU machine. Clients and the server's "
-    "evaluation ran on the GPU."
+    "handlers, nodes one after the other in one process), not `flwr run`: Ray's wheel was "
+    "then larger than what could be carried to the lent GPU machine (docs/gpu-checks.md now "
+    "packs a pruned one, so the next runs go through `flwr run` and Ray). Clients and the "
+    "server's evaluation ran on the GPU."
 )
 
 
