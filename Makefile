@@ -39,7 +39,7 @@ run: setup data
 	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
 
 # FedMAE against fedavg-mae, centralized, local and random-init on one budget (3 partitions x
-# 2 seeds through `flwr run`); writes docs/results.md and plots. BENCH_ARGS narrows the grid.
+# 3 seeds through `flwr run`; then bench-quality-finetune for the fine-tune column); writes docs/results.md and plots. BENCH_ARGS narrows the grid.
 bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 

@@ -443,8 +443,9 @@ def evaluation_text() -> str:
         "Evaluation in each run, the same for every backbone: "
         + ", ".join(f"{k}={v}" for k, v in shown.items())
         + f" ({EVALUATION_PROTOCOL}). The runs score probe, k-NN and masked PSNR only "
-        f"(finetune-labels={GRID_EVALUATION['finetune-labels']}), so that the {full_size} runs "
-        f"fit {GRID_MINUTES} minutes on {GRID_MACHINE}; the budget study and the ablations "
+        f"(finetune-labels={GRID_EVALUATION['finetune-labels']}) to keep the {full_size} runs "
+        f"of the full grid within a few hours on {GRID_MACHINE} (sized for {GRID_MINUTES} min "
+        "at 2 seeds); the budget study and the ablations "
         f"fine-tune inside their runs ({EVALUATION['finetune-labels']:,} labels, one subset, "
         f"{EVALUATION['finetune-epochs']} epochs), so their fine-tune numbers are not "
         "comparable with this table's."

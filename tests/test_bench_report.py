@@ -265,7 +265,7 @@ def test_the_grid_report_reads_its_times_and_fine_tunes_from_the_run_files(tmp_p
     for key, value in FINETUNE_PROTOCOL.items():
         assert f"{key}={value}" in text
     runs = quality_grid.grid_size(list(ALGORITHMS), list(PARTITIONS), quality.DEFAULT_SEEDS)
-    assert f"so that the {runs} runs fit" in text
+    assert f"to keep the {runs} runs of the full grid within a few hours" in text
     assert f"({EVALUATION['finetune-labels']:,} labels, one subset, " in text
     assert f"{EVALUATION['finetune-epochs']} epochs)" in text
     assert "finetune-labels=0" in text and "finetune-epochs=" not in text.split("Fine-tune col")[0]
