@@ -59,9 +59,26 @@ def flwr_runs(env: dict[str, str]) -> list[dict[str, Any]]:
     return []
 
 
-def outcome(env: dict[str, str], log: Path) -> int:
-    """0 when the run finished completed, else 1 (and says how it ended)."""
-    row = (flwr_runs(env) or [{"status": "never submitted"}])[0]
+# After `flwr run --stream` returns, the SuperLink can still list the run as running for a
+# while (the simulation is ending Ray's actors; seconds on a busy 2-core machine): wait this long
+# for its final status before calling it failed.
+FINAL_STATUS_GRACE_S = 120.0
+
+
+def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S) -> int:
+    """0 when the run finished completed, else 1 (and says how it ended).
+
+    A run not yet ``finished:*`` is polled for up to ``grace`` seconds first.
+    """
+    give_up = time.monotonic() + grace
+    while True:
+        row = (flwr_runs(env) or [{"status": "never submitted"}])[0]
+        if row["status"].startswith("finished") or row["status"] == "never submitted":
+            break
+        if time.monotonic() > give_up:
+            print(f"[run] still {row['status']} {grace:g} s after its log stream ended", flush=True)
+            break
+        time.sleep(1.0)
     if row["status"] == "finished:completed":
         return 0
     details = f"{row['status']} {row.get('status-details', '')}".strip()

@@ -45,3 +45,23 @@ def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
     assert len(orphans) == 1  # the sleeper, re-parented to the subreaper
     assert out[1].split() == ["None"]  # the caller's child still runs; nothing of ours is left
     assert not Path(f"/proc/{orphans[0]}").exists() and callers not in orphans
+
+
+def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, tmp_path, capsys):
+    """`flwr run --stream` can return while the SuperLink still lists the run as running (Ray
+    shutting down on a busy machine): the outcome waits for the final status."""
+    import scripts.run as run_script
+
+    statuses = iter(["running", "running", "finished:completed"])
+    monkeypatch.setattr(run_script, "flwr_runs", lambda env: [{"status": next(statuses)}])
+    monkeypatch.setattr(run_script.time, "sleep", lambda s: None)
+    assert run_script.outcome({}, tmp_path / "log") == 0
+
+    failed = [{"status": "finished:failed", "status-details": "boom"}]
+    monkeypatch.setattr(run_script, "flwr_runs", lambda env: failed)
+    assert run_script.outcome({}, tmp_path / "log") == 1
+    assert "FAILED: the run finished:failed boom" in capsys.readouterr().out
+
+    monkeypatch.setattr(run_script, "flwr_runs", lambda env: [{"status": "running"}])
+    assert run_script.outcome({}, tmp_path / "log", grace=0.0) == 1
+    assert "still running 0 s after its log stream ended" in capsys.readouterr().out
