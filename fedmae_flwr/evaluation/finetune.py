@@ -55,7 +55,7 @@ class FinetuneResult:
 # a random or lightly pretrained ViT have a small, uneven scale, so a bare linear head (started
 # at ~0, see HEAD_INIT_STD) learns slowly: 15 epochs left a random-init backbone at ~59 % train
 # top-1 on 1,000 labels. MAE normalizes there too (fine-tuning: LayerNorm ``fc_norm``; linear
-# probe: BatchNorm without affine); docs/eval-protocol.md measures the choice.
+# probe: BatchNorm without affine); docs/finetune-recipe.md measures the choice.
 HEAD_NORMS = ("batchnorm", "layernorm", "none")
 
 
