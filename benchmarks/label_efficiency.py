@@ -73,18 +73,6 @@ def cache_path(
     return run_dir / f"finetune-{labels or 'all'}-ld{decay:g}{tag}.json"
 
 
-def posthoc_record(run_dir: Path, labels: int, epochs: int) -> dict[str, Any] | None:
-    """The cached record of ``finetune_run(run_dir, labels, epochs=epochs)``, if it ran."""
-    path = cache_path(run_dir, labels, epochs=epochs)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def posthoc_accuracy(run_dir: Path, labels: int, epochs: int) -> float | None:
-    """The cached top-1 of ``finetune_run(run_dir, labels, epochs=epochs)``, if it ran."""
-    record = posthoc_record(run_dir, labels, epochs)
-    return None if record is None else record["accuracy"]
-
-
 def finetune_run(
     run_dir: Path,
     labels: int,
@@ -225,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--full-recipe",
         action="store_true",
         help="default --labels and --epochs: the benchmarks' evaluation protocol's "
-        "(EVALUATION's finetune-labels and finetune-epochs; make bench-quality-finetune)",
+        "(EVALUATION's finetune-labels and finetune-epochs)",
     )
     args = parser.parse_args(argv)
     check_backbones(parser, args.runs, args.out)
