@@ -68,7 +68,7 @@ class DecoderPerStage(enum.StrEnum):
 
 
 class HeadNorm(enum.StrEnum):
-    """Feature normalization before the fine-tuning head (evaluation.finetune.HEAD_NORMS)."""
+    """Feature normalization before the fine-tuning head (evaluation.finetune.head_norm_layer)."""
 
     BATCHNORM = "batchnorm"
     LAYERNORM = "layernorm"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedmae_flwr.config import HeadNorm
 from fedmae_flwr.evaluation._common import (
     batched_accuracy,
     check_labeled,
@@ -56,7 +57,7 @@ class FinetuneResult:
 # at ~0, see HEAD_INIT_STD) learns slowly: 15 epochs left a random-init backbone at ~59 % train
 # top-1 on 1,000 labels. MAE normalizes there too (fine-tuning: LayerNorm ``fc_norm``; linear
 # probe: BatchNorm without affine); docs/finetune-recipe.md measures the choice.
-HEAD_NORMS = ("batchnorm", "layernorm", "none")
+HEAD_NORMS = tuple(str(kind) for kind in HeadNorm)  # the run-config key's values, one list
 
 
 def head_norm_layer(kind: str, dim: int) -> nn.Module:
