@@ -127,8 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.out.is_dir():
         parser.error(f"no run folder {args.out}; run the grid first (make bench-quality)")
-    runs = finished_runs(args.out) if args.runs is None else args.runs
-    missing = [r for r in runs if r not in finished_runs(args.out)]
+    finished = finished_runs(args.out)
+    runs = finished if args.runs is None else args.runs
+    missing = [r for r in runs if r not in finished]
     if missing:
         parser.error(f"no finished run {missing} under {args.out}")
     if args.algorithms is not None:

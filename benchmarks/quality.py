@@ -169,9 +169,9 @@ def grid_noise_bound(grid: Grid) -> float | None:
     per init seed, fine-tuned on that seed's label subsets, so the spread of their per-subset
     values holds both init-seed and label-subset noise (as docs/eval-protocol.md's std does).
     """
-    runs = grid.get(("random-init", "pooled"), [])
-    values = [v for run in runs for v in finetune_subsets(run)]
-    if sum(1 for run in runs if finetune_subsets(run)) < 2 or len(values) < 3:
+    per_run = [v for run in grid.get(("random-init", "pooled"), []) if (v := finetune_subsets(run))]
+    values = [v for run_values in per_run for v in run_values]
+    if len(per_run) < 2 or len(values) < 3:
         return None
     return _bound(statistics.stdev(values), FINETUNE_PROTOCOL["finetune-subsets"])
 
