@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmae_flwr.client import evaluate_reply, train_reply
+from fedmae_flwr.client import evaluate_reply, identify_reply, train_reply
 from fedmae_flwr.config import ModelConfig, TrainConfig
 from fedmae_flwr.models import export_backbone, fresh_block_state, initial_state
 from fedmae_flwr.strategies import FedMAE
@@ -53,3 +53,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     images = node_images(context)[64:]  # held out from training
     return evaluate_reply(msg, context, images, model=VIT, seed=0)
+
+
+@client.query()
+def identify(msg: Message, context: Context) -> Message:
+    return identify_reply(msg, context)  # the key FedMAE samples this node by, in every run

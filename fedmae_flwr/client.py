@@ -31,6 +31,7 @@ from fedmae_flwr.local_training import reconstruction_loss, train_local
 from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
 from fedmae_flwr.seeding import derive_seed
 from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
+from fedmae_flwr.strategies.node_keys import MAX_KEY_CHARS, NODE_KEY, fallback_key
 
 # Where a node keeps the stage's frozen prefix between rounds (Flower persists Context.state).
 STATE_PREFIX = "fedmae-prefix"
@@ -119,6 +120,38 @@ def evaluate_reply(
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def node_key(context: Context) -> str:
+    """The name this node goes by in every run: node-config ``node-key`` if set, else
+    ``partition-<id>`` (a simulation's partition), else its Flower node id.
+
+    Raises:
+        ConfigError: a ``node-key`` that is empty, longer than 200 characters or unprintable.
+    """
+    node = context.node_config
+    if "node-key" in node:
+        key = str(node["node-key"])
+        if not 0 < len(key) <= MAX_KEY_CHARS or not key.isprintable():
+            raise ConfigError(
+                f"node-config 'node-key' must be 1 to {MAX_KEY_CHARS} printable characters, "
+                f"got {key!r}"
+            )
+        return key
+    if "partition-id" in node:
+        return f"partition-{node['partition-id']}"
+    return fallback_key(context.node_id)
+
+
+def identify_reply(msg: Message, context: Context) -> Message:
+    """The reply to the strategy's ``query`` for this node's key (:func:`node_key`).
+
+    The strategy orders nodes by these keys to sample them, so a seed samples the same data in
+    every run although Flower's node ids change (:mod:`fedmae_flwr.strategies.node_keys`). Cheap:
+    it loads no data and no model.
+    """
+    content = RecordDict({"config": ConfigRecord({NODE_KEY: node_key(context)})})
+    return Message(content, reply_to=msg)
+
+
 def _stage_model(msg: Message, context: Context, shapes: ModelConfig) -> CascadeMAE | None:
     """The stage's model from the message's active tensors and the node's cached prefix.
 
@@ -176,4 +209,4 @@ def _node(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id))
 
 
-__all__ = ["evaluate_reply", "train_reply"]
+__all__ = ["evaluate_reply", "identify_reply", "node_key", "train_reply"]

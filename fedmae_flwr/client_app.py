@@ -16,7 +16,10 @@ Node-config keys (``flower-supernode --node-config "..."``; a simulation sets th
 - ``data-path``: the folder of this device's own images (class sub-folders or flat); or
 - ``partition-id`` and ``num-partitions``: this node's share of the run's ``data-path``;
 - ``cache-dir`` (optional): where its decoded images are kept (default
-  ``~/.cache/fedmae-flwr/node-data``, or ``$FEDMAE_CACHE_DIR``; ``off`` disables).
+  ``~/.cache/fedmae-flwr/node-data``, or ``$FEDMAE_CACHE_DIR``; ``off`` disables);
+- ``node-key`` (optional): the name the server samples this device by (default
+  ``partition-<id>``, else its node id); give each device its own for runs that sample the same
+  devices at the same seed whatever ids the SuperLink hands out.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ try:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from fedmae_flwr.client import evaluate_reply, train_reply
+    from fedmae_flwr.client import evaluate_reply, identify_reply, train_reply
     from fedmae_flwr.config import ConfigError, FedMAEConfig, resolve_config
     from fedmae_flwr.data import NodeData, load_node_data
     from fedmae_flwr.data.node_cache import resolve_cache_dir
@@ -54,7 +57,7 @@ NODE_CONFIG_HELP = (
     'own images: class sub-folders or a flat folder) or --node-config "partition-id=0 '
     "num-partitions=10\" (its share of the run's data-path, as a simulation sets); optional: "
     "cache-dir='/folder' for its decoded images (default ~/.cache/fedmae-flwr/node-data, "
-    "'off' disables)."
+    "'off' disables), node-key='name' (how the server samples it, the same in every run)."
 )
 
 
@@ -155,6 +158,10 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, overrides)
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return identify_reply(msg, context)
 
     return client_app
 

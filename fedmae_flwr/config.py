@@ -67,6 +67,13 @@ class DecoderPerStage(enum.StrEnum):
     RESET = "reset"
 
 
+class SampleBy(enum.StrEnum):
+    """What the strategy orders nodes by before a seeded sample (strategies.node_keys)."""
+
+    NODE_KEY = "node-key"  # asks each node once: the same data at one seed in every run
+    NODE_ID = "node-id"  # Flower's ids: no queries, but a new sample in every simulation
+
+
 class HeadNorm(enum.StrEnum):
     """Feature normalization before the fine-tuning head (evaluation.finetune.head_norm_layer)."""
 
@@ -233,6 +240,12 @@ class ScheduleConfig:
     clients_per_round: int = _opt(10, "Nodes sampled per train round.")
     evaluate_clients: int = _opt(5, "Nodes that evaluate at each stage end; 0 disables.")
     min_available_clients: int = _opt(0, "Nodes to wait for before a round; 0 = clients-per-round.")
+    sample_by: SampleBy = _opt(
+        SampleBy.NODE_KEY,
+        "Order nodes are sampled in: node-key (each node asked its key once per run, ~45 ms a "
+        "node on 2 cores: one seed samples the same data in every run) or node-id (Flower's "
+        "ids, which a simulation draws anew: no queries, runs differ).",
+    )
     next_block_init: NextBlockInit = _opt(NextBlockInit.FRESH, "Init of the next stage's block.")
     decoder_per_stage: DecoderPerStage = _opt(DecoderPerStage.KEEP, "Decoder at a stage change.")
     node_wait_timeout: float = _opt(

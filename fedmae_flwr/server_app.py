@@ -85,6 +85,7 @@ def build_strategy(
         num_train_nodes=schedule.clients_per_round,
         num_evaluate_nodes=schedule.evaluate_clients,
         seed=cfg.seed,
+        sample_by=schedule.sample_by,
         min_available_nodes=schedule.min_available_clients or schedule.clients_per_round,
         fraction_evaluate=1.0 if schedule.evaluate_clients else 0.0,
         progressive=cfg.algorithm != Algorithm.FEDAVG_MAE,

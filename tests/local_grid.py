@@ -4,7 +4,7 @@
 ``evaluate`` handlers with one ``Context`` per node (whose ``state`` persists, as Flower's
 does), so the strategy, the server run and the client code are the ones ``flwr run`` executes.
 What it leaves out is Flower's transport and the Ray simulation engine: nodes run one after the
-other, node ids are fixed (1000 + partition id) and replies arrive in sending order. Runs for
+other, node ids are 1000 + partition id unless given, and replies arrive in sending order. Runs for
 real go through Flower: ``make run`` / ``scripts/run.py``.
 """
 
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmae_flwr import client_app
+from fedmae_flwr.client import identify_reply
 
 FIRST_NODE_ID = 1000
 
@@ -25,7 +26,10 @@ FIRST_NODE_ID = 1000
 class InProcessGrid(Grid):
     """Delivers messages to the real ClientApp handlers in this process, one Context per node.
 
-    ``sent`` keeps every message delivered; ``tamper`` (tests) may replace each reply.
+    ``sent`` keeps every train and evaluate message delivered, ``queries`` the key queries
+    (answered by the real ``query`` handler); ``tamper`` (tests) may replace each train or
+    evaluate reply. ``node_ids`` (default ``1000 + partition id``) stand in for the random ids
+    a Flower simulation draws.
     Its nodes train on the partitions the server computes (``simulated_partitions``), as in a
     Flower simulation, so the server may cap ``num-examples`` at the largest one.
     """
@@ -33,22 +37,28 @@ class InProcessGrid(Grid):
     simulated_partitions = True
 
     def __init__(
-        self, num_nodes: int, overrides: dict[str, Any], run_config: dict | None = None
+        self,
+        num_nodes: int,
+        overrides: dict[str, Any],
+        run_config: dict | None = None,
+        node_ids: list[int] | None = None,
     ) -> None:
         self.overrides = overrides
         # Messages take their sender's identity from the process, as inside a ServerApp.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        node_ids = node_ids or [FIRST_NODE_ID + i for i in range(num_nodes)]
         self.contexts = {
-            FIRST_NODE_ID + i: Context(
+            node_id: Context(
                 run_id=1,
-                node_id=FIRST_NODE_ID + i,
+                node_id=node_id,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )
-            for i in range(num_nodes)
+            for i, node_id in enumerate(node_ids[:num_nodes])
         }
         self.sent: list[Message] = []
+        self.queries: list[Message] = []
         self.tamper: Callable[[Message], Message] | None = None
 
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by strategies
@@ -75,8 +85,12 @@ class InProcessGrid(Grid):
     ) -> list[Message]:
         replies = []
         for msg in messages:
-            self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == MessageType.QUERY:
+                self.queries.append(msg)
+                replies.append(identify_reply(msg, context))
+                continue
+            self.sent.append(msg)
             handler = (
                 client_app.train if msg.metadata.message_type == MessageType.TRAIN
                 else client_app.evaluate

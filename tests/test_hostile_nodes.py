@@ -310,11 +310,14 @@ def test_an_initial_model_with_unknown_keys_is_refused(overrides: dict):
 
 
 class EchoGrid(InProcessGrid):
-    """Nodes that return the active tensors they got, each moved by 0.01 (no ClientApp)."""
+    """Nodes that return the active tensors they got, each moved by 0.01 (no ClientApp); they
+    leave key queries unanswered (ordered by node id then)."""
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            if msg.metadata.message_type == MessageType.QUERY:
+                continue
             self.sent.append(msg)
             arrays = ArrayRecord(
                 {k: Array(v.numpy() + np.float32(0.01)) for k, v in msg.content["arrays"].items()}

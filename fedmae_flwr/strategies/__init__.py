@@ -4,7 +4,8 @@
 - :mod:`.aggregation`: the seam to any Flower aggregation (``aggregator=``) and server-side DP.
 - :mod:`.stage_plan`: schedule, model growth and active/prefix split, shared with the baselines.
 - :mod:`.replies`: reply validation; :mod:`.prefix_cache`: which node holds which prefix;
-  :mod:`.accounting`: the per-round record; :mod:`.sampling`: seeded sampling, bounded wait.
+  :mod:`.accounting`: the per-round record; :mod:`.sampling`: seeded sampling, bounded wait;
+  :mod:`.node_keys`: the run-independent node order sampling draws from.
 """
 
 from fedmae_flwr.strategies.fedmae import FedMAE

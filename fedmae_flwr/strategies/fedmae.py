@@ -2,6 +2,11 @@
 
 Protocol (what travels in a message; a foreign ClientApp implementing it can join):
 
+- Server -> node, ``query`` (once per node and run, before it is first sampled): ``"config"``
+  with ``fedmae-query = "node-key"``; the node replies ``"config"`` with ``node-key`` (a stable
+  name, e.g. ``partition-3``; :func:`fedmae_flwr.client.identify_reply`). Nodes are sampled and
+  their replies combined in key order (:mod:`.node_keys`); a node without an answer goes by its
+  node id.
 - Server -> node, ``train`` and ``evaluate``: ``"arrays"`` (ArrayRecord: only the tensors active in
   the stage, see :func:`fedmae_flwr.models.active_key`), ``"config"`` (ConfigRecord with
   ``server-round``, ``stage``, ``frozen-blocks``, ``prefix-version``), and ``"prefix"``
@@ -45,6 +50,7 @@ from fedmae_flwr.strategies.aggregation import (
     refuse_dp_wrapper,
     refuse_strategy_mixins,
 )
+from fedmae_flwr.strategies.node_keys import NodeKeys
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
 from fedmae_flwr.strategies.replies import ReplyRules, Triage, triage
 from fedmae_flwr.strategies.sampling import seeded_sample, wait_for_nodes
@@ -69,8 +75,14 @@ class FedMAE(FedAvg):
             progressive: the :class:`~fedmae_flwr.strategies.StagePlan` (attribute ``plan``).
         num_train_nodes: nodes sampled per train round; None samples as FedAvg (``fraction_train``).
         num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none).
-        seed: node sampling seed; a round's sample depends on ``(seed, round)`` and the sorted
-            node ids only, so a resumed run samples as the uninterrupted one would have.
+        seed: node sampling seed; a round's sample depends on ``(seed, round)`` and the nodes'
+            keys only (:mod:`.node_keys`: each node is asked once; ``partition-<id>`` in a
+            simulation), not on Flower's random node ids, so another run or a resumed run at
+            the same seed samples the same data, and replies are combined in key order.
+        sample_by: ``"node-key"`` (as above) or ``"node-id"``: order nodes by Flower's node
+            ids and send no key queries (for thousands of nodes, where asking each costs more
+            than reproducible samples are worth; a simulation then samples differently each
+            run).
         first_round: the round :meth:`start` begins with; > 1 resumes after round
             ``first_round - 1``. Fixed here: every hook numbers rounds as the whole run does.
         node_wait_timeout: seconds to wait for enough nodes before sampling raises RuntimeError.
@@ -107,6 +119,7 @@ class FedMAE(FedAvg):
         num_train_nodes: int | None = None,
         num_evaluate_nodes: int = 0,
         seed: int = 0,
+        sample_by: str = "node-key",
         progressive: bool = True,
         first_round: int = 1,
         node_wait_timeout: float = 300.0,
@@ -130,6 +143,9 @@ class FedMAE(FedAvg):
         self.num_train_nodes = num_train_nodes
         self.num_evaluate_nodes = num_evaluate_nodes
         self.seed = seed
+        if sample_by not in ("node-key", "node-id"):
+            raise ValueError(f"sample_by must be 'node-key' or 'node-id', got {sample_by!r}")
+        self.sample_by = sample_by
         self.node_wait_timeout = node_wait_timeout
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
@@ -141,6 +157,8 @@ class FedMAE(FedAvg):
         self._sampled: list[int] = []
         self._excluded: set[int] = set()  # nodes that said they cannot take part (NODE_UNUSABLE)
         self._ledger = NodeLedger()
+        self._node_keys = NodeKeys()
+        self._round_timeout = 3600.0  # start()'s timeout: how long replies are waited for
         self._last_round_metrics: MetricRecord | None = None
         dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
         self.aggregation = ActiveAggregation(
@@ -199,6 +217,7 @@ class FedMAE(FedAvg):
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
         """
         check_model_keys(initial_arrays.keys())
+        self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if not self.first_round <= last:
             raise ValueError(f"first_round {self.first_round} is past the last round {last}")
@@ -262,7 +281,7 @@ class FedMAE(FedAvg):
             raise RuntimeError("aggregate_train before configure_train")
         run_round = self._run_round(server_round)
         active = self._active(run_round)
-        replies = list(replies)
+        replies = self._node_keys.order_replies(replies)  # float sums depend on the order
         sorted_replies = self._triage(replies, expected=active)
         # A node that sent nothing usable may have crashed and lost its prefix with its state:
         # it gets the prefix again with its next message instead of wasting a round on saying so.
@@ -298,7 +317,7 @@ class FedMAE(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of sound evaluation metrics (bad replies rejected and logged)."""
-        sound = self._triage(replies, expected=None).sound
+        sound = self._triage(self._node_keys.order_replies(replies), expected=None).sound
         return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
 
     # --- helpers --------------------------------------------------------------------------------
@@ -342,7 +361,9 @@ class FedMAE(FedAvg):
     def _sample(self, grid: Grid, server_round: int, kind: str, count: int) -> list[int]:
         wanted = max(self.min_available_nodes, count)
         nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded)
-        return seeded_sample(nodes, count, self.seed, kind, server_round)
+        if self.sample_by == "node-key":  # else every node goes by its node id
+            self._node_keys.learn(grid, nodes, self._round_timeout)
+        return seeded_sample(self._node_keys.order(nodes), count, self.seed, kind, server_round)
 
     def _messages(
         self, node_ids: list[int], server_round: int, config: ConfigRecord, message_type: str

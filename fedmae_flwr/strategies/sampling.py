@@ -1,8 +1,9 @@
 """Seeded node sampling with a bounded wait for enough connected nodes.
 
 Flower's own sampling draws from node ids in arrival order with an unseeded ``random``; here a
-round's sample depends only on ``(seed, kind, round)`` and the sorted node ids, so a resumed run
-samples as the uninterrupted run did.
+round's sample depends only on ``(seed, kind, round)`` and the order of the nodes it draws from:
+the strategy orders them by key (:mod:`.node_keys`), not by Flower's random ids, so another run
+or a resumed run at the same seed samples as the first did.
 """
 
 from __future__ import annotations
@@ -54,5 +55,6 @@ def wait_for_nodes(
 def seeded_sample(
     nodes: list[int], count: int, seed: int, kind: str, server_round: int
 ) -> list[int]:
-    """``count`` of ``nodes`` (sorted ids), drawn from ``(seed, kind, server_round)`` alone."""
+    """``count`` of ``nodes`` (in a run-independent order), drawn from ``(seed, kind,
+    server_round)`` alone."""
     return random.Random(f"{seed}-{kind}-{server_round}").sample(nodes, count)

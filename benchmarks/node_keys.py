@@ -1,0 +1,162 @@
+"""What sampling by node key costs: one ``query`` per node, once per run, on Flower's Ray engine.
+
+FedMAE asks every node for its key before it first samples (:mod:`fedmae_flwr.strategies
+.node_keys`), so that one seed trains the same partitions whatever random ids the simulation
+draws. This benchmark runs the app through ``flwr.simulation.run_simulation`` (Ray backend, one
+CPU per virtual client) on Fashion-MNIST at several numbers of SuperNodes, with a small model
+and schedule (1 block x 3 rounds, 10 nodes per round, light evaluation), and times, in the same
+run: the key queries (``NodeKeys.learn``, wrapped here), each training round (``seconds`` in
+metrics.jsonl; the first round includes the queries, so the report gives rounds 2-3) and the
+whole simulation. Repeats are separate simulations; the report gives medians.
+
+    .venv/bin/python -m benchmarks.node_keys --supernodes 100 1000 3000 --repeats 2
+
+Writes ``docs/node-keys.md`` and ``docs/node-keys.png`` (and ``<out>/results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import DOCS, command_line, machine_line, pyplot, save_figure
+
+OUT = Path("outputs/bench-node-keys")
+DATA = Path("/usr/share/datasets/fashion-mnist")
+SMALL_RUN = {
+    "depth": 1, "rounds-per-stage": 3, "clients-per-round": 10, "evaluate-clients": 0,
+    "embed-dim": 64, "num-heads": 2, "decoder-embed-dim": 32, "decoder-num-heads": 2,
+    "eval-images": 100, "grid-images": 4, "probe-train-images": 200, "probe-epochs": 1,
+    "stage-knn-images": 100, "test-images": 100, "finetune-labels": 0,
+    "evaluate-random-init": False, "node-wait-timeout": 600,
+}  # fmt: skip
+
+
+def simulate(num_supernodes: int, data: Path, out: Path, name: str) -> dict[str, Any]:
+    """One simulation; the key queries' seconds and node count, round seconds, wall seconds."""
+    from flwr.simulation import run_simulation
+
+    from fedmae_flwr.client_app import build_client_app
+    from fedmae_flwr.server_app import build_server_app
+    from fedmae_flwr.strategies.node_keys import NodeKeys
+
+    timings: list[tuple[float, int]] = []
+    learn = NodeKeys.learn
+
+    def timed_learn(self: NodeKeys, grid: Any, node_ids: Any, timeout: float) -> None:
+        node_ids = list(node_ids)
+        asked = len(set(node_ids) - set(self._keys))
+        start = time.perf_counter()
+        learn(self, grid, node_ids, timeout)
+        if asked:
+            timings.append((time.perf_counter() - start, asked))
+
+    overrides = {**SMALL_RUN, "data-path": str(data), "output-dir": str(out), "run-name": name}
+    NodeKeys.learn = timed_learn  # the ServerApp runs in this process (a thread of it)
+    start = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=build_server_app(overrides),
+            client_app=build_client_app(overrides),
+            num_supernodes=num_supernodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+        )
+    finally:
+        NodeKeys.learn = learn
+    wall = time.perf_counter() - start
+    lines = (out / name / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    if len(rows) != SMALL_RUN["rounds-per-stage"] or len(timings) != 1:
+        raise RuntimeError(f"{name}: {len(rows)} rounds and {len(timings)} key rounds recorded")
+    return {
+        "supernodes": num_supernodes,
+        "queried": timings[0][1],
+        "key-seconds": timings[0][0],
+        "round-seconds": [r["seconds"] for r in rows],
+        "wall-seconds": wall,
+    }
+
+
+def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        by_n.setdefault(r["supernodes"], []).append(r)
+    lines = [
+        "# What sampling by node key costs",
+        "",
+        f"Command: `{command}` ({machine_line()}; {time.strftime('%Y-%m-%d')}). Results: "
+        f"`{OUT}/results.json`; this page is written from it.",
+        "",
+        "FedMAE asks every node once per run for its key (a `query` message; "
+        "`fedmae_flwr/strategies/node_keys.py`) and samples nodes in key order, so that one seed "
+        "trains the same partitions in every run although Flower's simulation draws new random "
+        "node ids each time (`tests/test_simulation.py`: two Ray simulations at one seed give "
+        "bit-identical backbones). The runs: `flwr.simulation.run_simulation`, Ray backend, 1 "
+        "CPU per virtual client, Fashion-MNIST split over the SuperNodes, 1 block x 3 rounds of "
+        "10 nodes, width 64. Medians over the repeats; a later round for comparison is the "
+        "median of rounds 2-3 (round 1 includes the queries).",
+        "",
+        "| SuperNodes | repeats | key queries (s) | per node (ms) | later round (s) | queries / "
+        "later round | whole simulation (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for n, runs in sorted(by_n.items()):
+        keys = statistics.median(r["key-seconds"] for r in runs)
+        later = statistics.median(s for r in runs for s in r["round-seconds"][1:])
+        wall = statistics.median(r["wall-seconds"] for r in runs)
+        rows.append((n, keys, later))
+        lines.append(
+            f"| {n} | {len(runs)} | {keys:.1f} | {1000 * keys / n:.1f} | {later:.1f} | "
+            f"{keys / later:.1f}x | {wall:.0f} |"
+        )
+    lines += [
+        "",
+        "The queries are paid once per run (and again after a resume: a new simulation has new "
+        "node ids); a run of R rounds pays them as about the 'queries / later round' column's "
+        "number of extra rounds. A node answers from its ClientApp's `query` handler without "
+        "loading data or a model.",
+        "",
+        "![node-keys.png](node-keys.png)",
+    ]
+    (docs / "node-keys.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ns = [r[0] for r in rows]
+    ax.plot(ns, [r[1] for r in rows], "o-", label="key queries (once per run)")
+    ax.plot(ns, [r[2] for r in rows], "s--", label="one later training round")
+    ax.set_xscale("log")
+    ax.set_xlabel("SuperNodes")
+    ax.set_ylabel("seconds")
+    ax.legend()
+    ax.set_title("Sampling by node key on Ray (2 CPU cores)")
+    save_figure(fig, docs / "node-keys.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--supernodes", type=int, nargs="+", default=[100, 1000, 3000])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for repeat in range(args.repeats):
+        for n in args.supernodes:
+            with tempfile.TemporaryDirectory(dir=args.out) as runs:
+                results.append(simulate(n, args.data, Path(runs), f"n{n}-r{repeat}"))
+            print(json.dumps(results[-1]), file=sys.stderr)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, command_line("benchmarks.node_keys", argv), args.docs)
+
+
+if __name__ == "__main__":
+    main()
