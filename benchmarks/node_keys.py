@@ -2,14 +2,15 @@
 
 FedMAE asks every node for its key before it first samples (:mod:`fedmae_flwr.strategies
 .node_keys`), so that one seed trains the same partitions whatever random ids the simulation
-draws. This benchmark runs the app through ``flwr.simulation.run_simulation`` (Ray backend, one
-CPU per virtual client) on Fashion-MNIST at several numbers of SuperNodes, with a small model
-and schedule (1 block x 3 rounds, 10 nodes per round, light evaluation), and times, in the same
-run: the key queries (``NodeKeys.learn``, wrapped here), each training round (``seconds`` in
-metrics.jsonl; the first round includes the queries, so the report gives rounds 2-3) and the
-whole simulation. Repeats are separate simulations; the report gives medians.
+draws; ``sample-by=node-id`` skips the queries. This benchmark runs the app both ways through
+``flwr.simulation.run_simulation`` (Ray backend, one CPU per virtual client) on Fashion-MNIST at
+several numbers of SuperNodes, side by side, with a small model and schedule (1 block x 3
+rounds, 10 nodes per round, light evaluation), and times the whole simulation, the first round
+(which includes the queries and the Ray actors' warm-up, paid either way) and the key queries
+themselves (``NodeKeys.learn``, wrapped here). Repeats are separate simulations; the report
+gives medians and the cost as the difference of the two modes' medians.
 
-    .venv/bin/python -m benchmarks.node_keys --supernodes 100 1000 3000 --repeats 2
+    .venv/bin/python -m benchmarks.node_keys --supernodes 100 1000 2000 --repeats 2
 
 Writes ``docs/node-keys.md`` and ``docs/node-keys.png`` (and ``<out>/results.json``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,9 @@ SMALL_RUN = {
 }  # fmt: skip
 
 
-def simulate(num_supernodes: int, data: Path, out: Path, name: str) -> dict[str, Any]:
+def simulate(
+    num_supernodes: int, sample_by: str, data: Path, out: Path, name: str
+) -> dict[str, Any]:
     """One simulation; the key queries' seconds and node count, round seconds, wall seconds."""
     from flwr.simulation import run_simulation
 
@@ -57,7 +61,8 @@ def simulate(num_supernodes: int, data: Path, out: Path, name: str) -> dict[str,
         if asked:
             timings.append((time.perf_counter() - start, asked))
 
-    overrides = {**SMALL_RUN, "data-path": str(data), "output-dir": str(out), "run-name": name}
+    overrides = {**SMALL_RUN, "sample-by": sample_by, "data-path": str(data),
+                 "output-dir": str(out), "run-name": name}  # fmt: skip
     NodeKeys.learn = timed_learn  # the ServerApp runs in this process (a thread of it)
     start = time.perf_counter()
     try:
@@ -72,65 +77,76 @@ def simulate(num_supernodes: int, data: Path, out: Path, name: str) -> dict[str,
     wall = time.perf_counter() - start
     lines = (out / name / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    if len(rows) != SMALL_RUN["rounds-per-stage"] or len(timings) != 1:
+    if len(rows) != SMALL_RUN["rounds-per-stage"] or len(timings) != (sample_by == "node-key"):
         raise RuntimeError(f"{name}: {len(rows)} rounds and {len(timings)} key rounds recorded")
     return {
         "supernodes": num_supernodes,
-        "queried": timings[0][1],
-        "key-seconds": timings[0][0],
+        "sample-by": sample_by,
+        "queried": timings[0][1] if timings else 0,
+        "key-seconds": timings[0][0] if timings else 0.0,
         "round-seconds": [r["seconds"] for r in rows],
         "wall-seconds": wall,
     }
 
 
 def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
-    by_n: dict[int, list[dict[str, Any]]] = {}
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in results:
-        by_n.setdefault(r["supernodes"], []).append(r)
+        runs.setdefault((r["supernodes"], r["sample-by"]), []).append(r)
+
+    def median(n: int, mode: str, field: str) -> float:
+        values = [r[field] if field != "round-1" else r["round-seconds"][0] for r in runs[n, mode]]
+        return statistics.median(values)
+
     lines = [
         "# What sampling by node key costs",
         "",
-        f"Command: `{command}` ({machine_line()}; {time.strftime('%Y-%m-%d')}). Results: "
-        f"`{OUT}/results.json`; this page is written from it.",
+        f"Command: `{command}` ({machine_line()}; {time.strftime('%Y-%m-%d')}; the machine was "
+        f"shared with other jobs). Results: `{OUT}/results.json`; this page is written from it.",
         "",
         "FedMAE asks every node once per run for its key (a `query` message; "
         "`fedmae_flwr/strategies/node_keys.py`) and samples nodes in key order, so that one seed "
         "trains the same partitions in every run although Flower's simulation draws new random "
         "node ids each time (`tests/test_simulation.py`: two Ray simulations at one seed give "
-        "bit-identical backbones). The runs: `flwr.simulation.run_simulation`, Ray backend, 1 "
-        "CPU per virtual client, Fashion-MNIST split over the SuperNodes, 1 block x 3 rounds of "
-        "10 nodes, width 64. Medians over the repeats; a later round for comparison is the "
-        "median of rounds 2-3 (round 1 includes the queries).",
+        "bit-identical backbones, and so does a simulation resumed from a checkpoint). "
+        "`sample-by=node-id` skips the queries. Both ran side by side: "
+        "`flwr.simulation.run_simulation`, Ray backend, 1 CPU per virtual client, Fashion-MNIST "
+        "split over the SuperNodes, 1 block x 3 rounds of 10 nodes, width 64. Medians over the "
+        "repeats, in seconds. Round 1 includes the queries and the Ray actors' warm-up (paid "
+        "in both modes); the cost of the keys is the difference of the two modes' whole "
+        "simulations.",
         "",
-        "| SuperNodes | repeats | key queries (s) | per node (ms) | later round (s) | queries / "
-        "later round | whole simulation (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| SuperNodes | repeats | key queries | round 1, node-key | round 1, node-id | "
+        "simulation, node-key | simulation, node-id | cost | cost per node (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
-    for n, runs in sorted(by_n.items()):
-        keys = statistics.median(r["key-seconds"] for r in runs)
-        later = statistics.median(s for r in runs for s in r["round-seconds"][1:])
-        wall = statistics.median(r["wall-seconds"] for r in runs)
-        rows.append((n, keys, later))
+    plotted = []
+    for n in sorted({n for n, _ in runs}):
+        if (n, "node-id") not in runs or (n, "node-key") not in runs:
+            continue
+        cost = median(n, "node-key", "wall-seconds") - median(n, "node-id", "wall-seconds")
+        plotted.append((n, median(n, "node-key", "key-seconds"), cost))
         lines.append(
-            f"| {n} | {len(runs)} | {keys:.1f} | {1000 * keys / n:.1f} | {later:.1f} | "
-            f"{keys / later:.1f}x | {wall:.0f} |"
+            f"| {n} | {len(runs[n, 'node-key'])} | {median(n, 'node-key', 'key-seconds'):.1f} | "
+            f"{median(n, 'node-key', 'round-1'):.1f} | {median(n, 'node-id', 'round-1'):.1f} | "
+            f"{median(n, 'node-key', 'wall-seconds'):.0f} | "
+            f"{median(n, 'node-id', 'wall-seconds'):.0f} | {cost:+.1f} | "
+            f"{1000 * cost / n:+.0f} |"
         )
     lines += [
         "",
         "The queries are paid once per run (and again after a resume: a new simulation has new "
-        "node ids); a run of R rounds pays them as about the 'queries / later round' column's "
-        "number of extra rounds. A node answers from its ClientApp's `query` handler without "
-        "loading data or a model.",
+        "node ids). A node answers from its ClientApp's `query` handler without loading data or "
+        "a model; what a query costs is Flower's per-message overhead on the Ray engine.",
         "",
         "![node-keys.png](node-keys.png)",
     ]
     (docs / "node-keys.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ns = [r[0] for r in rows]
-    ax.plot(ns, [r[1] for r in rows], "o-", label="key queries (once per run)")
-    ax.plot(ns, [r[2] for r in rows], "s--", label="one later training round")
+    ns = [p[0] for p in plotted]
+    ax.plot(ns, [p[1] for p in plotted], "o-", label="key queries (node-key)")
+    ax.plot(ns, [p[2] for p in plotted], "s--", label="simulation: node-key - node-id")
     ax.set_xscale("log")
     ax.set_xlabel("SuperNodes")
     ax.set_ylabel("seconds")
@@ -141,18 +157,22 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--supernodes", type=int, nargs="+", default=[100, 1000, 3000])
+    parser.add_argument("--supernodes", type=int, nargs="+", default=[100, 1000, 2000])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # The nodes' decoded-image cache under --out, not ~/.cache (Ray's workers inherit this).
+    os.environ.setdefault("FEDMAE_CACHE_DIR", str((args.out / "node-cache").resolve()))
     results = []
     for repeat in range(args.repeats):
         for n in args.supernodes:
-            with tempfile.TemporaryDirectory(dir=args.out) as runs:
-                results.append(simulate(n, args.data, Path(runs), f"n{n}-r{repeat}"))
+            for mode in ("node-key", "node-id"):
+                with tempfile.TemporaryDirectory(dir=args.out) as runs:
+                    name = f"n{n}-{mode}-r{repeat}"
+                    results.append(simulate(n, mode, args.data, Path(runs), name))
             print(json.dumps(results[-1]), file=sys.stderr)
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, command_line("benchmarks.node_keys", argv), args.docs)

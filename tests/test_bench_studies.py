@@ -294,3 +294,45 @@ def test_full_recipe_takes_the_post_hoc_fine_tune_from_the_evaluation_protocol(t
     assert (args.labels, args.epochs) == (list(DEFAULT_LABELS), None)  # each run's own epochs
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--runs", "b-s0"])  # no exported backbone
+
+
+def test_probe_lr_study_reproduces_the_runs_own_probe_at_its_lr(tiny_overrides, tmp_path):
+    from pathlib import Path
+
+    from benchmarks import probe_lr
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.server_app import run
+
+    from .conftest import LocalGrid
+
+    overrides = {**tiny_overrides, "algorithm": "random-init", "run-name": "floor",
+                 "finetune-labels": 0}  # fmt: skip
+    summary = run(LocalGrid(6, overrides), resolve_config(overrides))
+    run_dir = Path(overrides["output-dir"]) / "floor"
+
+    record = probe_lr.probe_run(run_dir, (0.03, 0.1, 0.3), val_fraction=0.2)
+    # lr 0.1 on all probe images is exactly the run's own probe (same features, seed, epochs)
+    assert record["fixed"] == summary["linear-probe-accuracy"]["random-init"]
+    assert (record["probe-images"], record["validation-images"]) == (200, 40)
+    best_val = max(p["val"] for p in record["per-lr"].values())
+    assert record["per-lr"][str(record["kept-lr"])]["val"] == best_val
+    assert record["tuned"] == record["per-lr"][str(record["kept-lr"])]["test"]
+    probe_lr.report([record], "cmd", tmp_path, (0.03, 0.1, 0.3))
+    assert "| floor | " in (tmp_path / "probe-lr.md").read_text()
+    assert (tmp_path / "probe-lr.png").is_file()
+
+
+def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
+    from benchmarks import node_keys
+
+    def result(n, mode, wall, keys=0.0):
+        return {"supernodes": n, "sample-by": mode, "queried": n if keys else 0,
+                "key-seconds": keys, "round-seconds": [wall / 2, 1.0, 1.0],
+                "wall-seconds": wall}  # fmt: skip
+
+    results = [result(100, "node-key", 30.0, 5.0), result(100, "node-id", 26.0),
+               result(100, "node-key", 34.0, 7.0), result(100, "node-id", 28.0)]  # fmt: skip
+    node_keys.report(results, "cmd", tmp_path)
+    text = (tmp_path / "node-keys.md").read_text()
+    # medians: key queries 6.0, round 1 16.0 / 13.5, walls 32 / 27: cost +5.0 s, +50 ms a node
+    assert "| 100 | 2 | 6.0 | 16.0 | 13.5 | 32 | 27 | +5.0 | +50 |" in text
