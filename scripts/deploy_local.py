@@ -120,11 +120,13 @@ class SecureFederation:
 
     def start_supernode(self, name: str, data_path: Path, key: str | None = None) -> None:
         """A SuperNode that signs with keys/``key`` (default: its own) and reads ``data_path``."""
+        # node-key: the server samples devices by name, whatever node ids the SuperLink gives
+        node_config = f"data-path='{data_path}' node-key='{name}'"
         self.supernodes[name] = self._popen(
             ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
              "--root-certificates", str(self.certs / "ca.crt"),
              "--auth-supernode-private-key", str(self.keys / (key or name)),
-             "--port", str(free_port()), "--node-config", f"data-path='{data_path}'"],
+             "--port", str(free_port()), "--node-config", node_config],
             f"{name}.log",
         )  # fmt: skip
 
