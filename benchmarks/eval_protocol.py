@@ -37,7 +37,7 @@ from fedmae_flwr.data import load_dataset
 from fedmae_flwr.data.images import DatasetSplits
 from fedmae_flwr.evaluation.downstream import PROTOCOL_RECIPE
 from fedmae_flwr.evaluation.features import extract_features
-from fedmae_flwr.evaluation.linear_probe import linear_probe
+from fedmae_flwr.evaluation.linear_probe import tuned_linear_probe
 from fedmae_flwr.evaluation.protocol import disjoint_subsets, finetune_protocol
 from fedmae_flwr.models.export import create_timm_backbone
 from fedmae_flwr.server_app import random_init_state
@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=[str(kind) for kind in HeadNorm])  # fmt: skip
     parser.add_argument("--probe-images", type=int, default=defaults.probe_train_images)
     parser.add_argument("--probe-epochs", type=int, default=defaults.probe_epochs)
+    parser.add_argument("--probe-lr-grid", default=defaults.probe_lr_grid)
+    parser.add_argument("--probe-val-fraction", type=float, default=defaults.probe_val_fraction)
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -84,6 +86,8 @@ def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
         "finetune-head-norm": args.head_norm,
         "probe-train-images": args.probe_images,
         "probe-epochs": args.probe_epochs,
+        "probe-lr-grid": [float(v) for v in args.probe_lr_grid.split(",")],
+        "probe-val-fraction": args.probe_val_fraction,
         "test-images": args.test_images,
         "threads": args.threads,
     }
@@ -94,8 +98,11 @@ def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {"protocol": protocol, "seeds": {}}
     results = json.loads(path.read_text())
-    # Files from before the head-norm key were measured with the bare linear head.
+    # Files from before the head-norm key were measured with the bare linear head, and from
+    # before the probe's lr grid with lr 0.1 alone.
     results["protocol"].setdefault("finetune-head-norm", "none")
+    results["protocol"].setdefault("probe-lr-grid", [0.1])
+    results["protocol"].setdefault("probe-val-fraction", 0.0)
     if results["protocol"] != protocol:
         raise SystemExit(f"{path} holds another protocol's results; move it or pass --results")
     return results
@@ -109,8 +116,10 @@ def _probes(
     out = []
     for subset in probe_sets:
         train_f = extract_features(backbone, splits.normalize(subset.images))
-        result = linear_probe(train_f, subset.labels, test_f, test.labels, splits.num_classes,
-                              args.probe_epochs, seed=0)  # fmt: skip
+        lrs = [float(v) for v in args.probe_lr_grid.split(",")]
+        result = tuned_linear_probe(train_f, subset.labels, test_f, test.labels,
+                                    splits.num_classes, args.probe_epochs, lrs,
+                                    args.probe_val_fraction, seed=0)  # fmt: skip
         out.append(asdict(result))
     return out
 
@@ -192,15 +201,24 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
     """Where the page measures another recipe than today's default fine-tune, it says so."""
     today = resolve_config().eval
     measured = (protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"))
-    if measured == (today.finetune_epochs, str(today.finetune_head_norm)):
-        return []
-    return [
-        f"**Not today's fine-tune recipe**: measured with {measured[0]} epochs and head norm "
-        f"{measured[1]}; the default is now {today.finetune_epochs} epochs with head norm "
-        f"{today.finetune_head_norm}. That recipe's noise floor under the grid's protocol is "
-        "the random-init row of docs/results.md (3 init seeds x 3 label subsets).",
-        "",
-    ]
+    notes = []
+    if measured != (today.finetune_epochs, str(today.finetune_head_norm)):
+        notes += [
+            f"**Not today's fine-tune recipe**: measured with {measured[0]} epochs and head norm "
+            f"{measured[1]}; the default is now {today.finetune_epochs} epochs with head norm "
+            f"{today.finetune_head_norm}. That recipe's noise floor under the grid's protocol is "
+            "the random-init row of docs/results.md (3 init seeds x 3 label subsets).",
+            "",
+        ]
+    probe_lrs = protocol.get("probe-lr-grid", [0.1])
+    if list(probe_lrs) != list(today.probe_lrs):
+        notes += [
+            f"**Not today's probe**: measured at lr {', '.join(map(str, probe_lrs))}; runs now "
+            f"choose the probe's lr from {today.probe_lr_grid} on a validation share "
+            "(docs/probe-lr.md), whose noise floor is not measured here.",
+            "",
+        ]
+    return notes
 
 
 def _table(summary: dict[str, Any]) -> list[str]:

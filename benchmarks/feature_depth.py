@@ -23,7 +23,7 @@ from benchmarks.harness import command_line, machine_line, pyplot, save_figure
 from benchmarks.label_efficiency import add_backbone_arguments, check_backbones, run_config
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.evaluation.downstream import block_features, labelled_subsets
-from fedmae_flwr.evaluation.linear_probe import linear_probe
+from fedmae_flwr.evaluation.linear_probe import tuned_linear_probe
 from fedmae_flwr.models.export import load_backbone
 
 
@@ -41,8 +41,9 @@ def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
     labels, test_labels = sets["probe"].labels, sets["test"].labels
     results = []
     for train_x, test_x in zip(train_b, test_b, strict=True):
-        result = linear_probe(train_x, labels, test_x, test_labels, splits.num_classes,
-                              cfg.eval.probe_epochs, seed=cfg.seed)  # fmt: skip
+        result = tuned_linear_probe(train_x, labels, test_x, test_labels, splits.num_classes,
+                                    cfg.eval.probe_epochs, cfg.eval.probe_lrs,
+                                    cfg.eval.probe_val_fraction, seed=cfg.seed)  # fmt: skip
         results.append(asdict(result))
     cache.write_text(json.dumps(results, indent=2))
     return results

@@ -123,7 +123,8 @@ def noise_bounds(path: Path = eval_protocol.RESULTS) -> dict[str, float | None]:
     values averaged per backbone (the fine-tune column: ``finetune-subsets``; the probe: 1).
     A metric's bound is None when the file is missing or empty, or was measured under another
     protocol than this grid's (model, labels, epochs, lr grid, validation share, head, recipe,
-    test images); k-NN's noise is not measured there (always None).
+    test images; the probe's images, epochs and lr grid); k-NN's noise is not measured there
+    (always None).
     """
     bounds: dict[str, float | None] = {key: None for key, _, _ in ACCURACY_LABELS}
     if not path.is_file():
@@ -156,7 +157,10 @@ def noise_bounds(path: Path = eval_protocol.RESULTS) -> dict[str, float | None]:
         "probe-train-images": GRID_EVALUATION["probe-train-images"],
         "probe-epochs": GRID_EVALUATION["probe-epochs"],
         "test-images": GRID_EVALUATION["test-images"],
+        "probe-lr-grid": list(cfg.eval.probe_lrs),
     }
+    # A floor measured before the probe's lr grid existed probed at lr 0.1 alone.
+    measured = {"probe-lr-grid": [0.1], **measured}
     if all(measured.get(k) == v for k, v in probe.items()):
         bounds["linear-probe-accuracy"] = _bound(summary["probe-test"]["std"], 1)
     return bounds

@@ -351,6 +351,7 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
         "finetune-head-norm": FINETUNE_PROTOCOL["finetune-head-norm"],
         "probe-train-images": GRID_EVALUATION["probe-train-images"],
         "probe-epochs": GRID_EVALUATION["probe-epochs"],
+        "probe-lr-grid": list(cfg.eval.probe_lrs),
         "test-images": GRID_EVALUATION["test-images"],
     }
     tune = {"0": [0.55, 0.57], "1": [0.60, 0.58]}
@@ -383,6 +384,9 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
         bounds["linear-probe-accuracy"]
     )
     write({**protocol, "probe-epochs": 1})
+    assert noise_bounds(path)["linear-probe-accuracy"] is None
+    # a floor from before the probe's lr grid probed at lr 0.1 alone: not the tuned probe's noise
+    write({k: v for k, v in protocol.items() if k != "probe-lr-grid"})
     assert noise_bounds(path)["linear-probe-accuracy"] is None
 
 

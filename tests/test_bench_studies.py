@@ -296,7 +296,7 @@ def test_full_recipe_takes_the_post_hoc_fine_tune_from_the_evaluation_protocol(t
         parse_args(["--out", str(tmp_path), "--runs", "b-s0"])  # no exported backbone
 
 
-def test_probe_lr_study_reproduces_the_runs_own_probe_at_its_lr(tiny_overrides, tmp_path):
+def test_probe_lr_study_makes_the_runs_own_lr_choice(tiny_overrides, tmp_path):
     from pathlib import Path
 
     from benchmarks import probe_lr
@@ -310,14 +310,15 @@ def test_probe_lr_study_reproduces_the_runs_own_probe_at_its_lr(tiny_overrides, 
     summary = run(LocalGrid(6, overrides), resolve_config(overrides))
     run_dir = Path(overrides["output-dir"]) / "floor"
 
-    record = probe_lr.probe_run(run_dir, (0.03, 0.1, 0.3), val_fraction=0.2)
-    # lr 0.1 on all probe images is exactly the run's own probe (same features, seed, epochs)
-    assert record["fixed"] == summary["linear-probe-accuracy"]["random-init"]
+    record = probe_lr.probe_run(run_dir, (0.1, 0.3, 1.0), val_fraction=0.2)
+    # the run's default grid and share: exactly the run's own (tuned) probe
+    assert record["tuned"] == summary["linear-probe-accuracy"]["random-init"]
+    assert summary["downstream"]["linear-probe"]["random-init"]["lr"] == record["kept-lr"]
     assert (record["probe-images"], record["validation-images"]) == (200, 40)
     best_val = max(p["val"] for p in record["per-lr"].values())
     assert record["per-lr"][str(record["kept-lr"])]["val"] == best_val
     assert record["tuned"] == record["per-lr"][str(record["kept-lr"])]["test"]
-    probe_lr.report([record], "cmd", tmp_path, (0.03, 0.1, 0.3))
+    probe_lr.report([record], "cmd", tmp_path, (0.1, 0.3, 1.0))
     assert "| floor | " in (tmp_path / "probe-lr.md").read_text()
     assert (tmp_path / "probe-lr.png").is_file()
 

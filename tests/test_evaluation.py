@@ -19,6 +19,7 @@ from fedmae_flwr.evaluation import (
     masked_psnr,
     mean_fill_baseline,
     save_reconstruction_grid,
+    tuned_linear_probe,
 )
 from fedmae_flwr.evaluation.finetune import HEAD_NORMS, _random_crop_flip, finetuned_model
 
@@ -207,6 +208,28 @@ def test_linear_probe_convergence_rule_on_overlapping_classes():
     stuck = linear_probe(train_x, train_y, test_x, test_y, 3, epochs=20, lr=1e-5, batch_size=64)
     assert stuck.final_loss > done.final_loss + 0.3
     assert not stuck.converged
+
+
+def test_tuned_probe_keeps_the_lr_validation_picks_and_never_looks_at_the_test_labels():
+    train_x, train_y = blobs(100, 3, 4, seed=0, spread=2.0)
+    test_x, test_y = blobs(100, 3, 4, seed=1, spread=2.0)
+    lrs = (1e-4, 1e-2, 0.3)
+    tuned = tuned_linear_probe(train_x, train_y, test_x, test_y, 3, 10, lrs, 0.25, seed=3)
+    assert set(tuned.val_accuracy) == {"0.0001", "0.01", "0.3"}
+    assert tuned.lr == max(lrs, key=lambda lr: tuned.val_accuracy[repr(lr)])
+    assert tuned.val_accuracy["0.0001"] < tuned.val_accuracy[repr(tuned.lr)]  # a real choice
+    # the kept probe is the plain probe at that lr on all the training features
+    plain = linear_probe(train_x, train_y, test_x, test_y, 3, 10, lr=tuned.lr, seed=3)
+    assert (tuned.accuracy, tuned.final_loss) == (plain.accuracy, plain.final_loss)
+    # shuffled test labels change the test score only, never the choice
+    shuffled = test_y[torch.randperm(len(test_y), generator=torch.Generator().manual_seed(0))]
+    blind = tuned_linear_probe(train_x, train_y, test_x, shuffled, 3, 10, lrs, 0.25, seed=3)
+    assert (blind.lr, blind.val_accuracy) == (tuned.lr, tuned.val_accuracy)
+    assert blind.accuracy < tuned.accuracy
+    # one lr: the plain probe, no validation share
+    single = tuned_linear_probe(train_x, train_y, test_x, test_y, 3, 10, (0.1,), 0.25, seed=3)
+    assert single == linear_probe(train_x, train_y, test_x, test_y, 3, 10, lr=0.1, seed=3)
+    assert single.val_accuracy == {}
 
 
 def test_linear_probe_input_checks():

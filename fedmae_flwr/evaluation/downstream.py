@@ -20,7 +20,7 @@ from fedmae_flwr.config import EvalConfig
 from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.finetune import finetune
-from fedmae_flwr.evaluation.linear_probe import knn_accuracy, linear_probe
+from fedmae_flwr.evaluation.linear_probe import knn_accuracy, tuned_linear_probe
 from fedmae_flwr.evaluation.protocol import disjoint_subsets, finetune_protocol
 
 # What EvalConfig leaves fixed, at finetune()'s own defaults (read from its signature, so the
@@ -138,9 +138,9 @@ def _probe_backbones(
 
     def probe(train_x: Tensor, test_x: Tensor) -> Any:
         # The probe trains where its features are.
-        return linear_probe(
+        return tuned_linear_probe(
             train_x.to(device), probe_y, test_x.to(device), test_y, splits.num_classes,
-            cfg.probe_epochs, seed=seed,
+            cfg.probe_epochs, cfg.probe_lrs, cfg.probe_val_fraction, seed=seed,
         )  # fmt: skip
 
     for name, backbone in candidates.items():
@@ -164,6 +164,8 @@ def _protocol(cfg: EvalConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
     return {
         "probe-train-images": len(sets["probe"]),
         "probe-epochs": cfg.probe_epochs,
+        "probe-lr-grid": list(cfg.probe_lrs),
+        "probe-val-fraction": cfg.probe_val_fraction if len(cfg.probe_lrs) > 1 else 0.0,
         "probe-head": "BatchNorm1d(affine=False) + Linear on mean-pooled final-norm tokens",
         "finetune-labels": len(sets["finetune"]) if cfg.finetune_labels else 0,
         "finetune-epochs": cfg.finetune_epochs,
