@@ -92,6 +92,17 @@ def report(results: list[dict[str, Any]], command: str, docs: Path, lrs: tuple) 
         lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['kept-lr']} | "
                      f"{pct(r['tuned'])} | {pct(r['fixed'])} | "
                      f"{100 * (r['tuned'] - r['fixed']):+.1f} |")  # fmt: skip
+    floors = {r["seed"]: r for r in results if r["run"].startswith("random-init")}
+    paired = [(r, floors[r["seed"]]) for r in results
+              if not r["run"].startswith("random-init") and r["seed"] in floors]  # fmt: skip
+    if paired:
+        lines += ["", "Paired with random init of the same seed (backbone − random init, points):",
+                  ""]  # fmt: skip
+        for r, floor in paired:
+            lines.append(
+                f"- {r['run']}: fixed lr {100 * (r['fixed'] - floor['fixed']):+.1f}, "
+                f"chosen lr {100 * (r['tuned'] - floor['tuned']):+.1f}"
+            )
     lines += ["", "![probe-lr.png](probe-lr.png)"]
     (docs / "probe-lr.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
