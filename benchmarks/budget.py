@@ -70,17 +70,19 @@ def budget_runs(
     partition: str,
     out_root: Path,
     report_only: bool = False,
+    finetune: bool = True,
 ) -> tuple[dict[tuple[int, int], list[dict]], list[dict]]:
-    """Run (or load) fedmae at every budget and random-init once per seed."""
+    """Run (or load) fedmae at every budget and random-init once per seed; each run's backbone
+    fine-tuned after it unless ``finetune`` is False (then only what is cached is read)."""
     floor = []
     by_budget: dict[tuple[int, int], list[dict]] = {}
     for seed in seeds:
-        run = _run("random-init", partition, seed, out_root, {}, report_only)
+        run = _run("random-init", partition, seed, out_root, {}, report_only, finetune)
         if run is not None:
             floor.append(run)
         for rounds, epochs in budgets:
             changes = {"rounds-per-stage": rounds, "local-epochs": epochs}
-            run = _run("fedmae", partition, seed, out_root, changes, report_only)
+            run = _run("fedmae", partition, seed, out_root, changes, report_only, finetune)
             if run is not None:
                 by_budget.setdefault((rounds, epochs), []).append(run)
     return by_budget, floor
@@ -93,6 +95,7 @@ def _run(
     out_root: Path,
     changes: dict[str, Any],
     report_only: bool,
+    finetune: bool = True,
 ) -> dict | None:
     """One run under the grid's protocol (``GRID_EVALUATION``), then its backbone fine-tuned
     under ``FINETUNE_PROTOCOL`` (``benchmarks.grid_finetune``, cached beside the run; not with
@@ -102,7 +105,7 @@ def _run(
                       evaluation=GRID_EVALUATION)  # fmt: skip
     if run is None:
         return None
-    if not report_only:
+    if finetune and not report_only:
         record, fresh = finetune_run(out_root / run["name"])
         if fresh:
             print(f"[bench-budget] {run['name']}: protocol fine-tune in "
@@ -361,9 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=parse_budget,
                         default=[parse_budget(b) for b in DEFAULT_BUDGETS])  # fmt: skip
     add_run_arguments(parser, seeds=[0], out=GRID_OUT_ROOT)
+    parser.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="the runs only; their fine-tunes later (benchmarks.grid_finetune --out, cached)",
+    )
     args = parser.parse_args(argv)
     by_budget, floor = budget_runs(
-        args.budgets, args.seeds, args.partition, args.out, args.report_only
+        args.budgets, args.seeds, args.partition, args.out, args.report_only, not args.no_finetune
     )
     command = command_line("benchmarks.budget", argv)
     path = write_report(by_budget, floor, command.strip(), args.partition, args.docs)
