@@ -45,7 +45,12 @@ from benchmarks.harness import (
     save_figure,
 )
 from benchmarks.quality import ACCURACY_LABELS
-from benchmarks.quality_grid import FINETUNE_KEY, GRID_OUT_ROOT, Grid, with_finetune
+from benchmarks.quality_grid import (
+    FINETUNE_KEY,
+    GRID_OUT_ROOT,
+    Grid,
+    with_finetune,
+)
 
 FEDERATION: dict[str, Any] = {k: BUDGET[k] for k in ("depth", "clients-per-round")}
 DEFAULT_BUDGETS = ("5x1", "5x2", "5x4", "10x4")
@@ -202,13 +207,15 @@ def _header(by_budget: dict, floor: list[dict], command: str, partition: str) ->
         if k not in ("evaluate-random-init", "local-clients") and not k.startswith("finetune-")
     }
     protocol = ", ".join(f"{k}={v}" for k, v in FINETUNE_PROTOCOL.items())
+    cost = quality.finetune_cost(grid)
+    where = "" if machine_line() in cost else f"; {machine_line()}"
     return [
         "# Does pretraining pay? Accuracy against the pretraining budget",
         "",
         f"Command: `{command}` (seeds {seeds}; the runs' ServerApp wall time adds up to "
-        f"{seconds / 60:.0f} min{quality.startup_text(every_run)}; protocol fine-tunes"
-        f"{quality.finetune_cost(grid).removeprefix(',') or ': none yet'}; machine: "
-        f"{machine_line()}; report written {time.strftime('%Y-%m-%d', time.gmtime())} UTC).",
+        f"{seconds / 60:.0f} min{quality.startup_text(every_run)}; the protocol fine-tunes "
+        f"add up to{cost.removeprefix(',') or ' nothing yet'}{where}; report written "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())} UTC).",
         "",
         f"FedMAE on Fashion-MNIST, {partition} over {NUM_SUPERNODES} nodes, "
         + ", ".join(f"{k}={v}" for k, v in FEDERATION.items())
@@ -286,6 +293,28 @@ def _comparisons(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def missing_text(
+    by_budget: dict, floor: list[dict], budgets: list[tuple[int, int]], seeds: list[int]
+) -> list[str]:
+    """The asked runs (``budgets`` x ``seeds``, random init at ``seeds``) that are not there, or
+    whose protocol fine-tune is not; [] when none is missing."""
+    asked = sorted(budgets, key=lambda b: (b[0] * b[1], b))
+    rows = [("random-init", floor)]
+    rows += [(f"fedmae {r} x {e}", by_budget.get((r, e), [])) for r, e in asked]
+    missing = []
+    for label, runs in rows:
+        have = {r["seed"]: r for r in runs}
+        for seed in seeds:
+            if seed not in have:
+                missing.append(f"{label} seed {seed} (no run)")
+            elif FINETUNE_KEY not in have[seed]["summary"]:
+                missing.append(f"{label} seed {seed} (no protocol fine-tune)")
+    if not missing:
+        return []
+    return [f"**Missing** from the seeds asked ({seeds}): " + ", ".join(missing) + "; the "
+            "table and the verdicts use the seeds that are there.", ""]  # fmt: skip
+
+
 def _verdicts(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
     """Per metric, each budget's verdict and the smallest at which FedMAE is ahead (or none)."""
     lines = []
@@ -327,12 +356,15 @@ def write_report(
     partition: str,
     docs: Path,
     bounds: dict[str, float | None] | None = None,
+    budgets: list[tuple[int, int]] | None = None,
+    seeds: list[int] | None = None,
 ) -> Path:
     """Write ``docs/budget.md`` (table, paired differences, verdicts) and its figure.
 
-    ``bounds``: the noise bound per metric (default: :func:`benchmarks.quality.noise_bounds`,
-    the fine-tune's from the random-init runs' own subsets where that file has none, as
-    docs/results.md's). Returns the page's path.
+    ``budgets``, ``seeds``: those asked for, to name the runs missing. ``bounds``: the noise
+    bound per metric (default: :func:`benchmarks.quality.noise_bounds`, the fine-tune's from the
+    random-init runs' own subsets where that file has none, as docs/results.md's). Returns the
+    page's path.
     """
     docs.mkdir(parents=True, exist_ok=True)
     if bounds is None:
@@ -342,6 +374,7 @@ def write_report(
     plot(by_budget, floor, docs / "budget-accuracy.png")
     lines = [
         *_header(by_budget, floor, command, partition),
+        *([] if seeds is None else missing_text(by_budget, floor, budgets or [], seeds)),
         *_table(by_budget, floor),
         "",
         comparison_rule(),
@@ -373,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     by_budget, floor = budget_runs(
         args.budgets, args.seeds, args.partition, args.out, args.report_only, not args.no_finetune
     )
-    command = command_line("benchmarks.budget", argv)
-    path = write_report(by_budget, floor, command.strip(), args.partition, args.docs)
+    # A report-only pass reports the command that makes the runs (as benchmarks.quality does).
+    command = command_line("benchmarks.budget", argv).replace(" --report-only", "")
+    path = write_report(by_budget, floor, command.strip(), args.partition, args.docs,
+                        budgets=args.budgets, seeds=args.seeds)  # fmt: skip
     print(f"[bench-budget] wrote {path}")
     return 0
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import ablations, budget
-from benchmarks.harness import run_name
+from benchmarks.harness import machine_line, run_name
 from benchmarks.quality_grid import FINETUNE_KEY, FINETUNE_RECORD
 from tests.test_bench_report import fake_run
 
@@ -83,9 +83,11 @@ def test_smallest_paying_budget_needs_the_results_verdict_ahead_at_every_seed(tm
 def test_budget_report_pairs_each_seed_with_its_random_init_and_states_the_verdicts(tmp_path):
     by_budget, floor = _budget_runs(tmp_path)
     command = "python -m benchmarks.budget --budgets 5x1 5x4 --seeds 0 1 2"
-    path = budget.write_report(by_budget, floor, command, "iid", tmp_path, bounds=BOUNDS)
+    path = budget.write_report(by_budget, floor, command, "iid", tmp_path, bounds=BOUNDS,
+                               budgets=[(5, 4), (5, 1)], seeds=[0, 1, 2])  # fmt: skip
     text = path.read_text()
     assert f"Command: `{command}` (seeds [0, 1, 2];" in text
+    assert "**Missing** from the seeds asked ([0, 1, 2]): fedmae 5 x 1 seed 2 (no run); " in text
     assert "| fine-tune 1,000 labels (protocol) | linear probe | k-NN | masked PSNR (dB) |" in text
     # floor fine-tune 72, 73, 70: mean 71.7, sample std 1.5
     assert "| random-init (floor) | 0 | [0, 1, 2] | 71.7 ± 1.5 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in text
@@ -130,10 +132,16 @@ def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp
             "subsets": [{"accuracy": v, "lr": 1e-3} for v in values],
         }
         run[FINETUNE_RECORD] = {"results": {"random-init": result}, "seconds": 60.0}
-    text = budget.write_report(by_budget, floor, "cmd", "iid", tmp_path).read_text()
+    del by_budget[(5, 4)][2]["summary"][FINETUNE_KEY]  # not fine-tuned yet
+    text = budget.write_report(
+        by_budget, floor, "cmd", "iid", tmp_path, budgets=[(5, 4)], seeds=[0, 1, 2]
+    ).read_text()
+    assert "([0, 1, 2]): fedmae 5 x 4 seed 2 (no protocol fine-tune); the table" in text
+    assert "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | 2.6 | not shown |" in text
     # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6: 5 x 1's +2.0 is not beyond it
     assert "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | 2.6 | not shown |" in text
-    assert "; protocol fine-tunes 3 min;" in text
+    # the fake records name no machine, so the report names it itself
+    assert f"; the protocol fine-tunes add up to 3 min; {machine_line()}; report written" in text
     assert "- random-init-s0: 71.0, 72.0, 73.0 (72.0 ± 0.0; kept lr 0.001)" in text
 
 
