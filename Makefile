@@ -50,7 +50,9 @@ bench-quality-finetune: setup data
 	$(VPY) -m benchmarks.grid_finetune --out outputs/bench-grid
 	$(VPY) -m benchmarks.quality --report-only $(BENCH_ARGS)
 
-# Does pretraining pay? fedmae against random init over budgets R x E; writes docs/budget.md.
+# Does pretraining pay? fedmae against random init over budgets R x E, under the grid's
+# evaluation and fine-tune protocol (runs and fine-tunes cached in outputs/bench-grid);
+# writes docs/budget.md.
 bench-budget: setup data
 	$(VPY) -m benchmarks.budget $(BENCH_ARGS)
 

@@ -4,8 +4,12 @@ The budget is the local epochs each block is trained for: rounds per stage (R) x
 per round (E), at the quality benchmark's federation (``NUM_SUPERNODES`` nodes; ``FEDERATION``:
 the schema defaults of nodes per round and blocks K; IID unless ``--partition``). Every budget
 is a real ``flwr run``; the random-init backbone of the same shape, evaluated with the same
-protocol and seed, is the floor a pretrained backbone must beat. Runs are shared with the other
-benchmarks under ``outputs/bench/`` (see harness).
+protocol and seed, is the floor a pretrained backbone must beat. The runs use the quality grid's
+evaluation (``GRID_EVALUATION``: probe, k-NN, PSNR) and folder (``outputs/bench-grid/``: its
+reference run is the budget 5 x 1, its random-init runs the floor); each run's exported backbone
+is then fine-tuned under ``FINETUNE_PROTOCOL`` (``benchmarks.grid_finetune``, cached beside the
+run). FedMAE is compared with random init seed by seed under docs/results.md's verdict rule
+(``benchmarks.quality.verdict``).
 
     .venv/bin/python -m benchmarks.budget                         # R x E in DEFAULT_BUDGETS
     .venv/bin/python -m benchmarks.budget --budgets 5x1 20x4 --seeds 0 1
@@ -18,15 +22,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import quality
+from benchmarks.grid_finetune import finetune_run
 from benchmarks.harness import (
     BUDGET,
-    EVALUATION,
     EVALUATION_PROTOCOL,
+    FINETUNE_PROTOCOL,
+    GRID_EVALUATION,
     NUM_SUPERNODES,
-    PROTOCOLS,
     accuracies,
     accuracy,
     add_run_arguments,
@@ -36,6 +43,13 @@ from benchmarks.harness import (
     pyplot,
     run_variant,
     save_figure,
+)
+from benchmarks.quality import ACCURACY_LABELS
+from benchmarks.quality_grid import (
+    FINETUNE_KEY,
+    GRID_OUT_ROOT,
+    Grid,
+    with_finetune,
 )
 
 FEDERATION: dict[str, Any] = {k: BUDGET[k] for k in ("depth", "clients-per-round")}
@@ -61,22 +75,47 @@ def budget_runs(
     partition: str,
     out_root: Path,
     report_only: bool = False,
+    finetune: bool = True,
 ) -> tuple[dict[tuple[int, int], list[dict]], list[dict]]:
-    """Run (or load) fedmae at every budget and random-init once per seed."""
+    """Run (or load) fedmae at every budget and random-init once per seed; each run's backbone
+    fine-tuned after it unless ``finetune`` is False (then only what is cached is read)."""
     floor = []
     by_budget: dict[tuple[int, int], list[dict]] = {}
     for seed in seeds:
-        run = run_variant("random-init", partition, seed, out_root, "bench-budget",
-                          report_only=report_only)  # fmt: skip
+        run = _run("random-init", partition, seed, out_root, {}, report_only, finetune)
         if run is not None:
             floor.append(run)
         for rounds, epochs in budgets:
             changes = {"rounds-per-stage": rounds, "local-epochs": epochs}
-            run = run_variant("fedmae", partition, seed, out_root, "bench-budget", changes,
-                              timeout=3 * 3600, report_only=report_only)  # fmt: skip
+            run = _run("fedmae", partition, seed, out_root, changes, report_only, finetune)
             if run is not None:
                 by_budget.setdefault((rounds, epochs), []).append(run)
     return by_budget, floor
+
+
+def _run(
+    algorithm: str,
+    partition: str,
+    seed: int,
+    out_root: Path,
+    changes: dict[str, Any],
+    report_only: bool,
+    finetune: bool = True,
+) -> dict | None:
+    """One run under the grid's protocol (``GRID_EVALUATION``), then its backbone fine-tuned
+    under ``FINETUNE_PROTOCOL`` (``benchmarks.grid_finetune``, cached beside the run; not with
+    ``report_only``, which reads the cache only)."""
+    run = run_variant(algorithm, partition, seed, out_root, "bench-budget", changes,
+                      timeout=3 * 3600, report_only=report_only,
+                      evaluation=GRID_EVALUATION)  # fmt: skip
+    if run is None:
+        return None
+    if finetune and not report_only:
+        record, fresh = finetune_run(out_root / run["name"])
+        if fresh:
+            print(f"[bench-budget] {run['name']}: protocol fine-tune in "
+                  f"{record['seconds']:.0f} s", flush=True)  # fmt: skip
+    return with_finetune(run, out_root)
 
 
 def _budget_order(by_budget: dict) -> list[tuple[int, int]]:
@@ -96,16 +135,20 @@ def paired_differences(runs: list[dict], floor: list[dict], key: str) -> list[fl
 
 
 def smallest_paying_budget(
-    by_budget: dict[tuple[int, int], list[dict]], floor: list[dict], key: str
+    by_budget: dict[tuple[int, int], list[dict]],
+    floor: list[dict],
+    key: str,
+    bound: float | None,
 ) -> tuple[int, int] | None:
-    """The smallest R x E at which fedmae beats random init under ``key`` at every seed.
+    """The smallest R x E whose verdict under ``key`` is 'ahead at every seed'.
 
-    Each seed is compared with random init of the same seed (same init draw, label subset and
-    fine-tuning seed): the seed-to-seed spread of a 1k-label fine-tune is larger than the effect.
+    The verdict is docs/results.md's (:func:`benchmarks.quality.verdict`): each seed against
+    random init of the same seed (same init draw, label subsets and fine-tuning seed), one sign
+    at every seed and a mean beyond the noise ``bound`` (no bound: one sign at >= 3 seeds).
     """
     for budget in _budget_order(by_budget):
-        diffs = paired_differences(by_budget[budget], floor, key)
-        if diffs and all(d > 0 for d in diffs):
+        diffs = quality.paired_differences(by_budget[budget], floor, key, "random-init")
+        if diffs and quality.verdict(list(diffs.values()), bound) == "ahead at every seed":
             return budget
     return None
 
@@ -120,101 +163,230 @@ def _signed(diffs: list[float]) -> str:
 
 
 def plot(by_budget: dict, floor: list[dict], path: Path) -> None:
+    """Each metric's mean over seeds against the budget; random init's mean as a dashed line."""
     plt = pyplot()
     budgets = _budget_order(by_budget)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (key, label), color in zip(PROTOCOLS, ("C0", "C1", "C2"), strict=True):
-        means = [
-            100 * statistics.fmean(accuracy(r, key, "fedmae") for r in by_budget[b])
-            for b in budgets
-        ]
-        xs = [r * e for r, e in budgets]
-        ax.plot(xs, means, marker="o", color=color, label=f"fedmae {label}")
+    for (key, label, _), color in zip(ACCURACY_LABELS, ("C0", "C1", "C2"), strict=True):
+        points = [(r * e, values) for (r, e) in budgets
+                  if (values := accuracies(by_budget[(r, e)], key, "fedmae"))]  # fmt: skip
+        if points:
+            ax.plot([x for x, _ in points], [100 * statistics.fmean(v) for _, v in points],
+                    marker="o", color=color, label=f"fedmae {label}")  # fmt: skip
         floor_values = accuracies(floor, key, "random-init")
         if floor_values:
             ax.axhline(100 * statistics.fmean(floor_values), color=color, ls="--", lw=1,
                        label=f"random-init {label}")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks([r * e for r, e in budgets], [f"{r}x{e}" for r, e in budgets])
+    seeds = sorted({r["seed"] for runs in by_budget.values() for r in runs})
     ax.set(
         xlabel="local epochs per block (rounds per stage x local epochs)",
         ylabel="top-1 (%)",
-        title=f"Does pretraining pay? (Fashion-MNIST, {NUM_SUPERNODES} nodes)",
+        title=f"Does pretraining pay? (Fashion-MNIST, {NUM_SUPERNODES} nodes, seeds {seeds})",
     )
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
-def _table_header(floor: list[dict], command: str, partition: str) -> list[str]:
-    """Title, command, setup paragraph, and the table's head and random-init floor row."""
-    floor_cells = [mean_std(accuracies(floor, key, "random-init")) for key, _ in PROTOCOLS]
+def _grid(by_budget: dict, floor: list[dict]) -> Grid:
+    """The runs keyed as the quality report's helpers take them (one row per budget)."""
+    rows: Grid = {("fedmae", f"{r} x {e}"): by_budget[(r, e)] for r, e in _budget_order(by_budget)}
+    return {**rows, ("random-init", "pooled"): floor}
+
+
+def _header(by_budget: dict, floor: list[dict], command: str, partition: str) -> list[str]:
+    """Title, command with machine and date, setup, evaluation and the comparison rule."""
+    grid = _grid(by_budget, floor)
+    every_run = [r for runs in grid.values() for r in runs]
+    seeds = sorted({r["seed"] for r in every_run})
+    seconds = sum(r["summary"]["wall-seconds"] for r in every_run)
+    evaluation = {
+        k: v
+        for k, v in GRID_EVALUATION.items()
+        if k not in ("evaluate-random-init", "local-clients") and not k.startswith("finetune-")
+    }
+    protocol = ", ".join(f"{k}={v}" for k, v in FINETUNE_PROTOCOL.items())
+    cost = quality.finetune_cost(grid)
+    where = "" if machine_line() in cost else f"; {machine_line()}"
     return [
         "# Does pretraining pay? Accuracy against the pretraining budget",
         "",
-        f"Command: `{command}` ({machine_line()}).",
+        f"Command: `{command}` (seeds {seeds}; the runs' ServerApp wall time adds up to "
+        f"{seconds / 60:.0f} min{quality.startup_text(every_run)}; the protocol fine-tunes "
+        f"add up to{cost.removeprefix(',') or ' nothing yet'}{where}; report written "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())} UTC).",
         "",
         f"FedMAE on Fashion-MNIST, {partition} over {NUM_SUPERNODES} nodes, "
         + ", ".join(f"{k}={v}" for k, v in FEDERATION.items())
         + "; budget R x E = rounds per stage x local epochs per round, i.e. the local epochs "
-        "each block is trained for. Evaluation, the same for every backbone: "
-        + ", ".join(f"{k}={v}" for k, v in EVALUATION.items() if k != "evaluate-random-init")
-        + f" ({EVALUATION_PROTOCOL}). Top-1 in %, mean ± std over seeds.",
+        "each block is trained for. Each seed's FedMAE run is paired with the random-init "
+        "run of the same seed (same init draw, label subsets and fine-tuning seed).",
         "",
-        "| budget R x E | server rounds | "
-        + " | ".join(label for _, label in PROTOCOLS)
-        + " | masked PSNR (dB) | client s (run total) | run wall s "
-        "| vs random init, same seed: fine-tune / probe / k-NN (points) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| random-init (floor) | 0 | {' | '.join(floor_cells)} | - | 0 | - | - |",
+        "Evaluation, the same for every backbone and the same as docs/results.md's: in each "
+        "run "
+        + ", ".join(f"{k}={v}" for k, v in evaluation.items())
+        + f" ({EVALUATION_PROTOCOL}); the fine-tune column is not part of the runs: each run's "
+        "exported backbone is fine-tuned afterwards under the protocol of "
+        f"docs/eval-protocol.md (`benchmarks.grid_finetune`, cached per run): {protocol} "
+        "(disjoint label subsets drawn with the run's seed, a validation share of each, the lr "
+        "kept by validation top-1, the kept model alone scored on the test images); a cell is "
+        "the mean over seeds of each run's mean over its "
+        f"{FINETUNE_PROTOCOL['finetune-subsets']} subsets. Top-1 in %, mean ± std over seeds.",
+        "",
+        OLD_RECIPE,
+        "",
     ]
 
 
-def _budget_row(rounds: int, epochs: int, runs: list[dict], floor: list[dict]) -> str:
-    """The table row of one budget: accuracies, PSNR, client and wall time, paired gains."""
-    comm = runs[0]["summary"]["communication"]
-    client_seconds = comm["client-train-seconds-mean"] * rounds * FEDERATION["depth"]
-    cells = [
-        f"{rounds} x {epochs}",
-        str(rounds * FEDERATION["depth"]),
-        *(mean_std(accuracies(runs, key, "fedmae")) for key, _ in PROTOCOLS),
-        f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
-        f"{client_seconds:.0f}",
-        f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
-        " / ".join(_signed(paired_differences(runs, floor, key)) for key, _ in PROTOCOLS),
-    ]
-    return "| " + " | ".join(cells) + " |"
+# Where the budgets measured before the protocol are (they were not re-measured).
+OLD_RECIPE = (
+    "Not in this page: the budgets measured before this protocol (5 x 1, 5 x 4 at seeds 0 and "
+    "1, 10 x 4 at seed 0), whose fine-tune ran inside the runs on one 1,000-label subset for "
+    "15 epochs with a bare linear head; their page is `git show 17655eb:docs/budget.md`. The "
+    "reference budget 5 x 1 under this protocol is docs/results.md's fedmae iid row."
+)
 
 
-def _verdicts(by_budget: dict, floor: list[dict]) -> list[str]:
-    """Per protocol, the smallest budget that beats random init at every seed."""
+def _table(by_budget: dict, floor: list[dict]) -> list[str]:
+    """The accuracies of every budget and of the random-init floor, PSNR, client and wall time."""
+    headers = " | ".join(label for _, label, _ in ACCURACY_LABELS)
+    floor_cells = [mean_std(accuracies(floor, key, "random-init")) for key, _, _ in ACCURACY_LABELS]
     lines = [
-        "",
-        "Smallest measured budget at which FedMAE beats random init at every seed (each seed "
-        "against random init of the same seed):",
-        "",
+        f"| budget R x E | server rounds | seeds | {headers} | masked PSNR (dB) "
+        "| client s (run total) | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| random-init (floor) | 0 | {sorted(r['seed'] for r in floor)} "
+        f"| {' | '.join(floor_cells)} | - | 0 | - |",
     ]
-    for key, label in PROTOCOLS:
-        budget = smallest_paying_budget(by_budget, floor, key)
-        if budget:
-            seeds = sorted(r["seed"] for r in by_budget[budget])
-            verdict = f"{budget[0]} x {budget[1]} (seeds {seeds})"
-        else:
-            verdict = "none of the measured budgets"
-        lines.append(f"- {label}: {verdict}")
+    for rounds, epochs in _budget_order(by_budget):
+        runs = by_budget[(rounds, epochs)]
+        comm = runs[0]["summary"]["communication"]
+        client_seconds = comm["client-train-seconds-mean"] * rounds * FEDERATION["depth"]
+        cells = [
+            f"{rounds} x {epochs}",
+            str(rounds * FEDERATION["depth"]),
+            str(sorted(r["seed"] for r in runs)),
+            *(mean_std(accuracies(runs, key, "fedmae")) for key, _, _ in ACCURACY_LABELS),
+            f"{statistics.fmean(r['summary']['final-psnr'] for r in runs):.2f}",
+            f"{client_seconds:.0f}",
+            f"{statistics.fmean(r['summary']['wall-seconds'] for r in runs):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def write_report(
-    by_budget: dict, floor: list[dict], command: str, partition: str, docs: Path
-) -> Path:
-    """Write ``docs/budget.md`` (table and verdicts) and its figure; returns the page's path."""
-    docs.mkdir(parents=True, exist_ok=True)
-    plot(by_budget, floor, docs / "budget-accuracy.png")
-    lines = _table_header(floor, command, partition)
+def _comparisons(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
+    """FedMAE − random init per seed, mean, noise bound and verdict, per budget and metric."""
+    lines = [
+        "| budget R x E | metric | FedMAE − random init per seed (points) | mean "
+        "| noise bound (points) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for rounds, epochs in _budget_order(by_budget):
-        lines.append(_budget_row(rounds, epochs, by_budget[(rounds, epochs)], floor))
-    lines += _verdicts(by_budget, floor)
-    lines += ["", "![budget-accuracy.png](budget-accuracy.png)", ""]
+        for key, _, name in ACCURACY_LABELS:
+            diffs = quality.paired_differences(by_budget[(rounds, epochs)], floor, key,
+                                               "random-init")  # fmt: skip
+            if diffs:
+                cells = quality.paired_cells(diffs, bounds.get(key))
+                lines.append(f"| {rounds} x {epochs} | {name} | {cells} |")
+    return lines if len(lines) > 2 else []
+
+
+def missing_text(
+    by_budget: dict, floor: list[dict], budgets: list[tuple[int, int]], seeds: list[int]
+) -> list[str]:
+    """The asked runs (``budgets`` x ``seeds``, random init at ``seeds``) that are not there, or
+    whose protocol fine-tune is not; [] when none is missing."""
+    asked = sorted(budgets, key=lambda b: (b[0] * b[1], b))
+    rows = [("random-init", floor)]
+    rows += [(f"fedmae {r} x {e}", by_budget.get((r, e), [])) for r, e in asked]
+    missing = []
+    for label, runs in rows:
+        have = {r["seed"]: r for r in runs}
+        for seed in seeds:
+            if seed not in have:
+                missing.append(f"{label} seed {seed} (no run)")
+            elif FINETUNE_KEY not in have[seed]["summary"]:
+                missing.append(f"{label} seed {seed} (no protocol fine-tune)")
+    if not missing:
+        return []
+    return [f"**Missing** from the seeds asked ({seeds}): " + ", ".join(missing) + "; the "
+            "table and the verdicts use the seeds that are there.", ""]  # fmt: skip
+
+
+def _verdicts(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
+    """Per metric, each budget's verdict and the smallest at which FedMAE is ahead (or none)."""
+    lines = []
+    for key, _, name in ACCURACY_LABELS:
+        each = "; ".join(
+            f"{r} x {e}: " + quality.verdict(list(diffs.values()), bounds.get(key))
+            for (r, e) in _budget_order(by_budget)
+            if (diffs := quality.paired_differences(by_budget[(r, e)], floor, key, "random-init"))
+        )
+        budget = smallest_paying_budget(by_budget, floor, key, bounds.get(key))
+        pays = "none" if budget is None else f"{budget[0]} x {budget[1]}"
+        lines.append(f"- {name}: {each or 'no paired seeds'}; smallest budget ahead at every "
+                     f"seed: {pays}")  # fmt: skip
+    return ["Verdicts, and the smallest measured budget at which FedMAE is ahead of random init "
+            "at every seed (beyond the noise bound):", "", *lines]  # fmt: skip
+
+
+def comparison_rule() -> str:
+    """docs/results.md's rule (:func:`benchmarks.quality.verdict`), as it applies here."""
+    return (
+        "FedMAE − random init in points, seed by seed (positive = FedMAE ahead; a seed one of "
+        "them lacks is left out). Verdict, the rule of docs/results.md "
+        "(`benchmarks.quality.verdict`): 'ahead at every seed' or 'behind at every seed' only "
+        "when every per-seed difference has the same sign and the mean's size exceeds the "
+        "metric's noise bound, 2 x std x sqrt(2/k); the fine-tune's std is that of the "
+        "random-init runs' per-subset values over all their seeds (k = "
+        f"{FINETUNE_PROTOCOL['finetune-subsets']}), the probe's comes from the random-init "
+        "floor of `benchmarks.eval_protocol` where it was measured under this protocol (k = 1). "
+        "Without a bound ('no noise bound measured'; k-NN always) the same sign at "
+        f">= {quality.SEEDS_WITHOUT_BOUND} paired seeds is required. Fewer than 2 paired seeds: "
+        "'one seed: not shown'; anything else: 'not shown'."
+    )
+
+
+def write_report(
+    by_budget: dict,
+    floor: list[dict],
+    command: str,
+    partition: str,
+    docs: Path,
+    bounds: dict[str, float | None] | None = None,
+    budgets: list[tuple[int, int]] | None = None,
+    seeds: list[int] | None = None,
+) -> Path:
+    """Write ``docs/budget.md`` (table, paired differences, verdicts) and its figure.
+
+    ``budgets``, ``seeds``: those asked for, to name the runs missing. ``bounds``: the noise
+    bound per metric (default: :func:`benchmarks.quality.noise_bounds`, the fine-tune's from the
+    random-init runs' own subsets where that file has none, as docs/results.md's). Returns the
+    page's path.
+    """
+    docs.mkdir(parents=True, exist_ok=True)
+    if bounds is None:
+        bounds = quality.noise_bounds()
+        if bounds[FINETUNE_KEY] is None:
+            bounds[FINETUNE_KEY] = quality.grid_noise_bound(_grid(by_budget, floor))
+    plot(by_budget, floor, docs / "budget-accuracy.png")
+    lines = [
+        *_header(by_budget, floor, command, partition),
+        *([] if seeds is None else missing_text(by_budget, floor, budgets or [], seeds)),
+        *_table(by_budget, floor),
+        "",
+        comparison_rule(),
+        "",
+        *_comparisons(by_budget, floor, bounds),
+        "",
+        *_verdicts(by_budget, floor, bounds),
+        "",
+        *quality.finetune_details(_grid(by_budget, floor)),
+        "![budget-accuracy.png](budget-accuracy.png)",
+        "",
+    ]
     path = docs / "budget.md"
     path.write_text("\n".join(lines))
     return path
@@ -224,13 +396,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", type=parse_budget,
                         default=[parse_budget(b) for b in DEFAULT_BUDGETS])  # fmt: skip
-    add_run_arguments(parser, seeds=[0])
+    add_run_arguments(parser, seeds=[0], out=GRID_OUT_ROOT)
+    parser.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="the runs only; their fine-tunes later (benchmarks.grid_finetune --out, cached)",
+    )
     args = parser.parse_args(argv)
     by_budget, floor = budget_runs(
-        args.budgets, args.seeds, args.partition, args.out, args.report_only
+        args.budgets, args.seeds, args.partition, args.out, args.report_only, not args.no_finetune
     )
-    command = command_line("benchmarks.budget", argv)
-    path = write_report(by_budget, floor, command.strip(), args.partition, args.docs)
+    # A report-only pass reports the command that makes the runs (as benchmarks.quality does).
+    command = command_line("benchmarks.budget", argv).replace(" --report-only", "")
+    path = write_report(by_budget, floor, command.strip(), args.partition, args.docs,
+                        budgets=args.budgets, seeds=args.seeds)  # fmt: skip
     print(f"[bench-budget] wrote {path}")
     return 0
 

@@ -46,9 +46,10 @@ EVALUATION: dict[str, Any] = {
     "probe-epochs": 50,
     "finetune-labels": 1000,
     "finetune-epochs": 15,
-    # The studies of docs/budget.md, ablations.md, feature-depth.md were measured with a bare
-    # linear head; pinned so that their runs stay reproducible (the grid's FINETUNE_PROTOCOL and
-    # the schema default use the BatchNorm head).
+    # The studies of docs/ablations.md, feature-depth.md (and docs/budget.md as of commit
+    # 17655eb; it now uses the grid's protocol) were measured with a bare linear head; pinned so
+    # that their runs stay reproducible (the grid's FINETUNE_PROTOCOL and the schema default use
+    # the BatchNorm head).
     "finetune-head-norm": "none",
     "test-images": 5000,
     "stage-knn-images": 2000,

@@ -233,6 +233,15 @@ def comparison_rule() -> str:
     )
 
 
+def paired_cells(diffs: dict[int, float], bound: float | None) -> str:
+    """``"s0 -3.3, s1 -3.7 | -3.5 | 1.4 | behind at every seed"``: the per-seed differences,
+    their mean, the noise bound (points) and the verdict, as comparison table cells."""
+    per_seed = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in diffs.items())
+    mean = 100 * statistics.fmean(diffs.values())
+    bound_text = "no noise bound measured" if bound is None else f"{100 * bound:.1f}"
+    return f"{per_seed} | {mean:+.1f} | {bound_text} | {verdict(list(diffs.values()), bound)}"
+
+
 def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
     """The paired-difference table of FedMAE against each baseline, then the cost ratios."""
     lines = [
@@ -252,13 +261,8 @@ def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
                 diffs = paired_differences(runs, other_runs, key, other)
                 if not diffs:
                     continue
-                bound = bounds.get(key)
-                per_seed = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in diffs.items())
-                mean = 100 * statistics.fmean(diffs.values())
-                bound_text = "no noise bound measured" if bound is None else f"{100 * bound:.1f}"
                 lines.append(
-                    f"| {partition} | {other} | {name} | {per_seed} | {mean:+.1f} "
-                    f"| {bound_text} | {verdict(list(diffs.values()), bound)} |"
+                    f"| {partition} | {other} | {name} | {paired_cells(diffs, bounds.get(key))} |"
                 )
             theirs = other_runs[0]["summary"]["communication"]
             ratios = [
@@ -449,10 +453,11 @@ def evaluation_text() -> str:
         + f" ({EVALUATION_PROTOCOL}). The runs score probe, k-NN and masked PSNR only "
         f"(finetune-labels={GRID_EVALUATION['finetune-labels']}) to keep the {full_size} runs "
         f"of the full grid within a few hours on {GRID_MACHINE} (sized for {GRID_MINUTES} min "
-        "at 2 seeds); the budget study and the ablations "
+        "at 2 seeds); the ablations "
         f"fine-tune inside their runs ({EVALUATION['finetune-labels']:,} labels, one subset, "
         f"{EVALUATION['finetune-epochs']} epochs), so their fine-tune numbers are not "
-        "comparable with this table's."
+        "comparable with this table's (the budget study's, docs/budget.md, are: it uses this "
+        "table's evaluation and fine-tune protocol)."
     )
 
 

@@ -48,9 +48,14 @@ def run_one(
     """One run of the grid (loaded when it finished before; None if report-only and missing)."""
     run = run_variant(algorithm, partition, seed, out_root, "bench-quality", timeout=1800,
                       report_only=report_only, evaluation=GRID_EVALUATION)  # fmt: skip
-    if run is not None and (record := read_cache(out_root / run["name"])) is not None:
-        result = finetune_result(record)
-        run["summary"][FINETUNE_KEY] = {algorithm: result["accuracy"]}
+    return None if run is None else with_finetune(run, out_root)
+
+
+def with_finetune(run: dict[str, Any], out_root: Path) -> dict[str, Any]:
+    """``run`` with its cached protocol fine-tune (``FINETUNE_KEY``, ``FINETUNE_RECORD``) when
+    ``benchmarks.grid_finetune`` has fine-tuned it; as it is otherwise."""
+    if (record := read_cache(out_root / run["name"])) is not None:
+        run["summary"][FINETUNE_KEY] = {run["algorithm"]: finetune_result(record)["accuracy"]}
         run[FINETUNE_RECORD] = record
     return run
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from benchmarks import ablations, budget
-from benchmarks.harness import run_name
+from benchmarks.harness import machine_line, run_name
+from benchmarks.quality_grid import FINETUNE_KEY, FINETUNE_RECORD
 from tests.test_bench_report import fake_run
 
 
@@ -34,38 +35,114 @@ def _fedmae(finetune: float, tmp_path, seed: int = 0) -> dict:
     return fake_run("fedmae", seed, finetune, tmp_path / "runs")
 
 
-def test_smallest_paying_budget_is_the_cheapest_that_wins_at_every_seed(tmp_path):
+def _budget_runs(tmp_path) -> tuple[dict, list[dict]]:
+    """Random init at seeds 0-2; fedmae 5 x 1 at seeds 0-1 and 5 x 4 at 0-2, with their
+    protocol fine-tune (FINETUNE_KEY) and, for 5 x 4, a probe that differs from the floor's."""
     runs = tmp_path / "runs"
-    floor = [fake_run("random-init", 0, 0.60, runs), fake_run("random-init", 1, 0.64, runs)]
+
+    def run(algorithm, seed, finetune, folder, probe=0.7):
+        result = fake_run(algorithm, seed, 0.0, folder)
+        result["summary"][FINETUNE_KEY] = {algorithm: finetune}
+        result["summary"]["linear-probe-accuracy"] = {algorithm: probe}
+        return result
+
+    floor = [run("random-init", s, v, runs) for s, v in enumerate((0.72, 0.73, 0.70))]
+    finetune_probe = ((0.70, 0.72), (0.71, 0.71), (0.69, 0.73))
     by_budget = {
-        # mean 0.63 beats the floor's mean 0.62, but seed 1 loses to its own random init
-        (5, 1): [fake_run("fedmae", 0, 0.64, runs / "a"), fake_run("fedmae", 1, 0.62, runs / "a")],
-        (10, 4): [fake_run("fedmae", 0, 0.70, runs / "b"), fake_run("fedmae", 1, 0.70, runs / "b")],
-        (5, 4): [fake_run("fedmae", 0, 0.61, runs / "c"), fake_run("fedmae", 1, 0.65, runs / "c")],
+        (5, 4): [run("fedmae", s, f, runs / "b", p) for s, (f, p) in enumerate(finetune_probe)],
+        (5, 1): [
+            run("fedmae", 0, 0.74, runs / "a", 0.71),
+            run("fedmae", 1, 0.75, runs / "a", 0.69),
+        ],
     }
-    assert budget.smallest_paying_budget(by_budget, floor, "finetune-accuracy") == (5, 4)
-    assert budget.paired_differences(by_budget[(5, 1)], floor, "finetune-accuracy") == (
-        pytest.approx([0.04, -0.02])
+    return by_budget, floor
+
+
+BOUNDS = {FINETUNE_KEY: 0.014, "linear-probe-accuracy": 0.007, "knn-accuracy": None}
+
+
+def test_smallest_paying_budget_needs_the_results_verdict_ahead_at_every_seed(tmp_path):
+    by_budget, floor = _budget_runs(tmp_path)
+    # probe 5 x 1: +1, -1 (not shown); 5 x 4: +2, +1, +3 points, mean 2.0 > bound 0.7.
+    assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy", 0.007) == (
+        5,
+        4,
     )
-    # probe: every fake run scores 0.7, equal to the floor's 0.7: equal is not beating it.
-    assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy") is None
+    # ... but not beyond a bound of 2.5 points.
+    assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy", 0.025) is None
+    # fine-tune 5 x 1: +2, +2 at 2 seeds, beyond 1.4; without a bound 2 seeds are too few.
+    assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, 0.014) == (5, 1)
+    assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, None) is None
+    # k-NN: every fake run scores 0.6, the floor's value: equal is not ahead.
+    assert budget.smallest_paying_budget(by_budget, floor, "knn-accuracy", None) is None
+    assert budget.paired_differences(by_budget[(5, 1)], floor, FINETUNE_KEY) == (
+        pytest.approx([0.02, 0.02])
+    )
 
 
-def test_budget_report_states_the_floor_every_budget_and_the_verdict(tmp_path):
-    floor = [fake_run("random-init", 0, 0.60, tmp_path / "runs")]
-    runs = tmp_path / "runs"
-    by_budget = {
-        (5, 1): [fake_run("fedmae", 0, 0.58, runs / "a")],
-        (5, 4): [fake_run("fedmae", 0, 0.62, runs / "b")],
-    }
-    path = budget.write_report(by_budget, floor, "python -m benchmarks.budget", "iid", tmp_path)
+def test_budget_report_pairs_each_seed_with_its_random_init_and_states_the_verdicts(tmp_path):
+    by_budget, floor = _budget_runs(tmp_path)
+    command = "python -m benchmarks.budget --budgets 5x1 5x4 --seeds 0 1 2"
+    path = budget.write_report(by_budget, floor, command, "iid", tmp_path, bounds=BOUNDS,
+                               budgets=[(5, 4), (5, 1)], seeds=[0, 1, 2])  # fmt: skip
     text = path.read_text()
-    assert "| random-init (floor) | 0 | 60.0 | 70.0 | 60.0 | - | 0 | - |" in text
+    assert f"Command: `{command}` (seeds [0, 1, 2];" in text
+    assert "**Missing** from the seeds asked ([0, 1, 2]): fedmae 5 x 1 seed 2 (no run); " in text
+    assert "| fine-tune 1,000 labels (protocol) | linear probe | k-NN | masked PSNR (dB) |" in text
+    # floor fine-tune 72, 73, 70: mean 71.7, sample std 1.5
+    assert "| random-init (floor) | 0 | [0, 1, 2] | 71.7 ± 1.5 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in text
     # 5 x 4: 20 server rounds; client seconds = 1.0 s per round x 5 rounds x 4 stages
-    assert "| 5 x 4 | 20 | 62.0 | 70.0 | 60.0 | 12.00 | 20 | 100 | +2.0 / +0.0 / +0.0 |" in text
-    assert "- fine-tune 1k labels: 5 x 4 (seeds [0])" in text
-    assert "- linear probe: none of the measured budgets" in text
+    assert (
+        "| 5 x 4 | 20 | [0, 1, 2] | 70.0 ± 1.0 | 72.0 ± 1.0 | 60.0 ± 0.0 | 12.00 | 20 | 100 |"
+        in text
+    )
+    assert "| 5 x 1 | 20 | [0, 1] | 74.5 ± 0.7 | 70.0 ± 1.4 |" in text
+    assert (
+        "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0, s2 -1.0 | -1.7 | 1.4 | behind at every seed |"
+        in text
+    )
+    assert (
+        "| 5 x 4 | linear probe | s0 +2.0, s1 +1.0, s2 +3.0 | +2.0 | 0.7 | ahead at every seed |"
+        in text
+    )
+    assert "| 5 x 1 | linear probe | s0 +1.0, s1 -1.0 | +0.0 | 0.7 | not shown |" in text
+    assert (
+        "| 5 x 4 | k-NN | s0 +0.0, s1 +0.0, s2 +0.0 | +0.0 | no noise bound measured "
+        "| not shown |" in text
+    )
+    assert (
+        "- fine-tune: 5 x 1: ahead at every seed; 5 x 4: behind at every seed; smallest "
+        "budget ahead at every seed: 5 x 1" in text
+    )
+    assert (
+        "- k-NN: 5 x 1: not shown; 5 x 4: not shown; smallest budget ahead at every seed: none"
+        in text
+    )
+    assert "`git show 17655eb:docs/budget.md`" in text
     assert (tmp_path / "budget-accuracy.png").stat().st_size > 0
+
+
+def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp_path):
+    by_budget, floor = _budget_runs(tmp_path)
+    # Each floor run fine-tuned on 3 subsets; their std over all 9 values gives the bound.
+    subsets = ((0.71, 0.72, 0.73), (0.72, 0.73, 0.74), (0.69, 0.70, 0.71))
+    for run, values in zip(floor, subsets, strict=True):
+        result = {
+            "accuracy": sum(values) / 3,
+            "subsets": [{"accuracy": v, "lr": 1e-3} for v in values],
+        }
+        run[FINETUNE_RECORD] = {"results": {"random-init": result}, "seconds": 60.0}
+    del by_budget[(5, 4)][2]["summary"][FINETUNE_KEY]  # not fine-tuned yet
+    text = budget.write_report(
+        by_budget, floor, "cmd", "iid", tmp_path, budgets=[(5, 4)], seeds=[0, 1, 2]
+    ).read_text()
+    assert "([0, 1, 2]): fedmae 5 x 4 seed 2 (no protocol fine-tune); the table" in text
+    assert "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | 2.6 | not shown |" in text
+    # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6: 5 x 1's +2.0 is not beyond it
+    assert "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | 2.6 | not shown |" in text
+    # the fake records name no machine, so the report names it itself
+    assert f"; the protocol fine-tunes add up to 3 min; {machine_line()}; report written" in text
+    assert "- random-init-s0: 71.0, 72.0, 73.0 (72.0 ± 0.0; kept lr 0.001)" in text
 
 
 def test_ablation_report_has_the_reference_and_one_row_per_changed_setting(tmp_path):
