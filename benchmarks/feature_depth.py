@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import command_line, machine_line, pyplot, save_figure
-from benchmarks.label_efficiency import add_backbone_arguments, check_backbones, run_config
-from fedmae_flwr.data import load_dataset
-from fedmae_flwr.evaluation.downstream import block_features, labelled_subsets
+from benchmarks.label_efficiency import (
+    add_backbone_arguments,
+    check_backbones,
+    run_probe_inputs,
+)
+from fedmae_flwr.evaluation.downstream import block_features
 from fedmae_flwr.evaluation.linear_probe import tuned_linear_probe
-from fedmae_flwr.models.export import load_backbone
 
 
 def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
@@ -32,10 +34,7 @@ def probe_per_block(run_dir: Path) -> list[dict[str, Any]]:
     cache = run_dir / "probe-per-block.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    cfg = run_config(run_dir)
-    splits = load_dataset(cfg)
-    sets = labelled_subsets(cfg.eval, splits, cfg.seed)
-    backbone = load_backbone(run_dir)
+    cfg, splits, sets, backbone = run_probe_inputs(run_dir)
     train_b = block_features(backbone, splits.normalize(sets["probe"].images))
     test_b = block_features(backbone, splits.normalize(sets["test"].images))
     labels, test_labels = sets["probe"].labels, sets["test"].labels

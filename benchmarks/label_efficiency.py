@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmarks.harness import (
     EVALUATION,
@@ -36,6 +37,8 @@ from benchmarks.harness import (
 )
 from fedmae_flwr.config import FedMAEConfig, load_config_yaml
 from fedmae_flwr.data import load_dataset
+from fedmae_flwr.data.images import DatasetSplits
+from fedmae_flwr.evaluation.downstream import labelled_subsets
 from fedmae_flwr.evaluation.finetune import finetune
 from fedmae_flwr.models.export import load_backbone
 
@@ -60,6 +63,14 @@ def parse_labels(text: str) -> int:
 def run_config(run_dir: Path) -> FedMAEConfig:
     """The resolved config a run wrote (``config.yaml``), as the typed schema."""
     return load_config_yaml(run_dir / "config.yaml")
+
+
+def run_probe_inputs(run_dir: Path) -> tuple[FedMAEConfig, DatasetSplits, dict, nn.Module]:
+    """What a post-hoc study of a run's backbone starts from: the run's config, its dataset, the
+    labelled subsets it drew (``labelled_subsets`` with its seed) and its exported backbone."""
+    cfg = run_config(run_dir)
+    splits = load_dataset(cfg)
+    return cfg, splits, labelled_subsets(cfg.eval, splits, cfg.seed), load_backbone(run_dir)
 
 
 def cache_path(

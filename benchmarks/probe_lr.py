@@ -24,12 +24,9 @@ from typing import Any
 import torch
 
 from benchmarks.harness import DOCS, command_line, machine_line, pyplot, save_figure
-from fedmae_flwr.config import load_config_yaml
-from fedmae_flwr.data import load_dataset
-from fedmae_flwr.evaluation.downstream import labelled_subsets
+from benchmarks.label_efficiency import run_probe_inputs
 from fedmae_flwr.evaluation.features import extract_features
 from fedmae_flwr.evaluation.linear_probe import linear_probe, tuned_linear_probe
-from fedmae_flwr.models.export import load_backbone
 
 LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 RUN_LR = 0.1  # linear_probe's default: what every run uses
@@ -37,10 +34,7 @@ RUN_LR = 0.1  # linear_probe's default: what every run uses
 
 def probe_run(run_dir: Path, lrs: tuple[float, ...], val_fraction: float) -> dict[str, Any]:
     """The lr grid on one run's backbone: validation and test top-1 per lr, the kept lr."""
-    cfg = load_config_yaml(run_dir / "config.yaml")
-    splits = load_dataset(cfg)
-    sets = labelled_subsets(cfg.eval, splits, cfg.seed)
-    backbone = load_backbone(run_dir)
+    cfg, splits, sets, backbone = run_probe_inputs(run_dir)
     probe_f = extract_features(backbone, splits.normalize(sets["probe"].images))
     test_f = extract_features(backbone, splits.normalize(sets["test"].images))
     probe_y, test_y = sets["probe"].labels, sets["test"].labels
