@@ -9,6 +9,10 @@ linear-probed, on the same disjoint subsets for every init seed. The subsets are
 seed (``--subset-seed``) so that the spread over init seeds and the spread over subsets can be
 told apart; each fine-tune trains with the init seed (subset ``k > 0``: a seed derived from it).
 
+``--labels 0`` measures the probe alone (seconds per backbone instead of minutes): the
+fine-tune's floor under the grid's recipe is then the grid's own random-init row
+(docs/results.md), which fine-tunes exactly these backbones on 3 label subsets each.
+
 Every (init seed) result is appended to ``outputs/eval-protocol/results.json`` as soon as it is
 measured; a rerun skips what is there, and ``--report-only`` writes the report from the file:
 
@@ -52,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subsets", type=int, default=3)
     parser.add_argument("--subset-seed", type=int, default=0)
-    parser.add_argument("--labels", type=int, default=1000)  # the schema default is 0 (off)
+    # The schema default is 0 (off); here 0 skips the fine-tune and measures the probe alone.
+    parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--lr-grid", default=str(defaults.finetune_lr))
     parser.add_argument("--epochs", type=int, default=defaults.finetune_epochs)
@@ -63,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-lr-grid", default=defaults.probe_lr_grid)
     parser.add_argument("--probe-val-fraction", type=float, default=defaults.probe_val_fraction)
     parser.add_argument("--test-images", type=int, default=defaults.test_images)
+    parser.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: the "
+                        "config's data-path)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
@@ -130,11 +137,13 @@ def measure_seed(seed: int, splits: DatasetSplits, args: argparse.Namespace) -> 
     backbone = create_timm_backbone(cfg.model, random_init_state(cfg))
     n = len(splits.train)
     test = splits.test.subset(range(min(args.test_images or n, len(splits.test))))
-    tune_idx = disjoint_subsets(n, args.labels, args.subsets, args.subset_seed)
     probe_idx = disjoint_subsets(n, args.probe_images, args.subsets, args.subset_seed)
     start = time.perf_counter()
     probes = _probes(backbone, splits, [splits.train.subset(i) for i in probe_idx], test, args)
     probe_s = time.perf_counter() - start
+    if not args.labels:
+        return {"finetune": None, "linear-probe": probes, "seconds": {"probe": probe_s}}
+    tune_idx = disjoint_subsets(n, args.labels, args.subsets, args.subset_seed)
     tune_sets = [splits.train.subset(i) for i in tune_idx]
     finetune = finetune_protocol(
         backbone, [(splits.normalize(s.images), s.labels) for s in tune_sets],
@@ -175,10 +184,22 @@ def spreads(seeds: dict[str, Any], pick: str) -> dict[str, Any]:
     }
 
 
+def has_finetune(results: dict[str, Any]) -> bool:
+    """Whether the file measured fine-tunes (``--labels 0``: the probe alone)."""
+    return all(r.get("finetune") for r in results["seeds"].values())
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Per metric: :func:`spreads` over (init seed, subset)."""
-    fine = {s: r["finetune"]["subsets"] for s, r in results["seeds"].items()}
+    """Per metric: :func:`spreads` over (init seed, subset); no fine-tune keys for a probe-only
+    file."""
     probe = {s: r["linear-probe"] for s, r in results["seeds"].items()}
+    out = {
+        "probe-test": spreads(probe, "accuracy"),
+        "probe-train": spreads(probe, "train_accuracy"),
+    }
+    if not has_finetune(results):
+        return out
+    fine = {s: r["finetune"]["subsets"] for s, r in results["seeds"].items()}
     val = {
         s: [{"val": row["val_accuracy"].get(repr(row["lr"]), math.nan)} for row in rows]
         for s, rows in fine.items()
@@ -187,8 +208,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "finetune-test": spreads(fine, "accuracy"),
         "finetune-train": spreads(fine, "train_accuracy"),
         "finetune-val": spreads(val, "val"),
-        "probe-test": spreads(probe, "accuracy"),
-        "probe-train": spreads(probe, "train_accuracy"),
+        **out,
     }
 
 
@@ -202,7 +222,15 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
     today = resolve_config().eval
     measured = (protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"))
     notes = []
-    if measured != (today.finetune_epochs, str(today.finetune_head_norm)):
+    if not protocol["finetune-labels"]:
+        notes += [
+            "**Probe only** (`--labels 0`): no fine-tune is measured here. The fine-tune's noise "
+            "floor under today's recipe is the random-init row of docs/results.md (3 init seeds "
+            "x 3 label subsets, the grid's own protocol); a 15-epoch, bare-head floor measured "
+            "earlier is in git history (`git show fcc2556:docs/eval-protocol.md`).",
+            "",
+        ]
+    elif measured != (today.finetune_epochs, str(today.finetune_head_norm)):
         notes += [
             f"**Not today's fine-tune recipe**: measured with {measured[0]} epochs and head norm "
             f"{measured[1]}; the default is now {today.finetune_epochs} epochs with head norm "
@@ -236,6 +264,8 @@ def _table(summary: dict[str, Any]) -> list[str]:
         "probe-train": "linear probe, train top-1",
     }
     for key, name in names.items():
+        if key not in summary:
+            continue
         s = summary[key]
         rows.append(
             f"| {name} | {_pct(s['mean'])} ± {_pct(s['std'])} | {_pct(s['min'])} - "
@@ -247,20 +277,25 @@ def _table(summary: dict[str, Any]) -> list[str]:
 
 
 def _grid_rows(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    subsets = len(summary["finetune-test"]["grid"][0])
+    probe_grid = summary["probe-test"]["grid"]
+    subsets = len(probe_grid[0])
     rows = ["| init seed | " + " | ".join(f"subset {k}" for k in range(subsets)) + " |",
             "|---|" + "---|" * subsets]  # fmt: skip
-    grids = zip(summary["finetune-test"]["grid"], summary["probe-test"]["grid"], strict=True)
-    for seed, (tune, probe) in zip(results["seeds"], grids, strict=True):
-        cells = [f"{_pct(t)} / {_pct(p)}" for t, p in zip(tune, probe, strict=True)]
+    tune_grid = summary["finetune-test"]["grid"] if "finetune-test" in summary else None
+    for i, (seed, probe) in enumerate(zip(results["seeds"], probe_grid, strict=True)):
+        if tune_grid is None:
+            cells = [_pct(p) for p in probe]
+        else:
+            cells = [f"{_pct(t)} / {_pct(p)}" for t, p in zip(tune_grid[i], probe, strict=True)]
         rows.append(f"| {seed} | " + " | ".join(cells) + " |")
     return rows
 
 
 def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
-    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.6), sharey=False)
-    for ax, key, title in zip(axes, ("finetune-test", "probe-test"),
-                              ("fine-tune (protocol)", "linear probe"), strict=True):  # fmt: skip
+    panels = [(k, t) for k, t in (("finetune-test", "fine-tune (protocol)"),
+                                  ("probe-test", "linear probe")) if k in summary]  # fmt: skip
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
         for seed, row in zip(results["seeds"], summary[key]["grid"], strict=True):
             ax.plot(range(len(row)), [100 * v for v in row], marker="o", label=f"init seed {seed}")
         mean = 100 * summary[key]["mean"]
@@ -268,13 +303,15 @@ def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2, label="mean ± std")
         ax.set(xlabel="label subset", ylabel="test top-1 (%)", title=title)
         ax.set_xticks(range(len(summary[key]["grid"][0])))
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
 
 
 def _selection(results: dict[str, Any]) -> list[str]:
     """How the validation share chose: the lr kept per run, the mean validation top-1 per lr,
     and how far the kept run's validation top-1 sits from its test top-1."""
+    if not has_finetune(results):
+        return []
     rows = [row for r in results["seeds"].values() for row in r["finetune"]["subsets"]]
     if not any(row["val_accuracy"] for row in rows):
         return []
@@ -292,16 +329,47 @@ def _selection(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _probe_selection(results: dict[str, Any]) -> list[str]:
+    """Which probe lr the validation share kept, per run (files from before the grid: none)."""
+    rows = [row for r in results["seeds"].values() for row in r["linear-probe"]]
+    if not all(row.get("val_accuracy") for row in rows):
+        return []
+    lrs = sorted({float(lr) for row in rows for lr in row["val_accuracy"]})
+    kept = ", ".join(f"{lr:g} in {sum(row['lr'] == lr for row in rows)}" for lr in lrs)
+    return [f"- Probe lr kept by validation top-1: {kept} of {len(rows)} runs."]
+
+
+def _probe_findings(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    probe = summary["probe-test"]
+    k = results["protocol"]["subsets"]
+    return [
+        *_probe_selection(results),
+        f"- One probe's test top-1 varies with std {_pct(probe['std'])} points over all runs. "
+        f"A difference between two backbones' single probes (one per run, as the grid scores "
+        f"them) smaller than about 2 x std x sqrt(2) = {_pct(2 * probe['std'] * 2**0.5)} points "
+        f"is not shown by this protocol (means over {k} subsets each: "
+        f"{_pct(2 * probe['std'] * (2 / k) ** 0.5)}).",
+        f"- Every run is scored on the same {results['protocol']['test-images']} test images, "
+        "so these spreads leave out the test set's own sampling noise (binomial std at the "
+        f"probe's mean accuracy: {_pct(_binomial_std(probe['mean'], results))} points).",
+    ]
+
+
 def _findings(results: dict[str, Any], summary: dict[str, Any], asked: int) -> list[str]:
     """Statements the numbers support, computed from them (none typed in by hand)."""
-    tune, train = summary["finetune-test"], summary["finetune-train"]
     probe = summary["probe-test"]
     k = results["protocol"]["subsets"]
     seeds = len(results["seeds"])
-    floor = 2 * tune["std"] * (2 / k) ** 0.5
-    return [
+    measured = [
         f"- Measured: {seeds} of {asked} init seeds x {k} subsets"
         + ("." if seeds >= asked else " (**partial**: the rest was not measured in time)."),
+    ]
+    if "finetune-test" not in summary:
+        return measured + _probe_findings(results, summary)
+    tune, train = summary["finetune-test"], summary["finetune-train"]
+    floor = 2 * tune["std"] * (2 / k) ** 0.5
+    return [
+        *measured,
         f"- Fine-tune train top-1 (un-augmented training part, eval mode) is "
         f"{_pct(train['min'])} - {_pct(train['max'])} %: it "
         + (
@@ -328,6 +396,30 @@ def _binomial_std(accuracy: float, results: dict[str, Any]) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / (results["protocol"]["test-images"] or math.nan))
 
 
+def _finetune_setup(p: dict[str, Any]) -> str:
+    if not p["finetune-labels"]:
+        return ""
+    return (
+        f"Fine-tune: {p['subsets']} disjoint subsets of {p['finetune-labels']} training images "
+        f"(subset seed {p['subset-seed']}, the same for every init seed), "
+        f"{_pct(p['val-fraction'])} % of each held out for validation, lr kept by validation "
+        f"top-1 from {p['lr-grid']}, {p['finetune-epochs']} epochs, recipe "
+        # Files from before the key existed were measured with a bare linear head.
+        f"{p['finetune-recipe']}, head norm {p.get('finetune-head-norm', 'none')}; the kept "
+        "model alone is scored on the test images. "
+    )
+
+
+def _probe_lr_setup(p: dict[str, Any]) -> str:
+    lrs = p.get("probe-lr-grid", [0.1])  # files from before the grid probed at lr 0.1 alone
+    if len(lrs) == 1:
+        return f"lr {lrs[0]:g}"
+    return (
+        f"lr kept by validation top-1 from {', '.join(f'{lr:g}' for lr in lrs)} "
+        f"({_pct(p.get('probe-val-fraction', 0.0))} % of each subset held out)"
+    )
+
+
 def write_report(
     results: dict[str, Any], command: str, asked: int, docs: Path, source: Path
 ) -> Path:
@@ -347,16 +439,13 @@ def write_report(
         "",
         f"Backbones: random init (a `random-init` run's backbone, default model: depth "
         f"{p['model']['depth']}, width {p['model']['embed_dim']}, patch {p['model']['patch_size']}"
-        f") at init seeds {', '.join(results['seeds'])}, Fashion-MNIST. Fine-tune: "
-        f"{p['subsets']} disjoint subsets of {p['finetune-labels']} training images (subset seed "
-        f"{p['subset-seed']}, the same for every init seed), {_pct(p['val-fraction'])} % of each "
-        f"held out for validation, lr kept by validation top-1 from {p['lr-grid']}, "
-        f"{p['finetune-epochs']} epochs, recipe {p['finetune-recipe']}, head norm "
-        # Files from before the key existed were measured with a bare linear head.
-        f"{p.get('finetune-head-norm', 'none')}; the kept model alone is "
-        f"scored on the first {p['test-images']} test images. Linear probe: {p['subsets']} "
-        f"disjoint subsets of {p['probe-train-images']} images (same seed), {p['probe-epochs']} "
-        "epochs, MAE's BatchNorm-without-affine head. Top-1 in %; std = sample std.",
+        f") at init seeds {', '.join(results['seeds'])}, Fashion-MNIST. "
+        + _finetune_setup(p)
+        + f"Linear probe: {p['subsets']} disjoint subsets of {p['probe-train-images']} images "
+        f"(subset seed {p['subset-seed']}, the same for every init seed), {p['probe-epochs']} "
+        "epochs, MAE's BatchNorm-without-affine head, "
+        + _probe_lr_setup(p)
+        + f"; scored on the first {p['test-images']} test images. Top-1 in %; std = sample std.",
         "",
         "A run evaluates its backbones the same way with the eval keys `finetune-subsets`, "
         "`finetune-val-fraction` and `finetune-lr-grid` (`preset='full-eval'` sets all three); "
@@ -366,7 +455,9 @@ def write_report(
         *_recipe_note(p),
         *_table(summary),
         "",
-        "Each run, fine-tune / probe test top-1:",
+        "Each run, "
+        + ("fine-tune / probe" if "finetune-test" in summary else "probe")
+        + " test top-1:",
         "",
         *_grid_rows(results, summary),
         "",
@@ -385,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = load_results(args.results, protocol_of(args))
     if not args.report_only:
-        splits = load_dataset(resolve_config())
+        data = {"data-path": args.data_path} if args.data_path else {}
+        splits = load_dataset(resolve_config(data))
         for seed in args.init_seeds:
             if str(seed) in results["seeds"]:
                 continue

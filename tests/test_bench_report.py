@@ -362,7 +362,8 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
         seeds = {
             s: {
                 "finetune": {"subsets": [{"accuracy": a, "train_accuracy": 0.6, "lr": lr,
-                                          "val_accuracy": {repr(lr): a}} for a in tune[s]]},
+                                          "val_accuracy": {repr(lr): a}} for a in tune[s]]}
+                if protocol["finetune-labels"] else None,
                 "linear-probe": [{"accuracy": a, "train_accuracy": 0.8} for a in probe[s]],
             }
             for s in tune
@@ -388,6 +389,9 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     # a floor from before the probe's lr grid probed at lr 0.1 alone: not the tuned probe's noise
     write({k: v for k, v in protocol.items() if k != "probe-lr-grid"})
     assert noise_bounds(path)["linear-probe-accuracy"] is None
+    # a probe-only floor (eval_protocol --labels 0): the probe's bound, no fine-tune bound
+    write({**protocol, "finetune-labels": 0})
+    assert noise_bounds(path) == {**none, "linear-probe-accuracy": bounds["linear-probe-accuracy"]}
 
 
 def test_the_grid_random_init_row_gives_the_fine_tune_bound_when_no_floor_matches():

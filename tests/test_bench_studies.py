@@ -414,3 +414,29 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     text = (tmp_path / "node-keys.md").read_text()
     # medians: key queries 6.0, round 1 16.0 / 13.5, walls 32 / 27: cost +5.0 s, +50 ms a node
     assert "| 100 | 2 | 6.0 | 16.0 | 13.5 | 32 | 27 | +5.0 | +50 |" in text
+
+
+def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tmp_path, fmnist_dir):
+    """``eval_protocol --labels 0`` probes real random-init backbones (tiny sizes) and writes a
+    page that states the probe's spread and bound and says no fine-tune was measured."""
+    import json
+
+    from benchmarks import eval_protocol
+
+    results, docs = tmp_path / "results.json", tmp_path / "docs"
+    argv = ["--labels", "0", "--init-seeds", "0", "1", "--subsets", "2", "--probe-images", "60",
+            "--probe-epochs", "2", "--probe-lr-grid", "0.1,1.0", "--test-images", "50",
+            "--data-path", str(fmnist_dir), "--results", str(results),
+            "--docs", str(docs)]  # fmt: skip
+    assert eval_protocol.main(argv) == 0
+    measured = json.loads(results.read_text())
+    assert set(measured["seeds"]) == {"0", "1"}
+    assert all(r["finetune"] is None and len(r["linear-probe"]) == 2
+               for r in measured["seeds"].values())  # fmt: skip
+    assert all(p["lr"] in (0.1, 1.0) for r in measured["seeds"].values()
+               for p in r["linear-probe"])  # fmt: skip
+    page = (docs / "eval-protocol.md").read_text()
+    assert "**Probe only**" in page and "fine-tune, test top-1" not in page
+    assert "linear probe, test top-1" in page and "2 x std x sqrt(2)" in page
+    assert "Probe lr kept by validation top-1" in page
+    assert (docs / "eval-protocol.png").is_file()
