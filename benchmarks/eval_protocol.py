@@ -420,6 +420,22 @@ def _probe_lr_setup(p: dict[str, Any]) -> str:
     )
 
 
+def _run_keys_note(p: dict[str, Any]) -> str:
+    """How a run's own evaluation matches what this page measured."""
+    if not p["finetune-labels"]:
+        return (
+            "A run probes its backbones the same way (eval keys `probe-train-images`, "
+            "`probe-epochs`, `probe-lr-grid`, `probe-val-fraction`), once per backbone, on a "
+            "subset drawn with its seed."
+        )
+    return (
+        "A run evaluates its backbones the same way with the eval keys `finetune-subsets`, "
+        "`finetune-val-fraction` and `finetune-lr-grid` (`preset='full-eval'` sets all three); "
+        "its summary's fine-tune entries then carry `accuracy` (the mean over subsets), "
+        "`accuracy_std` and `subsets`."
+    )
+
+
 def write_report(
     results: dict[str, Any], command: str, asked: int, docs: Path, source: Path
 ) -> Path:
@@ -447,10 +463,7 @@ def write_report(
         + _probe_lr_setup(p)
         + f"; scored on the first {p['test-images']} test images. Top-1 in %; std = sample std.",
         "",
-        "A run evaluates its backbones the same way with the eval keys `finetune-subsets`, "
-        "`finetune-val-fraction` and `finetune-lr-grid` (`preset='full-eval'` sets all three); "
-        "its summary's fine-tune entries then carry `accuracy` (the mean over subsets), "
-        "`accuracy_std` and `subsets`.",
+        _run_keys_note(p),
         "",
         *_recipe_note(p),
         *_table(summary),

@@ -115,7 +115,20 @@ def results_table(grid: Grid) -> list[str]:
     return lines
 
 
-def noise_bounds(path: Path = eval_protocol.RESULTS) -> dict[str, float | None]:
+def runs_probe_lrs(grid: Grid) -> list[float] | None:
+    """The probe lr grid every run in ``grid`` probed with (from its summary's protocol; runs
+    from before the grid probed at lr 0.1 alone); None where the runs differ."""
+    grids = {
+        tuple(r["summary"].get("downstream", {}).get("protocol", {}).get("probe-lr-grid", [0.1]))
+        for runs in grid.values()
+        for r in runs
+    }
+    return list(grids.pop()) if len(grids) == 1 else None
+
+
+def noise_bounds(
+    path: Path = eval_protocol.RESULTS, probe_lrs: list[float] | None = None
+) -> dict[str, float | None]:
     """Per metric (summary key): the smallest difference of means the protocol shows, or None.
 
     From the random-init noise floor ``benchmarks.eval_protocol`` measured (``path``), as its
@@ -124,7 +137,8 @@ def noise_bounds(path: Path = eval_protocol.RESULTS) -> dict[str, float | None]:
     A metric's bound is None when the file is missing or empty, or was measured under another
     protocol than this grid's (model, labels, epochs, lr grid, validation share, head, recipe,
     test images; the probe's images, epochs and lr grid); k-NN's noise is not measured there
-    (always None).
+    (always None). ``probe_lrs``: the probe lr grid of the runs the bound is for (default:
+    today's ``probe-lr-grid``); a floor of another grid gives no probe bound.
     """
     bounds: dict[str, float | None] = {key: None for key, _, _ in ACCURACY_LABELS}
     if not path.is_file():
@@ -157,7 +171,7 @@ def noise_bounds(path: Path = eval_protocol.RESULTS) -> dict[str, float | None]:
         "probe-train-images": GRID_EVALUATION["probe-train-images"],
         "probe-epochs": GRID_EVALUATION["probe-epochs"],
         "test-images": GRID_EVALUATION["test-images"],
-        "probe-lr-grid": list(cfg.eval.probe_lrs),
+        "probe-lr-grid": list(cfg.eval.probe_lrs) if probe_lrs is None else list(probe_lrs),
     }
     # A floor measured before the probe's lr grid existed probed at lr 0.1 alone.
     measured = {"probe-lr-grid": [0.1], **measured}
@@ -369,7 +383,9 @@ def write_report(
     """
     docs.mkdir(parents=True, exist_ok=True)
     if bounds is None:
-        bounds = noise_bounds()
+        # A probe bound only where every run probed as the floor did (lr grid included).
+        lrs = runs_probe_lrs(grid)
+        bounds = noise_bounds(probe_lrs=[] if lrs is None else lrs)
         # No floor measured under this protocol in docs/eval-protocol.md: the grid's own.
         if bounds[FINETUNE_KEY] is None:
             bounds[FINETUNE_KEY] = grid_noise_bound(grid)

@@ -392,6 +392,19 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     # a probe-only floor (eval_protocol --labels 0): the probe's bound, no fine-tune bound
     write({**protocol, "finetune-labels": 0})
     assert noise_bounds(path) == {**none, "linear-probe-accuracy": bounds["linear-probe-accuracy"]}
+    # runs that probed at lr 0.1 alone (summaries from before the grid) get no tuned-probe bound
+    from benchmarks.quality import runs_probe_lrs
+
+    old_run = fake_run("fedmae", 0, 0.7, tmp_path / "runs")
+    new_run = fake_run("random-init", 0, 0.7, tmp_path / "runs")
+    new_run["summary"]["downstream"] = {"protocol": {"probe-lr-grid": list(cfg.eval.probe_lrs)}}
+    assert runs_probe_lrs({("random-init", "pooled"): [new_run]}) == list(cfg.eval.probe_lrs)
+    assert runs_probe_lrs({("fedmae", "iid"): [old_run]}) == [0.1]
+    assert (
+        runs_probe_lrs({("fedmae", "iid"): [old_run], ("random-init", "pooled"): [new_run]}) is None
+    )
+    assert noise_bounds(path, probe_lrs=[0.1])["linear-probe-accuracy"] is None
+    assert noise_bounds(path, probe_lrs=[])["linear-probe-accuracy"] is None
 
 
 def test_the_grid_random_init_row_gives_the_fine_tune_bound_when_no_floor_matches():
