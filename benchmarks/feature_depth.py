@@ -66,14 +66,13 @@ def write_report(results: dict[str, list[dict]], command: str, docs: Path) -> Pa
         "",
         "Each backbone is its run's export, loaded with timm (strict). Features: mean-pooled "
         "tokens after block k (before the final norm); probe: the run's own (BatchNorm without "
-        "affine + linear head, same images, epochs and seed). Top-1 in %; * = the probe had not "
-        "converged by its plateau rule.",
+        "affine + linear head, same images, epochs and seed). Top-1 in %.",
         "",
         "| backbone (run) | " + " | ".join(f"block {k}" for k in range(1, depth + 1)) + " |",
         "|---|" + "---|" * depth,
     ]
     for run, per_block in results.items():
-        cells = [f"{100 * r['accuracy']:.1f}{'' if r['converged'] else '*'}" for r in per_block]
+        cells = [f"{100 * r['accuracy']:.1f}" for r in per_block]
         lines.append(f"| {run} | " + " | ".join(cells + ["-"] * (depth - len(cells))) + " |")
     lines += ["", "![feature-depth.png](feature-depth.png)", ""]
     path = docs / "feature-depth.md"
