@@ -56,6 +56,7 @@ def probe_run(run_dir: Path, lrs: tuple[float, ...], val_fraction: float) -> dic
 
 def report(results: list[dict[str, Any]], command: str, docs: Path, lrs: tuple) -> None:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    docs.mkdir(parents=True, exist_ok=True)
     lines = [
         "# The linear probe's learning rate: fixed against chosen on validation",
         "",

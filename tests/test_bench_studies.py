@@ -440,3 +440,33 @@ def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tm
     assert "linear probe, test top-1" in page and "2 x std x sqrt(2)" in page
     assert "Probe lr kept by validation top-1" in page
     assert (docs / "eval-protocol.png").is_file()
+
+
+def test_probe_lr_scores_every_lr_keeps_the_validation_choice_and_pairs_with_random_init(
+    tmp_path, tiny_overrides
+):
+    """``benchmarks.probe_lr`` on real (tiny) exported backbones: one row per run with every
+    lr's validation / test top-1, the kept lr is the one ``tuned_linear_probe`` chose, and a
+    run is paired with the random-init run of its seed."""
+    import shutil
+
+    from benchmarks import probe_lr
+    from tests.test_bench_report import tiny_run_dir
+
+    floor = tiny_run_dir(tmp_path / "grid", tiny_overrides, seed=0)
+    other = tmp_path / "grid" / "fedmae-iid-s0"
+    shutil.copytree(floor, other)  # a second backbone of the same seed, named as a FedMAE run
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    probe_lr.main(["--runs", str(other), str(floor), "--lrs", "0.3", "1.0", "--out", str(out),
+                   "--docs", str(docs)])  # fmt: skip
+    results = json.loads((out / "probe-lr.json").read_text())
+    assert [r["run"] for r in results] == ["fedmae-iid-s0", "random-init-pooled-s0"]
+    for r in results:
+        assert set(r["per-lr"]) == {"0.1", "0.3", "1.0"}  # the runs' own lr always included
+        vals = {float(lr): v["val"] for lr, v in r["per-lr"].items()}
+        assert r["kept-lr"] == max(vals, key=lambda lr: (vals[lr], -lr))
+        assert r["fixed"] == r["per-lr"]["0.1"]["test"]
+    page = (docs / "probe-lr.md").read_text()
+    assert "| fedmae-iid-s0 |" in page and "conv." not in page
+    assert "- fedmae-iid-s0: fixed lr +0.0, chosen lr +0.0" in page  # identical backbones
+    assert (docs / "probe-lr.png").is_file()
