@@ -223,8 +223,8 @@ def _header(by_budget: dict, floor: list[dict], command: str, partition: str) ->
         "each block is trained for. Each seed's FedMAE run is paired with the random-init "
         "run of the same seed (same init draw, label subsets and fine-tuning seed).",
         "",
-        "Evaluation, the same for every backbone and the same as docs/results.md's: in each "
-        "run "
+        "Evaluation, the same for every backbone (the fine-tune protocol is docs/results.md's; "
+        "the probe's lr is stated below): in each run "
         + ", ".join(f"{k}={v}" for k, v in evaluation.items())
         + f" ({EVALUATION_PROTOCOL}); the fine-tune column is not part of the runs: each run's "
         "exported backbone is fine-tuned afterwards under the protocol of "
@@ -232,7 +232,8 @@ def _header(by_budget: dict, floor: list[dict], command: str, partition: str) ->
         "(disjoint label subsets drawn with the run's seed, a validation share of each, the lr "
         "kept by validation top-1, the kept model alone scored on the test images); a cell is "
         "the mean over seeds of each run's mean over its "
-        f"{FINETUNE_PROTOCOL['finetune-subsets']} subsets. Top-1 in %, mean ± std over seeds.",
+        f"{FINETUNE_PROTOCOL['finetune-subsets']} subsets. Top-1 in %, mean ± std over seeds. "
+        + quality.probe_lr_text(grid),
         "",
         OLD_RECIPE,
         "",

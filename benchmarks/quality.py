@@ -126,6 +126,22 @@ def runs_probe_lrs(grid: Grid) -> list[float] | None:
     return list(grids.pop()) if len(grids) == 1 else None
 
 
+def probe_lr_text(grid: Grid) -> str:
+    """How the runs in ``grid`` chose their probe's lr, from their summaries."""
+    lrs = runs_probe_lrs(grid)
+    if lrs is None:
+        return (
+            "Probe lr: **not the same in every run** (some probed at lr 0.1 alone, some chose "
+            "it on validation); their probe differences carry no noise bound."
+        )
+    if len(lrs) == 1:
+        return f"Probe lr: {lrs[0]:g} in every run (before the probe's lr grid)."
+    return (
+        f"Probe lr: chosen per backbone from {', '.join(f'{lr:g}' for lr in lrs)} on a "
+        "validation share of its probe images (`probe-lr-grid`), in every run."
+    )
+
+
 def noise_bounds(
     path: Path = eval_protocol.RESULTS, probe_lrs: list[float] | None = None
 ) -> dict[str, float | None]:
@@ -398,7 +414,7 @@ def write_report(
         *([] if full_grid else slice_warning()),
         budget_text(),
         "",
-        evaluation_text(),
+        evaluation_text() + " " + probe_lr_text(grid),
         "",
         *finetune_text(grid),
         "Accuracies are top-1 in %, mean ± standard deviation over seeds.",

@@ -393,7 +393,7 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     write({**protocol, "finetune-labels": 0})
     assert noise_bounds(path) == {**none, "linear-probe-accuracy": bounds["linear-probe-accuracy"]}
     # runs that probed at lr 0.1 alone (summaries from before the grid) get no tuned-probe bound
-    from benchmarks.quality import runs_probe_lrs
+    from benchmarks.quality import probe_lr_text, runs_probe_lrs
 
     old_run = fake_run("fedmae", 0, 0.7, tmp_path / "runs")
     new_run = fake_run("random-init", 0, 0.7, tmp_path / "runs")
@@ -403,6 +403,9 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     assert (
         runs_probe_lrs({("fedmae", "iid"): [old_run], ("random-init", "pooled"): [new_run]}) is None
     )
+    assert "0.1 in every run" in probe_lr_text({("fedmae", "iid"): [old_run]})
+    assert "chosen per backbone from 0.1, 0.3, 1 " in probe_lr_text({("x", "y"): [new_run]})
+    assert "not the same in every run" in probe_lr_text(mixed)
     assert noise_bounds(path, probe_lrs=[0.1])["linear-probe-accuracy"] is None
     assert noise_bounds(path, probe_lrs=[])["linear-probe-accuracy"] is None
 
