@@ -400,9 +400,8 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     new_run["summary"]["downstream"] = {"protocol": {"probe-lr-grid": list(cfg.eval.probe_lrs)}}
     assert runs_probe_lrs({("random-init", "pooled"): [new_run]}) == list(cfg.eval.probe_lrs)
     assert runs_probe_lrs({("fedmae", "iid"): [old_run]}) == [0.1]
-    assert (
-        runs_probe_lrs({("fedmae", "iid"): [old_run], ("random-init", "pooled"): [new_run]}) is None
-    )
+    mixed = {("fedmae", "iid"): [old_run], ("random-init", "pooled"): [new_run]}
+    assert runs_probe_lrs(mixed) is None
     assert "0.1 in every run" in probe_lr_text({("fedmae", "iid"): [old_run]})
     assert "chosen per backbone from 0.1, 0.3, 1 " in probe_lr_text({("x", "y"): [new_run]})
     assert "not the same in every run" in probe_lr_text(mixed)
