@@ -369,11 +369,7 @@ def write_report(
     """
     docs.mkdir(parents=True, exist_ok=True)
     if bounds is None:
-        grid = _grid(by_budget, floor)
-        lrs = quality.runs_probe_lrs(grid)  # a probe bound only for runs probed as the floor
-        bounds = quality.noise_bounds(probe_lrs=[] if lrs is None else lrs)
-        if bounds[FINETUNE_KEY] is None:
-            bounds[FINETUNE_KEY] = quality.grid_noise_bound(grid)
+        bounds = quality.grid_noise_bounds(_grid(by_budget, floor))
     plot(by_budget, floor, docs / "budget-accuracy.png")
     lines = [
         *_header(by_budget, floor, command, partition),

@@ -196,6 +196,20 @@ def noise_bounds(
     return bounds
 
 
+def grid_noise_bounds(grid: Grid) -> dict[str, float | None]:
+    """The noise bound per metric for the runs in ``grid``, as the grid and budget pages use it.
+
+    :func:`noise_bounds` of the measured floor, its probe bound only where every run probed as
+    the floor did (lr grid included, :func:`runs_probe_lrs`); where the floor has no fine-tune
+    bound for this protocol, the grid's own random-init row gives it (:func:`grid_noise_bound`).
+    """
+    lrs = runs_probe_lrs(grid)
+    bounds = noise_bounds(probe_lrs=[] if lrs is None else lrs)  # []: matches no floor
+    if bounds[FINETUNE_KEY] is None:
+        bounds[FINETUNE_KEY] = grid_noise_bound(grid)
+    return bounds
+
+
 def grid_noise_bound(grid: Grid) -> float | None:
     """The fine-tune bound from the grid's own random-init row, or None (< 2 seeds fine-tuned).
 
@@ -399,12 +413,7 @@ def write_report(
     """
     docs.mkdir(parents=True, exist_ok=True)
     if bounds is None:
-        # A probe bound only where every run probed as the floor did (lr grid included).
-        lrs = runs_probe_lrs(grid)
-        bounds = noise_bounds(probe_lrs=[] if lrs is None else lrs)
-        # No floor measured under this protocol in docs/eval-protocol.md: the grid's own.
-        if bounds[FINETUNE_KEY] is None:
-            bounds[FINETUNE_KEY] = grid_noise_bound(grid)
+        bounds = grid_noise_bounds(grid)
     pictures = plot(grid, docs, out_root)
     lines = [
         "# FedMAE against its baselines",
