@@ -35,7 +35,6 @@ from benchmarks.harness import (
     GRID_EVALUATION,
     NUM_SUPERNODES,
     accuracies,
-    accuracy,
     add_run_arguments,
     command_line,
     machine_line,
@@ -121,17 +120,6 @@ def _run(
 def _budget_order(by_budget: dict) -> list[tuple[int, int]]:
     """Budgets by total local epochs R x E, ties by (R, E)."""
     return sorted(by_budget, key=lambda b: (b[0] * b[1], b))
-
-
-def paired_differences(runs: list[dict], floor: list[dict], key: str) -> list[float]:
-    """fedmae minus random-init accuracy under ``key``, seed by seed (seeds both have)."""
-    floor_by_seed = {r["seed"]: accuracy(r, key, "random-init") for r in floor}
-    return [
-        a - b
-        for r in runs
-        if (a := accuracy(r, key, "fedmae")) is not None
-        and (b := floor_by_seed.get(r["seed"])) is not None
-    ]
 
 
 def smallest_paying_budget(

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.budget import DEFAULT_BUDGETS, _signed, paired_differences, parse_budget
+from benchmarks.budget import DEFAULT_BUDGETS, _signed, parse_budget
 from benchmarks.harness import (
     BUDGET,
     DOCS,
@@ -35,6 +35,7 @@ from benchmarks.harness import (
     run_variant,
     save_figure,
 )
+from benchmarks.quality import paired_differences
 from benchmarks.quality_grid import GRID_MINUTES
 from fedmae_flwr.config import load_config_yaml, resolve_config, to_flat
 
@@ -141,7 +142,8 @@ def budget_text(
         )
     text = ", a budget of the CPU budget study (docs/budget.md)"
     diffs = ", ".join(
-        f"{label} {_signed(paired_differences(cpu, floor, key))}" for key, label in labels
+        f"{label} {_signed(list(paired_differences(cpu, floor, key, 'random-init').values()))}"
+        for key, label in labels
     )
     seeds = sorted(r["seed"] for r in cpu)
     return (

@@ -204,7 +204,9 @@ def grid_noise_bounds(grid: Grid) -> dict[str, float | None]:
     bound for this protocol, the grid's own random-init row gives it (:func:`grid_noise_bound`).
     """
     lrs = runs_probe_lrs(grid)
-    bounds = noise_bounds(probe_lrs=[] if lrs is None else lrs)  # []: matches no floor
+    bounds = noise_bounds(probe_lrs=lrs)
+    if lrs is None:  # the runs chose their probe's lr in different ways: no one floor is theirs
+        bounds["linear-probe-accuracy"] = None
     if bounds[FINETUNE_KEY] is None:
         bounds[FINETUNE_KEY] = grid_noise_bound(grid)
     return bounds

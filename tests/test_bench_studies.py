@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import ablations, budget
+from benchmarks import ablations, budget, quality
 from benchmarks.harness import machine_line, run_name
 from benchmarks.quality_grid import FINETUNE_KEY, FINETUNE_RECORD
 from tests.test_bench_report import fake_run
@@ -75,8 +75,8 @@ def test_smallest_paying_budget_needs_the_results_verdict_ahead_at_every_seed(tm
     assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, None) is None
     # k-NN: every fake run scores 0.6, the floor's value: equal is not ahead.
     assert budget.smallest_paying_budget(by_budget, floor, "knn-accuracy", None) is None
-    assert budget.paired_differences(by_budget[(5, 1)], floor, FINETUNE_KEY) == (
-        pytest.approx([0.02, 0.02])
+    assert quality.paired_differences(by_budget[(5, 1)], floor, FINETUNE_KEY, "random-init") == (
+        pytest.approx({0: 0.02, 1: 0.02})
     )
 
 
