@@ -13,7 +13,7 @@ told apart; each fine-tune trains with the init seed (subset ``k > 0``: a seed d
 fine-tune's floor under the grid's recipe is then the grid's own random-init row
 (docs/results.md), which fine-tunes exactly these backbones on 3 label subsets each.
 
-Every (init seed) result is appended to ``outputs/eval-protocol/results.json`` as soon as it is
+Every (init seed) result is appended to ``docs/data/eval-protocol.json`` as soon as it is
 measured; a rerun skips what is there, and ``--report-only`` writes the report from the file:
 
     .venv/bin/python -m benchmarks.eval_protocol --init-seeds 0 1 2 --subsets 3
@@ -47,7 +47,8 @@ from fedmae_flwr.models.export import create_timm_backbone
 from fedmae_flwr.server_app import random_init_state
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "outputs" / "eval-protocol" / "results.json"
+# Tracked beside the docs: the noise bounds of every results page are drawn from this file.
+RESULTS = ROOT / "docs" / "data" / "eval-protocol.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=defaults.finetune_epochs)
     parser.add_argument("--head-norm", default=str(defaults.finetune_head_norm),
                         choices=[str(kind) for kind in HeadNorm])  # fmt: skip
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                        default=defaults.finetune_augment, help="crop + flip")  # fmt: skip
     parser.add_argument("--probe-images", type=int, default=defaults.probe_train_images)
     parser.add_argument("--probe-epochs", type=int, default=defaults.probe_epochs)
     parser.add_argument("--probe-lr-grid", default=defaults.probe_lr_grid)
@@ -91,6 +94,7 @@ def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
         "finetune-epochs": args.epochs,
         "finetune-recipe": PROTOCOL_RECIPE,
         "finetune-head-norm": args.head_norm,
+        "finetune-augment": args.augment,
         "probe-train-images": args.probe_images,
         "probe-epochs": args.probe_epochs,
         "probe-lr-grid": [float(v) for v in args.probe_lr_grid.split(",")],
@@ -150,7 +154,8 @@ def measure_seed(seed: int, splits: DatasetSplits, args: argparse.Namespace) -> 
         (splits.normalize(test.images), test.labels), val_fraction=args.val_fraction,
         lrs=tuple(float(v) for v in args.lr_grid.split(",")), seed=seed,
         feature_dim=backbone.num_features, num_classes=splits.num_classes, epochs=args.epochs,
-        device="cpu", layer_decay=1.0, head_norm=args.head_norm, **PROTOCOL_RECIPE,
+        device="cpu", layer_decay=1.0, head_norm=args.head_norm, augment=args.augment,
+        **PROTOCOL_RECIPE,
     )  # fmt: skip
     return {
         "finetune": finetune,

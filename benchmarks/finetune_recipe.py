@@ -5,7 +5,7 @@ labels for a random-init backbone, docs/eval-protocol.md). This fine-tunes one b
 seeded subset of ``--labels`` training images per recipe (a JSON list of
 :func:`fedmae_flwr.evaluation.finetune.finetune` keyword arguments) and records train top-1
 (un-augmented, eval mode), test top-1 and seconds; one line per (backbone, recipe) is appended to
-``outputs/finetune-recipe/results.jsonl`` as soon as it is measured.
+``docs/data/finetune-recipe.jsonl`` as soon as it is measured.
 
     .venv/bin/python -m benchmarks.finetune_recipe --backbone random-init \\
         --recipes '[{"epochs": 30, "head_norm": "batchnorm"}, {"epochs": 30, "head_norm": "none"}]'
@@ -35,7 +35,8 @@ from fedmae_flwr.models.export import create_timm_backbone, load_backbone
 from fedmae_flwr.server_app import random_init_state
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "outputs" / "finetune-recipe" / "results.jsonl"
+# Tracked beside the docs, so the page can be regenerated from a clone.
+RESULTS = ROOT / "docs" / "data" / "finetune-recipe.jsonl"
 COLUMNS = ("epochs", "lr", "head_norm", "batch_size")
 
 
@@ -119,7 +120,10 @@ def findings(lines: list[dict[str, Any]]) -> list[str]:
     ]  # fmt: skip
     sources = sorted({ln["source"] for ln in lines if "source" in ln})
     if sources:
-        out.append(f"- Rows with a `source` in the file were measured by {'; '.join(sources)}.")
+        out.append(
+            f"- Rows with a `source` in the file did not come from this module's runs: "
+            f"{'; '.join(sources)}."
+        )
     return [*out, ""]
 
 
@@ -152,7 +156,7 @@ def write_report(lines: list[dict[str, Any]], command: str, docs: Path) -> Path:
         "",
         f"Command: `{command}` (with the `--backbone` and `--recipes` of each row; "
         f"{machine_line()}; other jobs shared the 2 cores, so compare seconds within a thread "
-        f"count only). Numbers: `outputs/finetune-recipe/results.jsonl`.",
+        f"count only). Numbers: `docs/data/finetune-recipe.jsonl`.",
         "",
         f"One fine-tune per row: {first['labels']} training images (subset seed {first['seed']}), "
         f"scored on the first {first['test-images']} test images; train top-1 is measured "

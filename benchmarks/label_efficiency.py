@@ -122,6 +122,8 @@ def finetune_run(
         seed=cfg.seed,
         device=device,
         layer_decay=decay,
+        head_norm=str(cfg.eval.finetune_head_norm),
+        augment=cfg.eval.finetune_augment,
     )
     record = {
         **asdict(result),

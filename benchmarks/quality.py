@@ -176,10 +176,14 @@ def noise_bounds(
     }
     # Measured before the head-norm key existed: the bare linear head ("none"); eval_protocol
     # fine-tunes without layer decay.
-    same_head = measured.get("finetune-head-norm", "none") == str(cfg.eval.finetune_head_norm)
+    same_recipe = (
+        measured.get("finetune-head-norm", "none") == str(cfg.eval.finetune_head_norm)
+        # ... and before the augment key, with crop + flip.
+        and measured.get("finetune-augment", True) == cfg.eval.finetune_augment
+    )
     if (
         all(measured.get(k) == v for k, v in finetune.items())
-        and same_head
+        and same_recipe
         and cfg.eval.finetune_layer_decay == 1.0
     ):
         bounds[FINETUNE_KEY] = _bound(summary["finetune-test"]["std"], cfg.eval.finetune_subsets)

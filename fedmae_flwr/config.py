@@ -335,6 +335,11 @@ class EvalConfig:
     finetune_layer_decay: float = _opt(
         1.0, "Fine-tuning lr scale per block towards the input (MAE: 0.75); 1 = off."
     )
+    finetune_augment: bool = _opt(
+        False,
+        "Random crop + flip of the fine-tuning batches. Off by default: at 1,000 labels x 30 "
+        "epochs it kept the ViT from fitting its labels (docs/finetune-recipe.md).",
+    )
     finetune_head_norm: HeadNorm = _opt(
         HeadNorm.BATCHNORM,
         "Normalization of the pooled features before the fine-tuning head (batchnorm: without "
@@ -671,7 +676,14 @@ def to_yaml(cfg: FedMAEConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_flat(cfg)))
 
 
+# Keys added after runs had been saved, with the behaviour those runs had: a config.yaml without
+# the key reads back as the run that wrote it ran, not with today's default.
+FORMER_DEFAULTS: dict[str, Any] = {"finetune-head-norm": "none", "finetune-augment": True}
+
+
 def load_config_yaml(path: str | Path) -> FedMAEConfig:
-    """Read back a run's ``config.yaml`` (checked like any other source)."""
+    """Read back a run's ``config.yaml`` (checked like any other source; keys it predates at
+    :data:`FORMER_DEFAULTS`)."""
     raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    return from_flat({to_kebab(str(k)): v for k, v in dict(raw).items()}, str(path))
+    flat = {to_kebab(str(k)): v for k, v in dict(raw).items()}
+    return from_flat({**FORMER_DEFAULTS, **flat}, str(path))

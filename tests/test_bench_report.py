@@ -349,6 +349,7 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
         "finetune-epochs": FINETUNE_PROTOCOL["finetune-epochs"],
         "finetune-recipe": PROTOCOL_RECIPE,
         "finetune-head-norm": FINETUNE_PROTOCOL["finetune-head-norm"],
+        "finetune-augment": FINETUNE_PROTOCOL["finetune-augment"],
         "probe-train-images": GRID_EVALUATION["probe-train-images"],
         "probe-epochs": GRID_EVALUATION["probe-epochs"],
         "probe-lr-grid": list(cfg.eval.probe_lrs),
@@ -386,6 +387,12 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     )
     write({**protocol, "probe-epochs": 1})
     assert noise_bounds(path)["linear-probe-accuracy"] is None
+    # a fine-tune floor measured with crop + flip (or before the augment key: it augmented) is
+    # not the noise of today's un-augmented fine-tune
+    write({**protocol, "finetune-augment": True})
+    assert noise_bounds(path)[FINETUNE_KEY] is None
+    write({k: v for k, v in protocol.items() if k != "finetune-augment"})
+    assert noise_bounds(path)[FINETUNE_KEY] is None
     # a floor from before the probe's lr grid probed at lr 0.1 alone: not the tuned probe's noise
     write({k: v for k, v in protocol.items() if k != "probe-lr-grid"})
     assert noise_bounds(path)["linear-probe-accuracy"] is None
@@ -406,7 +413,27 @@ def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_p
     assert "chosen per backbone from 0.1, 0.3, 1 " in probe_lr_text({("x", "y"): [new_run]})
     assert "not the same in every run" in probe_lr_text(mixed)
     assert noise_bounds(path, probe_lrs=[0.1])["linear-probe-accuracy"] is None
-    assert noise_bounds(path, probe_lrs=[])["linear-probe-accuracy"] is None
+
+
+def test_the_tracked_noise_floor_bounds_tuned_probes_only(tmp_path):
+    """docs/data/eval-protocol.json is versioned, so a clone's reports draw the bounds the
+    committed pages state (the tuned probe's 1.7 points); runs that chose their probe's lr in
+    different ways get none."""
+    from benchmarks.eval_protocol import RESULTS
+    from benchmarks.quality import grid_noise_bounds, noise_bounds
+
+    assert RESULTS.is_file() and "docs" in RESULTS.parts
+    assert 100 * noise_bounds()["linear-probe-accuracy"] == pytest.approx(1.7, abs=0.05)
+    tuned = fake_run("random-init", 0, 0.7, tmp_path / "runs")
+    tuned["summary"]["downstream"] = {"protocol": {"probe-lr-grid": [0.1, 0.3, 1.0]}}
+    fixed = fake_run("fedmae", 0, 0.7, tmp_path / "runs")  # probed at lr 0.1 alone
+    assert (
+        grid_noise_bounds({("r", "pooled"): [tuned]})["linear-probe-accuracy"]
+        == (noise_bounds()["linear-probe-accuracy"])
+    )
+    mixed = {("fedmae", "iid"): [fixed], ("random-init", "pooled"): [tuned]}
+    assert grid_noise_bounds(mixed)["linear-probe-accuracy"] is None
+    assert grid_noise_bounds({("fedmae", "iid"): [fixed]})["linear-probe-accuracy"] is None
 
 
 def test_the_grid_random_init_row_gives_the_fine_tune_bound_when_no_floor_matches():

@@ -27,7 +27,7 @@ from fedmae_flwr.evaluation.protocol import disjoint_subsets, finetune_protocol
 # single run and the protocol cannot drift apart).
 PROTOCOL_RECIPE: dict[str, Any] = {
     key: inspect.signature(finetune).parameters[key].default
-    for key in ("batch_size", "weight_decay", "augment", "label_smoothing", "warmup_fraction")
+    for key in ("batch_size", "weight_decay", "label_smoothing", "warmup_fraction")
 }
 
 
@@ -100,7 +100,7 @@ def finetune_backbones(
     """
     test = (splits.normalize(sets["test"].images), sets["test"].labels)
     recipe = {"num_classes": splits.num_classes, "epochs": cfg.finetune_epochs, "device": device,
-              "layer_decay": cfg.finetune_layer_decay,
+              "layer_decay": cfg.finetune_layer_decay, "augment": cfg.finetune_augment,
               "head_norm": str(cfg.finetune_head_norm)}  # fmt: skip
     subsets = None if _single_run(cfg) else _protocol_subsets(cfg, splits, seed)
     results = {}
@@ -172,6 +172,7 @@ def _protocol(cfg: EvalConfig, sets: dict[str, ImageSet]) -> dict[str, Any]:
         "finetune-lr": cfg.finetune_lr,
         "finetune-layer-decay": cfg.finetune_layer_decay,
         "finetune-head-norm": str(cfg.finetune_head_norm),
+        "finetune-augment": cfg.finetune_augment,
         "finetune-subsets": cfg.finetune_subsets if cfg.finetune_labels else 0,
         "finetune-val-fraction": cfg.finetune_val_fraction,
         "finetune-lr-grid": list(cfg.lr_grid),
