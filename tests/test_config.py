@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedmae_flwr.config import (
+    FORMER_DEFAULTS,
     UNSET,
     Algorithm,
     ConfigError,
@@ -90,6 +91,20 @@ def test_the_written_config_reads_back_equal(tmp_path):
     cfg = resolve_config({"preset": "smoke", "mask-ratio": 0.5, "algorithm": "local"})
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     assert load_config_yaml(tmp_path / "config.yaml") == cfg
+
+
+def test_a_config_yaml_from_before_a_key_reads_back_as_its_run_ran(tmp_path):
+    """Runs saved before finetune-head-norm / finetune-augment fine-tuned with a bare head and
+    crop + flip; today's defaults (batchnorm, no augmentation) must not be read into them."""
+    cfg = resolve_config({"preset": "smoke"})
+    flat = [line for line in to_yaml(cfg).splitlines()
+            if not line.startswith(("finetune-head-norm:", "finetune-augment:",
+                                    "finetune_head_norm:", "finetune_augment:"))]  # fmt: skip
+    (tmp_path / "config.yaml").write_text("\n".join(flat) + "\n")
+    old = load_config_yaml(tmp_path / "config.yaml")
+    assert str(old.eval.finetune_head_norm) == "none" and old.eval.finetune_augment is True
+    assert (cfg.eval.finetune_head_norm, cfg.eval.finetune_augment) == ("batchnorm", False)
+    assert old == resolve_config({"preset": "smoke", **FORMER_DEFAULTS})
 
 
 def test_unknown_preset_lists_the_available_ones():

@@ -176,6 +176,30 @@ def test_downstream_finetune_entries_carry_the_spread_only_under_the_protocol():
             )
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_finetune_augment_key_reaches_both_fine_tune_paths(monkeypatch, augment):
+    from fedmae_flwr.evaluation import downstream
+
+    seen = []
+
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append(kwargs["augment"])
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(downstream, "finetune", spy(downstream.finetune))
+    monkeypatch.setattr(downstream, "finetune_protocol", spy(downstream.finetune_protocol))
+    splits = _splits()
+    for subsets in (1, 2):  # a single run, then the protocol
+        keys = {"finetune-labels": 30, "finetune-epochs": 1, "probe-train-images": 60}
+        cfg = resolve_config({**keys, "finetune-subsets": subsets, "finetune-augment": augment}).eval
+        sets = labelled_subsets(cfg, splits, seed=0)
+        finetune_backbones(cfg, {"tiny": TinyBackbone()}, sets, splits, 0, torch.device("cpu"))
+    assert seen == [augment, augment]
+
+
 @pytest.mark.parametrize(
     "overrides, key, allowed",
     [
