@@ -194,7 +194,8 @@ def test_the_finetune_augment_key_reaches_both_fine_tune_paths(monkeypatch, augm
     splits = _splits()
     for subsets in (1, 2):  # a single run, then the protocol
         keys = {"finetune-labels": 30, "finetune-epochs": 1, "probe-train-images": 60}
-        cfg = resolve_config({**keys, "finetune-subsets": subsets, "finetune-augment": augment}).eval
+        keys |= {"finetune-subsets": subsets, "finetune-augment": augment}
+        cfg = resolve_config(keys).eval
         sets = labelled_subsets(cfg, splits, seed=0)
         finetune_backbones(cfg, {"tiny": TinyBackbone()}, sets, splits, 0, torch.device("cpu"))
     assert seen == [augment, augment]
