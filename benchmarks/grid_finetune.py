@@ -9,7 +9,8 @@ share of each, the lr kept by validation top-1, the kept model alone scored on t
 
 Each run's result is cached as ``<run>/finetune-protocol.json`` (the result, its seconds, the
 machine and the protocol); a run whose cache holds the same protocol is skipped, one whose cache
-holds another protocol is fine-tuned again.
+holds another protocol is fine-tuned again, the other protocol's record kept beside it as
+``finetune-protocol.<n>.json`` (measured results are never overwritten).
 
     .venv/bin/python -m benchmarks.grid_finetune                    # every finished grid run
     .venv/bin/python -m benchmarks.grid_finetune --runs fedmae-iid-s0 --threads 2
@@ -44,6 +45,20 @@ DEFAULT_OUT = ROOT / "outputs" / "bench-grid"
 
 def cache_path(run_dir: Path) -> Path:
     return run_dir / CACHE
+
+
+def earlier_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of other protocols this run was fine-tuned under, oldest first."""
+    paths = sorted(run_dir.glob("finetune-protocol.*.json"), key=lambda p: int(p.suffixes[0][1:]))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _set_aside(path: Path) -> None:
+    """Move another protocol's record to the next free ``finetune-protocol.<n>.json``."""
+    n = 1 + len(list(path.parent.glob("finetune-protocol.*.json")))
+    while (target := path.with_name(f"finetune-protocol.{n}.json")).exists():
+        n += 1
+    path.rename(target)
 
 
 def read_cache(run_dir: Path, protocol: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -104,6 +119,8 @@ def finetune_run(
         "device": str(where),
         "threads": torch.get_num_threads(),
     }
+    if cache_path(run_dir).is_file():  # another protocol's result (read_cache said so): keep it
+        _set_aside(cache_path(run_dir))
     cache_path(run_dir).write_text(json.dumps(record, indent=2))
     return record, True
 

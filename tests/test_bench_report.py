@@ -324,6 +324,10 @@ def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_pa
     assert fresh and record2["protocol"] == changed
     assert grid_finetune.read_cache(run_dir, protocol) is None
     assert grid_finetune.read_cache(run_dir, changed) == record2
+    # ... and the first protocol's measured record is kept beside it, not overwritten.
+    assert grid_finetune.earlier_records(run_dir) == [record]
+    _, fresh = grid_finetune.finetune_run(run_dir, "cpu", {**changed, "test-images": 20})
+    assert fresh and grid_finetune.earlier_records(run_dir) == [record, record2]
 
 
 def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_path):
