@@ -104,17 +104,43 @@ def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Keys a results file may predate, with what its measurement did: the bare linear head, the probe
+# at lr 0.1 alone (no validation share), crop + flip (then a key of the recipe).
+FORMER_PROTOCOL: dict[str, Any] = {
+    "finetune-head-norm": "none",
+    "probe-lr-grid": [0.1],
+    "probe-val-fraction": 0.0,
+    "finetune-augment": True,
+}
+# What only the fine-tune depends on: a probe-only file (``--labels 0``) is not bound by them.
+FINETUNE_ONLY = ("val-fraction", "lr-grid", "finetune-epochs", "finetune-recipe",
+                 "finetune-head-norm", "finetune-augment")  # fmt: skip
+
+
+def upgrade_protocol(protocol: dict[str, Any]) -> dict[str, Any]:
+    """A results file's protocol in today's keys (the keys it predates at FORMER_PROTOCOL)."""
+    upgraded = {**FORMER_PROTOCOL, **protocol}
+    recipe = dict(upgraded.get("finetune-recipe", {}))
+    if "augment" in recipe:  # before its own key, the fixed recipe held it
+        upgraded["finetune-augment"] = recipe.pop("augment")
+        upgraded["finetune-recipe"] = recipe
+    return upgraded
+
+
+def same_protocol(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two protocols measure the same values (probe-only ones: the fine-tune keys aside)."""
+    if a.get("finetune-labels") == b.get("finetune-labels") == 0:
+        a, b = ({k: v for k, v in p.items() if k not in FINETUNE_ONLY} for p in (a, b))
+    return a == b
+
+
 def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
     """The results file for ``protocol`` (a fresh one if absent); refuses another protocol's."""
     if not path.is_file():
         return {"protocol": protocol, "seeds": {}}
     results = json.loads(path.read_text())
-    # Files from before the head-norm key were measured with the bare linear head, and from
-    # before the probe's lr grid with lr 0.1 alone.
-    results["protocol"].setdefault("finetune-head-norm", "none")
-    results["protocol"].setdefault("probe-lr-grid", [0.1])
-    results["protocol"].setdefault("probe-val-fraction", 0.0)
-    if results["protocol"] != protocol:
+    results["protocol"] = upgrade_protocol(results["protocol"])
+    if not same_protocol(results["protocol"], protocol):
         raise SystemExit(f"{path} holds another protocol's results; move it or pass --results")
     return results
 

@@ -162,7 +162,8 @@ def noise_bounds(
     results = json.loads(path.read_text())
     if not results.get("seeds"):
         return bounds
-    measured, summary = results["protocol"], eval_protocol.summarize(results)
+    measured = eval_protocol.upgrade_protocol(results["protocol"])
+    summary = eval_protocol.summarize(results)
     cfg = from_flat({**BUDGET, **GRID_EVALUATION, **FINETUNE_PROTOCOL})
     if measured.get("model") != asdict(cfg.model):
         return bounds
@@ -174,13 +175,10 @@ def noise_bounds(
         "finetune-recipe": PROTOCOL_RECIPE,
         "test-images": cfg.eval.test_images,
     }
-    # Measured before the head-norm key existed: the bare linear head ("none"); eval_protocol
-    # fine-tunes without layer decay.
-    same_recipe = (
-        measured.get("finetune-head-norm", "none") == str(cfg.eval.finetune_head_norm)
-        # ... and before the augment key, with crop + flip.
-        and measured.get("finetune-augment", True) == cfg.eval.finetune_augment
+    same_recipe = measured["finetune-head-norm"] == str(cfg.eval.finetune_head_norm) and (
+        measured["finetune-augment"] == cfg.eval.finetune_augment
     )
+    # eval_protocol fine-tunes without layer decay.
     if (
         all(measured.get(k) == v for k, v in finetune.items())
         and same_recipe
@@ -193,8 +191,6 @@ def noise_bounds(
         "test-images": GRID_EVALUATION["test-images"],
         "probe-lr-grid": list(cfg.eval.probe_lrs) if probe_lrs is None else list(probe_lrs),
     }
-    # A floor measured before the probe's lr grid existed probed at lr 0.1 alone.
-    measured = {"probe-lr-grid": [0.1], **measured}
     if all(measured.get(k) == v for k, v in probe.items()):
         bounds["linear-probe-accuracy"] = _bound(summary["probe-test"]["std"], 1)
     return bounds

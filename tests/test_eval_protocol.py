@@ -243,3 +243,17 @@ def test_a_run_under_the_protocol_reports_the_mean_as_its_finetune_accuracy(tiny
     protocol_record = summary["downstream"]["protocol"]
     assert protocol_record["finetune-subsets"] == 2
     assert protocol_record["finetune-lr-grid"] == [1e-3, 3e-3]
+
+
+def test_the_tracked_probe_only_floor_regenerates_under_todays_defaults():
+    """docs/data/eval-protocol.json predates finetune-augment (its recipe held crop + flip); a
+    probe-only file is not bound by fine-tune keys, so its documented --report-only command
+    reads it; a fine-tune file of another recipe is still refused."""
+    from benchmarks import eval_protocol
+
+    args = eval_protocol.parse_args(["--labels", "0", "--init-seeds", "0", "1", "2", "3", "4"])
+    results = eval_protocol.load_results(eval_protocol.RESULTS, eval_protocol.protocol_of(args))
+    assert len(results["seeds"]) == 5 and results["protocol"]["finetune-augment"] is True
+    assert "augment" not in results["protocol"]["finetune-recipe"]
+    tuned = eval_protocol.protocol_of(eval_protocol.parse_args([]))
+    assert not eval_protocol.same_protocol({**tuned, "finetune-augment": True}, tuned)
