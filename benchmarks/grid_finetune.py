@@ -47,18 +47,22 @@ def cache_path(run_dir: Path) -> Path:
     return run_dir / CACHE
 
 
+def _set_aside_paths(run_dir: Path) -> list[Path]:
+    """The ``finetune-protocol.<n>.json`` files of ``run_dir``, by n (oldest first)."""
+    paths = run_dir.glob("finetune-protocol.*.json")
+    return sorted(paths, key=lambda p: int(p.suffixes[0][1:]))
+
+
 def earlier_records(run_dir: Path) -> list[dict[str, Any]]:
     """The records of other protocols this run was fine-tuned under, oldest first."""
-    paths = sorted(run_dir.glob("finetune-protocol.*.json"), key=lambda p: int(p.suffixes[0][1:]))
-    return [json.loads(p.read_text()) for p in paths]
+    return [json.loads(p.read_text()) for p in _set_aside_paths(run_dir)]
 
 
 def _set_aside(path: Path) -> None:
-    """Move another protocol's record to the next free ``finetune-protocol.<n>.json``."""
-    n = 1 + len(list(path.parent.glob("finetune-protocol.*.json")))
-    while (target := path.with_name(f"finetune-protocol.{n}.json")).exists():
-        n += 1
-    path.rename(target)
+    """Move another protocol's record to ``finetune-protocol.<n>.json``, n after the newest."""
+    kept = _set_aside_paths(path.parent)
+    n = int(kept[-1].suffixes[0][1:]) + 1 if kept else 1
+    path.rename(path.with_name(f"finetune-protocol.{n}.json"))
 
 
 def read_cache(run_dir: Path, protocol: dict[str, Any] | None = None) -> dict[str, Any] | None:
