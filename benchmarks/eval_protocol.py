@@ -251,7 +251,14 @@ def _pct(value: float) -> str:
 def _recipe_note(protocol: dict[str, Any]) -> list[str]:
     """Where the page measures another recipe than today's default fine-tune, it says so."""
     today = resolve_config().eval
-    measured = (protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"))
+
+    def recipe(epochs: int, head_norm: str, augment: bool) -> str:
+        flips = "crop + flip" if augment else "no crop + flip"
+        return f"{epochs} epochs, head norm {head_norm}, {flips}"
+
+    measured = recipe(protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"),
+                      protocol.get("finetune-augment", True))  # fmt: skip
+    default = recipe(today.finetune_epochs, str(today.finetune_head_norm), today.finetune_augment)
     notes = []
     if not protocol["finetune-labels"]:
         notes += [
@@ -261,12 +268,11 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
             "earlier is in git history (`git show fcc2556:docs/eval-protocol.md`).",
             "",
         ]
-    elif measured != (today.finetune_epochs, str(today.finetune_head_norm)):
+    elif measured != default:
         notes += [
-            f"**Not today's fine-tune recipe**: measured with {measured[0]} epochs and head norm "
-            f"{measured[1]}; the default is now {today.finetune_epochs} epochs with head norm "
-            f"{today.finetune_head_norm}. That recipe's noise floor under the grid's protocol is "
-            "the random-init row of docs/results.md (3 init seeds x 3 label subsets).",
+            f"**Not today's fine-tune recipe**: measured with {measured}; the default is now "
+            f"{default}. That recipe's noise floor under the grid's protocol is the random-init "
+            "row of docs/results.md (3 init seeds x 3 label subsets).",
             "",
         ]
     probe_lrs = protocol.get("probe-lr-grid", [0.1])

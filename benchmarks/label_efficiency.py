@@ -5,7 +5,8 @@ Loads each run's exported backbone the way a user would (``timm.create_model`` +
 seed) on nested seeded subsets of the labelled training split (``DEFAULT_LABELS`` by default,
 ``all`` for the whole split). The test set and recipe are the same for every backbone.
 Each (run, labels) result, its seconds included, is cached as
-``finetune-<labels>-ld<layer decay>[-e<epochs>].json`` in the run's folder.
+``finetune-<labels>-ld<decay>-e<epochs>-lr<lr>-<head norm>[-aug].json`` in the run's folder
+(``-aug``: crop + flip), so a cache is read back only for the recipe that wrote it.
 
     .venv/bin/python -m benchmarks.label_efficiency --runs fedmae-iid-s0 random-init-pooled-s0
     .venv/bin/python -m benchmarks.label_efficiency --labels 1000 5000 all   # all: GPU-sized
@@ -76,12 +77,22 @@ def run_probe_inputs(run_dir: Path) -> tuple[FedMAEConfig, DatasetSplits, dict, 
 def cache_path(
     run_dir: Path, labels: int, layer_decay: float | None = None, epochs: int | None = None
 ) -> Path:
-    """Where ``finetune_run`` keeps its result (overrides of None = the run's own value)."""
-    cfg = run_config(run_dir)
-    decay = cfg.eval.finetune_layer_decay if layer_decay is None else layer_decay
-    # The run's own epoch count keeps the old name, so results cached before stay valid.
-    tag = "" if epochs in (None, cfg.eval.finetune_epochs) else f"-e{epochs}"
-    return run_dir / f"finetune-{labels or 'all'}-ld{decay:g}{tag}.json"
+    """Where ``finetune_run`` keeps its result (overrides of None = the run's own value).
+
+    The name spells out every recipe key that differs between runs (layer decay, epochs, lr,
+    head norm, crop + flip), so a result is only ever read back for the recipe that made it.
+    Caches named before head norm and crop + flip were part of the name
+    (``finetune-<labels>-ld<decay>[-e<epochs>].json``) are not read: which of the two they ran
+    with depends on the commit that wrote them.
+    """
+    ev = run_config(run_dir).eval
+    decay = ev.finetune_layer_decay if layer_decay is None else layer_decay
+    epochs = ev.finetune_epochs if epochs is None else epochs
+    augment = "-aug" if ev.finetune_augment else ""
+    return run_dir / (
+        f"finetune-{labels or 'all'}-ld{decay:g}-e{epochs}-lr{ev.finetune_lr:g}"
+        f"-{ev.finetune_head_norm}{augment}.json"
+    )
 
 
 def finetune_run(

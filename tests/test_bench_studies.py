@@ -344,14 +344,24 @@ def test_a_run_the_harness_makes_records_its_whole_flwr_run_time(tmp_path, monke
     assert run["bench"] == record
 
 
-def test_a_fine_tune_with_other_epochs_is_cached_apart(tmp_path):
+def test_a_fine_tune_with_another_recipe_is_cached_apart(tmp_path):
+    """Epochs, layer decay, lr, head norm and crop + flip each name a cache of their own."""
     from benchmarks.label_efficiency import cache_path
     from fedmae_flwr.config import resolve_config, to_yaml
 
-    (tmp_path / "config.yaml").write_text(to_yaml(resolve_config({"finetune-epochs": 5})))
-    assert cache_path(tmp_path, 1000).name == "finetune-1000-ld1.json"
-    assert cache_path(tmp_path, 1000, epochs=5).name == "finetune-1000-ld1.json"  # the run's own
-    assert cache_path(tmp_path, 1000, epochs=15).name == "finetune-1000-ld1-e15.json"
+    def name(keys, **overrides):
+        (tmp_path / "config.yaml").write_text(to_yaml(resolve_config(keys)))
+        return cache_path(tmp_path, 1000, **overrides).name
+
+    base = {"finetune-epochs": 5, "finetune-head-norm": "batchnorm", "finetune-augment": False,
+            "finetune-lr": 1e-3}  # fmt: skip
+    assert name(base) == "finetune-1000-ld1-e5-lr0.001-batchnorm.json"
+    assert name(base, epochs=5) == name(base)  # the run's own epochs
+    assert name(base, epochs=15) == "finetune-1000-ld1-e15-lr0.001-batchnorm.json"
+    assert name(base, layer_decay=0.75) == "finetune-1000-ld0.75-e5-lr0.001-batchnorm.json"
+    assert name({**base, "finetune-augment": True}).endswith("-batchnorm-aug.json")
+    assert name({**base, "finetune-head-norm": "none"}) == "finetune-1000-ld1-e5-lr0.001-none.json"
+    assert name({**base, "finetune-lr": 2e-3}) == "finetune-1000-ld1-e5-lr0.002-batchnorm.json"
 
 
 def test_full_recipe_takes_the_post_hoc_fine_tune_from_the_evaluation_protocol(tmp_path):

@@ -257,3 +257,14 @@ def test_the_tracked_probe_only_floor_regenerates_under_todays_defaults():
     assert "augment" not in results["protocol"]["finetune-recipe"]
     tuned = eval_protocol.protocol_of(eval_protocol.parse_args([]))
     assert not eval_protocol.same_protocol({**tuned, "finetune-augment": True}, tuned)
+
+
+def test_a_fine_tune_floor_of_another_recipe_says_so_crop_and_flip_included():
+    """The page flags a floor measured under another fine-tune recipe, crop + flip counted."""
+    from benchmarks import eval_protocol
+
+    today = eval_protocol.protocol_of(eval_protocol.parse_args(["--labels", "1000"]))
+    assert not any("Not today's" in n for n in eval_protocol._recipe_note(today))
+    other = {**today, "finetune-augment": not today["finetune-augment"]}
+    flipped = eval_protocol._recipe_note(other)
+    assert any("Not today's fine-tune recipe" in n and "crop + flip" in n for n in flipped)
