@@ -105,6 +105,29 @@ def recipe_text(recipe: dict[str, Any]) -> str:
     )
 
 
+def lr_findings(lines: list[dict[str, Any]]) -> list[str]:
+    """Per backbone and recipe measured at several lrs (the rest the same): test top-1 by lr."""
+    groups: dict[tuple[str, str], dict[float, float]] = {}
+    for ln in lines:
+        rest = recipe_text({k: v for k, v in ln["recipe"].items() if k != "lr"})
+        rest = ", ".join(part for part in rest.split(", ") if not part.startswith("lr="))
+        lr = ln["recipe"].get("lr", 1e-3)
+        groups.setdefault((ln["backbone"], rest), {})[lr] = ln["test"]
+    out = []
+    for (backbone, rest), by_lr in groups.items():
+        if len(by_lr) < 2:
+            continue
+        best = max(by_lr, key=lambda lr: by_lr[lr])
+        values = ", ".join(f"lr {lr:g}: {100 * v:.1f}" for lr, v in sorted(by_lr.items()))
+        out.append(f"- {backbone} ({rest}), test top-1 by lr: {values}; best at lr {best:g}.")
+    if out:
+        out.append(
+            "- These rows pick nothing: one subset, scored on the test images. The protocol "
+            "(docs/results.md) chooses each backbone's lr from its grid on a validation share."
+        )
+    return out
+
+
 def findings(lines: list[dict[str, Any]]) -> list[str]:
     """Whether any recipe trains (train top-1 >= 95 %), the best one, and where rows came from."""
     if not lines:
@@ -118,6 +141,7 @@ def findings(lines: list[dict[str, Any]]) -> list[str]:
            "**No recipe measured here trains to ~100 %**: more epochs keep helping (the "
            "fine-tune is still under-fitting), at a cost 2 CPU cores cannot pay per backbone."),
     ]  # fmt: skip
+    out += lr_findings(lines)
     sources = sorted({ln["source"] for ln in lines if "source" in ln})
     if sources:
         out.append(

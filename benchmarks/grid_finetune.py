@@ -36,10 +36,12 @@ from fedmae_flwr.config import Algorithm, FedMAEConfig, from_flat, to_flat
 from fedmae_flwr.data import load_dataset
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
+from fedmae_flwr.evaluation.protocol import SubsetResult, merge_lr_grids, summarize_subsets
 from fedmae_flwr.models.export import create_timm_backbone, load_backbone
 from fedmae_flwr.server_app import random_init_state
 
 CACHE = "finetune-protocol.json"
+LR_GRID = "finetune-lr-grid"
 DEFAULT_OUT = ROOT / "outputs" / "bench-grid"
 
 
@@ -94,10 +96,76 @@ def run_backbone(run_dir: Path, cfg: FedMAEConfig) -> nn.Module:
     raise FileNotFoundError(f"{run_dir} has no exported backbone (backbone.safetensors)")
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every fine-tune record of ``run_dir``: the set-aside ones (oldest first), then the cache."""
+    path = cache_path(run_dir)
+    return earlier_records(run_dir) + ([json.loads(path.read_text())] if path.is_file() else [])
+
+
+def _grid_of(run_dir: Path, protocol: dict[str, Any]) -> tuple[float, ...]:
+    return protocol_config(run_dir, protocol).eval.lr_grid
+
+
+def _grid_parts(run_dir: Path, protocol: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of ``run_dir`` measured under ``protocol`` but on part of its lr grid: disjoint
+    parts, newest first, each kept only where it adds lrs no part taken before holds."""
+    grid = _grid_of(run_dir, protocol)
+    parts: list[dict[str, Any]] = []
+    covered: set[float] = set()
+    for record in reversed(_records(run_dir)):
+        other = record["protocol"]
+        if {**other, LR_GRID: protocol[LR_GRID]} != protocol or other == protocol:
+            continue
+        lrs = set(_grid_of(run_dir, other))
+        if lrs <= set(grid) and not lrs & covered:
+            parts.append(record)
+            covered |= lrs
+    return parts
+
+
+def _merged(run_dir: Path, protocol: dict[str, Any], parts: list[dict[str, Any]]) -> dict:
+    """The record of ``protocol`` from records covering its whole lr grid (``merge_lr_grids``:
+    exactly what one fine-tune over the grid gives); its seconds are the parts' sum."""
+    grid = _grid_of(run_dir, protocol)
+    names = list(parts[0]["results"])
+    results = {
+        name: summarize_subsets(merge_lr_grids(
+            [[SubsetResult(**r) for r in part["results"][name]["subsets"]] for part in parts],
+            grid,
+        ))
+        for name in names
+    }  # fmt: skip
+    newest = parts[0]
+    return {
+        "protocol": protocol,
+        "results": results,
+        "seconds": sum(part["seconds"] for part in parts),
+        "machine": newest["machine"],
+        "device": newest["device"],
+        "threads": newest["threads"],
+        "merged-from": [
+            {LR_GRID: part["protocol"][LR_GRID], "seconds": part["seconds"],
+             "machine": part["machine"]}
+            for part in parts
+        ],
+    }  # fmt: skip
+
+
+def _write(run_dir: Path, record: dict[str, Any]) -> None:
+    if cache_path(run_dir).is_file():  # another protocol's result (read_cache said so): keep it
+        _set_aside(cache_path(run_dir))
+    cache_path(run_dir).write_text(json.dumps(record, indent=2))
+
+
 def finetune_run(
     run_dir: Path, device: str | None = None, protocol: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], bool]:
     """Fine-tune ``run_dir``'s backbone under ``protocol`` (FINETUNE_PROTOCOL); cached.
+
+    Where the run was fine-tuned before under the same protocol on part of its lr grid (e.g.
+    ``1e-3`` of ``1e-3,2e-3``), only the lrs no record holds are fine-tuned, and the parts are
+    merged (:func:`~fedmae_flwr.evaluation.protocol.merge_lr_grids`: the values one fine-tune
+    over the whole grid gives); the record says so under ``merged-from``.
 
     ``device``: None = the run's own ``device`` key (resolved as the run resolves it).
     Returns (the record, whether it was computed now rather than read from the cache).
@@ -106,6 +174,18 @@ def finetune_run(
     cached = read_cache(run_dir, protocol)
     if cached is not None:
         return cached, False
+    parts = _grid_parts(run_dir, protocol)
+    if parts:
+        held = {lr for part in parts for lr in _grid_of(run_dir, part["protocol"])}
+        missing = [lr for lr in _grid_of(run_dir, protocol) if lr not in held]
+        if missing:
+            part, _ = finetune_run(
+                run_dir, device, {**protocol, LR_GRID: ",".join(f"{lr:g}" for lr in missing)}
+            )
+            parts.insert(0, part)
+        record = _merged(run_dir, protocol, parts)
+        _write(run_dir, record)
+        return record, True
     cfg = protocol_config(run_dir, protocol)
     where = resolve_device(str(cfg.device) if device is None else device)
     splits = load_dataset(cfg)
@@ -123,9 +203,7 @@ def finetune_run(
         "device": str(where),
         "threads": torch.get_num_threads(),
     }
-    if cache_path(run_dir).is_file():  # another protocol's result (read_cache said so): keep it
-        _set_aside(cache_path(run_dir))
-    cache_path(run_dir).write_text(json.dumps(record, indent=2))
+    _write(run_dir, record)
     return record, True
 
 

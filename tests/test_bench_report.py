@@ -330,6 +330,50 @@ def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_pa
     assert fresh and grid_finetune.earlier_records(run_dir) == [record, record2]
 
 
+def test_grid_finetune_widens_an_lr_grid_by_fine_tuning_only_the_new_lrs(
+    tmp_path, tiny_overrides, monkeypatch
+):
+    """A run fine-tuned at 1e-3 and asked for 1e-3,3e-3 trains at 3e-3 only; the merged record
+    holds exactly what one fine-tune over both gives, and every measured record is kept."""
+    from benchmarks import grid_finetune
+    from fedmae_flwr.data import load_dataset
+    from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
+    from fedmae_flwr.models.export import load_backbone
+
+    run_dir = tiny_run_dir(tmp_path / "grid", tiny_overrides)
+    base = {"finetune-labels": 24, "finetune-epochs": 2, "finetune-subsets": 2,
+            "finetune-val-fraction": 0.25, "finetune-lr-grid": "1e-3",
+            "finetune-head-norm": "batchnorm", "test-images": 30}  # fmt: skip
+    narrow, _ = grid_finetune.finetune_run(run_dir, "cpu", base)
+    grids = []
+
+    def spy(cfg, *args, **kwargs):
+        grids.append(cfg.lr_grid)
+        return finetune_backbones(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(grid_finetune, "finetune_backbones", spy)
+    wide = {**base, "finetune-lr-grid": "1e-3,3e-3"}
+    record, fresh = grid_finetune.finetune_run(run_dir, "cpu", wide)
+    assert fresh and grids == [(3e-3,)]  # 1e-3 read from the earlier record
+    assert record["protocol"] == wide
+    assert [p["finetune-lr-grid"] for p in record["merged-from"]] == ["0.003", "1e-3"]
+    part = grid_finetune.earlier_records(run_dir)[-1]
+    assert record["seconds"] == pytest.approx(narrow["seconds"] + part["seconds"])
+    assert grid_finetune.earlier_records(run_dir) == [narrow, part]
+    # Exactly the library's one call over the whole grid.
+    cfg = grid_finetune.protocol_config(run_dir, wide)
+    splits = load_dataset(cfg)
+    direct = finetune_backbones(cfg.eval, {"random-init": load_backbone(run_dir)},
+                                labelled_subsets(cfg.eval, splits, cfg.seed), splits,
+                                seed=cfg.seed, device="cpu")  # fmt: skip
+    assert record["results"]["random-init"] == direct["random-init"]
+    again, fresh = grid_finetune.finetune_run(run_dir, "cpu", wide)
+    assert not fresh and again == record and grids == [(3e-3,)]
+    # Another protocol key than the lr grid: nothing to merge with, the whole grid is trained.
+    grid_finetune.finetune_run(run_dir, "cpu", {**wide, "test-images": 20})
+    assert grids == [(3e-3,), (1e-3, 3e-3)]
+
+
 def test_noise_bounds_come_from_a_noise_floor_measured_under_this_protocol(tmp_path):
     import math
     import statistics

@@ -13,9 +13,12 @@ from fedmae_flwr.data.images import DatasetSplits, ImageSet
 from fedmae_flwr.evaluation import protocol
 from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
 from fedmae_flwr.evaluation.protocol import (
+    SubsetResult,
     disjoint_subsets,
     finetune_protocol,
+    merge_lr_grids,
     split_validation,
+    summarize_subsets,
 )
 
 torch.set_num_threads(1)
@@ -147,6 +150,59 @@ def test_k_subsets_give_k_values_whose_mean_and_std_are_reported():
     with pytest.raises(ValueError, match="validation share"):
         finetune_protocol(TinyBackbone(), subsets, numbered(20), val_fraction=0.0,
                           lrs=(1e-2, 1e-3), seed=0, **RECIPE)  # fmt: skip
+
+
+def _noisy(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_a_grid_merged_from_its_parts_is_the_grid_run_at_once():
+    """Fine-tuning the lrs apart and merging gives exactly one run over the whole grid."""
+    subsets, test = [_noisy(40, k) for k in range(3)], _noisy(30, 99)
+    lrs = (1e-3, 3e-2, 3e-1)
+    recipe = {**RECIPE, "epochs": 3}
+
+    def run(grid):
+        return finetune_protocol(TinyBackbone(), subsets, test, val_fraction=0.25, lrs=grid,
+                                 seed=0, **recipe)  # fmt: skip
+
+    whole = run(lrs)
+    # different subsets keep different lrs (one by a tie): the merge has real choices to make
+    assert len({r["lr"] for r in whole["subsets"]}) > 1
+    parts = [[SubsetResult(**r) for r in run(grid)["subsets"]] for grid in [(3e-2,), (1e-3, 3e-1)]]
+    assert summarize_subsets(merge_lr_grids(parts, lrs)) == whole
+
+
+def _result(lr: float, val: float, test: float, subset: int = 0) -> SubsetResult:
+    return SubsetResult(subset=subset, lr=lr, val_accuracy={repr(lr): val}, accuracy=test,
+                        train_accuracy=1.0, final_loss=0.1, epochs=30, train_labels=800,
+                        val_labels=200)  # fmt: skip
+
+
+def test_a_validation_tie_between_parts_goes_to_the_earliest_lr_of_the_grid():
+    parts = [[_result(2e-3, 0.8, 0.70)], [_result(1e-3, 0.8, 0.75)]]
+    (kept,) = merge_lr_grids(parts, (1e-3, 2e-3))
+    assert (kept.lr, kept.accuracy) == (1e-3, 0.75)
+    assert kept.val_accuracy == {"0.001": 0.8, "0.002": 0.8}
+    (kept,) = merge_lr_grids(parts, (2e-3, 1e-3))
+    assert (kept.lr, kept.accuracy) == (2e-3, 0.70)
+
+
+@pytest.mark.parametrize(
+    "parts, lrs, message",
+    [
+        ([[_result(1e-3, 0.8, 0.7)]], (1e-3, 2e-3), "each of"),  # 2e-3 never measured
+        ([[_result(1e-3, 0.8, 0.7)], [_result(1e-3, 0.8, 0.7)]], (1e-3,), "each of"),
+        ([[_result(1e-3, 0.8, 0.7)], [_result(2e-3, 0.8, 0.7, subset=1)]], (1e-3, 2e-3),
+         "different subsets"),
+        ([[_result(1e-3, 0.8, 0.7)], []], (1e-3,), "different numbers"),
+        ([], (1e-3,), "no measured parts"),
+    ],
+)  # fmt: skip
+def test_parts_that_do_not_make_the_grid_are_refused(parts, lrs, message):
+    with pytest.raises(ValueError, match=message):
+        merge_lr_grids(parts, lrs)
 
 
 def _splits(n_train: int = 120, n_test: int = 40) -> DatasetSplits:

@@ -31,3 +31,16 @@ def test_each_recipe_is_measured_appended_and_reported(tmp_path, fmnist_dir):
 def test_recipes_must_be_a_list_of_objects(tmp_path):
     with pytest.raises(SystemExit, match="JSON list of objects"):
         finetune_recipe.main(["--recipes", '{"epochs": 1}', "--results", str(tmp_path / "r")])
+
+
+def test_rows_that_differ_only_in_lr_are_compared_by_lr():
+    def row(backbone, test, **recipe):
+        return {"backbone": backbone, "recipe": {"epochs": 30, **recipe}, "test": test}
+
+    lines = [row("a", 0.70, lr=1e-3), row("a", 0.72, lr=2e-3), row("a", 0.75, lr=2e-3, epochs=60),
+             row("b", 0.80)]  # fmt: skip
+    found = finetune_recipe.lr_findings(lines)
+    assert len(found) == 2  # backbone a at 30 epochs; the 60-epoch row and b have one lr each
+    assert "lr 0.001: 70.0, lr 0.002: 72.0; best at lr 0.002" in found[0]
+    assert "pick nothing" in found[1]
+    assert finetune_recipe.lr_findings([row("b", 0.8)]) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,6 +136,57 @@ def finetune_subset(
         train_labels=len(train[1]),
         val_labels=len(val[1]),
     )
+
+
+def merge_lr_grids(
+    parts: Sequence[Sequence[SubsetResult]], lrs: Sequence[float]
+) -> list[SubsetResult]:
+    """The per-subset results of the lr grid ``lrs`` from results measured on parts of it.
+
+    Exact, not an estimate: a fine-tune at one lr does not depend on which other lrs share its
+    grid (the same subset, validation split and seed), and :func:`_select` keeps the best on
+    validation with ties going to the earliest lr; so among the parts' kept models, the best on
+    validation (ties: earliest in ``lrs``) is the model one run over ``lrs`` keeps. On the CPU a
+    fine-tune is bit-reproducible, so the merged values are that run's values.
+
+    Args:
+        parts: one list of subset results per measured part (same subsets in the same order).
+        lrs: the whole grid; each part's lrs must be a part of it, in its order, the parts
+            disjoint and together all of it.
+
+    Raises:
+        ValueError: naming what does not fit (a missing, repeated or foreign lr, a part in
+        another order, subsets that differ, or a part without validation scores).
+    """
+    grid = [float(lr) for lr in lrs]
+    if not parts:
+        raise ValueError("no measured parts to merge")
+    measured = [[float(lr) for lr in part[0].val_accuracy] if part else [] for part in parts]
+    flat = [lr for part_lrs in measured for lr in part_lrs]
+    if sorted(flat) != sorted(grid) or len(set(grid)) != len(grid):
+        raise ValueError(f"the parts measured lrs {flat}; merging needs each of {grid} once")
+    for part_lrs in measured:
+        if part_lrs != [lr for lr in grid if lr in part_lrs]:
+            raise ValueError(f"a part measured lrs {part_lrs} out of the grid's order {grid}")
+    counts = {len(part) for part in parts}
+    if len(counts) != 1:
+        raise ValueError(f"the parts hold different numbers of subsets: {sorted(counts)}")
+    merged = []
+    for results in zip(*parts, strict=True):
+        same = {(r.subset, r.epochs, r.train_labels, r.val_labels) for r in results}
+        if len(same) != 1:
+            raise ValueError(f"the parts fine-tuned different subsets: {sorted(same)}")
+        if any(
+            set(map(float, r.val_accuracy)) != set(m)
+            for r, m in zip(results, measured, strict=True)
+        ):
+            raise ValueError("every part must hold a validation score for each of its lrs")
+        scores = {float(lr): v for r in results for lr, v in r.val_accuracy.items()}
+        kept = max(results, key=lambda r: (scores[float(r.lr)], -grid.index(float(r.lr))))
+        merged.append(
+            SubsetResult(**{**asdict(kept), "val_accuracy": {repr(lr): scores[lr] for lr in grid}})
+        )
+    return merged
 
 
 def subset_seed(seed: int, subset: int) -> int:
