@@ -363,6 +363,15 @@ def finetune_cost(grid: Grid) -> str:
     return f", {sum(seconds) / 60:.0f} min{where}"
 
 
+def _kept_lrs_text(lrs: list[float]) -> str:
+    """``"; kept lr 0.001"`` where every subset kept one lr, else the lr of each subset."""
+    if not lrs:
+        return ""
+    if len(set(lrs)) == 1:
+        return f"; kept lr {lrs[0]:g}"
+    return f"; kept lr {' / '.join(f'{lr:g}' for lr in lrs)} by subset"
+
+
 def finetune_details(grid: Grid) -> list[str]:
     """Each fine-tuned run: its subsets' test top-1, their mean ± std, the kept lr(s)."""
     lines = []
@@ -372,8 +381,8 @@ def finetune_details(grid: Grid) -> list[str]:
                 continue
             result = finetune_result(run[FINETUNE_RECORD])
             values = ", ".join(f"{100 * v:.1f}" for v in finetune_subsets(run))
-            lrs = sorted({s["lr"] for s in result.get("subsets", [])})
-            lr_text = f"; kept lr {', '.join(f'{lr:g}' for lr in lrs)}" if lrs else ""
+            lrs = [s["lr"] for s in result.get("subsets", [])]
+            lr_text = _kept_lrs_text(lrs)
             train = result.get("train_accuracy")
             train_text = f"; train top-1 {100 * train:.1f}" if train is not None else ""
             spread = f"{100 * result['accuracy']:.1f} ± {100 * result.get('accuracy_std', 0):.1f}"

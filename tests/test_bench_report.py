@@ -505,3 +505,11 @@ def test_the_grid_random_init_row_gives_the_fine_tune_bound_when_no_floor_matche
     assert grid_noise_bound({("random-init", "pooled"): runs[:1]}) is None
     assert grid_noise_bound({("random-init", "pooled"): [{"seed": 0}, {"seed": 1}]}) is None
     assert grid_noise_bound({}) is None
+
+
+def test_the_kept_lr_is_named_once_or_per_subset():
+    from benchmarks.quality import _kept_lrs_text
+
+    assert _kept_lrs_text([]) == ""
+    assert _kept_lrs_text([1e-3, 1e-3, 1e-3]) == "; kept lr 0.001"
+    assert _kept_lrs_text([1e-3, 2e-3, 1e-3]) == "; kept lr 0.001 / 0.002 / 0.001 by subset"

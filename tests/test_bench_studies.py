@@ -184,7 +184,8 @@ def test_post_hoc_studies_refit_the_exported_backbone_exactly_as_the_run_did(tin
     record = label_efficiency.finetune_run(run_dir, 50)
     assert record["labels"] == 50 and record["test-images"] == 100
     assert record["accuracy"] == summary["finetune-accuracy"]["random-init"]
-    assert (run_dir / "finetune-50-ld1.json").is_file()
+    assert label_efficiency.cache_path(run_dir, 50).is_file()
+    assert label_efficiency.cache_path(run_dir, 50).name.startswith("finetune-50-ld1-e")
     assert label_efficiency.finetune_run(run_dir, 0)["labels"] == 800  # "all": the train split
 
     path = label_efficiency.write_report(

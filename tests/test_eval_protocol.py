@@ -273,6 +273,17 @@ def test_bad_protocol_keys_name_the_key_and_what_is_allowed(overrides, key, allo
         resolve_config(overrides)
 
 
+def test_the_full_eval_preset_fine_tunes_as_the_benchmarks_protocol_does():
+    """A user's preset='full-eval' and the grid's FINETUNE_PROTOCOL give one fine-tune column."""
+    from benchmarks.harness import FINETUNE_PROTOCOL
+
+    preset = resolve_config({"preset": "full-eval"}).eval
+    protocol = resolve_config(FINETUNE_PROTOCOL).eval
+    fields = [f for f in vars(protocol) if f.startswith("finetune_")]
+    assert {f: getattr(preset, f) for f in fields} == {f: getattr(protocol, f) for f in fields}
+    assert preset.lr_grid == protocol.lr_grid == (1e-3, 2e-3)
+
+
 def test_the_full_eval_preset_runs_the_whole_protocol():
     cfg = resolve_config({"preset": "full-eval"}).eval
     assert cfg.finetune_subsets >= 3 and cfg.finetune_val_fraction > 0
