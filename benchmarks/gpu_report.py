@@ -228,6 +228,20 @@ def shared_config(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                                 if k not in PER_RUN_KEYS})  # fmt: skip
 
 
+def finetune_text(protocol: dict[str, Any]) -> str:
+    """How the runs fine-tuned: one subset, or the protocol's subsets with an lr chosen on
+    validation (runs that predate the protocol's keys fine-tuned one subset at one lr)."""
+    labels, epochs = protocol["finetune-labels"], protocol["finetune-epochs"]
+    subsets = protocol.get("finetune-subsets", 1)
+    if subsets <= 1:
+        return f"fine-tune {labels} labels for {epochs} epochs"
+    grid = " / ".join(f"{lr:g}" for lr in protocol["finetune-lr-grid"])
+    share = round(100 * protocol["finetune-val-fraction"])
+    return (f"fine-tune {subsets} disjoint subsets of {labels} labels for {epochs} epochs, the lr "
+            f"chosen from {grid} on a {share} % validation share of each, mean over the "
+            "subsets")  # fmt: skip
+
+
 def setup_text(
     runs: list[dict[str, Any]], config: dict[str, Any], cpu: list[dict], floor: list[dict]
 ) -> str:
@@ -243,8 +257,7 @@ def setup_text(
         f"R={config['rounds-per-stage']} rounds x E={config['local-epochs']} local epochs per "
         f"block{budget_text(config, cpu, floor, keyed)}. Each run evaluates its FedMAE "
         "backbone and a random-init backbone of the same seed with the full protocol "
-        f"(fine-tune {protocol['finetune-labels']} labels for {protocol['finetune-epochs']} "
-        f"epochs, probe on {protocol['probe-train-images']} images, "
+        f"({finetune_text(protocol)}, probe on {protocol['probe-train-images']} images, "
         f"{protocol['test-images']} test images), so "
         "each seed is paired."
     )

@@ -481,3 +481,18 @@ def test_probe_lr_scores_every_lr_keeps_the_validation_choice_and_pairs_with_ran
     assert "| fedmae-iid-s0 |" in page and "conv." not in page
     assert "- fedmae-iid-s0: fixed lr +0.0, chosen lr +0.0" in page  # identical backbones
     assert (docs / "probe-lr.png").is_file()
+
+
+def test_the_gpu_report_states_the_fine_tune_protocol_its_runs_used():
+    from benchmarks.gpu_report import finetune_text
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.evaluation.downstream import _protocol
+
+    old = {"finetune-labels": 1000, "finetune-epochs": 15}  # a summary before the keys
+    assert finetune_text(old) == "fine-tune 1000 labels for 15 epochs"
+    ev = resolve_config({"preset": "fmnist-gpu"}).eval
+    sets = {"probe": range(5000), "finetune": range(1000), "test": range(5000)}
+    assert finetune_text(_protocol(ev, sets)) == (
+        "fine-tune 3 disjoint subsets of 1000 labels for 30 epochs, the lr chosen from "
+        "0.001 / 0.002 on a 20 % validation share of each, mean over the subsets"
+    )
