@@ -50,14 +50,26 @@ def cache_path(run_dir: Path) -> Path:
 
 
 def _set_aside_paths(run_dir: Path) -> list[Path]:
-    """The ``finetune-protocol.<n>.json`` files of ``run_dir``, by n (oldest first)."""
-    paths = run_dir.glob("finetune-protocol.*.json")
+    """The ``finetune-protocol.<n>.json`` files of ``run_dir``, by n (oldest first); other
+    names alike (``finetune-protocol.old.json``) are the user's, not this module's."""
+    paths = [p for p in run_dir.glob("finetune-protocol.*.json") if p.suffixes[0][1:].isdigit()]
     return sorted(paths, key=lambda p: int(p.suffixes[0][1:]))
+
+
+def _load_record(path: Path) -> dict[str, Any]:
+    """A fine-tune record, or a ValueError naming the file that is not one."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable fine-tune record ({e}); move it away") from e
+    if not isinstance(record, dict) or not isinstance(record.get("protocol"), dict):
+        raise ValueError(f"{path} is not a fine-tune record (no 'protocol'); move it away")
+    return record
 
 
 def earlier_records(run_dir: Path) -> list[dict[str, Any]]:
     """The records of other protocols this run was fine-tuned under, oldest first."""
-    return [json.loads(p.read_text()) for p in _set_aside_paths(run_dir)]
+    return [_load_record(p) for p in _set_aside_paths(run_dir)]
 
 
 def _set_aside(path: Path) -> None:
@@ -73,7 +85,7 @@ def read_cache(run_dir: Path, protocol: dict[str, Any] | None = None) -> dict[st
     path = cache_path(run_dir)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    record = _load_record(path)
     wanted = FINETUNE_PROTOCOL if protocol is None else protocol
     return record if record.get("protocol") == json.loads(json.dumps(wanted)) else None
 
@@ -99,7 +111,7 @@ def run_backbone(run_dir: Path, cfg: FedMAEConfig) -> nn.Module:
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     """Every fine-tune record of ``run_dir``: the set-aside ones (oldest first), then the cache."""
     path = cache_path(run_dir)
-    return earlier_records(run_dir) + ([json.loads(path.read_text())] if path.is_file() else [])
+    return earlier_records(run_dir) + ([_load_record(path)] if path.is_file() else [])
 
 
 def _grid_of(run_dir: Path, protocol: dict[str, Any]) -> tuple[float, ...]:

@@ -513,3 +513,18 @@ def test_the_kept_lr_is_named_once_or_per_subset():
     assert _kept_lrs_text([]) == ""
     assert _kept_lrs_text([1e-3, 1e-3, 1e-3]) == "; kept lr 0.001"
     assert _kept_lrs_text([1e-3, 2e-3, 1e-3]) == "; kept lr 0.001 / 0.002 / 0.001 by subset"
+
+
+def test_a_broken_fine_tune_record_is_named_and_a_users_file_is_left_alone(tmp_path):
+    from benchmarks import grid_finetune
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "finetune-protocol.old.json").write_text("{}")  # the user's: not read
+    assert grid_finetune.earlier_records(run_dir) == []
+    (run_dir / grid_finetune.CACHE).write_text('{"protocol": ')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"finetune-protocol.json is not a readable fine-tune"):
+        grid_finetune.read_cache(run_dir)
+    (run_dir / "finetune-protocol.1.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"finetune-protocol.1.json is not a fine-tune record"):
+        grid_finetune.earlier_records(run_dir)
