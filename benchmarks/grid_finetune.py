@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         (result,) = record["results"].values()
         std = result.get("accuracy_std", 0.0)
         how = f"{record['seconds']:.0f} s" if fresh else "cached"
+        if fresh and "merged-from" in record:
+            grids = " + ".join(part[LR_GRID] for part in reversed(record["merged-from"]))
+            how += f" in all, lr grid merged from {grids}"
         print(f"[grid-finetune] {run}: {100 * result['accuracy']:.1f} ± {100 * std:.1f} "
               f"({how})", flush=True)  # fmt: skip
     print(f"[grid-finetune] {len(args.runs)} runs under {args.out}")
