@@ -344,9 +344,31 @@ def finetune_text(grid: Grid) -> list[str]:
         f"{keys} (disjoint label subsets drawn with the run's seed, a validation share of "
         "each, the lr kept by validation top-1, the kept model alone scored on the test "
         "images). A cell is the mean ± std over seeds of each run's mean over its "
-        f"{FINETUNE_PROTOCOL['finetune-subsets']} subsets; {which}.",
+        f"{FINETUNE_PROTOCOL['finetune-subsets']} subsets; {which}.{kept_lr_tally(grid)}",
         "",
     ]
+
+
+def kept_lr_tally(grid: Grid) -> str:
+    """`` Validation kept lr 0.001 on 40, 0.002 on 5 of the 45 subsets (fedmae: ...).``, or ''
+    where no record chose between lrs."""
+    by_algorithm: dict[str, list[float]] = {}
+    for (algorithm, _), runs in grid.items():
+        for run in runs:
+            if FINETUNE_RECORD in run:
+                subsets = finetune_result(run[FINETUNE_RECORD]).get("subsets", [])
+                by_algorithm.setdefault(algorithm, []).extend(
+                    s["lr"] for s in subsets if len(s.get("val_accuracy", {})) > 1
+                )
+    kept = [lr for lrs in by_algorithm.values() for lr in lrs]
+    if not kept:
+        return ""
+
+    def counts(lrs: list[float]) -> str:
+        return ", ".join(f"{lr:g} on {lrs.count(lr)}" for lr in sorted(set(lrs)))
+
+    per = "; ".join(f"{a}: {counts(lrs)}" for a, lrs in by_algorithm.items() if lrs)
+    return f" Validation kept lr {counts(kept)} of the {len(kept)} subsets ({per})."
 
 
 def finetune_cost(grid: Grid) -> str:

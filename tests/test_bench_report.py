@@ -528,3 +528,20 @@ def test_a_broken_fine_tune_record_is_named_and_a_users_file_is_left_alone(tmp_p
     (run_dir / "finetune-protocol.1.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"finetune-protocol.1.json is not a fine-tune record"):
         grid_finetune.earlier_records(run_dir)
+
+
+def test_the_report_counts_which_lr_validation_kept():
+    from benchmarks.quality import kept_lr_tally
+    from benchmarks.quality_grid import FINETUNE_RECORD
+
+    def run(lrs, grid=("0.001", "0.002")):
+        subsets = [{"lr": lr, "val_accuracy": {k: 0.5 for k in grid}} for lr in lrs]
+        return {FINETUNE_RECORD: {"results": {"x": {"subsets": subsets}}}}
+
+    grid = {("fedmae", "iid"): [run([1e-3, 2e-3, 1e-3]), {}],
+            ("random-init", "pooled"): [run([1e-3, 1e-3, 1e-3])]}  # fmt: skip
+    assert kept_lr_tally(grid) == (
+        " Validation kept lr 0.001 on 5, 0.002 on 1 of the 6 subsets (fedmae: 0.001 on 2, "
+        "0.002 on 1; random-init: 0.001 on 3)."
+    )
+    assert kept_lr_tally({("fedmae", "iid"): [run([1e-3], grid=("0.001",))]}) == ""  # no choice
