@@ -289,11 +289,24 @@ def tiny_run_dir(out_root, tiny_overrides: dict, seed: int = 0):
     return run_dir
 
 
-def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_path, tiny_overrides):
+def direct_finetune(run_dir, protocol: dict) -> dict:
+    """What a run with ``protocol``'s eval keys computes: the library's own fine-tune call on the
+    run's config with those keys (its random-init backbone)."""
     from benchmarks import grid_finetune
     from fedmae_flwr.data import load_dataset
     from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
     from fedmae_flwr.models.export import load_backbone
+
+    cfg = grid_finetune.protocol_config(run_dir, protocol)
+    splits = load_dataset(cfg)
+    direct = finetune_backbones(cfg.eval, {"random-init": load_backbone(run_dir)},
+                                labelled_subsets(cfg.eval, splits, cfg.seed), splits,
+                                seed=cfg.seed, device="cpu")  # fmt: skip
+    return direct["random-init"]
+
+
+def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_path, tiny_overrides):
+    from benchmarks import grid_finetune
 
     run_dir = tiny_run_dir(tmp_path / "grid", tiny_overrides)
     (tmp_path / "grid" / "unfinished").mkdir()  # no summary.json: not a run to fine-tune
@@ -309,11 +322,7 @@ def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_pa
     cfg = grid_finetune.protocol_config(run_dir, protocol)
     assert cfg.eval.finetune_epochs == 1 and cfg.eval.lr_grid == (1e-3, 3e-3)
     assert cfg.model.embed_dim == tiny_overrides["embed-dim"]  # the run's own settings stay
-    splits = load_dataset(cfg)
-    direct = finetune_backbones(cfg.eval, {"random-init": load_backbone(run_dir)},
-                                labelled_subsets(cfg.eval, splits, cfg.seed), splits,
-                                seed=cfg.seed, device="cpu")  # fmt: skip
-    assert direct["random-init"]["accuracy"] == result["accuracy"]
+    assert direct_finetune(run_dir, protocol)["accuracy"] == result["accuracy"]
     # Same protocol: read back, not computed again.
     again, fresh = grid_finetune.finetune_run(run_dir, "cpu", protocol)
     assert not fresh and again == record
@@ -336,9 +345,7 @@ def test_grid_finetune_widens_an_lr_grid_by_fine_tuning_only_the_new_lrs(
     """A run fine-tuned at 1e-3 and asked for 1e-3,3e-3 trains at 3e-3 only; the merged record
     holds exactly what one fine-tune over both gives, and every measured record is kept."""
     from benchmarks import grid_finetune
-    from fedmae_flwr.data import load_dataset
-    from fedmae_flwr.evaluation.downstream import finetune_backbones, labelled_subsets
-    from fedmae_flwr.models.export import load_backbone
+    from fedmae_flwr.evaluation.downstream import finetune_backbones
 
     run_dir = tiny_run_dir(tmp_path / "grid", tiny_overrides)
     base = {"finetune-labels": 24, "finetune-epochs": 2, "finetune-subsets": 2,
@@ -361,12 +368,7 @@ def test_grid_finetune_widens_an_lr_grid_by_fine_tuning_only_the_new_lrs(
     assert record["seconds"] == pytest.approx(narrow["seconds"] + part["seconds"])
     assert grid_finetune.earlier_records(run_dir) == [narrow, part]
     # Exactly the library's one call over the whole grid.
-    cfg = grid_finetune.protocol_config(run_dir, wide)
-    splits = load_dataset(cfg)
-    direct = finetune_backbones(cfg.eval, {"random-init": load_backbone(run_dir)},
-                                labelled_subsets(cfg.eval, splits, cfg.seed), splits,
-                                seed=cfg.seed, device="cpu")  # fmt: skip
-    assert record["results"]["random-init"] == direct["random-init"]
+    assert record["results"]["random-init"] == direct_finetune(run_dir, wide)
     again, fresh = grid_finetune.finetune_run(run_dir, "cpu", wide)
     assert not fresh and again == record and grids == [(3e-3,)]
     # Another protocol key than the lr grid: nothing to merge with, the whole grid is trained.
