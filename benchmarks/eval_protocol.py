@@ -256,8 +256,9 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
         flips = "crop + flip" if augment else "no crop + flip"
         return f"{epochs} epochs, head norm {head_norm}, {flips}"
 
-    measured = recipe(protocol["finetune-epochs"], protocol.get("finetune-head-norm", "none"),
-                      protocol.get("finetune-augment", True))  # fmt: skip
+    # ``protocol`` is upgraded (load_results): keys a file predates hold FORMER_PROTOCOL's values.
+    measured = recipe(protocol["finetune-epochs"], protocol["finetune-head-norm"],
+                      protocol["finetune-augment"])  # fmt: skip
     default = recipe(today.finetune_epochs, str(today.finetune_head_norm), today.finetune_augment)
     notes = []
     if not protocol["finetune-labels"]:
@@ -275,7 +276,7 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
             "row of docs/results.md (3 init seeds x 3 label subsets).",
             "",
         ]
-    probe_lrs = protocol.get("probe-lr-grid", [0.1])
+    probe_lrs = protocol["probe-lr-grid"]
     if list(probe_lrs) != list(today.probe_lrs):
         notes += [
             f"**Not today's probe**: measured at lr {', '.join(map(str, probe_lrs))}; runs now "

@@ -18,6 +18,7 @@ Writes ``docs/finetune-recipe.md`` and ``docs/finetune-recipe.png``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -94,25 +95,24 @@ def measure(args: argparse.Namespace, recipes: list[dict[str, Any]]) -> None:
               f"test {result.accuracy:.3f} ({line['seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
-def recipe_text(recipe: dict[str, Any]) -> str:
-    """The recipe's keys in a fixed order, finetune()'s defaults where it leaves one out."""
-    import inspect
+def recipe_text(recipe: dict[str, Any], without: tuple[str, ...] = ()) -> str:
+    """The recipe's keys in a fixed order, finetune()'s defaults where it leaves one out (the
+    keys in ``without`` left out of the text)."""
+    keys = (*COLUMNS, *sorted(set(recipe) - set(COLUMNS)))
+    return ", ".join(f"{key}={_value(recipe, key)}" for key in keys if key not in without)
 
-    defaults = inspect.signature(finetune).parameters
-    return ", ".join(
-        f"{key}={recipe.get(key, defaults[key].default)}"
-        for key in (*COLUMNS, *sorted(set(recipe) - set(COLUMNS)))
-    )
+
+def _value(recipe: dict[str, Any], key: str) -> Any:
+    """The recipe's value of ``key``, finetune()'s default where the recipe leaves it out."""
+    return recipe.get(key, inspect.signature(finetune).parameters[key].default)
 
 
 def lr_findings(lines: list[dict[str, Any]]) -> list[str]:
     """Per backbone and recipe measured at several lrs (the rest the same): test top-1 by lr."""
     groups: dict[tuple[str, str], dict[float, float]] = {}
     for ln in lines:
-        rest = recipe_text({k: v for k, v in ln["recipe"].items() if k != "lr"})
-        rest = ", ".join(part for part in rest.split(", ") if not part.startswith("lr="))
-        lr = ln["recipe"].get("lr", 1e-3)
-        groups.setdefault((ln["backbone"], rest), {})[lr] = ln["test"]
+        rest = recipe_text(ln["recipe"], without=("lr",))
+        groups.setdefault((ln["backbone"], rest), {})[_value(ln["recipe"], "lr")] = ln["test"]
     out = []
     for (backbone, rest), by_lr in groups.items():
         if len(by_lr) < 2:
