@@ -52,8 +52,13 @@ def cache_path(run_dir: Path) -> Path:
 def _set_aside_paths(run_dir: Path) -> list[Path]:
     """The ``finetune-protocol.<n>.json`` files of ``run_dir``, by n (oldest first); other
     names alike (``finetune-protocol.old.json``) are the user's, not this module's."""
-    paths = [p for p in run_dir.glob("finetune-protocol.*.json") if p.suffixes[0][1:].isdigit()]
-    return sorted(paths, key=lambda p: int(p.suffixes[0][1:]))
+    paths = [p for p in run_dir.glob("finetune-protocol.*.json") if _number(p).isdigit()]
+    return sorted(paths, key=lambda p: int(_number(p)))
+
+
+def _number(path: Path) -> str:
+    """The ``<n>`` of ``finetune-protocol.<n>.json``."""
+    return path.suffixes[0][1:]
 
 
 def _load_record(path: Path) -> dict[str, Any]:
@@ -75,7 +80,7 @@ def earlier_records(run_dir: Path) -> list[dict[str, Any]]:
 def _set_aside(path: Path) -> None:
     """Move another protocol's record to ``finetune-protocol.<n>.json``, n after the newest."""
     kept = _set_aside_paths(path.parent)
-    n = int(kept[-1].suffixes[0][1:]) + 1 if kept else 1
+    n = int(_number(kept[-1])) + 1 if kept else 1
     path.rename(path.with_name(f"finetune-protocol.{n}.json"))
 
 
@@ -118,10 +123,12 @@ def _grid_of(run_dir: Path, protocol: dict[str, Any]) -> tuple[float, ...]:
     return protocol_config(run_dir, protocol).eval.lr_grid
 
 
-def _grid_parts(run_dir: Path, protocol: dict[str, Any]) -> list[dict[str, Any]]:
-    """Records of ``run_dir`` measured under ``protocol`` but on part of its lr grid: disjoint
-    parts, newest first, each kept only where it adds lrs no part taken before holds."""
-    grid = _grid_of(run_dir, protocol)
+def _grid_parts(
+    run_dir: Path, protocol: dict[str, Any], grid: tuple[float, ...]
+) -> tuple[list[dict[str, Any]], set[float]]:
+    """Records of ``run_dir`` measured under ``protocol`` but on part of its lr grid ``grid``:
+    disjoint parts, newest first, each kept only where it adds lrs no part taken before holds;
+    and the lrs they hold."""
     parts: list[dict[str, Any]] = []
     covered: set[float] = set()
     for record in reversed(_records(run_dir)):
@@ -132,13 +139,13 @@ def _grid_parts(run_dir: Path, protocol: dict[str, Any]) -> list[dict[str, Any]]
         if lrs <= set(grid) and not lrs & covered:
             parts.append(record)
             covered |= lrs
-    return parts
+    return parts, covered
 
 
-def _merged(run_dir: Path, protocol: dict[str, Any], parts: list[dict[str, Any]]) -> dict:
-    """The record of ``protocol`` from records covering its whole lr grid (``merge_lr_grids``:
-    exactly what one fine-tune over the grid gives); its seconds are the parts' sum."""
-    grid = _grid_of(run_dir, protocol)
+def _merged(protocol: dict[str, Any], grid: tuple[float, ...], parts: list[dict]) -> dict:
+    """The record of ``protocol`` (lr grid ``grid``) from records covering its whole grid
+    (``merge_lr_grids``: exactly what one fine-tune over the grid gives); its seconds are the
+    parts' sum."""
     names = list(parts[0]["results"])
     results = {
         name: summarize_subsets(merge_lr_grids(
@@ -186,19 +193,18 @@ def finetune_run(
     cached = read_cache(run_dir, protocol)
     if cached is not None:
         return cached, False
-    parts = _grid_parts(run_dir, protocol)
+    cfg = protocol_config(run_dir, protocol)
+    parts, held = _grid_parts(run_dir, protocol, cfg.eval.lr_grid)
     if parts:
-        held = {lr for part in parts for lr in _grid_of(run_dir, part["protocol"])}
-        missing = [lr for lr in _grid_of(run_dir, protocol) if lr not in held]
+        missing = [lr for lr in cfg.eval.lr_grid if lr not in held]
         if missing:
             part, _ = finetune_run(
                 run_dir, device, {**protocol, LR_GRID: ",".join(f"{lr:g}" for lr in missing)}
             )
             parts.insert(0, part)
-        record = _merged(run_dir, protocol, parts)
+        record = _merged(protocol, cfg.eval.lr_grid, parts)
         _write(run_dir, record)
         return record, True
-    cfg = protocol_config(run_dir, protocol)
     where = resolve_device(str(cfg.device) if device is None else device)
     splits = load_dataset(cfg)
     sets = labelled_subsets(cfg.eval, splits, cfg.seed)
