@@ -10,7 +10,8 @@ share of each, the lr kept by validation top-1, the kept model alone scored on t
 Each run's result is cached as ``<run>/finetune-protocol.json`` (the result, its seconds, the
 machine and the protocol); a run whose cache holds the same protocol is skipped, one whose cache
 holds another protocol is fine-tuned again, the other protocol's record kept beside it as
-``finetune-protocol.<n>.json`` (measured results are never overwritten).
+``finetune-protocol.<n>.json`` (measured results are never overwritten); a protocol a set-aside
+record holds is read back from it, not fine-tuned again.
 
     .venv/bin/python -m benchmarks.grid_finetune                    # every finished grid run
     .venv/bin/python -m benchmarks.grid_finetune --runs fedmae-iid-s0 --threads 2
@@ -170,6 +171,25 @@ def _merged(protocol: dict[str, Any], grid: tuple[float, ...], parts: list[dict]
     }  # fmt: skip
 
 
+def _restore(run_dir: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest set-aside record measured under exactly ``protocol``, made the cache again
+    (the cache's own record set aside in its place), or None when there is none.
+
+    A run fine-tuned under A, then B, then asked for A again reads A back instead of training
+    again; every record stays on disk exactly once."""
+    wanted = json.loads(json.dumps(protocol))
+    for path in reversed(_set_aside_paths(run_dir)):
+        record = _load_record(path)
+        if record["protocol"] == wanted:
+            held = path.with_name(f"{path.name}.restoring")
+            path.rename(held)  # out of the numbering, so the cache's record takes the next n
+            if cache_path(run_dir).is_file():
+                _set_aside(cache_path(run_dir))
+            held.rename(cache_path(run_dir))
+            return record
+    return None
+
+
 def _write(run_dir: Path, record: dict[str, Any]) -> None:
     if cache_path(run_dir).is_file():  # another protocol's result (read_cache said so): keep it
         _set_aside(cache_path(run_dir))
@@ -193,6 +213,8 @@ def finetune_run(
     cached = read_cache(run_dir, protocol)
     if cached is not None:
         return cached, False
+    if (earlier := _restore(run_dir, protocol)) is not None:
+        return earlier, False
     cfg = protocol_config(run_dir, protocol)
     parts, held = _grid_parts(run_dir, protocol, cfg.eval.lr_grid)
     if parts:

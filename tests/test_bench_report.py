@@ -305,7 +305,9 @@ def direct_finetune(run_dir, protocol: dict) -> dict:
     return direct["random-init"]
 
 
-def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_path, tiny_overrides):
+def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(
+    tmp_path, tiny_overrides, monkeypatch
+):
     from benchmarks import grid_finetune
 
     run_dir = tiny_run_dir(tmp_path / "grid", tiny_overrides)
@@ -335,8 +337,23 @@ def test_grid_finetune_caches_per_protocol_and_recomputes_when_it_changes(tmp_pa
     assert grid_finetune.read_cache(run_dir, changed) == record2
     # ... and the first protocol's measured record is kept beside it, not overwritten.
     assert grid_finetune.earlier_records(run_dir) == [record]
-    _, fresh = grid_finetune.finetune_run(run_dir, "cpu", {**changed, "test-images": 20})
+    record3, fresh = grid_finetune.finetune_run(run_dir, "cpu", {**changed, "test-images": 20})
     assert fresh and grid_finetune.earlier_records(run_dir) == [record, record2]
+
+    # The first protocol again: its set-aside record is read back, nothing is trained, and
+    # every record stays on disk exactly once (the cache's set aside after the others).
+    def no_training(*args, **kwargs):
+        raise AssertionError("a protocol a set-aside record holds was fine-tuned again")
+
+    monkeypatch.setattr(grid_finetune, "finetune_backbones", no_training)
+    again, fresh = grid_finetune.finetune_run(run_dir, "cpu", protocol)
+    assert not fresh and again == record == grid_finetune.read_cache(run_dir, protocol)
+    assert grid_finetune.earlier_records(run_dir) == [record2, record3]
+    assert sorted(p.name for p in run_dir.glob("finetune-protocol*")) == [
+        "finetune-protocol.2.json",
+        "finetune-protocol.3.json",
+        "finetune-protocol.json",
+    ]
 
 
 def test_grid_finetune_widens_an_lr_grid_by_fine_tuning_only_the_new_lrs(
