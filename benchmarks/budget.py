@@ -268,9 +268,9 @@ def _table(by_budget: dict, floor: list[dict]) -> list[str]:
 def _comparisons(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
     """FedMAE − random init per seed, mean, noise bound and verdict, per budget and metric."""
     lines = [
-        "| budget R x E | metric | FedMAE − random init per seed (points) | mean "
-        "| noise bound (points) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| budget R x E | metric | FedMAE − random init per seed (points) "
+        + quality.PAIRED_COLUMNS,
+        "|---|---|---|" + quality.PAIRED_RULE,
     ]
     for rounds, epochs in _budget_order(by_budget):
         for key, _, name in ACCURACY_LABELS:
@@ -334,7 +334,8 @@ def comparison_rule() -> str:
         "floor of `benchmarks.eval_protocol` where it was measured under this protocol (k = 1). "
         "Without a bound ('no noise bound measured'; k-NN always) the same sign at "
         f">= {quality.SEEDS_WITHOUT_BOUND} paired seeds is required. Fewer than 2 paired seeds: "
-        "'one seed: not shown'; anything else: 'not shown'."
+        "'one seed: not shown'; anything else: 'not shown'. p (paired t): the two-sided "
+        "p-value of a paired t-test on the per-seed differences, as in docs/results.md."
     )
 
 

@@ -37,6 +37,7 @@ from benchmarks.harness import (
 )
 from benchmarks.quality import paired_differences
 from benchmarks.quality_grid import GRID_MINUTES
+from benchmarks.significance import p_text, paired_t_p
 from fedmae_flwr.config import load_config_yaml, resolve_config, to_flat
 
 GPU_DEVICE = "one NVIDIA H200"
@@ -282,15 +283,18 @@ def seed_table(rows: SeedPairs, runs: list[dict[str, Any]], labels: list[str]) -
 
 
 def mean_difference_text(rows: SeedPairs, labels: list[str]) -> str:
-    """Per protocol: the mean paired difference and at how many seeds FedMAE was ahead."""
+    """Per protocol: the mean paired difference, at how many seeds FedMAE was ahead, and the
+    paired t-test's two-sided p (``benchmarks.significance``)."""
     columns = list(zip(*(pairs for _, pairs in rows), strict=True))  # one per protocol
     means = [statistics.fmean(a - b for a, b in col) for col in columns]
     wins = [sum(a > b for a, b in col) for col in columns]
+    ps = [p_text(paired_t_p([a - b for a, b in col])) for col in columns]
     return (
-        "Mean difference over seeds (points, positive = FedMAE ahead): "
+        "Mean difference over seeds (points, positive = FedMAE ahead; p: two-sided paired "
+        "t-test over the seeds): "
         + ", ".join(
-            f"{lab} {m:+.1f} (ahead at {w} of {len(rows)} seeds)"
-            for lab, m, w in zip(labels, means, wins, strict=True)
+            f"{lab} {m:+.1f} (ahead at {w} of {len(rows)} seeds, p {p})"
+            for lab, m, w, p in zip(labels, means, wins, ps, strict=True)
         )
         + "."
     )

@@ -62,6 +62,7 @@ from benchmarks.quality_grid import (
     run_grid,
 )
 from benchmarks.quality_plots import plot
+from benchmarks.significance import p_text, paired_t_p
 from fedmae_flwr.config import default_run_config, from_flat
 from fedmae_flwr.evaluation.downstream import PROTOCOL_RECIPE
 
@@ -89,13 +90,14 @@ SEEDS_WITHOUT_BOUND = 3
 
 
 def results_table(grid: Grid) -> list[str]:
-    """One row per (algorithm, partition): accuracies over seeds, PSNR, client costs, time."""
+    """One row per (algorithm, partition): its seeds (rows may hold different ones), accuracies
+    over them, PSNR, client costs, time."""
     header = " | ".join(label for _, label, _ in ACCURACY_LABELS)
     lines = [
-        f"| algorithm | partition | {header} | masked PSNR (dB) "
+        f"| algorithm | partition | seeds | {header} | masked PSNR (dB) "
         "| client peak train MB | MB up / client-round | MB down / client-round "
         "| client s / round | run wall s |",
-        "|---|---|" + "---|" * (len(ACCURACY_LABELS) + 6),
+        "|---|---|---|" + "---|" * (len(ACCURACY_LABELS) + 6),
     ]
     for (algorithm, partition), runs in grid.items():
         comm = runs[0]["summary"]["communication"]
@@ -103,6 +105,7 @@ def results_table(grid: Grid) -> list[str]:
         cells = [
             algorithm,
             partition,
+            " ".join(str(s) for s in sorted(r["seed"] for r in runs)),
             *(mean_std(accuracies(runs, key, algorithm)) for key, _, _ in ACCURACY_LABELS),
             f"{statistics.fmean(psnr):.2f}" if psnr else "-",
             f"{comm['client-train-mbytes-peak']:.0f}",
@@ -274,26 +277,36 @@ def comparison_rule() -> str:
         "is measured the same sign at "
         f">= {SEEDS_WITHOUT_BOUND} paired seeds is required instead ('no noise bound "
         "measured'); k-NN's noise has no measured bound. Fewer than 2 paired seeds: 'one "
-        "seed: not shown'; anything else: 'not shown'. Cost ratios are FedMAE / baseline, "
-        "measured in the same runs."
+        "seed: not shown'; anything else: 'not shown'. Beside it, p (paired t) is the "
+        "two-sided p-value of a paired t-test on the per-seed differences (H0: mean 0; "
+        "`benchmarks.significance`): the textbook statement, less conservative than the "
+        "verdict (it uses the differences' own spread and the number of seeds, and no noise "
+        "floor); with 3 seeds it rests on 2 degrees of freedom, so read it as a guide. Cost "
+        "ratios are FedMAE / baseline, measured in the same runs."
     )
 
 
+# The columns paired_cells fills after the per-seed differences (and the table rule under them).
+PAIRED_COLUMNS = "| mean | p (paired t) | noise bound (points) | verdict |"
+PAIRED_RULE = "---|---|---|---|"
+
+
 def paired_cells(diffs: dict[int, float], bound: float | None) -> str:
-    """``"s0 -3.3, s1 -3.7 | -3.5 | 1.4 | behind at every seed"``: the per-seed differences,
-    their mean, the noise bound (points) and the verdict, as comparison table cells."""
+    """``"s0 -3.3, s1 -3.7 | -3.5 | 0.13 | 1.4 | behind at every seed"``: the per-seed
+    differences, their mean, the paired t-test's p, the noise bound (points) and the verdict,
+    as comparison table cells (``PAIRED_COLUMNS``)."""
     per_seed = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in diffs.items())
     mean = 100 * statistics.fmean(diffs.values())
+    p = p_text(paired_t_p(list(diffs.values())))
     bound_text = "no noise bound measured" if bound is None else f"{100 * bound:.1f}"
-    return f"{per_seed} | {mean:+.1f} | {bound_text} | {verdict(list(diffs.values()), bound)}"
+    return f"{per_seed} | {mean:+.1f} | {p} | {bound_text} | {verdict(list(diffs.values()), bound)}"
 
 
 def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
     """The paired-difference table of FedMAE against each baseline, then the cost ratios."""
     lines = [
-        "| partition | fedmae vs | metric | FedMAE − baseline per seed (points) | mean "
-        "| noise bound (points) | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| partition | fedmae vs | metric | FedMAE − baseline per seed (points) " + PAIRED_COLUMNS,
+        "|---|---|---|---|" + PAIRED_RULE,
     ]
     costs = []
     for (algorithm, partition), runs in grid.items():
@@ -459,7 +472,7 @@ def write_report(
         evaluation_text() + " " + probe_lr_text(grid),
         "",
         *finetune_text(grid),
-        "Accuracies are top-1 in %, mean ± standard deviation over seeds.",
+        "Accuracies are top-1 in %, mean ± standard deviation over the row's seeds.",
         "",
         *results_table(grid),
         "",

@@ -65,13 +65,15 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
     # mean 75.0, sample standard deviation of (70, 80) = 7.1
     assert "| fine-tune 1,000 labels (protocol) | linear probe | k-NN | masked PSNR (dB) |" in text
     assert (
-        "| fedmae | iid | 75.0 ± 7.1 | 70.0 ± 0.0 | 60.0 ± 0.0 | 12.00 | 56 | 2.00 | 3.00 |" in text
+        "| fedmae | iid | 0 1 | 75.0 ± 7.1 | 70.0 ± 0.0 | 60.0 ± 0.0 | 12.00 | 56 | 2.00 | 3.00 |"
+        in text
     )
-    assert "| random-init | pooled | - | 70.0 | 60.0 | - |" in text
+    assert "| random-init | pooled | 0 | - | 70.0 | 60.0 | - |" in text
     assert "python -m benchmarks.quality" in text
     # random-init has seed 0 only, and no fine-tune: one pair per measured metric, no verdict.
     assert (
-        "| iid | random-init | linear probe | s0 +0.0 | +0.0 | 0.5 | one seed: not shown |" in text
+        "| iid | random-init | linear probe | s0 +0.0 | +0.0 | - | 0.5 | one seed: not shown |"
+        in text
     )
     assert "| iid | random-init | fine-tune |" not in text
     assert "| no noise bound measured | one seed: not shown |" in text  # k-NN
@@ -127,14 +129,15 @@ def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_pa
     # fine-tune: +2, +3, mean 2.5 > 2.0 -> ahead; probe: +2, -1 -> not shown; k-NN: +2, +3 at
     # two seeds without a bound -> not shown.
     assert (
-        "| iid | fedavg-mae | fine-tune | s0 +2.0, s2 +3.0 | +2.5 | 2.0 | ahead at every seed |"
+        "| iid | fedavg-mae | fine-tune | s0 +2.0, s2 +3.0 | +2.5 | 0.13 | 2.0 "
+        "| ahead at every seed |" in lines
+    )
+    assert (
+        "| iid | fedavg-mae | linear probe | s0 +2.0, s2 -1.0 | +0.5 | 0.8 | 2.0 | not shown |"
         in lines
     )
     assert (
-        "| iid | fedavg-mae | linear probe | s0 +2.0, s2 -1.0 | +0.5 | 2.0 | not shown |" in lines
-    )
-    assert (
-        "| iid | fedavg-mae | k-NN | s0 +2.0, s2 +3.0 | +2.5 | no noise bound measured "
+        "| iid | fedavg-mae | k-NN | s0 +2.0, s2 +3.0 | +2.5 | 0.13 | no noise bound measured "
         "| not shown |" in lines
     )
     assert "- iid: fedmae vs fedavg-mae: client memory 1.00x, bytes up per client-round 1.00x" in (
@@ -145,7 +148,7 @@ def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_pa
     for run in theirs:
         run["summary"][FINETUNE_KEY]["fedavg-mae"] += 0.10
     behind = comparisons(grid, bounds)[2]
-    assert "| s0 -8.0, s2 -7.0 | -7.5 | 2.0 | behind at every seed |" in behind
+    assert "| s0 -8.0, s2 -7.0 | -7.5 | 0.042 | 2.0 | behind at every seed |" in behind
 
 
 def write_run_dir(
@@ -242,10 +245,10 @@ def test_the_grid_report_reads_its_times_and_fine_tunes_from_the_run_files(tmp_p
     # 1500 + 900 s = 40 min; (20 + 30) / 2 = 25 s; 600 + 1200 s = 30 min
     assert "wall time adds up to 40 min, plus 25 s start-up per run, on" in text
     assert "it ran for every run, 30 min on the test machine." in text
-    assert "| fedmae | iid | 65.0 | 70.0 | 60.0 |" in text  # the mean over the 3 subsets
-    assert "| random-init | pooled | 58.0 | 70.0 |" in text
+    assert "| fedmae | iid | 0 | 65.0 | 70.0 | 60.0 |" in text  # the mean over the 3 subsets
+    assert "| random-init | pooled | 0 | 58.0 | 70.0 |" in text
     assert "- fedmae-iid-s0: 64.0, 66.0, 65.0 (65.0 ± 1.0; kept lr 0.001; train top-1 90.0)" in text
-    assert "| iid | random-init | fine-tune | s0 +7.0 | +7.0 | no noise bound measured " in text
+    assert "| iid | random-init | fine-tune | s0 +7.0 | +7.0 | - | no noise bound measured " in text
     summary = json.loads((out_root / names[0] / "summary.json").read_text())
     (out_root / names[0] / "summary.json").write_text(
         json.dumps({**summary, "wall-seconds": 1200.0})
@@ -259,7 +262,7 @@ def test_the_grid_report_reads_its_times_and_fine_tunes_from_the_run_files(tmp_p
     # 1200 + 900 s = 35 min; start-up 1520 - 1200 = 320 s, from the one run timed
     assert "adds up to 35 min, plus 320 s start-up per run (1 of 2 runs timed), on" in text
     assert "it ran for 1 of 2 runs, 10 min on the test machine: fedmae-iid-s0 ('-' where" in text
-    assert "| random-init | pooled | - | 70.0 |" in text
+    assert "| random-init | pooled | 0 | - | 70.0 |" in text
     # Settings in the prose come from the schema and the evaluation dicts, not from the text.
     assert "Fashion-MNIST (28x28, patch 4, ViT width 192)" in text
     for key, value in FINETUNE_PROTOCOL.items():

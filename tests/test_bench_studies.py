@@ -98,16 +98,16 @@ def test_budget_report_pairs_each_seed_with_its_random_init_and_states_the_verdi
     )
     assert "| 5 x 1 | 20 | [0, 1] | 74.5 ± 0.7 | 70.0 ± 1.4 |" in text
     assert (
-        "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0, s2 -1.0 | -1.7 | 1.4 | behind at every seed |"
-        in text
+        "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0, s2 -1.0 | -1.7 | 0.038 | 1.4 "
+        "| behind at every seed |" in text
     )
     assert (
-        "| 5 x 4 | linear probe | s0 +2.0, s1 +1.0, s2 +3.0 | +2.0 | 0.7 | ahead at every seed |"
-        in text
+        "| 5 x 4 | linear probe | s0 +2.0, s1 +1.0, s2 +3.0 | +2.0 | 0.074 | 0.7 "
+        "| ahead at every seed |" in text
     )
-    assert "| 5 x 1 | linear probe | s0 +1.0, s1 -1.0 | +0.0 | 0.7 | not shown |" in text
+    assert "| 5 x 1 | linear probe | s0 +1.0, s1 -1.0 | +0.0 | 1 | 0.7 | not shown |" in text
     assert (
-        "| 5 x 4 | k-NN | s0 +0.0, s1 +0.0, s2 +0.0 | +0.0 | no noise bound measured "
+        "| 5 x 4 | k-NN | s0 +0.0, s1 +0.0, s2 +0.0 | +0.0 | 1 | no noise bound measured "
         "| not shown |" in text
     )
     assert (
@@ -137,9 +137,9 @@ def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp
         by_budget, floor, "cmd", "iid", tmp_path, budgets=[(5, 4)], seeds=[0, 1, 2]
     ).read_text()
     assert "([0, 1, 2]): fedmae 5 x 4 seed 2 (no protocol fine-tune); the table" in text
-    assert "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | 2.6 | not shown |" in text
+    assert "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | < 0.001 | 2.6 | not shown |" in text
     # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6: 5 x 1's +2.0 is not beyond it
-    assert "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | 2.6 | not shown |" in text
+    assert "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | < 0.001 | 2.6 | not shown |" in text
     # the fake records name no machine, so the report names it itself
     assert f"; the protocol fine-tunes add up to 3 min; {machine_line()}; report written" in text
     assert "- random-init-s0: 71.0, 72.0, 73.0 (72.0 ± 0.0; kept lr 0.001)" in text
@@ -252,8 +252,8 @@ def test_gpu_report_pairs_each_seed_with_its_random_init(tmp_path):
     runs = gpu_report.load_runs(tmp_path)
     text = gpu_report.write_report(runs, "the command", tmp_path / "docs").read_text()
     assert "| 0 | 62.0 / 60.0 (+2.0) |" in text and "| 1 | 58.0 / 61.0 (-3.0) |" in text
-    assert "fine-tune 1k labels -0.5 (ahead at 1 of 2 seeds)" in text
-    assert "linear probe +10.0 (ahead at 2 of 2 seeds)" in text
+    assert "fine-tune 1k labels -0.5 (ahead at 1 of 2 seeds, p 0.87)" in text
+    assert "linear probe +10.0 (ahead at 2 of 2 seeds, p < 0.001)" in text
     assert (tmp_path / "docs" / "gpu-pretraining-pays.png").stat().st_size > 0
 
 
