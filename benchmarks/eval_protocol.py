@@ -264,16 +264,16 @@ def _recipe_note(protocol: dict[str, Any]) -> list[str]:
     if not protocol["finetune-labels"]:
         notes += [
             "**Probe only** (`--labels 0`): no fine-tune is measured here. The fine-tune's noise "
-            "floor under today's recipe is the random-init row of docs/results.md (3 init seeds "
-            "x 3 label subsets, the grid's own protocol); a 15-epoch, bare-head floor measured "
-            "earlier is in git history (`git show fcc2556:docs/eval-protocol.md`).",
+            "floor under today's recipe is the random-init row of docs/results.md (one backbone "
+            "per init seed x 3 label subsets, the grid's own protocol); a 15-epoch, bare-head "
+            "floor measured earlier is in git history (`git show fcc2556:docs/eval-protocol.md`).",
             "",
         ]
     elif measured != default:
         notes += [
             f"**Not today's fine-tune recipe**: measured with {measured}; the default is now "
             f"{default}. That recipe's noise floor under the grid's protocol is the random-init "
-            "row of docs/results.md (3 init seeds x 3 label subsets).",
+            "row of docs/results.md (one backbone per init seed x 3 label subsets).",
             "",
         ]
     probe_lrs = protocol["probe-lr-grid"]
