@@ -234,14 +234,15 @@ def _bound(std: float, k: int) -> float | None:
 
 
 def paired_differences(
-    runs: list[dict], other_runs: list[dict], key: str, other: str
+    runs: list[dict], other_runs: list[dict], key: str, other: str, ours: str = "fedmae"
 ) -> dict[int, float]:
-    """fedmae minus ``other`` under ``key``, by seed (only the seeds both measured)."""
+    """``ours`` in ``runs`` minus ``other`` in ``other_runs`` under ``key``, by seed (only the
+    seeds both measured)."""
     theirs = {r["seed"]: v for r in other_runs if (v := accuracy(r, key, other)) is not None}
     return {
         r["seed"]: a - theirs[r["seed"]]
         for r in sorted(runs, key=lambda r: r["seed"])
-        if (a := accuracy(r, key, "fedmae")) is not None and r["seed"] in theirs
+        if (a := accuracy(r, key, ours)) is not None and r["seed"] in theirs
     }
 
 
@@ -333,6 +334,35 @@ def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
                 costs.append(f"- {partition}: fedmae vs {other}: {', '.join(ratios)}")
     table = lines if len(lines) > 2 else []  # no header without a paired row
     return [*table, *([""] if table and costs else []), *costs]
+
+
+def heterogeneity_comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
+    """Each algorithm on a non-IID partition against itself on IID, paired by seed: what the
+    partition costs it. Empty where no algorithm ran on both."""
+    lines = []
+    for (algorithm, partition), runs in grid.items():
+        iid_runs = grid.get((algorithm, "iid"))
+        if partition in ("iid", "pooled") or not iid_runs:
+            continue
+        for key, _, name in ACCURACY_LABELS:
+            diffs = paired_differences(runs, iid_runs, key, algorithm, ours=algorithm)
+            if diffs:
+                cells = paired_cells(diffs, bounds.get(key))
+                lines.append(f"| {algorithm} | {partition} | {name} | {cells} |")
+    if not lines:
+        return []
+    return [
+        "What a non-IID partition costs: each algorithm on it against the same algorithm on "
+        "`iid`, paired by seed (the same seed draws the init, the nodes sampled each round and "
+        "the label subsets; only how the images are split over the nodes differs). The "
+        "differences are partition − iid in points (negative = the non-IID run scores lower); "
+        "the noise bound, verdict rule and p are the ones above.",
+        "",
+        "| algorithm | partition | metric | partition − iid per seed (points) " + PAIRED_COLUMNS,
+        "|---|---|---|---|" + PAIRED_RULE,
+        *lines,
+        "",
+    ]
 
 
 def finetune_text(grid: Grid) -> list[str]:
@@ -480,6 +510,7 @@ def write_report(
         "",
         *comparisons(grid, bounds),
         "",
+        *heterogeneity_comparisons(grid, bounds),
         *finetune_details(grid),
         *[f"![{p}]({p})" for p in pictures],
         "",

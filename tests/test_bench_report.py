@@ -151,6 +151,39 @@ def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_pa
     assert "| s0 -8.0, s2 -7.0 | -7.5 | 0.042 | 2.0 | behind at every seed |" in behind
 
 
+def test_heterogeneity_pairs_each_algorithm_with_itself_on_iid(tmp_path):
+    from benchmarks.quality import heterogeneity_comparisons
+
+    out = tmp_path / "runs"
+
+    def runs(algorithm: str, sub: str, finetunes: list[float]) -> list[dict]:
+        return [
+            _with(fake_run(algorithm, s, 0.0, out / sub), finetune=f, probe=0.8, knn=0.7)
+            for s, f in enumerate(finetunes)
+        ]
+
+    grid = {
+        ("fedmae", "iid"): runs("fedmae", "a", [0.76, 0.75, 0.77]),
+        ("fedmae", "dirichlet-0.1"): runs("fedmae", "b", [0.72, 0.70, 0.74]),
+        # No IID run of fedavg-mae: nothing to pair it with, so no row.
+        ("fedavg-mae", "dirichlet-0.1"): runs("fedavg-mae", "c", [0.60, 0.61, 0.62]),
+        ("random-init", "pooled"): runs("random-init", "d", [0.76, 0.76, 0.76]),
+    }
+    bounds = {FINETUNE_KEY: 0.02, "linear-probe-accuracy": 0.02, "knn-accuracy": None}
+    lines = heterogeneity_comparisons(grid, bounds)
+    rows = [line for line in lines if line.startswith("| fedmae") or line.startswith("| fedavg")]
+    assert rows[0] == (
+        "| fedmae | dirichlet-0.1 | fine-tune | s0 -4.0, s1 -5.0, s2 -3.0 | -4.0 | 0.02 | 2.0 "
+        "| behind at every seed |"
+    )
+    # Equal probes at every seed: no sign, not shown.
+    assert rows[1].endswith("| +0.0 | 1 | 2.0 | not shown |")
+    assert not any(r.startswith("| fedavg-mae") for r in rows)
+    # Only IID and pooled runs: no section at all.
+    assert heterogeneity_comparisons({k: v for k, v in grid.items() if k[1] != "dirichlet-0.1"},
+                                     bounds) == []  # fmt: skip
+
+
 def write_run_dir(
     out_root,
     algorithm: str,
