@@ -332,10 +332,11 @@ def comparison_rule() -> str:
         "random-init runs' per-subset values over all their seeds (k = "
         f"{FINETUNE_PROTOCOL['finetune-subsets']}), the probe's comes from the random-init "
         "floor of `benchmarks.eval_protocol` where it was measured under this protocol (k = 1). "
-        "Without a bound ('no noise bound measured'; k-NN always) the same sign at "
-        f">= {quality.SEEDS_WITHOUT_BOUND} paired seeds is required. Fewer than 2 paired seeds: "
-        "'one seed: not shown'; anything else: 'not shown'. p (paired t): the two-sided "
-        "p-value of a paired t-test on the per-seed differences, as in docs/results.md."
+        "Without a bound ('no noise bound measured'; k-NN always) the same sign at every "
+        f"paired seed is required. Either needs >= {quality.MIN_PAIRED_SEEDS} paired seeds "
+        "('one seed: not shown', '2 seeds: not shown' below that); anything else: 'not "
+        "shown'. p (paired t): the two-sided p-value of a paired t-test on the per-seed "
+        "differences, as in docs/results.md."
     )
 
 

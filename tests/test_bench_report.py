@@ -84,15 +84,17 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
 def test_verdicts_need_one_sign_at_every_seed_and_a_mean_beyond_the_noise_bound():
     from benchmarks.quality import verdict
 
-    assert verdict([0.03, 0.05], bound=0.02) == "ahead at every seed"
+    assert verdict([0.03, 0.05, 0.04], bound=0.02) == "ahead at every seed"
+    # Two seeds never give a verdict, however far beyond the bound.
+    assert verdict([0.03, 0.05], bound=0.02) == "2 seeds: not shown"
     assert verdict([-0.03, -0.05, -0.04], bound=0.02) == "behind at every seed"
     assert verdict([0.03, -0.01, 0.05], bound=0.02) == "not shown"  # signs differ
-    assert verdict([0.01, 0.02], bound=0.02) == "not shown"  # mean 0.015 within the bound
-    assert verdict([0.03, 0.0], bound=0.001) == "not shown"  # a zero is no sign
+    assert verdict([0.01, 0.02, 0.015], bound=0.02) == "not shown"  # mean within the bound
+    assert verdict([0.03, 0.0, 0.02], bound=0.001) == "not shown"  # a zero is no sign
     assert verdict([0.05], bound=0.001) == "one seed: not shown"
     assert verdict([], bound=None) == "one seed: not shown"
     # Without a measured bound: the same sign at 3 or more seeds.
-    assert verdict([0.03, 0.05], bound=None) == "not shown"
+    assert verdict([0.03, 0.05], bound=None) == "2 seeds: not shown"
     assert verdict([0.001, 0.002, 0.003], bound=None) == "ahead at every seed"
     assert verdict([-0.001, -0.002, -0.003], bound=None) == "behind at every seed"
 
@@ -113,32 +115,35 @@ def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_pa
         _with(fake_run("fedmae", 0, 0.0, out / "a"), finetune=0.72, probe=0.80, knn=0.70),
         _with(fake_run("fedmae", 1, 0.0, out / "a"), finetune=0.90, probe=0.81, knn=0.71),
         _with(fake_run("fedmae", 2, 0.0, out / "a"), finetune=0.75, probe=0.79, knn=0.72),
+        _with(fake_run("fedmae", 3, 0.0, out / "a"), finetune=0.74, probe=0.80, knn=0.73),
     ]
     # fedavg-mae lacks seed 1; listed out of seed order.
     theirs = [
         _with(fake_run("fedavg-mae", 2, 0.0, out / "b"), finetune=0.72, probe=0.80, knn=0.69),
         _with(fake_run("fedavg-mae", 0, 0.0, out / "b"), finetune=0.70, probe=0.78, knn=0.68),
+        _with(fake_run("fedavg-mae", 3, 0.0, out / "b"), finetune=0.71, probe=0.80, knn=0.73),
     ]
     assert paired_differences(ours, theirs, FINETUNE_KEY, "fedavg-mae") == {
         0: pytest.approx(0.02),
         2: pytest.approx(0.03),
+        3: pytest.approx(0.03),
     }
     grid = {("fedmae", "iid"): ours, ("fedavg-mae", "iid"): theirs}
     bounds = {FINETUNE_KEY: 0.02, "linear-probe-accuracy": 0.02, "knn-accuracy": None}
     lines = comparisons(grid, bounds)
-    # fine-tune: +2, +3, mean 2.5 > 2.0 -> ahead; probe: +2, -1 -> not shown; k-NN: +2, +3 at
-    # two seeds without a bound -> not shown.
+    # fine-tune: +2, +3, +3, mean 2.7 > 2.0 -> ahead; probe: +2, -1, 0 -> not shown; k-NN:
+    # +2, +3, 0 without a bound: a zero is no sign -> not shown.
     assert (
-        "| iid | fedavg-mae | fine-tune | s0 +2.0, s2 +3.0 | +2.5 | 0.13 | 2.0 "
+        "| iid | fedavg-mae | fine-tune | s0 +2.0, s2 +3.0, s3 +3.0 | +2.7 | 0.015 | 2.0 "
         "| ahead at every seed |" in lines
     )
     assert (
-        "| iid | fedavg-mae | linear probe | s0 +2.0, s2 -1.0 | +0.5 | 0.8 | 2.0 | not shown |"
-        in lines
+        "| iid | fedavg-mae | linear probe | s0 +2.0, s2 -1.0, s3 +0.0 | +0.3 | 0.74 | 2.0 "
+        "| not shown |" in lines
     )
     assert (
-        "| iid | fedavg-mae | k-NN | s0 +2.0, s2 +3.0 | +2.5 | 0.13 | no noise bound measured "
-        "| not shown |" in lines
+        "| iid | fedavg-mae | k-NN | s0 +2.0, s2 +3.0, s3 +0.0 | +1.7 | 0.2 "
+        "| no noise bound measured | not shown |" in lines
     )
     assert "- iid: fedmae vs fedavg-mae: client memory 1.00x, bytes up per client-round 1.00x" in (
         lines
@@ -148,7 +153,7 @@ def test_comparisons_pair_runs_by_seed_and_drop_a_seed_the_baseline_lacks(tmp_pa
     for run in theirs:
         run["summary"][FINETUNE_KEY]["fedavg-mae"] += 0.10
     behind = comparisons(grid, bounds)[2]
-    assert "| s0 -8.0, s2 -7.0 | -7.5 | 0.042 | 2.0 | behind at every seed |" in behind
+    assert "| s0 -8.0, s2 -7.0, s3 -7.0 | -7.3 | 0.0021 | 2.0 | behind at every seed |" in behind
 
 
 def test_heterogeneity_pairs_each_algorithm_with_itself_on_iid(tmp_path):

@@ -70,8 +70,8 @@ def test_smallest_paying_budget_needs_the_results_verdict_ahead_at_every_seed(tm
     )
     # ... but not beyond a bound of 2.5 points.
     assert budget.smallest_paying_budget(by_budget, floor, "linear-probe-accuracy", 0.025) is None
-    # fine-tune 5 x 1: +2, +2 at 2 seeds, beyond 1.4; without a bound 2 seeds are too few.
-    assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, 0.014) == (5, 1)
+    # fine-tune 5 x 1: +2, +2, beyond 1.4 but at 2 seeds, too few for a verdict; 5 x 4 behind.
+    assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, 0.014) is None
     assert budget.smallest_paying_budget(by_budget, floor, FINETUNE_KEY, None) is None
     # k-NN: every fake run scores 0.6, the floor's value: equal is not ahead.
     assert budget.smallest_paying_budget(by_budget, floor, "knn-accuracy", None) is None
@@ -105,18 +105,20 @@ def test_budget_report_pairs_each_seed_with_its_random_init_and_states_the_verdi
         "| 5 x 4 | linear probe | s0 +2.0, s1 +1.0, s2 +3.0 | +2.0 | 0.074 | 0.7 "
         "| ahead at every seed |" in text
     )
-    assert "| 5 x 1 | linear probe | s0 +1.0, s1 -1.0 | +0.0 | 1 | 0.7 | not shown |" in text
+    assert (
+        "| 5 x 1 | linear probe | s0 +1.0, s1 -1.0 | +0.0 | 1 | 0.7 | 2 seeds: not shown |" in text
+    )
     assert (
         "| 5 x 4 | k-NN | s0 +0.0, s1 +0.0, s2 +0.0 | +0.0 | 1 | no noise bound measured "
         "| not shown |" in text
     )
     assert (
-        "- fine-tune: 5 x 1: ahead at every seed; 5 x 4: behind at every seed; smallest "
-        "budget ahead at every seed: 5 x 1" in text
+        "- fine-tune: 5 x 1: 2 seeds: not shown; 5 x 4: behind at every seed; smallest "
+        "budget ahead at every seed: none" in text
     )
     assert (
-        "- k-NN: 5 x 1: not shown; 5 x 4: not shown; smallest budget ahead at every seed: none"
-        in text
+        "- k-NN: 5 x 1: 2 seeds: not shown; 5 x 4: not shown; smallest budget ahead at every "
+        "seed: none" in text
     )
     assert "`git show 17655eb:docs/budget.md`" in text
     assert (tmp_path / "budget-accuracy.png").stat().st_size > 0
@@ -137,9 +139,15 @@ def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp
         by_budget, floor, "cmd", "iid", tmp_path, budgets=[(5, 4)], seeds=[0, 1, 2]
     ).read_text()
     assert "([0, 1, 2]): fedmae 5 x 4 seed 2 (no protocol fine-tune); the table" in text
-    assert "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | < 0.001 | 2.6 | not shown |" in text
+    assert (
+        "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | < 0.001 | 2.6 | 2 seeds: not shown |"
+        in text
+    )
     # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6: 5 x 1's +2.0 is not beyond it
-    assert "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | < 0.001 | 2.6 | not shown |" in text
+    assert (
+        "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | < 0.001 | 2.6 | 2 seeds: not shown |"
+        in text
+    )
     # the fake records name no machine, so the report names it itself
     assert f"; the protocol fine-tunes add up to 3 min; {machine_line()}; report written" in text
     assert "- random-init-s0: 71.0, 72.0, 73.0 (72.0 ± 0.0; kept lr 0.001)" in text
