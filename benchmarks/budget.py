@@ -273,12 +273,8 @@ def _comparisons(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
         "|---|---|---|" + quality.PAIRED_RULE,
     ]
     for rounds, epochs in _budget_order(by_budget):
-        for key, _, name in ACCURACY_LABELS:
-            diffs = quality.paired_differences(by_budget[(rounds, epochs)], floor, key,
-                                               "random-init")  # fmt: skip
-            if diffs:
-                cells = quality.paired_cells(diffs, bounds.get(key))
-                lines.append(f"| {rounds} x {epochs} | {name} | {cells} |")
+        runs = by_budget[(rounds, epochs)]
+        lines += quality.paired_rows(f"{rounds} x {epochs}", runs, floor, "random-init", bounds)
     return lines if len(lines) > 2 else []
 
 
@@ -333,8 +329,7 @@ def comparison_rule() -> str:
         f"{FINETUNE_PROTOCOL['finetune-subsets']}), the probe's comes from the random-init "
         "floor of `benchmarks.eval_protocol` where it was measured under this protocol (k = 1). "
         "Without a bound ('no noise bound measured'; k-NN always) the same sign at every "
-        f"paired seed is required. Either needs >= {quality.MIN_PAIRED_SEEDS} paired seeds "
-        "('one seed: not shown', '2 seeds: not shown' below that); anything else: 'not "
+        f"paired seed is required. {quality.too_few_seeds_text()}; anything else: 'not "
         "shown'. p (paired t): the two-sided p-value of a paired t-test on the per-seed "
         "differences, as in docs/results.md."
     )

@@ -90,6 +90,13 @@ COST_LABELS = (
 MIN_PAIRED_SEEDS = 3
 
 
+def too_few_seeds_text() -> str:
+    """What :func:`verdict` says below ``MIN_PAIRED_SEEDS``, for the rule texts."""
+    labels = ["'one seed: not shown'"]
+    labels += [f"'{n} seeds: not shown'" for n in range(2, MIN_PAIRED_SEEDS)]
+    return f"A verdict needs >= {MIN_PAIRED_SEEDS} paired seeds ({', '.join(labels)} below that)"
+
+
 def results_table(grid: Grid) -> list[str]:
     """One row per (algorithm, partition): its seeds (rows may hold different ones), accuracies
     over them, PSNR, client costs, time."""
@@ -268,9 +275,8 @@ def comparison_rule() -> str:
         "FedMAE against each other row of its partition and the `pooled` rows, paired by seed: "
         "each FedMAE run is matched with the baseline run of the same seed (a seed one of "
         "them lacks is left out), and the differences are FedMAE − baseline in points "
-        "(positive = FedMAE ahead). A verdict needs >= "
-        f"{MIN_PAIRED_SEEDS} paired seeds ('one seed: not shown', '2 seeds: not shown' "
-        "below that); it is 'ahead at every seed' or 'behind at every seed' only when every "
+        f"(positive = FedMAE ahead). {too_few_seeds_text()}; it is 'ahead at every seed' or "
+        "'behind at every seed' only when every "
         "per-seed difference has the same sign and the mean's size exceeds the metric's noise "
         "bound: 2 x std x sqrt(2/k) of the random-init noise floor "
         f"(docs/eval-protocol.md; k = {k} subsets per fine-tune value, 1 per probe), where it "
@@ -304,6 +310,24 @@ def paired_cells(diffs: dict[int, float], bound: float | None) -> str:
     return f"{per_seed} | {mean:+.1f} | {p} | {bound_text} | {verdict(list(diffs.values()), bound)}"
 
 
+def paired_rows(
+    prefix: str,
+    runs: list[dict],
+    other_runs: list[dict],
+    other: str,
+    bounds: dict[str, float | None],
+    ours: str = "fedmae",
+) -> list[str]:
+    """``| {prefix} | metric | paired cells |`` per metric both sides measured at a shared seed:
+    the rows of every paired-difference table (this page's and docs/budget.md's)."""
+    rows = []
+    for key, _, name in ACCURACY_LABELS:
+        diffs = paired_differences(runs, other_runs, key, other, ours=ours)
+        if diffs:
+            rows.append(f"| {prefix} | {name} | {paired_cells(diffs, bounds.get(key))} |")
+    return rows
+
+
 def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
     """The paired-difference table of FedMAE against each baseline, then the cost ratios."""
     lines = [
@@ -318,13 +342,7 @@ def comparisons(grid: Grid, bounds: dict[str, float | None]) -> list[str]:
         for (other, other_part), other_runs in grid.items():
             if other == "fedmae" or other_part not in (partition, "pooled"):
                 continue
-            for key, _, name in ACCURACY_LABELS:
-                diffs = paired_differences(runs, other_runs, key, other)
-                if not diffs:
-                    continue
-                lines.append(
-                    f"| {partition} | {other} | {name} | {paired_cells(diffs, bounds.get(key))} |"
-                )
+            lines += paired_rows(f"{partition} | {other}", runs, other_runs, other, bounds)
             theirs = other_runs[0]["summary"]["communication"]
             ratios = [
                 f"{label} {ours[key] / theirs[key]:.2f}x"
@@ -345,11 +363,9 @@ def heterogeneity_comparisons(grid: Grid, bounds: dict[str, float | None]) -> li
         iid_runs = grid.get((algorithm, "iid"))
         if partition in ("iid", "pooled") or not iid_runs:
             continue
-        for key, _, name in ACCURACY_LABELS:
-            diffs = paired_differences(runs, iid_runs, key, algorithm, ours=algorithm)
-            if diffs:
-                cells = paired_cells(diffs, bounds.get(key))
-                lines.append(f"| {algorithm} | {partition} | {name} | {cells} |")
+        lines += paired_rows(
+            f"{algorithm} | {partition}", runs, iid_runs, algorithm, bounds, ours=algorithm
+        )
     if not lines:
         return []
     return [

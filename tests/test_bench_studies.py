@@ -143,7 +143,7 @@ def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp
         "| 5 x 4 | fine-tune | s0 -2.0, s1 -2.0 | -2.0 | < 0.001 | 2.6 | 2 seeds: not shown |"
         in text
     )
-    # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6: 5 x 1's +2.0 is not beyond it
+    # std of the 9 values 1.58 points; 2 x 1.58 x sqrt(2/3) = 2.6, the bound in both rows
     assert (
         "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | < 0.001 | 2.6 | 2 seeds: not shown |"
         in text
