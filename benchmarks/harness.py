@@ -296,3 +296,22 @@ def command_line(module: str, argv: list[str] | None) -> str:
     import sys
 
     return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def saved_results(out: Path) -> tuple[list[dict[str, Any]], str]:
+    """The ``results.json`` and ``command.txt`` a measuring benchmark left in ``out``: what its
+    ``--report-only`` writes the page from (the page names the command that measured)."""
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    return results, (out / "command.txt").read_text().strip()
+
+
+def start_results(out: Path, module: str, argv: list[str] | None) -> None:
+    """Make ``out``, keep this invocation's command in it, and put the nodes' decoded-image cache
+    under it rather than ~/.cache (the env var reaches Ray's workers)."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(command_line(module, argv))
+    os.environ.setdefault("FEDMAE_CACHE_DIR", str((out / "node-cache").resolve()))

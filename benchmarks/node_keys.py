@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import DOCS, command_line, machine_line, pyplot, save_figure
+from benchmarks.harness import (
+    DOCS,
+    machine_line,
+    pyplot,
+    save_figure,
+    saved_results,
+    start_results,
+)
 
 OUT = Path("outputs/bench-node-keys")
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -167,14 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--report-only", action="store_true", help="report <out>/results.json")
     args = parser.parse_args(argv)
-    if args.report_only:  # the page names the command that measured, kept beside the results
-        results = json.loads((args.out / "results.json").read_text())
-        report(results, (args.out / "command.txt").read_text().strip(), args.docs)
+    if args.report_only:
+        report(*saved_results(args.out), args.docs)
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "command.txt").write_text(command_line("benchmarks.node_keys", argv))
-    # The nodes' decoded-image cache under --out, not ~/.cache (Ray's workers inherit this).
-    os.environ.setdefault("FEDMAE_CACHE_DIR", str((args.out / "node-cache").resolve()))
+    start_results(args.out, "benchmarks.node_keys", argv)
     results = []
     for repeat in range(args.repeats):
         for n in args.supernodes:
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(simulate(n, mode, args.data, Path(runs), name))
             print(json.dumps(results[-1]), file=sys.stderr)
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    report(results, (args.out / "command.txt").read_text(), args.docs)
+    report(results, saved_results(args.out)[1], args.docs)
 
 
 if __name__ == "__main__":

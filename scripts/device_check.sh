@@ -7,7 +7,7 @@
 # PYTHONPATH (then the repo), the Fashion-MNIST idx files gzipped again into another, checks that
 # the runs' modules import (exit 3 if not, the traceback in OUT/gpu-check.log), then runs
 # scripts/gpu_check.sh OUT DATA SECONDS SEEDS... (SECONDS, default 540, less the time unpacking
-# took). Its temp folders go at exit. DEVICE_CARRY names another bundle folder; CLIENT_GPUS,
+# took and what benchmarks/ray_engine.py took before it). Its temp folders go at exit. DEVICE_CARRY names another bundle folder; CLIENT_GPUS,
 # NUM_SUPERNODES, EXTRA_RUN_CONFIG reach gpu_check.sh (tests/test_gpu_check.py runs this on a
 # CPU with a stand-in bundle and a tiny config). Exit 2: no bundle.
 set -uo pipefail
@@ -72,6 +72,19 @@ print('[device-check] imports ok')" $modules >>"$log" 2>&1; then
   echo "[device-check] an import failed (exit 3):" >&2
   tail -n 20 "$log" >&2
   exit 3
+fi
+# Flower's Ray engine at scale first (benchmarks/ray_engine.py: 1,000 SuperNodes, 10 / 20 / 50
+# clients per round, $RAY_CLIENT_GPUS of the GPU each; RAY_ENGINE_SECONDS, default 150, 0 skips
+# it); its page and results go to OUT/ray-engine, its runs and node cache stay in the temp folder.
+ray_seconds=${RAY_ENGINE_SECONDS:-150}
+if (( ray_seconds > 0 )); then
+  mkdir -p "$out/ray-engine"
+  timeout $(( ray_seconds + 120 )) python3 -m benchmarks.ray_engine \
+    --supernodes "${RAY_SUPERNODES:-1000}" --clients ${RAY_CLIENTS:-10 20 50} \
+    --client-gpus ${RAY_CLIENT_GPUS:-0.1} --seconds "$ray_seconds" --data "$tmp/data" \
+    --out "$tmp/ray-engine" --docs "$out/ray-engine" >>"$log" 2>&1
+  echo "[device-check] ray_engine exit $? after $(( $(date +%s) - start )) s" | tee -a "$log"
+  cp "$tmp"/ray-engine/{results.json,command.txt} "$out/ray-engine/" 2>/dev/null
 fi
 left=$(( seconds - ($(date +%s) - start) ))
 bash scripts/gpu_check.sh "$out" "$tmp/data" "$left" "$@"
