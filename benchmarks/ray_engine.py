@@ -18,7 +18,8 @@ and records:
     .venv/bin/python -m benchmarks.ray_engine --supernodes 1000 --clients 10 20 50 \
         --client-gpus 0.1 0.05
 
-Writes ``docs/ray-engine.md`` and ``docs/ray-engine.png`` (and ``<out>/results.json`` after every
+Writes ``docs/<name>.md`` and ``docs/<name>.png`` (``--name``, default ``ray-engine``; and
+``<out>/results.json`` after every
 simulation, so a run stopped by a time limit keeps what it measured).
 """
 
@@ -131,19 +132,28 @@ def simulate(
     from fedmae_flwr.client_app import build_client_app
     from fedmae_flwr.run_outputs import RunOutputs
     from fedmae_flwr.server_app import build_server_app
+    from fedmae_flwr.strategies.node_keys import NodeKeys
 
     ends: list[float] = []
-    append = RunOutputs.append_metrics
+    key_seconds: list[float] = []
+    append, learn = RunOutputs.append_metrics, NodeKeys.learn
 
     def stamped_append(self: RunOutputs, row: dict[str, Any]) -> None:
         append(self, row)
         ends.append(time.monotonic())
 
+    def timed_learn(self: NodeKeys, *args: Any, **kwargs: Any) -> None:
+        began = time.perf_counter()
+        learn(self, *args, **kwargs)
+        key_seconds.append(time.perf_counter() - began)
+
     overrides = {**RUN, "rounds-per-stage": rounds, "local-epochs": local_epochs,
                  "clients-per-round": setting["clients"], "data-path": str(data),
                  "output-dir": str(out), "run-name": name}  # fmt: skip
     resources = {"num_cpus": setting["client-cpus"], "num_gpus": setting["client-gpus"]}
-    RunOutputs.append_metrics = stamped_append  # the ServerApp runs in this process
+    # The ServerApp runs in this process (a thread of it): stamp its metrics rows and time its
+    # key queries (sample-by=node-key asks every SuperNode once, inside round 1).
+    RunOutputs.append_metrics, NodeKeys.learn = stamped_append, timed_learn
     start = time.perf_counter()
     try:
         with GpuSampler() as gpu:
@@ -154,7 +164,7 @@ def simulate(
                 backend_config={"client_resources": resources},
             )
     finally:
-        RunOutputs.append_metrics = append
+        RunOutputs.append_metrics, NodeKeys.learn = append, learn
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     if len(rows) != rounds or len(ends) != rounds:
@@ -164,6 +174,7 @@ def simulate(
     return {
         **setting,
         "round-seconds": [r["seconds"] for r in rows],
+        "key-seconds": sum(key_seconds),
         "images-per-round": rows[-1]["examples"],
         "client-train-seconds": statistics.median(r["train-seconds"] for r in rows[1:] or rows),
         **steady_window(ends, gpu.samples),
@@ -189,14 +200,18 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
-    """``docs/ray-engine.md`` (a table per setting) and ``docs/ray-engine.png``."""
+def report(
+    results: list[dict[str, Any]], command: str, docs: Path, name: str = "ray-engine"
+) -> None:
+    """``docs/<name>.md`` (a row per setting) and ``docs/<name>.png``."""
     first = results[0]
     lines = [
-        "# Flower's Ray engine with clients sharing a GPU",
+        f"# Flower's Ray engine: {first['supernodes']} SuperNodes, clients "
+        f"{'sharing a GPU' if first['gpu'] else 'on CPUs alone'}",
         "",
         f"Command: `{command}` ({first['machine']}; GPU: {first['gpu'] or 'none'}; "
-        f"{first['date']}). Results: `{OUT}/results.json`; this page is written from it.",
+        f"{first['date']}). Results: `results.json` in the command's `--out` (default `{OUT}`); "
+        "this page is written from it.",
         "",
         "Each row is one `flwr.simulation.run_simulation` of this app (Ray backend; the engine "
         "`flwr run` uses), Fashion-MNIST split over the SuperNodes, the fmnist-gpu model (width "
@@ -204,15 +219,17 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         f"{first['local-epochs']} local epoch(s), evaluation kept light. A virtual client asks "
         "Ray for `client CPUs` and `client GPU` (the `client-resources` of a `flwr run` "
         "federation); `at once` is how many clients that lets Ray run side by side. Round 1 "
-        "includes Ray's actors starting (CUDA contexts, data loading); the steady round is the "
-        "median of the rounds after it. GPU utilisation: mean of `nvidia-smi` samples every "
+        "includes Ray's actors starting (CUDA contexts on a GPU), one key query to every "
+        "SuperNode (`key queries`: `sample-by=node-key` asks each once per run) and the sampled "
+        "nodes decoding their images into the node cache; the steady round is the median of "
+        "the rounds after it. GPU utilisation: mean of `nvidia-smi` samples every "
         f"{SAMPLE_SECONDS} s over the steady rounds; memory: their peak, all actors together. "
         "Repeats are separate simulations; each cell is the median over them.",
         "",
         "| SuperNodes | clients / round | client CPUs | client GPU | at once | repeats | "
-        "round 1 (s) | steady round (s) | rounds / s | images / s | client train s | "
-        "GPU util % | GPU MiB peak | simulation (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "round 1 (s) | key queries (s) | steady round (s) | rounds / s | images / s | "
+        "client train s | GPU util % | GPU MiB peak | simulation (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
@@ -231,6 +248,7 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         lines.append(
             f"| {n} | {clients} | {cpus:g} | {gpus:g} | {runs[0]['at-once']} | {len(runs)} | "
             f"{_cell(med([x['round-1'] for x in s]), '.1f')} | "
+            f"{_cell(med([r.get('key-seconds') for r in runs]), '.1f')} | "
             f"{_cell(med([x['steady'] for x in s]), '.2f')} | {_cell(rounds_per_s, '.2f')} | "
             f"{_cell(med([x['images-per-s'] for x in s]), '.0f')} | "
             f"{_cell(med([r['client-train-seconds'] for r in runs]), '.2f')} | "
@@ -238,8 +256,8 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
             f"{_cell(med([r['gpu-mib-peak'] for r in runs]), '.0f')} | "
             f"{_cell(med([r['wall-seconds'] for r in runs]), '.0f')} |"
         )
-    lines += ["", "![ray-engine.png](ray-engine.png)"]
-    (docs / "ray-engine.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"![{name}.png]({name}.png)"]
+    (docs / f"{name}.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for gpus, points in sorted(plotted.items()):
@@ -249,7 +267,7 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
     ax.set_ylabel("steady rounds / s")
     ax.legend()
     ax.set_title(f"Ray engine, {first['supernodes']} SuperNodes ({first['gpu'] or 'CPU'})")
-    save_figure(fig, docs / "ray-engine.png")
+    save_figure(fig, docs / f"{name}.png")
 
 
 def gpu_name() -> str | None:
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--name", default="ray-engine", help="the page: <docs>/<name>.md, .png")
     parser.add_argument("--report-only", action="store_true", help="report <out>/results.json")
     args = parser.parse_args(argv)
     if args.rounds < 2:
@@ -297,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--clients {args.clients}: each must be at most --supernodes {args.supernodes}"
         )
     if args.report_only:
-        report(*saved_results(args.out), args.docs)
+        report(*saved_results(args.out), args.docs, args.name)
         return
     start_results(args.out, "benchmarks.ray_engine", argv)
     import torch
@@ -339,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if not results:
         raise SystemExit("[ray-engine] no simulation finished")
-    report(results, saved_results(args.out)[1], args.docs)
+    report(results, saved_results(args.out)[1], args.docs, args.name)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def test_two_settings_on_ray_write_results_and_a_page(fmnist_dir, tmp_path):
     assert [r["clients"] for r in results] == [2, 4]
     for r in results:
         assert len(r["round-seconds"]) == 2 and r["gpu-util"] is None
+        assert 0 < r["key-seconds"] < r["round-seconds"][0]  # the queries are in round 1
         # 800 images over 8 nodes, of which each node trains on its share past its held-out few
         assert 0.8 * r["clients"] * 100 <= r["images-per-round"] <= r["clients"] * 100
     page = (docs / "ray-engine.md").read_text()
