@@ -224,7 +224,9 @@ def report(
         "nodes decoding their images into the node cache; the steady round is the median of "
         "the rounds after it. GPU utilisation: mean of `nvidia-smi` samples every "
         f"{SAMPLE_SECONDS} s over the steady rounds; memory: their peak, all actors together. "
-        "Repeats are separate simulations; each cell is the median over them.",
+        "Repeats are separate simulations; each cell is the median over them. Seconds are the "
+        "machine's at the time (other jobs may have shared it): compare the rows of one page, "
+        "which ran in one command.",
         "",
         "| SuperNodes | clients / round | client CPUs | client GPU | at once | repeats | "
         "round 1 (s) | key queries (s) | steady round (s) | rounds / s | images / s | "
