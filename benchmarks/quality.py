@@ -97,6 +97,17 @@ def too_few_seeds_text() -> str:
     return f"A verdict needs >= {MIN_PAIRED_SEEDS} paired seeds ({', '.join(labels)} below that)"
 
 
+def accuracy_cell(runs: list[dict[str, Any]], key: str, algorithm: str) -> str:
+    """Mean ± std over the runs that measured ``key``, naming their seeds where some runs of the
+    row did not (a fine-tune not yet run), so a cell never reads as covering the row's seeds."""
+    measured = [r for r in runs if accuracy(r, key, algorithm) is not None]
+    cell = mean_std(accuracies(measured, key, algorithm))
+    if measured and len(measured) < len(runs):
+        cell += " (" + " ".join(f"s{r['seed']}" for r in sorted(measured, key=lambda r: r["seed"]))
+        cell += " only)"
+    return cell
+
+
 def results_table(grid: Grid) -> list[str]:
     """One row per (algorithm, partition): its seeds (rows may hold different ones), accuracies
     over them, PSNR, client costs, time."""
@@ -114,7 +125,7 @@ def results_table(grid: Grid) -> list[str]:
             algorithm,
             partition,
             " ".join(str(s) for s in sorted(r["seed"] for r in runs)),
-            *(mean_std(accuracies(runs, key, algorithm)) for key, _, _ in ACCURACY_LABELS),
+            *(accuracy_cell(runs, key, algorithm) for key, _, _ in ACCURACY_LABELS),
             f"{statistics.fmean(psnr):.2f}" if psnr else "-",
             f"{comm['client-train-mbytes-peak']:.0f}",
             f"{comm['bytes-up-per-client-round'] / 2**20:.2f}",

@@ -605,3 +605,15 @@ def test_the_report_counts_which_lr_validation_kept():
         "0.002 on 1; random-init: 0.001 on 3)."
     )
     assert kept_lr_tally({("fedmae", "iid"): [run([1e-3], grid=("0.001",))]}) == ""  # no choice
+
+
+def test_a_cell_measured_at_fewer_seeds_than_its_row_names_them(tmp_path):
+    from benchmarks.quality import accuracy_cell
+
+    runs = [_with(fake_run("local", s, 0.0, tmp_path), finetune=0.75 + s / 100) for s in (0, 1, 2)]
+    del runs[1]["summary"][FINETUNE_KEY]  # seed 1 not fine-tuned yet
+    assert accuracy_cell(runs, FINETUNE_KEY, "local") == "76.0 ± 1.4 (s0 s2 only)"
+    assert accuracy_cell(runs, "linear-probe-accuracy", "local") == "70.0 ± 0.0"
+    for r in runs:
+        r["summary"].pop(FINETUNE_KEY, None)
+    assert accuracy_cell(runs, FINETUNE_KEY, "local") == "-"
