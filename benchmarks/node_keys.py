@@ -34,9 +34,10 @@ from benchmarks.harness import (
     saved_results,
     start_results,
 )
+from fedmae_flwr.data.fashion_mnist import DEFAULT_DIR
 
 OUT = Path("outputs/bench-node-keys")
-DATA = Path("/usr/share/datasets/fashion-mnist")
+DATA = Path(DEFAULT_DIR)  # the app's own default, so both read one place
 SMALL_RUN = {
     "depth": 1, "rounds-per-stage": 3, "clients-per-round": 10, "evaluate-clients": 0,
     "embed-dim": 64, "num-heads": 2, "decoder-embed-dim": 32, "decoder-num-heads": 2,

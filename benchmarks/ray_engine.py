@@ -46,9 +46,10 @@ from benchmarks.harness import (
     saved_results,
     start_results,
 )
+from fedmae_flwr.data.fashion_mnist import DEFAULT_DIR
 
 OUT = Path("outputs/bench-ray-engine")
-DATA = Path("/usr/share/datasets/fashion-mnist")
+DATA = Path(DEFAULT_DIR)  # the app's own default, so both read one place
 SAMPLE_SECONDS = 0.5
 # The fmnist-gpu model (conf/fmnist-gpu.yaml: width 192, patch 4) on one block, evaluated lightly:
 # this measures the engine's training rounds, not the evaluation after them.
