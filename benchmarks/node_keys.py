@@ -93,6 +93,10 @@ def simulate(
         "key-seconds": timings[0][0] if timings else 0.0,
         "round-seconds": [r["seconds"] for r in rows],
         "wall-seconds": wall,
+        # stamped when measured, so that --report-only rewrites the page with the measuring
+        # day and machine rather than today's
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_line(),
     }
 
 
@@ -105,11 +109,14 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         values = [r[field] if field != "round-1" else r["round-seconds"][0] for r in runs[n, mode]]
         return statistics.median(values)
 
+    dates = sorted({r.get("date", "date not recorded") for r in results})
+    machines = sorted({r.get("machine", "machine not recorded") for r in results})
     lines = [
         "# What sampling by node key costs",
         "",
-        f"Command: `{command}` ({machine_line()}; {time.strftime('%Y-%m-%d')}; the machine was "
-        f"shared with other jobs). Results: `{OUT}/results.json`; this page is written from it.",
+        f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}; the machine was "
+        f"shared with other jobs). Results: `results.json` in the command's `--out` (default "
+        f"`{OUT}`); this page is written from it.",
         "",
         "FedMAE asks every node once per run for its key (a `query` message; "
         "`fedmae_flwr/strategies/node_keys.py`) and samples nodes in key order, so that one seed "

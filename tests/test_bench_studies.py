@@ -425,7 +425,7 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     def result(n, mode, wall, keys=0.0):
         return {"supernodes": n, "sample-by": mode, "queried": n if keys else 0,
                 "key-seconds": keys, "round-seconds": [wall / 2, 1.0, 1.0],
-                "wall-seconds": wall}  # fmt: skip
+                "wall-seconds": wall, "date": "2026-01-02", "machine": "4 CPU cores"}  # fmt: skip
 
     results = [result(100, "node-key", 30.0, 5.0), result(100, "node-id", 26.0),
                result(100, "node-key", 34.0, 7.0), result(100, "node-id", 28.0)]  # fmt: skip
@@ -433,6 +433,8 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     text = (tmp_path / "node-keys.md").read_text()
     # medians: key queries 6.0, round 1 16.0 / 13.5, walls 32 / 27: cost +5.0 s, +50 ms a node
     assert "| 100 | 2 | 6.0 | 16.0 | 13.5 | 32 | 27 | +5.0 | +50 |" in text
+    # the page names the day and machine that measured, not those that rewrote it
+    assert "(4 CPU cores; 2026-01-02;" in text
 
 
 def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tmp_path, fmnist_dir):
