@@ -321,18 +321,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         report(*saved_results(args.out), args.docs, args.name)
         return
-    start_results(args.out, "benchmarks.ray_engine", argv)
     import torch
 
-    gpus = torch.cuda.device_count()
+    gpus, cpus = torch.cuda.device_count(), os.cpu_count() or 1
     if gpus == 0 and any(g > 0 for g in args.client_gpus):
         parser.error(f"--client-gpus {args.client_gpus}: no CUDA GPU here; use 0")
+    # Flower stops a simulation whose actor pool would be empty, from a thread that leaves the
+    # benchmark little to say: refuse such a setting here, naming what the machine has.
+    if fitless := [g for g in args.client_gpus if concurrency(cpus, args.client_cpus, g, gpus) < 1]:
+        parser.error(
+            f"--client-cpus {args.client_cpus:g} with --client-gpus {fitless}: no virtual client "
+            f"fits this machine ({cpus} CPUs, {gpus} GPUs); each needs at most the CPUs there "
+            "and a GPU share of at most 1"
+        )
+    start_results(args.out, "benchmarks.ray_engine", argv)
     deadline = time.monotonic() + args.seconds if args.seconds else None
     settings = [
         {
             "supernodes": args.supernodes, "clients": clients, "client-cpus": args.client_cpus,
             "client-gpus": client_gpus,
-            "at-once": concurrency(os.cpu_count() or 1, args.client_cpus, client_gpus, gpus),
+            "at-once": concurrency(cpus, args.client_cpus, client_gpus, gpus),
             "local-epochs": args.local_epochs, "repeat": repeat, "machine": machine_line(),
             "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
         }

@@ -43,6 +43,11 @@ def test_arguments_that_cannot_run_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ray_engine.main(["--supernodes", "5", "--clients", "10", "--out", str(tmp_path)])
     assert "at most --supernodes 5" in capsys.readouterr().err
+    # a client asking for more CPUs than the machine has would leave Ray no actor to start
+    with pytest.raises(SystemExit):
+        ray_engine.main(["--client-cpus", "100000", "--client-gpus", "0", "--out", str(tmp_path)])
+    assert "no virtual client fits this machine" in capsys.readouterr().err
+    assert not (tmp_path / "command.txt").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
