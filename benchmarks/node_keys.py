@@ -114,9 +114,10 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
     lines = [
         "# What sampling by node key costs",
         "",
-        f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}; the machine was "
-        f"shared with other jobs). Results: `results.json` in the command's `--out` (default "
-        f"`{OUT}`); this page is written from it.",
+        f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}). Results: "
+        f"`results.json` in the command's `--out` (default `{OUT}`); this page is written from "
+        "it. Seconds are the machine's at the time: other jobs may have shared it, and per-"
+        "message costs grow steeply when they do (README, 'One seed, one result').",
         "",
         "FedMAE asks every node once per run for its key (a `query` message; "
         "`fedmae_flwr/strategies/node_keys.py`) and samples nodes in key order, so that one seed "

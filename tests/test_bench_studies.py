@@ -434,7 +434,7 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     # medians: key queries 6.0, round 1 16.0 / 13.5, walls 32 / 27: cost +5.0 s, +50 ms a node
     assert "| 100 | 2 | 6.0 | 16.0 | 13.5 | 32 | 27 | +5.0 | +50 |" in text
     # the page names the day and machine that measured, not those that rewrote it
-    assert "(4 CPU cores; 2026-01-02;" in text
+    assert "(4 CPU cores; 2026-01-02)" in text
 
 
 def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tmp_path, fmnist_dir):
