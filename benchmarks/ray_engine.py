@@ -205,6 +205,7 @@ def report(
     results: list[dict[str, Any]], command: str, docs: Path, name: str = "ray-engine"
 ) -> None:
     """``docs/<name>.md`` (a row per setting) and ``docs/<name>.png``."""
+    docs.mkdir(parents=True, exist_ok=True)  # a new --docs folder: measured results are not lost
     first = results[0]
     lines = [
         f"# Flower's Ray engine: {first['supernodes']} SuperNodes, clients "
