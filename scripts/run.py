@@ -44,6 +44,10 @@ def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0"
     )
     env.setdefault("FEDMAE_CACHE_DIR", str(REPO / ".cache" / "node-data"))  # ignored, in the repo
+    # Ray starts the workers that host the virtual clients at niceness 15: beside any other
+    # program they get a sliver of the cores, 10-20x slower rounds (docs/ray-niceness.md).
+    # A simulation the user started should compete as an equal; their own value wins.
+    env.setdefault("RAY_worker_niceness", "0")
     # Flower's commands (ours, and those SuperLink/SuperExec start by name) sit beside a venv's
     # interpreter; a bare interpreter needs them on PATH already (scripts/gpu_check.sh).
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"

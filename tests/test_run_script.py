@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.run import run_config_string
+from scripts.run import flwr_env, run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +33,14 @@ def test_run_config_string_writes_flwr_run_config_syntax():
     assert (
         run_config_string(overrides) == "depth=6 run-name='x' resume=true lr=0.5 data-path='/a b'"
     )
+
+
+def test_ray_workers_run_at_the_users_niceness_unless_told_otherwise(monkeypatch, tmp_path):
+    """Ray's own default (15) starves the virtual clients beside any other program."""
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert flwr_env(tmp_path)["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_worker_niceness", "10")  # the user's choice wins
+    assert flwr_env(tmp_path)["RAY_worker_niceness"] == "10"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
