@@ -38,10 +38,11 @@ from benchmarks.harness import (
     saved_results,
     start_results,
 )
-from benchmarks.ray_engine import DATA, simulate, summarize
+from benchmarks.ray_engine import DATA, concurrency, simulate, summarize
+from scripts.run import RAY_WORKER_NICENESS
 
 OUT = Path("outputs/bench-ray-niceness")
-NICENESS_ENV = "RAY_worker_niceness"
+NICENESS_ENV = RAY_WORKER_NICENESS  # the variable scripts/run.py sets for `make run`
 RAY_DEFAULT = "ray"  # leave the variable unset: Ray's own worker niceness (15)
 
 
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     start_results(args.out, "benchmarks.ray_niceness", argv)
     base = {
         "supernodes": args.supernodes, "clients": args.clients, "client-cpus": 1.0,
-        "client-gpus": 0.0, "at-once": os.cpu_count() or 1, "local-epochs": 1,
+        "client-gpus": 0.0, "at-once": concurrency(os.cpu_count() or 1, 1.0, 0.0, 0),
+        "local-epochs": 1,
         "machine": machine_line(), "gpu": None, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     results: list[dict[str, Any]] = []

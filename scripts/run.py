@@ -34,6 +34,10 @@ def run_config_string(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={quote.get(type(v), str)(v)}" for k, v in overrides.items())
 
 
+# Ray reads its workers' niceness from this variable when `ray.init` starts its services.
+RAY_WORKER_NICENESS = "RAY_worker_niceness"
+
+
 def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     """This process's environment for Flower's commands, with their state under ``home`` (and
     Ray's under ``ray_tmp``, a short path: Ray's socket paths must be short)."""
@@ -45,9 +49,10 @@ def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     )
     env.setdefault("FEDMAE_CACHE_DIR", str(REPO / ".cache" / "node-data"))  # ignored, in the repo
     # Ray starts the workers that host the virtual clients at niceness 15: beside any other
-    # program they get a sliver of the cores, 10-20x slower rounds (docs/ray-niceness.md).
-    # A simulation the user started should compete as an equal; their own value wins.
-    env.setdefault("RAY_worker_niceness", "0")
+    # program they get a sliver of the cores (two busy processes made rounds 28x slower on 2
+    # cores, docs/ray-niceness.md). A simulation the user started should compete as an equal;
+    # their own value wins.
+    env.setdefault(RAY_WORKER_NICENESS, "0")
     # Flower's commands (ours, and those SuperLink/SuperExec start by name) sit beside a venv's
     # interpreter; a bare interpreter needs them on PATH already (scripts/gpu_check.sh).
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
