@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import quality
+from benchmarks import quality, run_archive
 from benchmarks.grid_finetune import finetune_run
 from benchmarks.harness import (
     BUDGET,
@@ -386,10 +386,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the runs only; their fine-tunes later (benchmarks.grid_finetune --out, cached)",
     )
+    run_archive.add_archive_argument(parser)
     args = parser.parse_args(argv)
+    run_archive.sync(args.out, run_archive.archive_of(args), "bench-budget")
     by_budget, floor = budget_runs(
         args.budgets, args.seeds, args.partition, args.out, args.report_only, not args.no_finetune
     )
+    if not floor and not by_budget:  # rather than overwrite the page with an empty one
+        raise SystemExit(
+            f"[bench-budget] no finished run of these budgets in {args.out} nor in the archive "
+            f"{run_archive.archive_of(args)}: run it without --report-only"
+        )
+    names = [r["name"] for runs in [floor, *by_budget.values()] for r in runs]
+    run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-budget")
     # A report-only pass reports the command that makes the runs (as benchmarks.quality does).
     command = command_line("benchmarks.budget", argv).replace(" --report-only", "")
     path = write_report(by_budget, floor, command.strip(), args.partition, args.docs,

@@ -111,7 +111,11 @@ def run_backbone(run_dir: Path, cfg: FedMAEConfig) -> nn.Module:
         return load_backbone(run_dir)
     if cfg.algorithm == Algorithm.RANDOM_INIT:
         return create_timm_backbone(cfg.model, random_init_state(cfg))
-    raise FileNotFoundError(f"{run_dir} has no exported backbone (backbone.safetensors)")
+    raise FileNotFoundError(
+        f"{run_dir} has no exported backbone (backbone.safetensors): a run restored from the "
+        "tracked archive (benchmarks.run_archive) keeps its results, not its weights; make the "
+        "run again (delete its folder and rerun its benchmark) to fine-tune it under this protocol"
+    )
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import eval_protocol
+from benchmarks import eval_protocol, run_archive
 from benchmarks.harness import (
     ALGORITHMS,
     BUDGET,
@@ -612,8 +612,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
     add_run_arguments(parser, list(DEFAULT_SEEDS), partition=False, out=GRID_OUT_ROOT)
+    run_archive.add_archive_argument(parser)
     args = parser.parse_args(argv)
+    run_archive.sync(args.out, run_archive.archive_of(args), "bench-quality")
     grid = run_grid(args.algorithms, args.partitions, args.seeds, args.out, args.report_only)
+    if not grid:  # rather than overwrite the page with an empty one
+        raise SystemExit(
+            f"[bench-quality] no finished run of this grid in {args.out} nor in the archive "
+            f"{run_archive.archive_of(args)}: run it without --report-only"
+        )
+    run_archive.keep([r["name"] for runs in grid.values() for r in runs], args.out,
+                     run_archive.archive_of(args), "bench-quality")  # fmt: skip
     # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.
     command = command_line("benchmarks.quality", argv).replace(" --report-only", "")
     full_grid = is_full_grid(grid, args.algorithms, args.partitions, args.seeds)

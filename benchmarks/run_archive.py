@@ -1,0 +1,118 @@
+"""A tracked copy of each grid run's result files, so that a report outlives the machine it ran on.
+
+The runs live under ``outputs/`` (ignored by git, ~50 MB a run with its backbone and
+checkpoints), on one machine. When that machine goes, ``--report-only`` has nothing to read and a
+grid cannot be extended by a few runs: every run behind docs/results.md would have to be made
+again (it happened: the 2026-12 grid's runs were lost with their machine). So the reports keep,
+beside the page they write, the few files a report reads of each run (``ARCHIVED``, ~10 kB, and
+the last stage's reconstructions, which the results plot shows):
+``<docs>/data/runs/<out folder name>/<run name>/``.
+
+``restore_runs`` copies them back into an out folder that lacks the run, so the unchanged report
+code (``finished``, the config check, the fine-tune cache, the plots) reads a restored run as it
+reads one made here. A restored run has no backbone: its cached fine-tune is reported, but a
+fine-tune under another protocol needs the run made again.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from benchmarks.grid_finetune import CACHE
+from benchmarks.harness import RUN_RECORD, finished
+
+# What a report reads of a run: its summary, per-round metrics, resolved config (the check that
+# a finished run has the asked settings), the harness' timing and the protocol fine-tune.
+ARCHIVED = ("summary.json", "metrics.jsonl", "config.yaml", RUN_RECORD, CACHE)
+RECONSTRUCTIONS = "reconstructions"
+
+
+def archive_dir(docs: Path, out_root: Path) -> Path:
+    """Where the runs of ``out_root`` are archived for the pages in ``docs``."""
+    return docs / "data" / "runs" / out_root.name
+
+
+def archived_files(run_dir: Path) -> list[Path]:
+    """The files of ``run_dir`` that the archive keeps, relative to it, where they exist."""
+    names = [Path(name) for name in ARCHIVED if (run_dir / name).is_file()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if stages := summary.get("stages"):
+        last = Path(RECONSTRUCTIONS) / f"stage-{len(stages) - 1}.png"
+        if (run_dir / last).is_file():
+            names.append(last)
+    return names
+
+
+def archive_runs(names: list[str], out_root: Path, archive: Path) -> list[str]:
+    """Copy the report's files of each finished run in ``names`` from ``out_root`` into
+    ``archive`` where they differ from (or are missing in) the archived copy; returns the runs
+    whose archive changed. An unfinished run is skipped: only a finished run is a result."""
+    changed = []
+    for name in names:
+        run_dir = out_root / name
+        if not finished(out_root, name):
+            continue
+        wrote = False
+        for rel in archived_files(run_dir):
+            target = archive / name / rel
+            if target.is_file() and filecmp.cmp(run_dir / rel, target, shallow=False):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / rel, target)
+            wrote = True
+        if wrote:
+            changed.append(name)
+    return changed
+
+
+def restore_runs(out_root: Path, archive: Path) -> list[str]:
+    """Copy each archived run into ``out_root`` where ``out_root`` has no folder of that name;
+    returns the runs restored. A folder that exists is left alone, finished or not: a run made
+    (or being made) on this machine is the source of truth, and mixing its files with the
+    archive's would make a run neither of them is."""
+    if not archive.is_dir():
+        return []
+    restored = []
+    for source in sorted(p for p in archive.iterdir() if (p / "summary.json").is_file()):
+        target = out_root / source.name
+        if target.exists():
+            continue
+        shutil.copytree(source, target)
+        restored.append(source.name)
+    return restored
+
+
+def add_archive_argument(parser: Any) -> None:
+    """``--archive``: where the runs are archived (default ``archive_dir(--docs, --out)``)."""
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="tracked copy of the runs' result files (default: <docs>/data/runs/<out name>)",
+    )
+
+
+def archive_of(args: Any) -> Path:
+    """The archive a parsed command line names (``--archive``, else beside ``--docs``)."""
+    return args.archive if args.archive is not None else archive_dir(args.docs, args.out)
+
+
+def sync(out_root: Path, archive: Path, tag: str) -> list[str]:
+    """Restore ``archive`` into ``out_root`` before a report (see the module docstring);
+    returns the runs restored, after saying how many."""
+    restored = restore_runs(out_root, archive)
+    if restored:
+        print(f"[{tag}] restored {len(restored)} runs from {archive}")
+    return restored
+
+
+def keep(names: list[str], out_root: Path, archive: Path, tag: str) -> list[str]:
+    """Archive the finished runs in ``names`` after a report; returns those whose copy changed."""
+    changed = archive_runs(names, out_root, archive)
+    if changed:
+        print(f"[{tag}] archived {len(changed)} runs in {archive}")
+    return changed

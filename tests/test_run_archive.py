@@ -1,0 +1,130 @@
+"""The tracked archive of grid runs (benchmarks.run_archive): a report rewritten on a machine
+that lost the runs says what it said where they were made, and nothing is overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from benchmarks import budget, quality, run_archive
+from benchmarks.grid_finetune import CACHE, protocol_config, run_backbone
+from benchmarks.harness import GRID_EVALUATION, RUN_RECORD, run_name
+from tests.test_bench_report import protocol_record, write_run_dir
+
+
+def _grid_runs(out, seeds=(0, 1)) -> list[str]:
+    """Finished FedMAE and random-init grid runs with their protocol fine-tunes and timings."""
+    names = []
+    for seed in seeds:
+        for algorithm, subsets in (("fedmae", [0.74, 0.76, 0.75]), ("random-init", [0.7] * 3)):
+            name = write_run_dir(out, algorithm, "iid", seed, 0.7, GRID_EVALUATION)
+            record = protocol_record(algorithm, [a + seed / 100 for a in subsets], 600.0)
+            (out / name / CACHE).write_text(json.dumps(record))
+            (out / name / RUN_RECORD).write_text(json.dumps({"flwr-run-seconds": 130.0}))
+            names.append(name)
+    return names
+
+
+def _quality_report(out, docs, capsys) -> tuple[str, str]:
+    argv = ["--report-only", "--algorithms", "fedmae", "random-init", "--partitions", "iid",
+            "--seeds", "0", "1", "--out", str(out), "--docs", str(docs)]  # fmt: skip
+    assert quality.main(argv) == 0
+    return (docs / "results.md").read_text(), capsys.readouterr().out
+
+
+def test_a_report_rewritten_without_the_runs_reads_them_from_the_archive(tmp_path, capsys):
+    out, docs = tmp_path / "outputs" / "bench-grid", tmp_path / "docs"
+    names = _grid_runs(out)
+    made_here, said = _quality_report(out, docs, capsys)
+    archive = docs / "data" / "runs" / "bench-grid"
+    assert f"archived 4 runs in {archive}" in said
+    assert sorted(p.name for p in archive.iterdir()) == sorted(names)
+    kept = sorted(str(p.relative_to(archive / names[0])) for p in (archive / names[0]).rglob("*"))
+    assert kept == sorted(["summary.json", "metrics.jsonl", "config.yaml", RUN_RECORD, CACHE,
+                           "reconstructions", "reconstructions/stage-0.png"])  # fmt: skip
+    assert "75.5" in made_here  # the fine-tune column came through (mean of s0 75.0, s1 76.0)
+
+    shutil.rmtree(out)  # the machine that made the runs is gone
+    rewritten, said = _quality_report(out, docs, capsys)
+    assert f"restored 4 runs from {archive}" in said
+    assert "archived" not in said  # nothing changed, nothing rewritten
+    assert rewritten == made_here
+    assert (docs / "results-reconstructions.png").is_file()
+
+
+def test_the_archive_follows_a_changed_run_and_skips_an_unfinished_one(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    names = _grid_runs(out, seeds=(0,))
+    unfinished = out / run_name("fedmae", "iid", 1)
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("a run still going")
+    assert run_archive.archive_runs([*names, unfinished.name], out, archive) == names
+    assert not (archive / unfinished.name).exists()
+    assert run_archive.archive_runs(names, out, archive) == []  # the same files: no write
+    record = json.loads((out / names[0] / CACHE).read_text())
+    (out / names[0] / CACHE).write_text(json.dumps({**record, "seconds": 1.0}))  # fine-tuned anew
+    assert run_archive.archive_runs(names, out, archive) == [names[0]]
+    assert json.loads((archive / names[0] / CACHE).read_text())["seconds"] == 1.0
+
+
+def test_a_run_folder_on_this_machine_is_never_overwritten_by_the_archive(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    names = _grid_runs(out, seeds=(0,))
+    run_archive.archive_runs(names, out, archive)
+    shutil.rmtree(out / names[0])
+    (out / names[0]).mkdir()  # the same run started again here, not finished yet
+    (out / names[0] / "checkpoint.pt").write_text("partial")
+    summary = json.loads((out / names[1] / "summary.json").read_text())
+    (out / names[1] / "summary.json").write_text(json.dumps({**summary, "wall-seconds": 7.0}))
+    assert run_archive.restore_runs(out, archive) == []
+    assert sorted(p.name for p in (out / names[0]).iterdir()) == ["checkpoint.pt"]
+    assert json.loads((out / names[1] / "summary.json").read_text())["wall-seconds"] == 7.0
+    assert run_archive.restore_runs(out, tmp_path / "no-archive") == []
+
+
+def test_a_report_with_no_runs_and_no_archive_refuses_rather_than_empty_the_page(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("the page as it was")
+    argv = ["--report-only", "--out", str(out), "--docs", str(docs)]
+    with pytest.raises(SystemExit, match=r"no finished run of this grid in .*out nor in the arch"):
+        quality.main(argv)
+    with pytest.raises(SystemExit, match=r"no finished run of these budgets .* --report-only"):
+        budget.main([*argv, "--budgets", "5x1"])
+    assert (docs / "results.md").read_text() == "the page as it was"
+    assert not (docs / "budget.md").exists()
+
+
+def test_the_budget_report_restores_and_archives_its_runs_too(tmp_path, capsys):
+    out, docs, archive = tmp_path / "bench-grid", tmp_path / "docs", tmp_path / "tracked"
+    for seed in (0, 1):
+        changes_by_algorithm = {
+            "random-init": None,
+            "fedmae": {"rounds-per-stage": 5, "local-epochs": 2},
+        }
+        for algorithm, changes in changes_by_algorithm.items():
+            name = write_run_dir(out, algorithm, "iid", seed, 0.7, GRID_EVALUATION, changes)
+            record = protocol_record(algorithm, [0.70 + seed / 100] * 3, 600.0)
+            (out / name / CACHE).write_text(json.dumps(record))
+    argv = ["--report-only", "--budgets", "5x2", "--seeds", "0", "1", "--out", str(out),
+            "--docs", str(docs), "--archive", str(archive)]  # fmt: skip
+    assert budget.main(argv) == 0
+    made_here = (docs / "budget.md").read_text()
+    assert len(list(archive.iterdir())) == 4
+    shutil.rmtree(out)
+    assert budget.main(argv) == 0
+    assert f"restored 4 runs from {archive}" in capsys.readouterr().out
+    assert (docs / "budget.md").read_text() == made_here
+
+
+def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    names = _grid_runs(out, seeds=(0,))
+    run_archive.archive_runs(names, out, archive)
+    shutil.rmtree(out)
+    run_archive.restore_runs(out, archive)
+    fedmae = out / names[0]
+    with pytest.raises(FileNotFoundError, match="restored from the tracked archive"):
+        run_backbone(fedmae, protocol_config(fedmae))
