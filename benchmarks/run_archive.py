@@ -24,6 +24,7 @@ from typing import Any
 
 from benchmarks.grid_finetune import CACHE
 from benchmarks.harness import RUN_RECORD, finished
+from fedmae_flwr.config import load_config_yaml
 
 # What a report reads of a run: its summary, per-round metrics, resolved config (the check that
 # a finished run has the asked settings), the harness' timing and the protocol fine-tune.
@@ -69,20 +70,42 @@ def archive_runs(names: list[str], out_root: Path, archive: Path) -> list[str]:
     return changed
 
 
+def archive_problem(source: Path) -> str | None:
+    """What is wrong with the archived run in ``source`` (None: it reads as a finished run):
+    its summary must be a JSON object, each metrics line JSON, its config a valid run config."""
+    try:
+        if not isinstance(json.loads((source / "summary.json").read_text()), dict):
+            return "summary.json is not a JSON object"
+        metrics = source / "metrics.jsonl"
+        for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+            json.loads(line)
+        load_config_yaml(source / "config.yaml")
+    except (OSError, ValueError) as err:  # JSONDecodeError and the config's checks included
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
 def restore_runs(out_root: Path, archive: Path) -> list[str]:
     """Copy each archived run into ``out_root`` where ``out_root`` has no folder of that name;
     returns the runs restored. A folder that exists is left alone, finished or not: a run made
     (or being made) on this machine is the source of truth, and mixing its files with the
-    archive's would make a run neither of them is."""
+    archive's would make a run neither of them is. An archived run that does not read (a
+    hand-edited or half-merged file) is skipped and named: the report goes on without it."""
     if not archive.is_dir():
         return []
-    restored = []
+    restored, broken = [], []
     for source in sorted(p for p in archive.iterdir() if (p / "summary.json").is_file()):
         target = out_root / source.name
         if target.exists():
             continue
+        if (problem := archive_problem(source)) is not None:
+            broken.append(f"{source.name} ({problem})")
+            continue
         shutil.copytree(source, target)
         restored.append(source.name)
+    if broken:
+        print(f"[run-archive] skipped {len(broken)} archived runs that do not read, left out of "
+              f"the report: {'; '.join(broken)}", flush=True)  # fmt: skip
     return restored
 
 

@@ -128,3 +128,22 @@ def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path):
     fedmae = out / names[0]
     with pytest.raises(FileNotFoundError, match="restored from the tracked archive"):
         run_backbone(fedmae, protocol_config(fedmae))
+
+
+def test_an_archived_run_that_does_not_read_is_skipped_named_and_the_rest_restored(
+    tmp_path, capsys
+):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    names = _grid_runs(out)
+    run_archive.archive_runs(names, out, archive)
+    shutil.rmtree(out)
+    (archive / names[0] / "summary.json").write_text('{"stages": [')  # a half-merged file
+    config = archive / names[1] / "config.yaml"
+    config.write_text(config.read_text().replace("depth: 4", "depth: -4"))
+    (archive / names[2] / "metrics.jsonl").write_text("<<<<<<< HEAD\n")
+    assert run_archive.restore_runs(out, archive) == [names[3]]
+    said = capsys.readouterr().out
+    assert "skipped 3 archived runs that do not read" in said
+    assert f"{names[0]} (JSONDecodeError: " in said
+    assert f"{names[1]} (" in said and "depth" in said
+    assert f"{names[2]} (JSONDecodeError: " in said
