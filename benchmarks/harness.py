@@ -11,8 +11,11 @@ reports a partial grid.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -247,10 +250,34 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 
 def machine_line() -> str:
-    import os
     import platform
 
     return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+
+
+@contextmanager
+def ray_workers_as_make_run() -> Iterator[str]:
+    """Inside the block, this process's Ray workers run at the niceness ``make run`` gives them
+    (0, unless the environment sets ``RAY_worker_niceness``; Ray's own default is 15, which any
+    busy program starves: docs/ray-niceness.md); yields the value in force, for the results to
+    record. The environment is as it was after the block."""
+    from scripts.run import RAY_WORKER_NICENESS
+
+    before = os.environ.get(RAY_WORKER_NICENESS)
+    try:
+        yield os.environ.setdefault(RAY_WORKER_NICENESS, "0")
+    finally:
+        if before is None:
+            os.environ.pop(RAY_WORKER_NICENESS, None)
+        else:
+            os.environ[RAY_WORKER_NICENESS] = before
+
+
+def niceness_text(results: list[dict[str, Any]]) -> str:
+    """The Ray workers' niceness the results were measured at (those measured before it was
+    recorded ran at Ray's default, 15: nothing set it then)."""
+    values = sorted({str(r.get("worker-niceness", "15 (Ray's default)")) for r in results})
+    return f"Ray workers at niceness {' and '.join(values)}"
 
 
 def add_folder_arguments(parser: Any, out: Path = OUT_ROOT) -> None:

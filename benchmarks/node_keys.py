@@ -29,7 +29,9 @@ from typing import Any
 from benchmarks.harness import (
     DOCS,
     machine_line,
+    niceness_text,
     pyplot,
+    ray_workers_as_make_run,
     save_figure,
     saved_results,
     start_results,
@@ -114,7 +116,8 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
     lines = [
         "# What sampling by node key costs",
         "",
-        f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}). Results: "
+        f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}; "
+        f"{niceness_text(results)}). Results: "
         f"`results.json` in the command's `--out` (default `{OUT}`); this page is written from "
         "it. Seconds are the machine's at the time: other jobs may have shared it, and per-"
         "message costs grow steeply when they do (README, 'One seed, one result').",
@@ -186,15 +189,17 @@ def main(argv: list[str] | None = None) -> None:
         report(*saved_results(args.out), args.docs)
         return
     start_results(args.out, "benchmarks.node_keys", argv)
-    results = []
-    for repeat in range(args.repeats):
-        for n in args.supernodes:
-            for mode in ("node-key", "node-id"):
-                with tempfile.TemporaryDirectory(dir=args.out) as runs:
-                    name = f"n{n}-{mode}-r{repeat}"
-                    results.append(simulate(n, mode, args.data, Path(runs), name))
-            print(json.dumps(results[-1]), file=sys.stderr)
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    with ray_workers_as_make_run() as niceness:
+        results = []
+        for repeat in range(args.repeats):
+            for n in args.supernodes:
+                for mode in ("node-key", "node-id"):
+                    with tempfile.TemporaryDirectory(dir=args.out) as runs:
+                        name = f"n{n}-{mode}-r{repeat}"
+                        result = simulate(n, mode, args.data, Path(runs), name)
+                        results.append({**result, "worker-niceness": niceness})
+                print(json.dumps(results[-1]), file=sys.stderr)
+                (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, saved_results(args.out)[1], args.docs)
 
 

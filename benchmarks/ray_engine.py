@@ -41,7 +41,9 @@ from typing import Any
 from benchmarks.harness import (
     DOCS,
     machine_line,
+    niceness_text,
     pyplot,
+    ray_workers_as_make_run,
     save_figure,
     saved_results,
     start_results,
@@ -212,8 +214,8 @@ def report(
         f"{'sharing a GPU' if first['gpu'] else 'on CPUs alone'}",
         "",
         f"Command: `{command}` ({first['machine']}; GPU: {first['gpu'] or 'none'}; "
-        f"{first['date']}). Results: `results.json` in the command's `--out` (default `{OUT}`); "
-        "this page is written from it.",
+        f"{first['date']}; {niceness_text(results)}). Results: `results.json` in the command's "
+        f"`--out` (default `{OUT}`); this page is written from it.",
         "",
         "Each row is one `flwr.simulation.run_simulation` of this app (Ray backend; the engine "
         "`flwr run` uses), Fashion-MNIST split over the SuperNodes, the fmnist-gpu model (width "
@@ -336,38 +338,39 @@ def main(argv: list[str] | None = None) -> None:
             "and a GPU share of at most 1"
         )
     start_results(args.out, "benchmarks.ray_engine", argv)
-    deadline = time.monotonic() + args.seconds if args.seconds else None
-    settings = [
-        {
-            "supernodes": args.supernodes, "clients": clients, "client-cpus": args.client_cpus,
-            "client-gpus": client_gpus,
-            "at-once": concurrency(cpus, args.client_cpus, client_gpus, gpus),
-            "local-epochs": args.local_epochs, "repeat": repeat, "machine": machine_line(),
-            "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
-        }
-        for repeat in range(args.repeats)
-        for client_gpus in args.client_gpus
-        for clients in args.clients
-    ]  # fmt: skip
-    results: list[dict[str, Any]] = []
-    for setting in settings:
-        if deadline is not None and time.monotonic() > deadline:
-            print(
-                f"[ray-engine] {args.seconds:g} s spent: {len(settings) - len(results)} "
-                "settings left out",
-                file=sys.stderr,
+    with ray_workers_as_make_run() as niceness:
+        deadline = time.monotonic() + args.seconds if args.seconds else None
+        settings = [
+            {
+                "supernodes": args.supernodes, "clients": clients, "client-cpus": args.client_cpus,
+                "client-gpus": client_gpus,
+                "at-once": concurrency(cpus, args.client_cpus, client_gpus, gpus),
+                "local-epochs": args.local_epochs, "repeat": repeat, "machine": machine_line(),
+                "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "worker-niceness": niceness,
+            }
+            for repeat in range(args.repeats)
+            for client_gpus in args.client_gpus
+            for clients in args.clients
+        ]  # fmt: skip
+        results: list[dict[str, Any]] = []
+        for setting in settings:
+            if deadline is not None and time.monotonic() > deadline:
+                print(
+                    f"[ray-engine] {args.seconds:g} s spent: {len(settings) - len(results)} "
+                    "settings left out",
+                    file=sys.stderr,
+                )
+                break
+            name = (
+                f"n{setting['supernodes']}-c{setting['clients']}-g{setting['client-gpus']:g}"
+                f"-r{setting['repeat']}"
             )
-            break
-        name = (
-            f"n{setting['supernodes']}-c{setting['clients']}-g{setting['client-gpus']:g}"
-            f"-r{setting['repeat']}"
-        )
-        with tempfile.TemporaryDirectory(dir=args.out) as runs:
-            results.append(
-                simulate(setting, args.data, Path(runs), name, args.rounds, args.local_epochs)
-            )
-        print(json.dumps(results[-1]), file=sys.stderr)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+            with tempfile.TemporaryDirectory(dir=args.out) as runs:
+                results.append(
+                    simulate(setting, args.data, Path(runs), name, args.rounds, args.local_epochs)
+                )
+            print(json.dumps(results[-1]), file=sys.stderr)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if not results:
         raise SystemExit("[ray-engine] no simulation finished")
     report(results, saved_results(args.out)[1], args.docs, args.name)

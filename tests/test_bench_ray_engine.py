@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from benchmarks import ray_engine
+from scripts.run import RAY_WORKER_NICENESS
 
 
 def test_gpu_use_is_averaged_over_the_rounds_after_the_first():
@@ -51,8 +53,9 @@ def test_arguments_that_cannot_run_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_settings_on_ray_write_results_and_a_page(fmnist_dir, tmp_path):
+def test_two_settings_on_ray_write_results_and_a_page(fmnist_dir, tmp_path, monkeypatch):
     """Two real simulations on Flower's Ray engine (CPU only here: no GPU samples)."""
+    monkeypatch.delenv(RAY_WORKER_NICENESS, raising=False)
     out, docs = tmp_path / "out", tmp_path / "docs"
     docs.mkdir()
     ray_engine.main(["--supernodes", "8", "--clients", "2", "4", "--client-gpus", "0",
@@ -69,6 +72,12 @@ def test_two_settings_on_ray_write_results_and_a_page(fmnist_dir, tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| 8 |")]
     assert len(rows) == 2 and rows[0].split("|")[2].strip() == "2"
     assert "GPU: none" in page and (docs / "ray-engine.png").stat().st_size > 0
+    # measured as `make run` runs Ray's workers (unless the environment says otherwise), and
+    # the variable is as it was afterwards
+    assert "; Ray workers at niceness 0)" in page and all(
+        r["worker-niceness"] == "0" for r in results
+    )
+    assert RAY_WORKER_NICENESS not in os.environ
     # the page can be rewritten from the results alone
     (docs / "ray-engine.md").unlink()
     ray_engine.main(["--report-only", "--out", str(out), "--docs", str(docs)])

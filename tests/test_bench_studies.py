@@ -433,8 +433,11 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     text = (tmp_path / "node-keys.md").read_text()
     # medians: key queries 6.0, round 1 16.0 / 13.5, walls 32 / 27: cost +5.0 s, +50 ms a node
     assert "| 100 | 2 | 6.0 | 16.0 | 13.5 | 32 | 27 | +5.0 | +50 |" in text
-    # the page names the day and machine that measured, not those that rewrote it
-    assert "(4 CPU cores; 2026-01-02)" in text
+    # the page names the day and machine that measured, not those that rewrote it, and the
+    # Ray workers' niceness (results from before it was recorded ran at Ray's default)
+    assert "(4 CPU cores; 2026-01-02; Ray workers at niceness 15 (Ray's default))" in text
+    node_keys.report([{**r, "worker-niceness": "0"} for r in results], "cmd", tmp_path)
+    assert "2026-01-02; Ray workers at niceness 0)" in (tmp_path / "node-keys.md").read_text()
 
 
 def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tmp_path, fmnist_dir):
