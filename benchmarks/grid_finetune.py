@@ -277,8 +277,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"no finished run {missing} under {args.out}")
     if args.algorithms is not None:
         runs = [r for r in runs if run_config(args.out / r).algorithm.value in args.algorithms]
-    args.runs = runs
+    # A run restored from the tracked archive (benchmarks.run_archive) holds its results, not its
+    # weights: one fine-tuned under this protocol is reported from its record; one that was not
+    # cannot be fine-tuned here. Named runs must all be; the default list leaves such runs out.
+    weightless = [r for r in runs if not can_finetune(args.out / r)]
+    if weightless and args.runs is not None:
+        parser.error(
+            f"runs {weightless} under {args.out} have no exported backbone and no fine-tune "
+            "under this protocol (restored from the archive?): make them again to fine-tune them"
+        )
+    if weightless:
+        print(f"[grid-finetune] left out {len(weightless)} runs without a backbone or a "
+              f"fine-tune under this protocol: {' '.join(weightless)}", flush=True)  # fmt: skip
+    args.runs = [r for r in runs if r not in weightless]
     return args
+
+
+def can_finetune(run_dir: Path) -> bool:
+    """Whether ``run_dir`` has a protocol fine-tune or can get one: a cached record, an exported
+    backbone, or random init (whose backbone is rebuilt from its config and seed)."""
+    return (
+        read_cache(run_dir) is not None
+        or (run_dir / "backbone.safetensors").is_file()
+        or run_config(run_dir).algorithm == Algorithm.RANDOM_INIT
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

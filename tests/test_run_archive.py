@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from benchmarks import budget, quality, run_archive
+from benchmarks import budget, grid_finetune, quality, run_archive
 from benchmarks.grid_finetune import CACHE, protocol_config, run_backbone
 from benchmarks.harness import GRID_EVALUATION, RUN_RECORD, run_name
 from tests.test_bench_report import protocol_record, write_run_dir
@@ -119,15 +119,25 @@ def test_the_budget_report_restores_and_archives_its_runs_too(tmp_path, capsys):
     assert (docs / "budget.md").read_text() == made_here
 
 
-def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path):
+def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path, capsys):
     out, archive = tmp_path / "out", tmp_path / "archive"
-    names = _grid_runs(out, seeds=(0,))
+    names = _grid_runs(out, seeds=(0,))  # fedmae-iid-s0, random-init-iid-s0, both fine-tuned
     run_archive.archive_runs(names, out, archive)
     shutil.rmtree(out)
     run_archive.restore_runs(out, archive)
     fedmae = out / names[0]
     with pytest.raises(FileNotFoundError, match="restored from the tracked archive"):
         run_backbone(fedmae, protocol_config(fedmae))
+    # Fine-tuned under this protocol: grid_finetune reports the record, as for a run made here.
+    assert grid_finetune.parse_args(["--out", str(out)]).runs == names
+    (fedmae / CACHE).unlink()  # ... and not: left out by default, refused when named
+    assert grid_finetune.parse_args(["--out", str(out)]).runs == [names[1]]
+    assert f"left out 1 runs without a backbone or a fine-tune under this protocol: {names[0]}" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):
+        grid_finetune.parse_args(["--out", str(out), "--runs", names[0]])
+    assert "have no exported backbone and no fine-tune" in capsys.readouterr().err
 
 
 def test_an_archived_run_that_does_not_read_is_skipped_named_and_the_rest_restored(
