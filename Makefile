@@ -39,7 +39,7 @@ run: setup data
 	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
 
 # FedMAE against fedavg-mae, centralized, local and random-init on one budget (3 partitions x
-# 3 seeds through `flwr run`; then bench-quality-finetune for the fine-tune column); writes docs/results.md and plots. BENCH_ARGS narrows the grid.
+# 3 seeds through `flwr run`; then bench-quality-finetune for the fine-tune column); writes docs/results.md and plots, and the runs' result files to docs/data/runs/bench-grid/ (restored from there where outputs/ lacks them). BENCH_ARGS narrows the grid.
 bench-quality: setup data
 	$(VPY) -m benchmarks.quality $(BENCH_ARGS)
 
@@ -52,7 +52,7 @@ bench-quality-finetune: setup data
 
 # Does pretraining pay? fedmae against random init over budgets R x E, under the grid's
 # evaluation and fine-tune protocol (runs and fine-tunes cached in outputs/bench-grid);
-# writes docs/budget.md.
+# writes docs/budget.md (its runs archived in docs/data/runs/bench-grid/, as bench-quality's).
 bench-budget: setup data
 	$(VPY) -m benchmarks.budget $(BENCH_ARGS)
 
