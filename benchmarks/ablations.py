@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import run_archive
 from benchmarks.harness import (
     BUDGET,
     EVALUATION,
@@ -216,12 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factors", nargs="+", default=list(FACTORS), choices=FACTORS)
     add_run_arguments(parser, seeds=[0])
+    run_archive.add_archive_argument(parser)
     args = parser.parse_args(argv)
+    run_archive.sync(args.out, run_archive.archive_of(args), "bench-ablations")
     reference, variants = ablation_runs(
         args.factors, args.seeds, args.partition, args.out, args.report_only
     )
+    if not reference and not variants:  # rather than overwrite the page with an empty one
+        raise SystemExit(
+            f"[bench-ablations] no finished run of these factors in {args.out} nor in the "
+            f"archive {run_archive.archive_of(args)}: run it without --report-only"
+        )
     command = command_line("benchmarks.ablations", argv)
     seed_runs = reference_at_every_seed(args.partition, args.out)
+    names = [r["name"] for runs in [reference, seed_runs, *variants.values()] for r in runs]
+    run_archive.keep(sorted(set(names)), args.out, run_archive.archive_of(args), "bench-ablations")
     path = write_report(reference, variants, command.strip(), args.partition, args.docs, seed_runs)
     print(f"[bench-ablations] wrote {path}")
     return 0

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from benchmarks import budget, grid_finetune, quality, run_archive
+from benchmarks import ablations, budget, grid_finetune, quality, run_archive
 from benchmarks.grid_finetune import CACHE, protocol_config, run_backbone
-from benchmarks.harness import GRID_EVALUATION, RUN_RECORD, run_name
+from benchmarks.harness import EVALUATION, GRID_EVALUATION, RUN_RECORD, run_name
 from tests.test_bench_report import protocol_record, write_run_dir
 
 
@@ -157,3 +157,22 @@ def test_an_archived_run_that_does_not_read_is_skipped_named_and_the_rest_restor
     assert f"{names[0]} (JSONDecodeError: " in said
     assert f"{names[1]} (" in said and "depth" in said
     assert f"{names[2]} (JSONDecodeError: " in said
+
+
+def test_the_ablation_report_restores_and_archives_its_runs_too(tmp_path, capsys):
+    out, docs = tmp_path / "bench", tmp_path / "docs"
+    write_run_dir(out, "fedmae", "iid", 0, 0.620, EVALUATION)
+    write_run_dir(out, "fedmae", "iid", 1, 0.607, EVALUATION)  # cited for the seed-to-seed spread
+    write_run_dir(out, "fedmae", "iid", 0, 0.586, EVALUATION, {"depth": 2})
+    argv = ["--report-only", "--factors", "depth", "--out", str(out), "--docs", str(docs)]
+    assert ablations.main(argv) == 0
+    made_here = (docs / "ablations.md").read_text()
+    assert len(list((docs / "data" / "runs" / "bench").iterdir())) == 3
+    shutil.rmtree(out)
+    assert ablations.main(argv) == 0
+    assert "restored 3 runs from" in capsys.readouterr().out
+    assert (docs / "ablations.md").read_text() == made_here
+    shutil.rmtree(out)
+    shutil.rmtree(docs / "data")
+    with pytest.raises(SystemExit, match="no finished run of these factors"):
+        ablations.main(argv)
