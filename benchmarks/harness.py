@@ -250,9 +250,31 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 
 def machine_line() -> str:
+    """Cores, CPU model and the vector instructions torch uses, architecture, Python: enough to
+    tell two machines apart, which matters because the same seed gives slightly different
+    numbers on different CPUs (bit-identical on one machine; README, 'One seed, one result')."""
     import platform
 
-    return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu_model()}, torch {isa}), {platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
 
 
 @contextmanager
