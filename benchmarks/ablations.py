@@ -223,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     reference, variants = ablation_runs(
         args.factors, args.seeds, args.partition, args.out, args.report_only
     )
-    if not reference and not variants:  # rather than overwrite the page with an empty one
-        raise SystemExit(
-            f"[bench-ablations] no finished run of these factors in {args.out} nor in the "
-            f"archive {run_archive.archive_of(args)}: run it without --report-only"
-        )
+    if not reference and not variants:
+        raise run_archive.nothing_to_report(args, "bench-ablations", "these factors")
     command = command_line("benchmarks.ablations", argv)
     seed_runs = reference_at_every_seed(args.partition, args.out)
     names = [r["name"] for runs in [reference, seed_runs, *variants.values()] for r in runs]

@@ -392,11 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     by_budget, floor = budget_runs(
         args.budgets, args.seeds, args.partition, args.out, args.report_only, not args.no_finetune
     )
-    if not floor and not by_budget:  # rather than overwrite the page with an empty one
-        raise SystemExit(
-            f"[bench-budget] no finished run of these budgets in {args.out} nor in the archive "
-            f"{run_archive.archive_of(args)}: run it without --report-only"
-        )
+    if not floor and not by_budget:
+        raise run_archive.nothing_to_report(args, "bench-budget", "these budgets")
     names = [r["name"] for runs in [floor, *by_budget.values()] for r in runs]
     run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-budget")
     # A report-only pass reports the command that makes the runs (as benchmarks.quality does).

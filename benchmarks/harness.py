@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmae_flwr.config import default_run_config, load_config_yaml, to_flat
+from scripts.run import RAY_WORKER_NICENESS, run_config_string
 from scripts.run import run as flwr_run
-from scripts.run import run_config_string
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_ROOT = ROOT / "outputs" / "bench"
@@ -283,8 +283,6 @@ def ray_workers_as_make_run() -> Iterator[str]:
     (0, unless the environment sets ``RAY_worker_niceness``; Ray's own default is 15, which any
     busy program starves: docs/ray-niceness.md); yields the value in force, for the results to
     record. The environment is as it was after the block."""
-    from scripts.run import RAY_WORKER_NICENESS
-
     before = os.environ.get(RAY_WORKER_NICENESS)
     try:
         yield os.environ.setdefault(RAY_WORKER_NICENESS, "0")

@@ -616,11 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_archive.sync(args.out, run_archive.archive_of(args), "bench-quality")
     grid = run_grid(args.algorithms, args.partitions, args.seeds, args.out, args.report_only)
-    if not grid:  # rather than overwrite the page with an empty one
-        raise SystemExit(
-            f"[bench-quality] no finished run of this grid in {args.out} nor in the archive "
-            f"{run_archive.archive_of(args)}: run it without --report-only"
-        )
+    if not grid:
+        raise run_archive.nothing_to_report(args, "bench-quality", "this grid")
     run_archive.keep([r["name"] for runs in grid.values() for r in runs], args.out,
                      run_archive.archive_of(args), "bench-quality")  # fmt: skip
     # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.

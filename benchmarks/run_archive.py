@@ -1,11 +1,11 @@
 """A tracked copy of each grid run's result files, so that a report outlives the machine it ran on.
 
-The runs live under ``outputs/`` (ignored by git, ~50 MB a run with its backbone and
+The runs live under ``outputs/`` (ignored by git, ~23 MB a grid run with its backbone and
 checkpoints), on one machine. When that machine goes, ``--report-only`` has nothing to read and a
 grid cannot be extended by a few runs: every run behind docs/results.md would have to be made
 again (it happened: the 2026-12 grid's runs were lost with their machine). So the reports keep,
-beside the page they write, the few files a report reads of each run (``ARCHIVED``, ~10 kB, and
-the last stage's reconstructions, which the results plot shows):
+beside the page they write, the few files a report reads of each run (``ARCHIVED``, ~30 kB, and
+the last stage's reconstructions, ~50 kB, which the results plot shows):
 ``<docs>/data/runs/<out folder name>/<run name>/``.
 
 ``restore_runs`` copies them back into an out folder that lacks the run, so the unchanged report
@@ -139,3 +139,12 @@ def keep(names: list[str], out_root: Path, archive: Path, tag: str) -> list[str]
     if changed:
         print(f"[{tag}] archived {len(changed)} runs in {archive}")
     return changed
+
+
+def nothing_to_report(args: Any, tag: str, what: str) -> SystemExit:
+    """The error a report raises when it found no finished run of ``what`` (rather than
+    overwrite its page with an empty one)."""
+    return SystemExit(
+        f"[{tag}] no finished run of {what} in {args.out} nor in the archive "
+        f"{archive_of(args)}: run it without --report-only"
+    )
