@@ -14,8 +14,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -277,20 +275,38 @@ def cpu_model() -> str:
     return platform.processor() or "CPU model unknown"
 
 
-@contextmanager
-def ray_workers_as_make_run() -> Iterator[str]:
-    """Inside the block, this process's Ray workers run at the niceness ``make run`` gives them
-    (0, unless the environment sets ``RAY_worker_niceness``; Ray's own default is 15, which any
-    busy program starves: docs/ray-niceness.md); yields the value in force, for the results to
-    record. The environment is as it was after the block."""
-    before = os.environ.get(RAY_WORKER_NICENESS)
-    try:
-        yield os.environ.setdefault(RAY_WORKER_NICENESS, "0")
-    finally:
-        if before is None:
+RAY_DEFAULT = "ray"  # a WorkerNiceness that leaves the variable unset: Ray's own niceness (15)
+
+
+class WorkerNiceness:
+    """``RAY_worker_niceness`` set to ``value`` (or unset for :data:`RAY_DEFAULT`) inside the
+    block, restored after it."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        self._before: str | None = None
+
+    def __enter__(self) -> WorkerNiceness:
+        self._before = os.environ.get(RAY_WORKER_NICENESS)
+        if self.value == RAY_DEFAULT:
             os.environ.pop(RAY_WORKER_NICENESS, None)
         else:
-            os.environ[RAY_WORKER_NICENESS] = before
+            os.environ[RAY_WORKER_NICENESS] = self.value
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is None:
+            os.environ.pop(RAY_WORKER_NICENESS, None)
+        else:
+            os.environ[RAY_WORKER_NICENESS] = self._before
+
+
+def ray_workers_as_make_run() -> WorkerNiceness:
+    """This process's Ray workers at the niceness ``make run`` gives them (0, unless the
+    environment sets ``RAY_worker_niceness``; Ray's own default is 15, which any busy program
+    starves: docs/ray-niceness.md), for a ``with`` block; its ``value`` is what the results
+    record, and the environment is as it was after the block."""
+    return WorkerNiceness(os.environ.get(RAY_WORKER_NICENESS, "0"))
 
 
 def niceness_text(results: list[dict[str, Any]]) -> str:

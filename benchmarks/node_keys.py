@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         report(*saved_results(args.out), args.docs)
         return
     start_results(args.out, "benchmarks.node_keys", argv)
-    with ray_workers_as_make_run() as niceness:
+    with ray_workers_as_make_run() as workers:
         results = []
         for repeat in range(args.repeats):
             for n in args.supernodes:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                     with tempfile.TemporaryDirectory(dir=args.out) as runs:
                         name = f"n{n}-{mode}-r{repeat}"
                         result = simulate(n, mode, args.data, Path(runs), name)
-                        results.append({**result, "worker-niceness": niceness})
+                        results.append({**result, "worker-niceness": workers.value})
                 print(json.dumps(results[-1]), file=sys.stderr)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, saved_results(args.out)[1], args.docs)

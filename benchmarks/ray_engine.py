@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             "and a GPU share of at most 1"
         )
     start_results(args.out, "benchmarks.ray_engine", argv)
-    with ray_workers_as_make_run() as niceness:
+    with ray_workers_as_make_run() as workers:
         deadline = time.monotonic() + args.seconds if args.seconds else None
         settings = [
             {
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
                 "client-gpus": client_gpus,
                 "at-once": concurrency(cpus, args.client_cpus, client_gpus, gpus),
                 "local-epochs": args.local_epochs, "repeat": repeat, "machine": machine_line(),
-                "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "worker-niceness": niceness,
+                "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
+                "worker-niceness": workers.value,
             }
             for repeat in range(args.repeats)
             for client_gpus in args.client_gpus

@@ -32,6 +32,8 @@ from typing import Any
 
 from benchmarks.harness import (
     DOCS,
+    RAY_DEFAULT,
+    WorkerNiceness,
     machine_line,
     pyplot,
     save_figure,
@@ -43,7 +45,6 @@ from scripts.run import RAY_WORKER_NICENESS
 
 OUT = Path("outputs/bench-ray-niceness")
 NICENESS_ENV = RAY_WORKER_NICENESS  # the variable scripts/run.py sets for `make run`
-RAY_DEFAULT = "ray"  # leave the variable unset: Ray's own worker niceness (15)
 
 
 class BusyNeighbours:
@@ -71,29 +72,6 @@ class BusyNeighbours:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-
-
-class WorkerNiceness:
-    """``RAY_worker_niceness`` set to ``value`` (or unset for :data:`RAY_DEFAULT`) inside the
-    block, restored after it."""
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-        self._before: str | None = None
-
-    def __enter__(self) -> WorkerNiceness:
-        self._before = os.environ.get(NICENESS_ENV)
-        if self.value == RAY_DEFAULT:
-            os.environ.pop(NICENESS_ENV, None)
-        else:
-            os.environ[NICENESS_ENV] = self.value
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._before is None:
-            os.environ.pop(NICENESS_ENV, None)
-        else:
-            os.environ[NICENESS_ENV] = self._before
 
 
 def niceness_value(text: str) -> str:
