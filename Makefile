@@ -45,7 +45,8 @@ bench-quality: setup data
 
 # The grid's fine-tune column: every finished grid run's exported backbone fine-tuned under
 # benchmarks.harness.FINETUNE_PROTOCOL (label subsets, lr chosen on validation; cached per run
-# in finetune-protocol.json), then the report again with that column.
+# in finetune-protocol.json), then the report again with that column. Runs archived in
+# docs/data/runs/bench-grid/ are restored first: on a fresh clone it reports their fine-tunes.
 bench-quality-finetune: setup data
 	$(VPY) -m benchmarks.grid_finetune --out outputs/bench-grid
 	$(VPY) -m benchmarks.quality --report-only $(BENCH_ARGS)

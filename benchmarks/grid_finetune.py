@@ -16,7 +16,9 @@ record holds is read back from it, not fine-tuned again.
     .venv/bin/python -m benchmarks.grid_finetune                    # every finished grid run
     .venv/bin/python -m benchmarks.grid_finetune --runs fedmae-iid-s0 --threads 2
 
-``make bench-quality-finetune`` runs it, then ``benchmarks.quality --report-only``.
+``make bench-quality-finetune`` runs it, then ``benchmarks.quality --report-only``. Runs archived
+beside the pages (``benchmarks.run_archive``) are restored first where ``--out`` lacks them; those
+fine-tuned on the machine that made them are reported from their records.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.harness import ALGORITHMS, FINETUNE_PROTOCOL, ROOT, machine_line
+from benchmarks.harness import ALGORITHMS, DOCS, FINETUNE_PROTOCOL, ROOT, machine_line
 from benchmarks.label_efficiency import run_config
 from fedmae_flwr.config import Algorithm, FedMAEConfig, from_flat, to_flat
 from fedmae_flwr.data import load_dataset
@@ -267,9 +269,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default=None, help="default: each run's device key")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the pages' folder (its archive)")
+    # run_archive imports this module's CACHE at its top, so it is imported here, not there.
+    from benchmarks import run_archive
+
+    run_archive.add_archive_argument(parser)
     args = parser.parse_args(argv)
+    # The runs a page reports may have been made on another machine: restore their archived
+    # result files first, so that runs fine-tuned there are reported from their records, as
+    # the report after this (benchmarks.quality --report-only) restores and reads them.
+    archive = run_archive.archive_of(args)
+    if archive.is_dir():
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_archive.sync(args.out, archive, "grid-finetune")
     if not args.out.is_dir():
-        parser.error(f"no run folder {args.out}; run the grid first (make bench-quality)")
+        parser.error(
+            f"no run folder {args.out} and no archive {archive}; run the grid first "
+            "(make bench-quality)"
+        )
     finished = finished_runs(args.out)
     runs = finished if args.runs is None else args.runs
     missing = [r for r in runs if r not in finished]

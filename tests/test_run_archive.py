@@ -140,6 +140,28 @@ def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path, capsys):
     assert "have no exported backbone and no fine-tune" in capsys.readouterr().err
 
 
+def test_the_fine_tune_step_on_a_fresh_clone_reports_the_archived_fine_tunes(tmp_path, capsys):
+    """``make bench-quality-finetune`` where outputs/ is empty: grid_finetune restores the
+    archive first, reports each run's fine-tune from its record, and the report after it reads
+    the same runs (it said "run the grid first" before)."""
+    out, docs = tmp_path / "made" / "bench-grid", tmp_path / "docs"
+    names = _grid_runs(out)
+    archive = run_archive.archive_dir(docs, out)
+    run_archive.archive_runs(names, out, archive)
+    made, _ = _quality_report(out, docs, capsys)
+    fresh = tmp_path / "fresh" / "bench-grid"  # no such folder, as on a fresh clone
+    assert grid_finetune.main(["--out", str(fresh), "--docs", str(docs)]) == 0
+    said = capsys.readouterr().out
+    assert f"restored {len(names)} runs from {archive}" in said
+    assert said.count("(cached)") == len(names) and f"{len(names)} runs under {fresh}" in said
+    again, _ = _quality_report(fresh, docs, capsys)
+    assert again.replace(str(fresh), str(out)) == made
+    # Neither folder nor archive: the error says what to run.
+    with pytest.raises(SystemExit):
+        grid_finetune.parse_args(["--out", str(tmp_path / "none"), "--docs", str(tmp_path)])
+    assert "no run folder" in capsys.readouterr().err
+
+
 def test_an_archived_run_that_does_not_read_is_skipped_named_and_the_rest_restored(
     tmp_path, capsys
 ):
