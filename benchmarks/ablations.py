@@ -227,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         raise run_archive.nothing_to_report(args, "bench-ablations", "these factors")
     command = command_line("benchmarks.ablations", argv)
     seed_runs = reference_at_every_seed(args.partition, args.out)
-    names = [r["name"] for runs in [reference, seed_runs, *variants.values()] for r in runs]
-    run_archive.keep(sorted(set(names)), args.out, run_archive.archive_of(args), "bench-ablations")
+    names = sorted({r["name"] for runs in [reference, seed_runs, *variants.values()] for r in runs})
+    run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-ablations")
+    run_archive.check_page(args.docs / "ablations.md", names, args, "bench-ablations")
     path = write_report(reference, variants, command.strip(), args.partition, args.docs, seed_runs)
+    run_archive.mark_page(path, names)
     print(f"[bench-ablations] wrote {path}")
     return 0
 

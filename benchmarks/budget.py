@@ -396,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         raise run_archive.nothing_to_report(args, "bench-budget", "these budgets")
     names = [r["name"] for runs in [floor, *by_budget.values()] for r in runs]
     run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-budget")
+    run_archive.check_page(args.docs / "budget.md", names, args, "bench-budget")
     # A report-only pass reports the command that makes the runs (as benchmarks.quality does).
     command = command_line("benchmarks.budget", argv).replace(" --report-only", "")
     path = write_report(by_budget, floor, command.strip(), args.partition, args.docs,
                         budgets=args.budgets, seeds=args.seeds)  # fmt: skip
+    run_archive.mark_page(path, names)
     print(f"[bench-budget] wrote {path}")
     return 0
 

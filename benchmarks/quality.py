@@ -618,12 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     grid = run_grid(args.algorithms, args.partitions, args.seeds, args.out, args.report_only)
     if not grid:
         raise run_archive.nothing_to_report(args, "bench-quality", "this grid")
-    run_archive.keep([r["name"] for runs in grid.values() for r in runs], args.out,
-                     run_archive.archive_of(args), "bench-quality")  # fmt: skip
+    names = [r["name"] for runs in grid.values() for r in runs]
+    run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-quality")
+    run_archive.check_page(args.docs / "results.md", names, args, "bench-quality")
     # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.
     command = command_line("benchmarks.quality", argv).replace(" --report-only", "")
     full_grid = is_full_grid(grid, args.algorithms, args.partitions, args.seeds)
     path = write_report(grid, command.strip(), args.docs, args.out, full_grid)
+    run_archive.mark_page(path, names)
     print(f"[bench-quality] wrote {path}")
     return 0
 

@@ -110,13 +110,59 @@ def restore_runs(out_root: Path, archive: Path) -> list[str]:
 
 
 def add_archive_argument(parser: Any) -> None:
-    """``--archive``: where the runs are archived (default ``archive_dir(--docs, --out)``)."""
+    """``--archive``: where the runs are archived (default ``archive_dir(--docs, --out)``);
+    ``--replace-page``: write the page even where it drops runs it reported (``check_page``)."""
     parser.add_argument(
         "--archive",
         type=Path,
         default=None,
         help="tracked copy of the runs' result files (default: <docs>/data/runs/<out name>)",
     )
+    parser.add_argument(
+        "--replace-page",
+        action="store_true",
+        help="write the page even where it leaves out runs the page reports now",
+    )
+
+
+# The last line of a page a report writes: the runs behind it, so that a later report can tell
+# whether it would drop some (an HTML comment: Markdown viewers do not show it).
+PAGE_RUNS = "<!-- runs behind this page: "
+
+
+def page_runs(page: Path) -> list[str] | None:
+    """The runs ``page`` says it reports (None: no such page, or one written without the list)."""
+    if not page.is_file():
+        return None
+    for line in reversed(page.read_text().splitlines()):
+        if line.startswith(PAGE_RUNS) and line.endswith(" -->"):
+            return line.removeprefix(PAGE_RUNS).removesuffix(" -->").split()
+    return None
+
+
+def check_page(page: Path, names: list[str], args: Any, tag: str) -> None:
+    """Refuse to rewrite ``page`` with the runs ``names`` when it reports runs they lack.
+
+    A report writes the runs it finds, in ``--out`` or the archive. Where the page's runs were
+    made on another machine and not all archived (docs/results.md's 2026-12 grid), or where a
+    narrower pass is asked for (fewer seeds), the new page would silently drop rows. The error
+    names the runs and the two ways on: make them again, or ``--replace-page``."""
+    lost = sorted(set(page_runs(page) or []) - set(names))
+    if not lost or args.replace_page:
+        return
+    shown = " ".join(lost[:8]) + (f" ... ({len(lost) - 8} more)" if len(lost) > 8 else "")
+    raise SystemExit(
+        f"[{tag}] {page} reports {len(lost)} runs that this pass would not (not asked for, or "
+        f"neither in {args.out} nor in the archive {archive_of(args)}): {shown}. Writing it "
+        "would drop them: ask for them (the page's Command line) and make them where they are "
+        "missing, or pass --replace-page to write the page without them (git keeps the old one)."
+    )
+
+
+def mark_page(page: Path, names: list[str]) -> None:
+    """End ``page`` with the list of the runs behind it (see ``check_page``)."""
+    text = page.read_text().rstrip("\n")
+    page.write_text(f"{text}\n\n{PAGE_RUNS}{' '.join(sorted(set(names)))} -->\n")
 
 
 def archive_of(args: Any) -> Path:

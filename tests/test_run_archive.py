@@ -54,6 +54,30 @@ def test_a_report_rewritten_without_the_runs_reads_them_from_the_archive(tmp_pat
     assert (docs / "results-reconstructions.png").is_file()
 
 
+def test_a_report_that_would_drop_runs_its_page_reports_refuses_and_names_them(tmp_path, capsys):
+    """A page made where all its runs were, rewritten where some are gone (not archived) or by
+    a narrower pass: refused, the page untouched, the runs named; --replace-page writes it."""
+    out, docs, archive = tmp_path / "bench-grid", tmp_path / "docs", tmp_path / "tracked"
+    names = _grid_runs(out)  # seeds 0 and 1
+    argv = ["--report-only", "--algorithms", "fedmae", "random-init", "--partitions", "iid",
+            "--out", str(out), "--docs", str(docs), "--archive", str(archive)]  # fmt: skip
+    assert quality.main([*argv, "--seeds", "0", "1"]) == 0
+    page = (docs / "results.md").read_text()
+    assert run_archive.page_runs(docs / "results.md") == sorted(names)
+    lost = sorted(n for n in names if n.endswith("-s1"))
+    with pytest.raises(SystemExit, match=f"reports 2 runs that this pass would not .*{lost[0]}"):
+        quality.main([*argv, "--seeds", "0"])  # a narrower pass
+    shutil.rmtree(out)
+    for name in lost:  # made on a lost machine before the archive kept them
+        shutil.rmtree(archive / name)
+    with pytest.raises(SystemExit, match="--replace-page to write the page without them"):
+        quality.main([*argv, "--seeds", "0", "1"])
+    assert (docs / "results.md").read_text() == page
+    assert quality.main([*argv, "--seeds", "0", "1", "--replace-page"]) == 0
+    assert run_archive.page_runs(docs / "results.md") == sorted(set(names) - set(lost))
+    capsys.readouterr()
+
+
 def test_the_archive_follows_a_changed_run_and_skips_an_unfinished_one(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
     names = _grid_runs(out, seeds=(0,))
@@ -117,6 +141,7 @@ def test_the_budget_report_restores_and_archives_its_runs_too(tmp_path, capsys):
     assert budget.main(argv) == 0
     assert f"restored 4 runs from {archive}" in capsys.readouterr().out
     assert (docs / "budget.md").read_text() == made_here
+    assert run_archive.page_runs(docs / "budget.md") == sorted(p.name for p in archive.iterdir())
 
 
 def test_a_restored_run_says_why_it_cannot_be_fine_tuned_anew(tmp_path, capsys):
@@ -194,6 +219,9 @@ def test_the_ablation_report_restores_and_archives_its_runs_too(tmp_path, capsys
     assert ablations.main(argv) == 0
     assert "restored 3 runs from" in capsys.readouterr().out
     assert (docs / "ablations.md").read_text() == made_here
+    assert run_archive.page_runs(docs / "ablations.md") == [
+        "fedmae-iid-s0", "fedmae-iid-s0-depth2", "fedmae-iid-s1"
+    ]  # fmt: skip
     shutil.rmtree(out)
     shutil.rmtree(docs / "data")
     with pytest.raises(SystemExit, match="no finished run of these factors"):
