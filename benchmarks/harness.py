@@ -361,13 +361,65 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
-def saved_results(out: Path) -> tuple[list[dict[str, Any]], str]:
-    """The ``results.json`` and ``command.txt`` a measuring benchmark left in ``out``: what its
-    ``--report-only`` writes the page from (the page names the command that measured)."""
+RESULT_FILES = ("results.json", "command.txt")
+
+
+def results_archive(docs: Path, page: str) -> Path:
+    """Where a measuring benchmark keeps a tracked copy of its ``RESULT_FILES``:
+    ``<docs>/data/<page>/``, so that its page can be rewritten on a machine that did not measure
+    (``outputs/`` is ignored by git; the grid's runs have ``benchmarks.run_archive``)."""
+    return docs / "data" / page
+
+
+def keep_results(out: Path, archive: Path) -> None:
+    """Copy the ``RESULT_FILES`` of ``out`` into ``archive`` (after a measurement)."""
+    import shutil
+
+    archive.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        shutil.copyfile(out / name, archive / name)
+
+
+def reported_results(out: Path, archive: Path) -> tuple[list[dict[str, Any]], str]:
+    """What ``--report-only`` writes the page from: ``out``'s results (kept in ``archive`` too,
+    so results fetched from another machine are tracked with the page), else ``archive``'s."""
+    if all((out / name).is_file() for name in RESULT_FILES):
+        keep_results(out, archive)
+    return saved_results(out, archive)
+
+
+def saved_results(out: Path, archive: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The ``results.json`` and ``command.txt`` a measuring benchmark left in ``out`` (or, where
+    ``out`` has none, its tracked copy in ``archive``): what its ``--report-only`` writes the
+    page from (the page names the command that measured)."""
     import json
 
-    results = json.loads((out / "results.json").read_text())
-    return results, (out / "command.txt").read_text().strip()
+    source = out
+    if not (out / "results.json").is_file() and archive is not None:
+        source = archive
+    if not all((source / name).is_file() for name in RESULT_FILES):
+        where = f"{out}" + ("" if archive is None else f" nor in {archive}")
+        raise SystemExit(
+            f"no {' and '.join(RESULT_FILES)} in {where}: measure first (without --report-only)"
+        )
+    results = json.loads((source / "results.json").read_text())
+    return results, (source / "command.txt").read_text().strip()
+
+
+def results_text(default_out: Path, archive: Path) -> str:
+    """The page's sentence on where its measurements are."""
+    return (
+        f"Results: `results.json` in the command's `--out` (default `{default_out}`), tracked in "
+        f"`{_shown(archive)}`; this page is written from it."
+    )
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it is inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def start_results(out: Path, module: str, argv: list[str] | None) -> None:

@@ -12,7 +12,8 @@ gives medians and the cost as the difference of the two modes' medians.
 
     .venv/bin/python -m benchmarks.node_keys --supernodes 100 1000 2000 --repeats 2
 
-Writes ``docs/node-keys.md`` and ``docs/node-keys.png`` (and ``<out>/results.json``).
+Writes ``docs/node-keys.md`` and ``docs/node-keys.png`` (and ``<out>/results.json``, with a tracked
+copy in ``docs/data/node-keys/`` that ``--report-only`` reads where ``<out>`` has none).
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from typing import Any
 
 from benchmarks.harness import (
     DOCS,
+    keep_results,
     machine_line,
     niceness_text,
     pyplot,
     ray_workers_as_make_run,
+    reported_results,
+    results_archive,
+    results_text,
     save_figure,
     saved_results,
     start_results,
@@ -39,6 +44,7 @@ from benchmarks.harness import (
 from fedmae_flwr.data.fashion_mnist import DEFAULT_DIR
 
 OUT = Path("outputs/bench-node-keys")
+PAGE = "node-keys"
 DATA = Path(DEFAULT_DIR)  # the app's own default, so both read one place
 SMALL_RUN = {
     "depth": 1, "rounds-per-stage": 3, "clients-per-round": 10, "evaluate-clients": 0,
@@ -117,9 +123,8 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         "# What sampling by node key costs",
         "",
         f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}; "
-        f"{niceness_text(results)}). Results: "
-        f"`results.json` in the command's `--out` (default `{OUT}`); this page is written from "
-        "it. Seconds are the machine's at the time: other jobs may have shared it, and per-"
+        f"{niceness_text(results)}). {results_text(OUT, results_archive(docs, PAGE))} "
+        "Seconds are the machine's at the time: other jobs may have shared it, and per-"
         "message costs grow steeply when they do (README, 'One seed, one result').",
         "",
         "FedMAE asks every node once per run for its key (a `query` message; "
@@ -185,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--report-only", action="store_true", help="report <out>/results.json")
     args = parser.parse_args(argv)
+    archive = results_archive(args.docs, PAGE)
     if args.report_only:
-        report(*saved_results(args.out), args.docs)
+        report(*reported_results(args.out, archive), args.docs)
         return
     start_results(args.out, "benchmarks.node_keys", argv)
     with ray_workers_as_make_run() as workers:
@@ -200,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                         results.append({**result, "worker-niceness": workers.value})
                 print(json.dumps(results[-1]), file=sys.stderr)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    keep_results(args.out, archive)
     report(results, saved_results(args.out)[1], args.docs)
 
 

@@ -20,7 +20,8 @@ and records:
 
 Writes ``docs/<name>.md`` and ``docs/<name>.png`` (``--name``, default ``ray-engine``; and
 ``<out>/results.json`` after every
-simulation, so a run stopped by a time limit keeps what it measured).
+simulation, so a run stopped by a time limit keeps what it measured; a tracked copy in
+``docs/data/<name>/`` after the last, which ``--report-only`` reads where ``<out>`` has none).
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ from typing import Any
 
 from benchmarks.harness import (
     DOCS,
+    keep_results,
     machine_line,
     niceness_text,
     pyplot,
     ray_workers_as_make_run,
+    reported_results,
+    results_archive,
+    results_text,
     save_figure,
     saved_results,
     start_results,
@@ -214,8 +219,8 @@ def report(
         f"{'sharing a GPU' if first['gpu'] else 'on CPUs alone'}",
         "",
         f"Command: `{command}` ({first['machine']}; GPU: {first['gpu'] or 'none'}; "
-        f"{first['date']}; {niceness_text(results)}). Results: `results.json` in the command's "
-        f"`--out` (default `{OUT}`); this page is written from it.",
+        f"{first['date']}; {niceness_text(results)}). "
+        + results_text(OUT, results_archive(docs, name)),
         "",
         "Each row is one `flwr.simulation.run_simulation` of this app (Ray backend; the engine "
         "`flwr run` uses), Fashion-MNIST split over the SuperNodes, the fmnist-gpu model (width "
@@ -321,8 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"--clients {args.clients}: each must be at most --supernodes {args.supernodes}"
         )
+    archive = results_archive(args.docs, args.name)
     if args.report_only:
-        report(*saved_results(args.out), args.docs, args.name)
+        report(*reported_results(args.out, archive), args.docs, args.name)
         return
     import torch
 
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if not results:
         raise SystemExit("[ray-engine] no simulation finished")
+    keep_results(args.out, archive)
     report(results, saved_results(args.out)[1], args.docs, args.name)
 
 

@@ -14,7 +14,8 @@ which Flower does at every simulation), alone and beside ``--neighbours`` busy p
         --neighbours 0 2 --repeats 2
 
 Writes ``docs/ray-niceness.md`` and ``docs/ray-niceness.png`` (and ``<out>/results.json``
-after every simulation).
+after every simulation; a tracked copy in ``docs/data/ray-niceness/`` after the last, which
+``--report-only`` reads where ``<out>`` has none).
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ from benchmarks.harness import (
     DOCS,
     RAY_DEFAULT,
     WorkerNiceness,
+    keep_results,
     machine_line,
     pyplot,
+    reported_results,
+    results_archive,
+    results_text,
     save_figure,
     saved_results,
     start_results,
@@ -44,6 +49,7 @@ from benchmarks.ray_engine import DATA, concurrency, simulate, summarize
 from scripts.run import RAY_WORKER_NICENESS
 
 OUT = Path("outputs/bench-ray-niceness")
+PAGE = "ray-niceness"
 NICENESS_ENV = RAY_WORKER_NICENESS  # the variable scripts/run.py sets for `make run`
 
 
@@ -109,8 +115,8 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
     lines = [
         "# Flower's Ray engine beside other work: Ray's worker niceness",
         "",
-        f"Command: `{command}` ({first['machine']}; {first['date']}). Results: `results.json` "
-        f"in the command's `--out` (default `{OUT}`); this page is written from it.",
+        f"Command: `{command}` ({first['machine']}; {first['date']}). "
+        + results_text(OUT, results_archive(docs, PAGE)),
         "",
         "Ray runs Flower's virtual clients in worker processes at niceness 15 unless "
         f"`{NICENESS_ENV}` says otherwise. Each row is the same simulation as "
@@ -173,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--clients {args.clients}: at most --supernodes {args.supernodes}")
     if any(n < 0 for n in args.neighbours):
         parser.error(f"--neighbours {args.neighbours}: each must be >= 0")
+    archive = results_archive(args.docs, PAGE)
     if args.report_only:
-        report(*saved_results(args.out), args.docs)
+        report(*reported_results(args.out, archive), args.docs)
         return
     start_results(args.out, "benchmarks.ray_niceness", argv)
     base = {
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(simulate(setting, args.data, Path(runs), name, args.rounds, 1))
                 print(json.dumps(results[-1]), file=sys.stderr)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    keep_results(args.out, archive)
     report(results, saved_results(args.out)[1], args.docs)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -78,7 +79,12 @@ def test_two_settings_on_ray_write_results_and_a_page(fmnist_dir, tmp_path, monk
         r["worker-niceness"] == "0" for r in results
     )
     assert RAY_WORKER_NICENESS not in os.environ
-    # the page can be rewritten from the results alone
+    # the page can be rewritten from the results alone, and from their tracked copy beside
+    # the pages where the out folder is gone (another machine)
+    assert f"tracked in `{docs / 'data' / 'ray-engine'}`" in page
     (docs / "ray-engine.md").unlink()
+    ray_engine.main(["--report-only", "--out", str(out), "--docs", str(docs)])
+    assert (docs / "ray-engine.md").read_text() == page
+    shutil.rmtree(out)
     ray_engine.main(["--report-only", "--out", str(out), "--docs", str(docs)])
     assert (docs / "ray-engine.md").read_text() == page

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -438,6 +439,33 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     assert "(4 CPU cores; 2026-01-02; Ray workers at niceness 15 (Ray's default))" in text
     node_keys.report([{**r, "worker-niceness": "0"} for r in results], "cmd", tmp_path)
     assert "2026-01-02; Ray workers at niceness 0)" in (tmp_path / "node-keys.md").read_text()
+
+
+def test_a_measuring_benchmarks_page_is_rewritten_from_its_tracked_results(tmp_path, capsys):
+    """node_keys --report-only: results in --out are kept beside the pages (results fetched
+    from another machine included); without them the tracked copy is read; neither: an error
+    naming both places."""
+    from benchmarks import node_keys
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    results = [{"supernodes": 10, "sample-by": mode, "queried": 10 * (mode == "node-key"),
+                "key-seconds": 1.0 * (mode == "node-key"), "round-seconds": [3.0, 1.0, 1.0],
+                "wall-seconds": 9.0, "date": "2026-01-02", "machine": "4 CPU cores"}
+               for mode in ("node-key", "node-id")]  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "command.txt").write_text("python -m benchmarks.node_keys --supernodes 10")
+    node_keys.main(["--report-only", "--out", str(out), "--docs", str(docs)])
+    page = (docs / "node-keys.md").read_text()
+    tracked = docs / "data" / "node-keys"
+    assert json.loads((tracked / "results.json").read_text()) == results
+    assert f"tracked in `{tracked}`" in page and "--supernodes 10`" in page
+    shutil.rmtree(out)
+    node_keys.main(["--report-only", "--out", str(out), "--docs", str(docs)])
+    assert (docs / "node-keys.md").read_text() == page
+    shutil.rmtree(tracked)
+    with pytest.raises(SystemExit, match=f"no results.json and command.txt in {out} nor in"):
+        node_keys.main(["--report-only", "--out", str(out), "--docs", str(docs)])
 
 
 def test_a_probe_only_noise_floor_is_measured_and_reported_without_fine_tunes(tmp_path, fmnist_dir):
