@@ -309,10 +309,15 @@ def ray_workers_as_make_run() -> WorkerNiceness:
     return WorkerNiceness(os.environ.get(RAY_WORKER_NICENESS, "0"))
 
 
+def niceness_label(value: str) -> str:
+    """A worker niceness as the pages write it: ``RAY_DEFAULT`` is "15 (Ray's default)"."""
+    return "15 (Ray's default)" if value == RAY_DEFAULT else value
+
+
 def niceness_text(results: list[dict[str, Any]]) -> str:
     """The Ray workers' niceness the results were measured at (those measured before it was
-    recorded ran at Ray's default, 15: nothing set it then)."""
-    values = sorted({str(r.get("worker-niceness", "15 (Ray's default)")) for r in results})
+    recorded ran at Ray's default: nothing set it then)."""
+    values = sorted({niceness_label(str(r.get("worker-niceness", RAY_DEFAULT))) for r in results})
     return f"Ray workers at niceness {' and '.join(values)}"
 
 

@@ -37,6 +37,7 @@ from benchmarks.harness import (
     WorkerNiceness,
     keep_results,
     machine_line,
+    niceness_label,
     pyplot,
     reported_results,
     results_archive,
@@ -95,10 +96,6 @@ def niceness_value(text: str) -> str:
     return str(value)
 
 
-def _label(niceness: str) -> str:
-    return "Ray's default (15)" if niceness == RAY_DEFAULT else niceness
-
-
 def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
     """``docs/ray-niceness.md`` (a row per niceness x neighbours) and ``ray-niceness.png``."""
     docs.mkdir(parents=True, exist_ok=True)
@@ -139,9 +136,10 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         steady = med(runs, "steady")
         alone = groups.get((niceness, 0))
         ratio = f"{steady / med(alone, 'steady'):.1f}" if alone else "-"
-        bars.append((f"{_label(niceness)}\n{neighbours} busy", steady))
+        label = niceness_label(niceness)
+        bars.append((f"{label}\n{neighbours} busy", steady))
         lines.append(
-            f"| {_label(niceness)} | {neighbours} | {len(runs)} | {med(runs, 'round-1'):.1f} | "
+            f"| {label} | {neighbours} | {len(runs)} | {med(runs, 'round-1'):.1f} | "
             f"{med(runs, 'key-seconds'):.1f} | {steady:.2f} | {ratio} | "
             f"{med(runs, 'client-train-seconds'):.2f} | {med(runs, 'wall-seconds'):.0f} |"
         )

@@ -66,9 +66,9 @@ def test_the_page_compares_each_condition_with_the_same_niceness_alone(tmp_path)
     docs = tmp_path / "new-docs"  # made by the report
     ray_niceness.report(results, "cmd", docs)
     text = (docs / "ray-niceness.md").read_text()
-    assert "| Ray's default (15) | 2 | 1 | 20.0 | 4.0 | 30.00 | 15.0 | 0.20 | 30 |" in text
+    assert "| 15 (Ray's default) | 2 | 1 | 20.0 | 4.0 | 30.00 | 15.0 | 0.20 | 30 |" in text
     assert "| 0 | 2 | 1 | 20.0 | 4.0 | 5.00 | 2.0 | 0.20 | 30 |" in text
-    assert text.index("Ray's default (15) | 0") < text.index("| 0 | 0 |")
+    assert text.index("15 (Ray's default) | 0") < text.index("| 0 | 0 |")
     assert (docs / "ray-niceness.png").is_file()
 
 
