@@ -134,11 +134,24 @@ def smallest_paying_budget(
     random init of the same seed (same init draw, label subsets and fine-tuning seed), one sign
     at every seed and a mean beyond the noise ``bound`` (no bound: one sign at >= 3 seeds).
     """
+    verdicts = budget_verdicts(by_budget, floor, key, bound)
+    return next((b for b, said in verdicts.items() if said == "ahead at every seed"), None)
+
+
+def budget_verdicts(
+    by_budget: dict[tuple[int, int], list[dict]],
+    floor: list[dict],
+    key: str,
+    bound: float | None,
+) -> dict[tuple[int, int], str]:
+    """Each budget's verdict under ``key`` against random init, smallest budget first; a budget
+    with no seed paired with random init is left out."""
+    verdicts = {}
     for budget in _budget_order(by_budget):
         diffs = quality.paired_differences(by_budget[budget], floor, key, "random-init")
-        if diffs and quality.verdict(list(diffs.values()), bound) == "ahead at every seed":
-            return budget
-    return None
+        if diffs:
+            verdicts[budget] = quality.verdict(list(diffs.values()), bound)
+    return verdicts
 
 
 def _signed(diffs: list[float]) -> str:
@@ -304,12 +317,9 @@ def _verdicts(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
     """Per metric, each budget's verdict and the smallest at which FedMAE is ahead (or none)."""
     lines = []
     for key, _, name in ACCURACY_LABELS:
-        each = "; ".join(
-            f"{r} x {e}: " + quality.verdict(list(diffs.values()), bounds.get(key))
-            for (r, e) in _budget_order(by_budget)
-            if (diffs := quality.paired_differences(by_budget[(r, e)], floor, key, "random-init"))
-        )
-        budget = smallest_paying_budget(by_budget, floor, key, bounds.get(key))
+        verdicts = budget_verdicts(by_budget, floor, key, bounds.get(key))
+        each = "; ".join(f"{r} x {e}: {said}" for (r, e), said in verdicts.items())
+        budget = next((b for b, said in verdicts.items() if said == "ahead at every seed"), None)
         pays = "none" if budget is None else f"{budget[0]} x {budget[1]}"
         lines.append(f"- {name}: {each or 'no paired seeds'}; smallest budget ahead at every "
                      f"seed: {pays}")  # fmt: skip
