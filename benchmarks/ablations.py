@@ -33,9 +33,10 @@ from benchmarks.harness import (
     add_run_arguments,
     command_line,
     finished_seeds,
-    machine_line,
+    machines_text,
     mean_std,
     pyplot,
+    run_machines,
     run_variant,
     save_figure,
 )
@@ -186,10 +187,11 @@ def write_report(
         plot(reference, variants, docs / "ablations.png")
         pictures.append("![ablations.png](ablations.png)")
     seeds = sorted({r["seed"] for r in reference})
+    machines = machines_text(run_machines([*reference, *(r for v in variants.values() for r in v)]))
     lines = [
         "# Ablations: one FedMAE design choice at a time",
         "",
-        f"Command: `{command}` (seeds {seeds}; {machine_line()}).",
+        f"Command: `{command}` (seeds {seeds}; {machines}).",
         "",
         f"Reference: fedmae on Fashion-MNIST, {partition} over {NUM_SUPERNODES} nodes, "
         + ", ".join(f"{k}={v}" for k, v in {**BUDGET, **REFERENCE}.items())

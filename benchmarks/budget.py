@@ -37,9 +37,10 @@ from benchmarks.harness import (
     accuracies,
     add_run_arguments,
     command_line,
-    machine_line,
+    machines_text,
     mean_std,
     pyplot,
+    run_machines,
     run_variant,
     save_figure,
 )
@@ -209,13 +210,13 @@ def _header(by_budget: dict, floor: list[dict], command: str, partition: str) ->
     }
     protocol = ", ".join(f"{k}={v}" for k, v in FINETUNE_PROTOCOL.items())
     cost = quality.finetune_cost(grid)
-    where = "" if machine_line() in cost else f"; {machine_line()}"
     return [
         "# Does pretraining pay? Accuracy against the pretraining budget",
         "",
         f"Command: `{command}` (seeds {seeds}; the runs' ServerApp wall time adds up to "
-        f"{seconds / 60:.0f} min{quality.startup_text(every_run)}; the protocol fine-tunes "
-        f"add up to{cost.removeprefix(',') or ' nothing yet'}{where}; report written "
+        f"{seconds / 60:.0f} min{quality.startup_text(every_run)} on "
+        f"{machines_text(run_machines(every_run))}; the protocol fine-tunes "
+        f"add up to{cost.removeprefix(',') or ' nothing yet'}; report written "
         f"{time.strftime('%Y-%m-%d', time.gmtime())} UTC).",
         "",
         f"FedMAE on Fashion-MNIST, {partition} over {NUM_SUPERNODES} nodes, "

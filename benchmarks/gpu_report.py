@@ -30,8 +30,10 @@ from benchmarks.harness import (
     OUT_ROOT,
     PARTITIONS,
     finished_seeds,
+    machines_text,
     protocols,
     pyplot,
+    run_machines,
     run_variant,
     save_figure,
 )
@@ -168,11 +170,10 @@ def time_text(runs: list[dict[str, Any]], cpu: list[dict]) -> str:
     if not cpu:
         return f"{text}; {grid} (docs/budget.md has this budget's time on the CPU)."
     cpu_minutes = statistics.fmean(r["summary"]["wall-seconds"] for r in cpu) / 60
-    machines = {r.get("bench", {}).get("machine") for r in cpu}
-    where = f" on {machines.pop()}" if len(machines) == 1 and None not in machines else ""
+    where = machines_text(run_machines(cpu))
     return (
-        f"{text}, against {cpu_minutes:.0f} min for the same budget{where} through `flwr run` "
-        f"(docs/budget.md), which is why {grid}."
+        f"{text}, against {cpu_minutes:.0f} min for the same budget on {where} through "
+        f"`flwr run` (docs/budget.md), which is why {grid}."
     )
 
 

@@ -262,6 +262,27 @@ def machine_line() -> str:
     )
 
 
+NOT_RECORDED = "machine not recorded"
+
+
+def machines_text(machines: list[str | None], noun: str = "run") -> str:
+    """The machine(s) a page's measurements were made on, from their records (never this
+    machine's: a page may be rewritten elsewhere from tracked records): the one machine, or each
+    with how many of them it made ("A (4 runs); B (2 runs)"); a record without one is
+    :data:`NOT_RECORDED`."""
+    counts: dict[str, int] = {}
+    for machine in machines:
+        counts[machine or NOT_RECORDED] = counts.get(machine or NOT_RECORDED, 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), NOT_RECORDED)
+    return "; ".join(f"{machine} ({n} {noun}{'s' * (n != 1)})" for machine, n in counts.items())
+
+
+def run_machines(runs: list[dict[str, Any]]) -> list[str | None]:
+    """The machine each run's ``RUN_RECORD`` names (None where it names none)."""
+    return [run.get("bench", {}).get("machine") for run in runs]
+
+
 def cpu_model() -> str:
     """The CPU's model name as the kernel reports it (``platform.processor()`` elsewhere)."""
     import platform

@@ -44,8 +44,9 @@ from benchmarks.harness import (
     accuracy,
     add_run_arguments,
     command_line,
-    machine_line,
+    machines_text,
     mean_std,
+    run_machines,
 )
 from benchmarks.quality_grid import (
     DEFAULT_SEEDS,
@@ -443,17 +444,14 @@ def kept_lr_tally(grid: Grid) -> str:
 
 
 def finetune_cost(grid: Grid) -> str:
-    """``", 28 min on <machine>"``: the protocol fine-tunes' cached seconds, summed.
-
-    The machine is named when every cached record names the same one.
-    """
+    """``", 28 min on <machine>"``: the protocol fine-tunes' cached seconds, summed, and the
+    machine(s) their records name (:func:`~benchmarks.harness.machines_text`)."""
     records = [r[FINETUNE_RECORD] for runs in grid.values() for r in runs if FINETUNE_RECORD in r]
     seconds = [rec["seconds"] for rec in records if "seconds" in rec]
     if not seconds:
         return ""
-    machines = {rec.get("machine") for rec in records}
-    where = f" on {machines.pop()}" if len(machines) == 1 and None not in machines else ""
-    return f", {sum(seconds) / 60:.0f} min{where}"
+    where = machines_text([rec.get("machine") for rec in records], "fine-tune")
+    return f", {sum(seconds) / 60:.0f} min on {where}"
 
 
 def _kept_lrs_text(lrs: list[float]) -> str:
@@ -557,7 +555,7 @@ def command_text(grid: Grid, command: str) -> str:
     return (
         f"Command: `{command}` ({len(grid)} rows, seeds {seeds}; the runs' ServerApp wall "
         f"time adds up to {seconds / 60:.0f} min{startup_text(every_run)}, on "
-        f"{machine_line()})."
+        f"{machines_text(run_machines(every_run))})."
     )
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from benchmarks import ablations, budget, quality
-from benchmarks.harness import machine_line, run_name
+from benchmarks.harness import run_name
 from benchmarks.quality_grid import FINETUNE_KEY, FINETUNE_RECORD
 from tests.test_bench_report import fake_run
 
@@ -149,8 +149,8 @@ def test_budget_fine_tune_bound_defaults_to_the_random_init_runs_own_subsets(tmp
         "| 5 x 1 | fine-tune | s0 +2.0, s1 +2.0 | +2.0 | < 0.001 | 2.6 | 2 seeds: not shown |"
         in text
     )
-    # the fake records name no machine, so the report names it itself
-    assert f"; the protocol fine-tunes add up to 3 min; {machine_line()}; report written" in text
+    # the fake records name no machine: the page says so rather than name the one writing it
+    assert "; the protocol fine-tunes add up to 3 min on machine not recorded; report" in text
     assert "- random-init-s0: 71.0, 72.0, 73.0 (72.0 ± 0.0; kept lr 0.001)" in text
 
 
@@ -439,6 +439,16 @@ def test_node_keys_report_costs_the_difference_of_the_two_modes(tmp_path):
     assert "(4 CPU cores; 2026-01-02; Ray workers at niceness 15 (Ray's default))" in text
     node_keys.report([{**r, "worker-niceness": "0"} for r in results], "cmd", tmp_path)
     assert "2026-01-02; Ray workers at niceness 0)" in (tmp_path / "node-keys.md").read_text()
+
+
+def test_a_page_names_the_machines_its_records_name_with_their_counts():
+    from benchmarks.harness import NOT_RECORDED, machines_text
+
+    assert machines_text(["A", "A"]) == "A"
+    assert machines_text(["A", None, "B", "A"], "fine-tune") == (
+        f"A (2 fine-tunes); {NOT_RECORDED} (1 fine-tune); B (1 fine-tune)"
+    )
+    assert machines_text([]) == machines_text([None]) == NOT_RECORDED
 
 
 def test_a_measuring_benchmarks_page_is_rewritten_from_its_tracked_results(tmp_path, capsys):

@@ -22,7 +22,10 @@ def _grid_runs(out, seeds=(0, 1)) -> list[str]:
             name = write_run_dir(out, algorithm, "iid", seed, 0.7, GRID_EVALUATION)
             record = protocol_record(algorithm, [a + seed / 100 for a in subsets], 600.0)
             (out / name / CACHE).write_text(json.dumps(record))
-            (out / name / RUN_RECORD).write_text(json.dumps({"flwr-run-seconds": 130.0}))
+            machine = "64 CPU cores (the machine that made it)" if seed else None
+            (out / name / RUN_RECORD).write_text(
+                json.dumps({"flwr-run-seconds": 130.0, "machine": machine})
+            )
             names.append(name)
     return names
 
@@ -45,6 +48,10 @@ def test_a_report_rewritten_without_the_runs_reads_them_from_the_archive(tmp_pat
     assert kept == sorted(["summary.json", "metrics.jsonl", "config.yaml", RUN_RECORD, CACHE,
                            "reconstructions", "reconstructions/stage-0.png"])  # fmt: skip
     assert "75.5" in made_here  # the fine-tune column came through (mean of s0 75.0, s1 76.0)
+    # the machines are those the runs' records name, not the one writing the page
+    assert ("on machine not recorded (2 runs); 64 CPU cores (the machine that made it) (2 runs))"
+            in made_here)  # fmt: skip
+    assert "it ran for every run, 40 min on the test machine." in made_here
 
     shutil.rmtree(out)  # the machine that made the runs is gone
     rewritten, said = _quality_report(out, docs, capsys)
