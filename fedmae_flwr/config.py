@@ -122,6 +122,12 @@ def _check(section: Any, rules: dict[str, tuple[typing.Callable[[Any], bool], st
 
 AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
 AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0")
+# run-name is one folder under output-dir: a path ('a/b', '/etc', '..', '.') would put the run,
+# and the moving aside of an earlier run of that name, outside it or onto output-dir itself.
+PLAIN_NAME = (
+    lambda v: v not in ("", ".", "..") and "/" not in v and "\\" not in v,
+    "a plain folder name (no '/' or '\\', not '.' or '..'), e.g. fedmae-fmnist",
+)
 POSITIVE = (lambda v: v > 0, "a number > 0")
 OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
 HALF_OPEN_UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -238,7 +244,11 @@ class ScheduleConfig:
 
     rounds_per_stage: int = _opt(5, "R: rounds that train one block.")
     clients_per_round: int = _opt(10, "Nodes sampled per train round.")
-    evaluate_clients: int = _opt(5, "Nodes that evaluate at each stage end; 0 disables.")
+    evaluate_clients: int = _opt(
+        5,
+        "Nodes that evaluate at each stage end (at most: fewer where fewer are connected); "
+        "0 disables.",
+    )
     min_available_clients: int = _opt(0, "Nodes to wait for before a round; 0 = clients-per-round.")
     sample_by: SampleBy = _opt(
         SampleBy.NODE_KEY,
@@ -504,7 +514,7 @@ class FedMAEConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
-        _check(self, {"local_clients": AT_LEAST_1})
+        _check(self, {"local_clients": AT_LEAST_1, "run_name": PLAIN_NAME, "seed": AT_LEAST_0})
         federated = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
         if self.resume and self.algorithm not in federated:
             raise _bad(

@@ -3,7 +3,8 @@
 Resume trusts only what it can check (README "Resume after a crash"):
 
 - a resumed run must have the run's own config: :func:`check_resume_config` names every key that
-  differs (old -> new), apart from ``RESUME_MAY_DIFFER`` (where the run is, how it waits);
+  differs (old -> new), apart from ``RESUME_MAY_DIFFER`` (where the run is, how it waits, how
+  many nodes evaluate);
 - it continues from the newest checkpoint that reads back whole (:func:`latest_checkpoint`),
   skipping, and logging, a truncated or corrupt one; ``KEEP_CHECKPOINTS`` >= 2 leaves one to
   fall back to;
@@ -43,7 +44,9 @@ PREVIOUS_RUNS = ".previous-runs"
 # and where the run executes and waits, not what it computes. Every other key must be equal.
 RESUME_MAY_DIFFER = frozenset(
     {"resume", "output-dir", "run-name", "preset", "device", "client-threads",
-     "node-wait-timeout", "round-timeout"}
+     "node-wait-timeout", "round-timeout",
+     # how many nodes measure at stage ends: the model's training does not depend on it
+     "evaluate-clients"}
 )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
-from fedmae_flwr.config import Algorithm, FedMAEConfig, resolve_config
+from fedmae_flwr.config import Algorithm, ConfigError, FedMAEConfig, resolve_config
 from fedmae_flwr.data import DatasetSplits, load_dataset
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import evaluate_backbones
@@ -34,6 +34,7 @@ from fedmae_flwr.models import (
     fresh_block_state,
     fresh_decoder_state,
     initial_state,
+    model_from_state,
     timm_kwargs,
 )
 from fedmae_flwr.models.export import TIMM_BASE_MODEL
@@ -179,8 +180,31 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
     if checkpoint is None:
         log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None
+    check_checkpoint_fits(cfg, *checkpoint, folder)
     log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint[0])
     return checkpoint
+
+
+def check_checkpoint_fits(
+    cfg: FedMAEConfig, server_round: int, arrays: ArrayRecord, folder: Any
+) -> None:
+    """ConfigError unless ``arrays`` load into this config's model (names and shapes).
+
+    config.yaml matching is not enough: a checkpoint copied in from another run would be sent
+    to every node, and each would fail on it (``size mismatch``) deep inside the round."""
+    try:
+        model_from_state(cfg.model, torch_state(arrays))
+    except (RuntimeError, ValueError, KeyError) as err:
+        # torch's load_state_dict error starts with a header line; the first line after it
+        # names the first tensor that differs.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        lines = lines[1:] if lines and lines[0].startswith("Error(s) in loading") else lines
+        first = lines[0] if lines else type(err).__name__
+        raise ConfigError(
+            f"resume: the round-{server_round} checkpoint under {folder} does not fit this run's "
+            f"model ({first}): it was made with another model config. Resume it with the config "
+            "it was made with, or start a fresh run (resume=false moves this one aside)."
+        ) from err
 
 
 def evaluate_downstream(

@@ -55,6 +55,12 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         ({"depth": "deep"}, r"'depth' in run-config"),
         ({"patch-size": 5}, r"'patch-size': 5. Allowed: a divisor of img-size \(28\)"),
         ({"num-heads": 5}, r"'num-heads'.*divisor of embed-dim"),
+        # run-name is one folder under output-dir, never a path to move aside or write into
+        ({"run-name": "."}, r"'run-name': '.'. Allowed: a plain folder name"),
+        ({"run-name": ".."}, r"'run-name': '..'. Allowed: a plain folder name"),
+        ({"run-name": "/etc"}, r"'run-name': '/etc'. Allowed: a plain folder name"),
+        ({"run-name": "a/b"}, r"'run-name': 'a/b'. Allowed: a plain folder name"),
+        ({"seed": -1}, r"'seed': -1. Allowed: an integer >= 0"),
     ],
 )
 def test_bad_values_fail_with_key_and_allowed_values(override, pattern):

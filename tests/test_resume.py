@@ -126,6 +126,26 @@ def test_resume_refuses_a_run_made_with_another_config(cpu_overrides):
         run(LocalGrid(6, same), resolve_config(same))
 
 
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_model_before_any_node_gets_it(
+    cpu_overrides,
+):
+    """A checkpoint copied in from a run of another width: config.yaml matches, the tensors do
+    not (every node failed on 'size mismatch' inside the round, the cause in a Ray trace)."""
+    run_dir = _crashed_run(cpu_overrides)
+    other = {**cpu_overrides, "run-name": "wider", "embed-dim": 48}
+    wider = _crashed_run(other)
+    for name in ("round-0001.safetensors", "round-0002.safetensors"):
+        (run_dir / "checkpoints" / name).write_bytes((wider / "checkpoints" / name).read_bytes())
+    resumed = {**cpu_overrides, "resume": True}
+    grid = LocalGrid(6, resumed)
+    with pytest.raises(ConfigError) as refused:
+        run(grid, resolve_config(resumed))
+    message = str(refused.value)
+    assert "the round-2 checkpoint under" in message and "does not fit this run's model" in message
+    assert "size mismatch" in message or "shape" in message
+    assert grid.sent == [] and [r["round"] for r in _rows(run_dir)] == [1, 2]
+
+
 def test_resume_falls_back_past_a_truncated_checkpoint(cpu_overrides, caplog):
     whole = {**cpu_overrides, "run-name": "whole"}
     run(LocalGrid(6, whole), resolve_config(whole))

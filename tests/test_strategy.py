@@ -174,6 +174,41 @@ def test_evaluate_runs_only_at_stage_ends(setup):
     assert metrics is not None and metrics["eval-loss"] > 0
 
 
+def test_a_small_deployment_evaluates_on_the_nodes_it_has_instead_of_failing(
+    tiny_overrides, caplog
+):
+    """2 nodes, evaluate-clients 5 (the default): every stage end evaluates on both, with a
+    warning, at once (the run waited node-wait-timeout, then failed at stage 0's end)."""
+    overrides = {**tiny_overrides, "clients-per-round": 2, "evaluate-clients": 5,
+                 "node-wait-timeout": 5}  # fmt: skip
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(2, overrides)
+    result = strategy.start(grid, initial_arrays(cfg))
+    assert sorted(result.evaluate_metrics_clientapp) == [2, 4]  # both stage ends measured
+    evaluations = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(evaluations) == 4  # 2 nodes x 2 stage ends
+    assert "round 2 evaluates on 2 nodes, not 5: only 2 usable nodes" in caplog.text
+    # With no node left to evaluate, the stage end is not measured and the run goes on.
+    strategy._excluded.update(grid.get_node_ids())
+    assert list(strategy.configure_evaluate(4, result.arrays, ConfigRecord(), grid)) == []
+
+
+def test_num_rounds_past_the_cascade_is_refused_and_fewer_warn(tiny_overrides, caplog):
+    """A Flower user passes num_rounds to start(): past depth x rounds-per-stage there is no
+    block to train (every node failed on 'num_blocks must be in [1, depth]')."""
+    overrides = {**tiny_overrides, "evaluate-clients": 0}
+    cfg = resolve_config(overrides)  # depth 2 x 2 rounds per stage
+    strategy, grid = build_strategy(cfg), LocalGrid(6, overrides)
+    with pytest.raises(ValueError, match=r"num_rounds 5 is past .* = 4; pass num_rounds <= 4"):
+        strategy.start(grid, initial_arrays(cfg), num_rounds=5)
+    assert grid.sent == []  # refused before any work
+    result = strategy.start(grid, initial_arrays(cfg), num_rounds=2)
+    assert "num_rounds 2 stops before the cascade's last round 4: the model will have 1 of" in (
+        caplog.text
+    )
+    assert {block_index(k) for k in result.arrays} - {None} == {0}
+
+
 def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny_overrides):
     overrides = {**tiny_overrides, "evaluate-clients": 0}
     cfg = resolve_config(overrides)

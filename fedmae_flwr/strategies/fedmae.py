@@ -74,7 +74,9 @@ class FedMAE(FedAvg):
         depth, rounds_per_stage, new_block, new_decoder, next_block_init, decoder_per_stage,
             progressive: the :class:`~fedmae_flwr.strategies.StagePlan` (attribute ``plan``).
         num_train_nodes: nodes sampled per train round; None samples as FedAvg (``fraction_train``).
-        num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none).
+        num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none);
+            at most: where fewer usable nodes are connected then, those evaluate (a warning
+            says so) rather than the run wait or fail for a measurement.
         seed: node sampling seed; a round's sample depends on ``(seed, round)`` and the nodes'
             keys only (:mod:`.node_keys`: each node is asked once; ``partition-<id>`` in a
             simulation), not on Flower's random node ids, so another run or a resumed run at
@@ -219,6 +221,16 @@ class FedMAE(FedAvg):
         check_model_keys(initial_arrays.keys())
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
+        if last > self.plan.num_rounds:  # a stage past the last block has no block to train
+            raise ValueError(
+                f"num_rounds {num_rounds} is past the cascade's last round: depth "
+                f"{self.plan.depth} x rounds_per_stage {self.plan.rounds_per_stage} = "
+                f"{self.plan.num_rounds}; pass num_rounds <= {self.plan.num_rounds} (or None)"
+            )
+        if last < self.plan.num_rounds:
+            log(WARNING, "FedMAE: num_rounds %d stops before the cascade's last round %d: the "
+                "model will have %d of its %d blocks", last, self.plan.num_rounds,
+                self.plan.blocks_at(last), self.plan.depth)  # fmt: skip
         if not self.first_round <= last:
             raise ValueError(f"first_round {self.first_round} is past the last round {last}")
         shift = self.first_round - 1
@@ -310,7 +322,18 @@ class FedMAE(FedAvg):
         server_round = self._run_round(server_round)
         if not self.plan.is_stage_end(server_round) or self.num_evaluate_nodes == 0:
             return []
-        nodes = self._sample(grid, server_round, "evaluate", self.num_evaluate_nodes)
+        # The round's training just ran with the nodes there are; evaluation is a measurement,
+        # so it takes those (up to num_evaluate_nodes) instead of waiting for more: a deployment
+        # of 2 nodes with the default evaluate-clients (5) would otherwise fail at stage end.
+        usable = [n for n in grid.get_node_ids() if n not in self._excluded]
+        count = min(self.num_evaluate_nodes, len(usable))
+        if count < self.num_evaluate_nodes:
+            log(WARNING, "FedMAE: round %d evaluates on %d nodes, not %d: only %d usable nodes "
+                "are connected (run-config key `evaluate-clients`)", server_round, count,
+                self.num_evaluate_nodes, len(usable))  # fmt: skip
+        if count == 0:
+            return []
+        nodes = self._sample(grid, server_round, "evaluate", count, wait=False)
         return self._messages(nodes, server_round, config, MessageType.EVALUATE)[0]
 
     def aggregate_evaluate(
@@ -358,8 +381,12 @@ class FedMAE(FedAvg):
             stage_start = self._stage_guard.stage * self.plan.rounds_per_stage + 1
             self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
 
-    def _sample(self, grid: Grid, server_round: int, kind: str, count: int) -> list[int]:
-        wanted = max(self.min_available_nodes, count)
+    def _sample(
+        self, grid: Grid, server_round: int, kind: str, count: int, wait: bool = True
+    ) -> list[int]:
+        """``count`` usable nodes drawn by seed; with ``wait``, once at least
+        ``max(min_available_nodes, count)`` are connected (``node_wait_timeout``)."""
+        wanted = max(self.min_available_nodes, count) if wait else count
         nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded)
         if self.sample_by == "node-key":  # else every node goes by its node id
             self._node_keys.learn(grid, nodes, self._round_timeout)

@@ -45,7 +45,7 @@ def wait_for_nodes(
             raise RuntimeError(
                 f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
                 f"{timeout:g} s{why_fewer}. Start more nodes, or lower the run-config keys "
-                "`clients-per-round` / `min-available-clients` (and `evaluate-clients`)."
+                "`clients-per-round` / `min-available-clients`."
             )
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
         sleep(min(1.0, left))
