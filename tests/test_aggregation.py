@@ -287,3 +287,22 @@ def test_a_flower_dp_wrapper_as_aggregator_is_refused():
     with pytest.raises(TypeError, match="dp-noise-multiplier"):
         wrapped = DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 3)
         FedMAE(depth=1, rounds_per_stage=1, new_block=dict, aggregator=wrapped)
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"new_block": None}, r"new_block must be a factory"),
+        ({"depth": "2"}, r"depth and rounds_per_stage must be whole numbers, got '2', 1"),
+        ({"num_train_nodes": 0}, r"num_train_nodes must be None or >= 1, got 0"),
+        ({"num_train_nodes": -1}, r"num_train_nodes must be None or >= 1, got -1"),
+        ({"num_evaluate_nodes": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
+        ({"node_wait_timeout": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
+        ({"first_round": 99}, r"first_round 99 is past the cascade's last round 2"),
+    ],
+)
+def test_bad_constructor_arguments_are_refused_before_any_round(changes, pattern):
+    """Each of these was accepted, then failed a whole stage later (or never said why)."""
+    with pytest.raises(ValueError, match=pattern):
+        FedMAE(**{"depth": 2, "rounds_per_stage": 1, "new_block": dict, **changes})
+    FedMAE(depth=2, rounds_per_stage=1, new_block=dict, first_round=3)  # resumed after the end

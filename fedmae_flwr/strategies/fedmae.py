@@ -134,6 +134,14 @@ class FedMAE(FedAvg):
     ) -> None:
         if first_round < 1:
             raise ValueError(f"first_round must be >= 1, got {first_round}")
+        # Checked here, not where they are first used (a stage end, after a whole stage's work).
+        if num_train_nodes is not None and not num_train_nodes >= 1:
+            raise ValueError(f"num_train_nodes must be None or >= 1, got {num_train_nodes}")
+        if not num_evaluate_nodes >= 0 or not node_wait_timeout >= 0:
+            raise ValueError(
+                f"num_evaluate_nodes and node_wait_timeout must be >= 0, got "
+                f"{num_evaluate_nodes}, {node_wait_timeout}"
+            )
         if not max_update_norm >= 0 or not (max_examples is None or max_examples > 0):
             raise ValueError(
                 f"max_update_norm must be >= 0 and max_examples None or > 0, got "
@@ -141,6 +149,12 @@ class FedMAE(FedAvg):
             )
         self.plan = StagePlan(depth, rounds_per_stage, new_block, new_decoder, progressive,
                               next_block_init, decoder_per_stage)  # fmt: skip
+        # num_rounds + 1 is a run resumed after its last round's checkpoint: nothing to train.
+        if first_round > self.plan.num_rounds + 1:
+            raise ValueError(
+                f"first_round {first_round} is past the cascade's last round "
+                f"{self.plan.num_rounds} (depth {depth} x rounds_per_stage {rounds_per_stage})"
+            )
         super().__init__(**fedavg_kwargs)
         self.num_train_nodes = num_train_nodes
         self.num_evaluate_nodes = num_evaluate_nodes

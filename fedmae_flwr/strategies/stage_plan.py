@@ -57,6 +57,14 @@ class StagePlan:
     decoder_per_stage: str = "keep"
 
     def __post_init__(self) -> None:
+        whole = [v for v in (self.depth, self.rounds_per_stage) if type(v) is not int]
+        if whole:  # '2' from a config file would fail later as "'<' not supported"
+            raise ValueError(
+                f"depth and rounds_per_stage must be whole numbers, got {self.depth!r}, "
+                f"{self.rounds_per_stage!r}"
+            )
+        if not callable(self.new_block):
+            raise ValueError(f"new_block must be a factory index -> state, got {self.new_block!r}")
         if self.depth < 1 or self.rounds_per_stage < 1:
             raise ValueError(
                 f"depth and rounds_per_stage must be >= 1, got {self.depth}, "
