@@ -95,6 +95,23 @@ def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S)
     return 1
 
 
+def run_config_problem(run_config: str | None) -> str | None:
+    """Why the app would refuse ``run_config`` (None: it would not), checked here as the
+    ServerApp checks it: Flower only says "[code: 15] Invalid run configuration." for an unknown
+    key (the key's name is in superlink.log), and a bad value surfaces at the ServerApp's start."""
+    if not run_config:
+        return None
+    from flwr.common.config import parse_config_args
+
+    from fedmae_flwr.config import resolve_config
+
+    try:
+        resolve_config(parse_config_args([run_config]))
+    except ValueError as err:  # ConfigError is one
+        return str(err)
+    return None
+
+
 def run(
     num_supernodes: int = 100,
     client_cpus: int = 1,
@@ -103,7 +120,11 @@ def run(
     flwr_home: str | Path | None = None,
     timeout: float | None = None,
 ) -> int:
-    """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, else 1."""
+    """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, 2 for a
+    run config the app refuses (before anything starts), else 1."""
+    if (problem := run_config_problem(run_config)) is not None:
+        print(f"[run] --run-config refused, nothing started: {problem}", flush=True)
+        return 2
     home, ray_tmp = Path(flwr_home or REPO / ".flwr").resolve(), Path(tempfile.mkdtemp(dir="/tmp"))
     env, log = (
         flwr_env(home, ray_tmp),

@@ -73,3 +73,17 @@ def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, 
     monkeypatch.setattr(run_script, "flwr_runs", lambda env: [{"status": "running"}])
     assert run_script.outcome({}, tmp_path / "log", grace=0.0) == 1
     assert "still running 0 s after its log stream ended" in capsys.readouterr().out
+
+
+def test_a_run_config_the_app_refuses_is_named_before_anything_starts(tmp_path, capsys):
+    """Flower says only "[code: 15] Invalid run configuration." for an unknown key (its name is
+    in superlink.log) and a bad value surfaced at the ServerApp's start; run.py names both."""
+    from scripts.run import run
+
+    assert run(run_config="mask_ratio=0.9", flwr_home=tmp_path) == 2
+    said = capsys.readouterr().out
+    assert "refused, nothing started: Unknown config key 'mask_ratio'" in said
+    assert "mask-ratio" in said  # the allowed keys are listed
+    assert run(run_config="depth=6 mask-ratio=1.5", flwr_home=tmp_path) == 2
+    assert "'mask-ratio': 1.5. Allowed: a number in (0, 1)" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no SuperLink, no config.toml, no log
