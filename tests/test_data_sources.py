@@ -386,3 +386,23 @@ def test_hf_unreachable_hub_falls_back_to_cache_then_fails(monkeypatch: pytest.M
 def test_hf_bad_local_path() -> None:
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         load_hf_dataset("./no/such/folder", 3, 8)
+
+
+def test_a_cut_or_renamed_fashion_mnist_file_is_named_with_how_to_get_it_again(
+    fmnist_dir, tmp_path
+):
+    """A cut download raised a bare EOFError ('Compressed file ended before the end-of-stream
+    marker was reached') with no file name; a non-gzip file under the .gz name likewise."""
+    import shutil
+
+    from fedmae_flwr.data.fashion_mnist import FILES, load_fashion_mnist
+
+    folder = tmp_path / "fmnist"
+    shutil.copytree(fmnist_dir, folder)
+    images = folder / FILES["train_images"]
+    images.write_bytes(images.read_bytes()[:-100])  # cut short
+    with pytest.raises(ValueError, match=rf"{images} does not decompress \(EOFError.*download"):
+        load_fashion_mnist(folder)
+    images.write_text("not a gzip file")
+    with pytest.raises(ValueError, match=rf"{images} does not decompress \(BadGzipFile"):
+        load_fashion_mnist(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,14 @@ INSTALL_HINT = (
 def read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) idx file: big-endian header of dims, then uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a cut download, a renamed file
+        raise ValueError(
+            f"{path} does not decompress ({type(err).__name__}: {err}); download it again. "
+            f"{INSTALL_HINT}."
+        ) from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not a uint8 idx file")
     ndim = data[3]
