@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -186,7 +187,7 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
 
 
 def check_checkpoint_fits(
-    cfg: FedMAEConfig, server_round: int, arrays: ArrayRecord, folder: Any
+    cfg: FedMAEConfig, server_round: int, arrays: ArrayRecord, folder: Path
 ) -> None:
     """ConfigError unless ``arrays`` load into this config's model (names and shapes).
 
