@@ -119,10 +119,12 @@ def run(
     run_config: str | None = None,
     flwr_home: str | Path | None = None,
     timeout: float | None = None,
+    check_config: bool = True,
 ) -> int:
     """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, 2 for a
-    run config the app refuses (before anything starts), else 1."""
-    if (problem := run_config_problem(run_config)) is not None:
+    run config the app refuses (before anything starts; ``check_config=False`` submits it
+    unchecked, to Flower's and the ServerApp's own checks), else 1."""
+    if check_config and (problem := run_config_problem(run_config)) is not None:
         print(f"[run] --run-config refused, nothing started: {problem}", flush=True)
         return 2
     home, ray_tmp = Path(flwr_home or REPO / ".flwr").resolve(), Path(tempfile.mkdtemp(dir="/tmp"))
@@ -172,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", help="as `flwr run --run-config`")
     parser.add_argument("--flwr-home", help="this runner's own Flower home; default <repo>/.flwr")
     parser.add_argument("--timeout", type=float, help="seconds; then `flwr stop`, exit 124")
+    parser.add_argument(
+        "--no-config-check",
+        dest="check_config",
+        action="store_false",
+        help="submit --run-config unchecked (Flower and the ServerApp check it, as for a "
+        "SuperLink of your own)",
+    )
     return run(**vars(parser.parse_args(argv)))
 
 

@@ -89,9 +89,16 @@ def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_ov
 
 
 def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path, tiny_overrides):
+    """Checked by the runner before anything starts; unchecked (a SuperLink of your own), the
+    ServerApp names it at its start and the run ends finished:failed."""
+    bad = run_config_string({**tiny_overrides, "mask-ratio": 1.5})
+    home = ["--flwr-home", str(tmp_path / "home")]
+    rc, out, seen, left = _watched(["scripts/run.py", *home, "--run-config", bad], tmp_path)
+    assert rc == 2 and "refused, nothing started: Bad value for config key 'mask-ratio'" in out
+    assert "flower-superlink" not in seen and left == {}
     rc, out, _, left = _watched(
-        ["scripts/run.py", "--num-supernodes", "2", "--flwr-home", str(tmp_path / "home"),
-         "--run-config", run_config_string({**tiny_overrides, "mask-ratio": 1.5})],
+        ["scripts/run.py", "--num-supernodes", "2", *home, "--run-config", bad,
+         "--no-config-check"],
         tmp_path,
     )  # fmt: skip
     assert rc == 1
@@ -103,9 +110,10 @@ def test_flwr_run_with_a_bad_value_fails_with_a_readable_message(tmp_path: Path,
 def test_the_runner_reports_a_rejected_submission_and_leaves_nothing(tmp_path: Path):
     """An unknown key: Flower refuses the run at submission; the SuperLink still ends."""
     rc, out, seen, left = _watched(
-        ["scripts/run.py", "--flwr-home", str(tmp_path / "home"), "--run-config", "no-such-key=1"],
+        ["scripts/run.py", "--flwr-home", str(tmp_path / "home"), "--run-config", "no-such-key=1",
+         "--no-config-check"],  # the runner's own check would name it before starting anything
         tmp_path,
-    )
+    )  # fmt: skip
     assert rc == 1 and "[run] FAILED: the run never submitted" in out
     assert "flower-superlink" in seen and left == {}
 
