@@ -135,7 +135,11 @@ def smallest_paying_budget(
     random init of the same seed (same init draw, label subsets and fine-tuning seed), one sign
     at every seed and a mean beyond the noise ``bound`` (no bound: one sign at >= 3 seeds).
     """
-    verdicts = budget_verdicts(by_budget, floor, key, bound)
+    return _first_ahead(budget_verdicts(by_budget, floor, key, bound))
+
+
+def _first_ahead(verdicts: dict[tuple[int, int], str]) -> tuple[int, int] | None:
+    """The first (smallest) budget of ``verdicts`` that is 'ahead at every seed'."""
     return next((b for b, said in verdicts.items() if said == "ahead at every seed"), None)
 
 
@@ -320,7 +324,7 @@ def _verdicts(by_budget: dict, floor: list[dict], bounds: dict) -> list[str]:
     for key, _, name in ACCURACY_LABELS:
         verdicts = budget_verdicts(by_budget, floor, key, bounds.get(key))
         each = "; ".join(f"{r} x {e}: {said}" for (r, e), said in verdicts.items())
-        budget = next((b for b, said in verdicts.items() if said == "ahead at every seed"), None)
+        budget = _first_ahead(verdicts)
         pays = "none" if budget is None else f"{budget[0]} x {budget[1]}"
         lines.append(f"- {name}: {each or 'no paired seeds'}; smallest budget ahead at every "
                      f"seed: {pays}")  # fmt: skip
@@ -406,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if not floor and not by_budget:
         raise run_archive.nothing_to_report(args, "bench-budget", "these budgets")
     names = [r["name"] for runs in [floor, *by_budget.values()] for r in runs]
-    run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-budget")
-    run_archive.check_page(args.docs / "budget.md", names, args, "bench-budget")
+    run_archive.keep_and_check(names, args, "budget.md", "bench-budget")
     # A report-only pass reports the command that makes the runs (as benchmarks.quality does).
     command = command_line("benchmarks.budget", argv).replace(" --report-only", "")
     path = write_report(by_budget, floor, command.strip(), args.partition, args.docs,

@@ -617,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     if not grid:
         raise run_archive.nothing_to_report(args, "bench-quality", "this grid")
     names = [r["name"] for runs in grid.values() for r in runs]
-    run_archive.keep(names, args.out, run_archive.archive_of(args), "bench-quality")
-    run_archive.check_page(args.docs / "results.md", names, args, "bench-quality")
+    run_archive.keep_and_check(names, args, "results.md", "bench-quality")
     # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.
     command = command_line("benchmarks.quality", argv).replace(" --report-only", "")
     full_grid = is_full_grid(grid, args.algorithms, args.partitions, args.seeds)

@@ -179,6 +179,13 @@ def sync(out_root: Path, archive: Path, tag: str) -> list[str]:
     return restored
 
 
+def keep_and_check(names: list[str], args: Any, page: str, tag: str) -> None:
+    """After a report's runs are known: archive them (``keep``), then refuse a page that would
+    drop runs it reports (``check_page``); the three reports call this before writing."""
+    keep(names, args.out, archive_of(args), tag)
+    check_page(args.docs / page, names, args, tag)
+
+
 def keep(names: list[str], out_root: Path, archive: Path, tag: str) -> list[str]:
     """Archive the finished runs in ``names`` after a report; returns those whose copy changed."""
     changed = archive_runs(names, out_root, archive)
