@@ -279,7 +279,7 @@ class FedMAE(FedAvg):
         self._prefix.update(ArrayRecord(prefix), self.plan.frozen_blocks(server_round))
         count = self.num_train_nodes
         if count is None:  # as FedAvg: a fraction of the connected nodes, at least a minimum
-            usable = [n for n in grid.get_node_ids() if n not in self._excluded]
+            usable = self._usable(grid)
             count = max(int(len(usable) * self.fraction_train), self.min_train_nodes)
         nodes = self._sample(grid, server_round, "train", count)
         messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
@@ -339,7 +339,7 @@ class FedMAE(FedAvg):
         # The round's training just ran with the nodes there are; evaluation is a measurement,
         # so it takes those (up to num_evaluate_nodes) instead of waiting for more: a deployment
         # of 2 nodes with the default evaluate-clients (5) would otherwise fail at stage end.
-        usable = [n for n in grid.get_node_ids() if n not in self._excluded]
+        usable = self._usable(grid)
         count = min(self.num_evaluate_nodes, len(usable))
         if count < self.num_evaluate_nodes:
             log(WARNING, "FedMAE: round %d evaluates on %d nodes, not %d: only %d usable nodes "
@@ -394,6 +394,10 @@ class FedMAE(FedAvg):
         if self.plan.is_stage_end(server_round):
             stage_start = self._stage_guard.stage * self.plan.rounds_per_stage + 1
             self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
+
+    def _usable(self, grid: Grid) -> list[int]:
+        """The connected nodes that did not say they cannot take part."""
+        return [n for n in grid.get_node_ids() if n not in self._excluded]
 
     def _sample(
         self, grid: Grid, server_round: int, kind: str, count: int, wait: bool = True
