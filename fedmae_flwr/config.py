@@ -249,7 +249,12 @@ class ScheduleConfig:
         "Nodes that evaluate at each stage end (at most: fewer where fewer are connected); "
         "0 disables.",
     )
-    min_available_clients: int = _opt(0, "Nodes to wait for before a round; 0 = clients-per-round.")
+    min_available_clients: int = _opt(
+        0,
+        "Usable nodes a round waits for (0 = clients-per-round). Below clients-per-round a round "
+        "trains on whoever is connected, at least this many, up to clients-per-round; above it, "
+        "it waits for this many and samples clients-per-round.",
+    )
     sample_by: SampleBy = _opt(
         SampleBy.NODE_KEY,
         "Order nodes are sampled in: node-key (each node asked its key once per run, ~5-11 s "

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 import time
 from logging import WARNING
 from pathlib import Path
@@ -53,10 +53,13 @@ RESUME_MAY_DIFFER = frozenset(
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file in the same folder and rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    # Not mkstemp: its files are mode 0600; a run's outputs get the umask's mode, as any file.
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer may have made the file anew (safetensors: 0600)
         with open(tmp, "rb") as f:  # on disk before the rename: a power cut leaves old or new
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -40,6 +40,7 @@ from fedmae_flwr.models import (
 )
 from fedmae_flwr.models.export import TIMM_BASE_MODEL
 from fedmae_flwr.node_data_report import (
+    is_simulation,
     known_largest_partition,
     report_node_data,
     report_partitions,
@@ -53,6 +54,7 @@ from fedmae_flwr.run_outputs import (
     run_dir,
 )
 from fedmae_flwr.seeding import derive_seed, seeded_global_rng
+from fedmae_flwr.simulation_nodes import check_simulation_nodes
 from fedmae_flwr.strategies import FedMAE
 from fedmae_flwr.strategies.aggregation import build_aggregator
 
@@ -85,6 +87,7 @@ def build_strategy(
         next_block_init=schedule.next_block_init,
         decoder_per_stage=schedule.decoder_per_stage,
         num_train_nodes=schedule.clients_per_round,
+        partial_rounds=0 < schedule.min_available_clients < schedule.clients_per_round,
         num_evaluate_nodes=schedule.evaluate_clients,
         seed=cfg.seed,
         sample_by=schedule.sample_by,
@@ -277,9 +280,11 @@ def summarize(
 def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
+    splits = load_dataset(cfg)
+    if is_simulation(grid):  # its node count is fixed: a mismatch could only fail later
+        check_simulation_nodes(cfg, grid, len(splits.train))
     checkpoint = read_checkpoint(cfg)
     outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
-    splits = load_dataset(cfg)
     partition_summary = report_partitions(cfg, grid, splits, outputs)
     strategy = build_strategy(
         cfg,

@@ -95,21 +95,22 @@ def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S)
     return 1
 
 
-def run_config_problem(run_config: str | None) -> str | None:
+def run_config_problem(run_config: str | None, num_supernodes: int | None = None) -> str | None:
     """Why the app would refuse ``run_config`` (None: it would not), checked here as the
     ServerApp checks it: Flower only says "[code: 15] Invalid run configuration." for an unknown
-    key (the key's name is in superlink.log), and a bad value surfaces at the ServerApp's start."""
-    if not run_config:
-        return None
+    key (the key's name is in superlink.log), and a bad value surfaces at the ServerApp's start.
+    With ``num_supernodes``, also whether a simulation of that many nodes can run it
+    (:func:`fedmae_flwr.simulation_nodes.simulation_problem`)."""
     from flwr.common.config import parse_config_args
 
     from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.simulation_nodes import simulation_problem
 
     try:
-        resolve_config(parse_config_args([run_config]))
+        cfg = resolve_config(parse_config_args([run_config]) if run_config else {})
     except ValueError as err:  # ConfigError is one
         return str(err)
-    return None
+    return None if num_supernodes is None else simulation_problem(cfg, num_supernodes)
 
 
 def run(
@@ -122,10 +123,11 @@ def run(
     check_config: bool = True,
 ) -> int:
     """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, 2 for a
-    run config the app refuses (before anything starts; ``check_config=False`` submits it
-    unchecked, to Flower's and the ServerApp's own checks), else 1."""
-    if check_config and (problem := run_config_problem(run_config)) is not None:
-        print(f"[run] --run-config refused, nothing started: {problem}", flush=True)
+    run config the app refuses or cannot run on ``num_supernodes`` nodes (before anything
+    starts; ``check_config=False`` submits it unchecked, to Flower's and the ServerApp's own
+    checks), else 1."""
+    if check_config and (problem := run_config_problem(run_config, num_supernodes)):
+        print(f"[run] refused, nothing started: {problem}", flush=True)
         return 2
     home, ray_tmp = Path(flwr_home or REPO / ".flwr").resolve(), Path(tempfile.mkdtemp(dir="/tmp"))
     env, log = (

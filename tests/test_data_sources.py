@@ -406,3 +406,19 @@ def test_a_cut_or_renamed_fashion_mnist_file_is_named_with_how_to_get_it_again(
     images.write_text("not a gzip file")
     with pytest.raises(ValueError, match=rf"{images} does not decompress \(BadGzipFile"):
         load_fashion_mnist(folder)
+
+
+def test_fashion_mnist_images_and_labels_of_different_counts_name_both_files(fmnist_dir, tmp_path):
+    """Files of two downloads mixed: the count mismatch named no file."""
+    import shutil
+
+    from fedmae_flwr.data.fashion_mnist import FILES, load_fashion_mnist
+
+    folder = tmp_path / "fmnist"
+    shutil.copytree(fmnist_dir, folder)
+    shutil.copy(folder / FILES["test_labels"], folder / FILES["train_labels"])  # 200, not 800
+    with pytest.raises(ValueError) as err:
+        load_fashion_mnist(folder)
+    said = str(err.value)
+    assert f"{folder / FILES['train_images']} holds (800, 28, 28) images but" in said
+    assert f"{folder / FILES['train_labels']} (200,) labels" in said

@@ -246,3 +246,30 @@ def test_resuming_removes_checkpoints_after_the_one_it_uses(cpu_overrides):
     assert _checkpoint_rounds(outputs.dir) == [2]
     outputs.save_checkpoint(3, arrays)
     assert _checkpoint_rounds(outputs.dir) == [2, 3]
+
+
+def test_run_outputs_get_the_umask_mode_not_0600(cpu_overrides):
+    """Atomic writes went through mkstemp and safetensors' save_file, whose files are 0600: on
+    a shared machine no other user could read a run's summary, checkpoints or backbone."""
+    import os
+
+    from fedmae_flwr.models import export_backbone
+    from fedmae_flwr.run_outputs import RunOutputs
+    from fedmae_flwr.server_app import random_init_state
+
+    old, cfg = os.umask(0o022), resolve_config(cpu_overrides)
+    try:
+        outputs = RunOutputs(cfg)
+        written = [
+            outputs.write_json("summary.json", {"a": 1}),
+            outputs.save_checkpoint(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))})),
+        ]
+        outputs.append_metrics({"round": 1})
+        written.append(outputs.metrics_path)
+        written.append(export_backbone(cfg.model, random_init_state(cfg), outputs.dir))
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == dict.fromkeys(
+        [p.name for p in written], "0o644"
+    )
+    assert not [p for p in outputs.dir.rglob(".*") if p.is_file()]  # no temp file left

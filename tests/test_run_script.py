@@ -87,3 +87,15 @@ def test_a_run_config_the_app_refuses_is_named_before_anything_starts(tmp_path, 
     assert run(run_config="depth=6 mask-ratio=1.5", flwr_home=tmp_path) == 2
     assert "'mask-ratio': 1.5. Allowed: a number in (0, 1)" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no SuperLink, no config.toml, no log
+
+
+def test_a_node_count_the_run_cannot_use_is_named_before_anything_starts(tmp_path, capsys):
+    """0 virtual nodes, or fewer than a round waits for: the run waited node-wait-timeout
+    (300 s) for nodes a simulation never gets."""
+    from scripts.run import run
+
+    assert run(num_supernodes=0, flwr_home=tmp_path) == 2
+    assert "num-supernodes must be >= 1" in capsys.readouterr().out
+    assert run(num_supernodes=5, run_config="clients-per-round=8", flwr_home=tmp_path) == 2
+    assert "a round waits for 8 nodes" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -189,7 +189,7 @@ def test_a_small_deployment_evaluates_on_the_nodes_it_has_instead_of_failing(
     assert len(evaluations) == 4  # 2 nodes x 2 stage ends
     assert "round 2 evaluates on 2 nodes, not 5: only 2 usable nodes" in caplog.text
     # With no node left to evaluate, the stage end is not measured and the run goes on.
-    strategy._excluded.update(grid.get_node_ids())
+    strategy._excluded.update(dict.fromkeys(grid.get_node_ids(), "test"))
     assert list(strategy.configure_evaluate(4, result.arrays, ConfigRecord(), grid)) == []
 
 
@@ -207,6 +207,23 @@ def test_num_rounds_past_the_cascade_is_refused_and_fewer_warn(tiny_overrides, c
         caplog.text
     )
     assert {block_index(k) for k in result.arrays} - {None} == {0}
+
+
+def test_an_initial_model_of_another_architecture_is_refused_before_any_node_gets_it(
+    tiny_overrides,
+):
+    """From Python, start() checked only the names: a model of another width reached every
+    node, which failed with a size mismatch inside a Ray trace."""
+    cfg = resolve_config(tiny_overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(6, tiny_overrides)
+    wide = initial_arrays(resolve_config({**tiny_overrides, "embed-dim": 64}))
+    with pytest.raises(ValueError, match=r"the model's blocks\.0\.\S+ has shape \(\d+"):
+        strategy.start(grid, wide)
+    deeper = CascadeMAE(resolve_config({**tiny_overrides, "depth": 3}).model, num_blocks=3)
+    deep = ArrayRecord({k: v.contiguous() for k, v in deeper.state_dict().items()})
+    with pytest.raises(ValueError, match="the model has block 2, past depth 2"):
+        strategy.start(grid, deep)
+    assert grid.sent == [] and grid.queries == []
 
 
 def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny_overrides):
@@ -270,10 +287,60 @@ def test_excluded_nodes_do_not_count_as_connected_and_the_error_says_so():
     clock = FakeClock()
     grid = Nodes(clock, {0.0: 4})
     with pytest.raises(RuntimeError) as err:
-        wait_for_nodes(grid, 3, 2.0, clock.sleep, lambda: clock.now, excluded={100, 101, 999})
+        wait_for_nodes(grid, 3, 2.0, clock.sleep, lambda: clock.now,
+                       excluded=dict.fromkeys([100, 101, 999], "no data-path"))  # fmt: skip
     assert "2 nodes connected but 3 needed" in str(err.value)
     assert "2 more connected but excluded" in str(err.value)
-    assert wait_for_nodes(grid, 3, 0.0, excluded={101}) == [100, 102, 103]
+    assert "said: no data-path" in str(err.value)  # the cause, not only "see the log"
+    assert wait_for_nodes(grid, 3, 0.0, excluded={101: "x"}) == [100, 102, 103]
+
+
+def test_a_simulation_that_cannot_get_more_nodes_fails_once_its_count_settles():
+    """Flower's simulation registers every virtual node at its start: a round needing more
+    waited the whole node-wait-timeout (default 300 s) for nodes that could not come."""
+    from fedmae_flwr.strategies.sampling import SIMULATION_SETTLE_S
+
+    clock = FakeClock()
+    grid = Nodes(clock, {0.0: 4})
+    unusable = {100: "[fedmae:node-unusable] Node 100: num-partitions must be in [1, 3]",
+                101: "the same"}  # fmt: skip
+    with pytest.raises(RuntimeError) as err:
+        wait_for_nodes(grid, 3, 300.0, clock.sleep, lambda: clock.now, unusable, fixed=True)
+    assert clock.now == SIMULATION_SETTLE_S < 300
+    message = str(err.value)
+    assert "2 usable nodes but 3 needed (2 more connected but excluded" in message
+    assert "node 101 said: the same" in message or "num-partitions must be in [1, 3]" in message
+    assert "(4 here: federation option num-supernodes), so waiting cannot help" in message
+    # Nodes still registering (the count changing) are waited for.
+    clock = FakeClock()
+    grid = Nodes(clock, {0.0: 1, 8.0: 2, 16.0: 3})
+    assert wait_for_nodes(grid, 3, 300.0, clock.sleep, lambda: clock.now, fixed=True) == [
+        100, 101, 102
+    ]  # fmt: skip
+
+
+def test_min_available_clients_below_clients_per_round_trains_with_whoever_is_there(
+    tiny_overrides, caplog
+):
+    """3 clients per round, 2 nodes, min-available-clients 2: every round trains on both (with
+    a warning) instead of waiting for a third; unset, the round waits for 3 (and fails)."""
+    overrides = {**tiny_overrides, "min-available-clients": 2, "evaluate-clients": 0,
+                 "node-wait-timeout": 5}  # fmt: skip
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(2, overrides)
+    assert strategy.partial_rounds and strategy.num_train_nodes == 3
+    result = strategy.start(grid, initial_arrays(cfg))
+    assert [m["clients"] for m in result.train_metrics_clientapp.values()] == [2, 2, 2, 2]
+    assert "round 1 trains on the 2 usable nodes connected, not 3" in caplog.text
+    # Fewer than min-available-clients: the round waits and fails as before.
+    strategy = build_strategy(resolve_config({**overrides, "node-wait-timeout": 0.01}))
+    with pytest.raises(RuntimeError, match="1 nodes connected but 2 needed"):
+        strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(1, overrides))
+    # Above clients-per-round it is Flower's minimum: wait for 4, sample 3.
+    strategy = build_strategy(resolve_config({**overrides, "min-available-clients": 4}))
+    assert not strategy.partial_rounds and strategy.min_available_nodes == 4
+    messages = strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(4, {}))
+    assert len(list(messages)) == 3
 
 
 def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overrides):

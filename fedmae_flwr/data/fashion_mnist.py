@@ -57,6 +57,14 @@ def load_fashion_mnist(data_dir: str | Path) -> DatasetSplits:
             f"Fashion-MNIST not found: {folder} lacks {', '.join(missing)}. {INSTALL_HINT}."
         )
     arrays = {key: read_idx(folder / name) for key, name in FILES.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{folder / FILES[f'{split}_images']} holds {images.shape} images but "
+                f"{folder / FILES[f'{split}_labels']} {labels.shape} labels: expected [N, 28, 28] "
+                f"images and N labels (files of two downloads mixed?). {INSTALL_HINT}."
+            )
 
     def image_set(split: str) -> ImageSet:
         images = torch.from_numpy(arrays[f"{split}_images"].copy()).unsqueeze(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import timm
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from fedmae_flwr.config import ModelConfig
@@ -93,7 +93,8 @@ def export_backbone(cfg: ModelConfig, state: ModelState, folder: str | Path) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "backbone.safetensors"
-    save_file(timm_state_dict(cfg, state), str(weights))
+    # Bytes written as any file (the umask's mode): save_file makes its files 0600.
+    weights.write_bytes(save(timm_state_dict(cfg, state)))
     meta = {"model_name": TIMM_BASE_MODEL, "kwargs": timm_kwargs(cfg, _depth(state))}
     (folder / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights

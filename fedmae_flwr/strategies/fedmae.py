@@ -52,8 +52,8 @@ from fedmae_flwr.strategies.aggregation import (
 )
 from fedmae_flwr.strategies.node_keys import NodeKeys
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
-from fedmae_flwr.strategies.replies import ReplyRules, Triage, triage
-from fedmae_flwr.strategies.sampling import seeded_sample, wait_for_nodes
+from fedmae_flwr.strategies.replies import UNUSABLE, ReplyRules, Triage, triage
+from fedmae_flwr.strategies.sampling import fixed_nodes, seeded_sample, wait_for_nodes
 from fedmae_flwr.strategies.stage_guard import StageGuard
 from fedmae_flwr.strategies.stage_plan import StagePlan, StateFactory, num_blocks
 
@@ -74,6 +74,10 @@ class FedMAE(FedAvg):
         depth, rounds_per_stage, new_block, new_decoder, next_block_init, decoder_per_stage,
             progressive: the :class:`~fedmae_flwr.strategies.StagePlan` (attribute ``plan``).
         num_train_nodes: nodes sampled per train round; None samples as FedAvg (``fraction_train``).
+        partial_rounds: False (Flower's way): a round waits for ``max(min_available_nodes,
+            num_train_nodes)`` usable nodes. True: it starts once ``min_available_nodes`` are
+            connected and trains on ``num_train_nodes`` of them, or on all when fewer (a
+            warning says so): training goes on with the devices that are there.
         num_evaluate_nodes: nodes sampled for federated evaluation at each stage end (0: none);
             at most: where fewer usable nodes are connected then, those evaluate (a warning
             says so) rather than the run wait or fail for a measurement.
@@ -105,9 +109,10 @@ class FedMAE(FedAvg):
     ``evaluate_fn``.
 
     Fails loud: :meth:`start` raises ValueError on an initial model with parameter names outside
-    :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT`, and a stage whose rounds brought no sound
-    reply raises RuntimeError (naming the stage and the rejection reasons) instead of appending
-    an untrained block.
+    :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT` or block / decoder shapes other than
+    ``new_block`` / ``new_decoder`` make (:meth:`StagePlan.check_shapes`), and a stage whose
+    rounds brought no sound reply raises RuntimeError (naming the stage and the rejection
+    reasons) instead of appending an untrained block.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class FedMAE(FedAvg):
         next_block_init: str = "fresh",
         decoder_per_stage: str = "keep",
         num_train_nodes: int | None = None,
+        partial_rounds: bool = False,
         num_evaluate_nodes: int = 0,
         seed: int = 0,
         sample_by: str = "node-key",
@@ -157,6 +163,7 @@ class FedMAE(FedAvg):
             )
         super().__init__(**fedavg_kwargs)
         self.num_train_nodes = num_train_nodes
+        self.partial_rounds = partial_rounds
         self.num_evaluate_nodes = num_evaluate_nodes
         self.seed = seed
         if sample_by not in ("node-key", "node-id"):
@@ -171,7 +178,8 @@ class FedMAE(FedAvg):
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
         self._sampled: list[int] = []
-        self._excluded: set[int] = set()  # nodes that said they cannot take part (NODE_UNUSABLE)
+        # nodes that said they cannot take part (NODE_UNUSABLE), with what they said
+        self._excluded: dict[int, str] = {}
         self._ledger = NodeLedger()
         self._node_keys = NodeKeys()
         self._round_timeout = 3600.0  # start()'s timeout: how long replies are waited for
@@ -233,6 +241,7 @@ class FedMAE(FedAvg):
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
         """
         check_model_keys(initial_arrays.keys())
+        self.plan.check_shapes({k: v.shape for k, v in initial_arrays.items()})
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if last > self.plan.num_rounds:  # a stage past the last block has no block to train
@@ -382,10 +391,12 @@ class FedMAE(FedAvg):
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip
             self._prefix.forget(out.prefix_missing)
         self._prefix.forget(node for node, _ in out.rejections)
-        for node in set(out.unusable) - self._excluded:
-            log(WARNING, "FedMAE: node %s is not sampled again in this run: it replied that it "
-                "cannot take part (fix its node-config and restart the run)", node)  # fmt: skip
-            self._excluded.add(node)
+        for node, rejection in out.rejections:
+            if rejection.kind == UNUSABLE and node not in self._excluded:
+                log(WARNING, "FedMAE: node %s is not sampled again in this run: it replied "
+                    "that it cannot take part (fix its node-config and restart the run)",
+                    node)  # fmt: skip
+                self._excluded[node] = rejection.reason
         return out
 
     def _check_stage(self, server_round: int, replies: Triage) -> None:
@@ -403,9 +414,21 @@ class FedMAE(FedAvg):
         self, grid: Grid, server_round: int, kind: str, count: int, wait: bool = True
     ) -> list[int]:
         """``count`` usable nodes drawn by seed; with ``wait``, once at least
-        ``max(min_available_nodes, count)`` are connected (``node_wait_timeout``)."""
-        wanted = max(self.min_available_nodes, count) if wait else count
-        nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded)
+        ``max(min_available_nodes, count)`` are connected (``node_wait_timeout``), or with
+        ``partial_rounds`` once ``min_available_nodes`` are, then up to ``count`` of them."""
+        if not wait:
+            wanted = count
+        elif self.partial_rounds:
+            wanted = max(1, self.min_available_nodes)
+        else:
+            wanted = max(self.min_available_nodes, count)
+        nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded,
+                               fixed=fixed_nodes(grid))  # fmt: skip
+        if len(nodes) < count:
+            log(WARNING, "FedMAE: round %d %ss on the %d usable nodes connected, not %d "
+                "(partial rounds: min_available_nodes %d)", server_round, kind, len(nodes),
+                count, self.min_available_nodes)  # fmt: skip
+            count = len(nodes)
         if self.sample_by == "node-key":  # else every node goes by its node id
             self._node_keys.learn(grid, nodes, self._round_timeout)
         return seeded_sample(self._node_keys.order(nodes), count, self.seed, kind, server_round)

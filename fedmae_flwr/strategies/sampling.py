@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from logging import INFO
 
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
+
+# A simulation's virtual nodes are registered once, as it starts: once their count has not
+# changed for this long, waiting for more cannot help.
+SIMULATION_SETTLE_S = 10.0
+
+
+def fixed_nodes(grid: Grid) -> bool:
+    """Whether no node can join ``grid`` later: Flower's simulation engine (its InMemoryGrid)
+    registers all ``num-supernodes`` at its start; deployed SuperNodes come and go."""
+    return isinstance(grid, InMemoryGrid)
 
 
 def wait_for_nodes(
@@ -23,33 +34,67 @@ def wait_for_nodes(
     timeout: float,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-    excluded: Collection[int] = (),
+    excluded: Mapping[int, str] | None = None,
+    fixed: bool = False,
 ) -> list[int]:
     """The sorted ids of connected nodes not in ``excluded`` once at least ``wanted`` are;
     re-checks every second.
 
+    Args:
+        excluded: nodes that replied they cannot take part, with why (quoted in the error).
+        fixed: no node can join (:func:`fixed_nodes`): fail once the connected count has not
+            changed for :data:`SIMULATION_SETTLE_S`, instead of after ``timeout``.
+
     Raises:
-        RuntimeError: fewer than ``wanted`` such nodes after ``timeout`` seconds.
+        RuntimeError: fewer than ``wanted`` such nodes after ``timeout`` seconds (or, with
+            ``fixed``, once the count settled), naming the counts and the run-config keys.
     """
-    deadline = clock() + timeout
+    excluded = excluded or {}
+    start = clock()
+    settled_since, last_count = start, -1
     while len(nodes := sorted(n for n in grid.get_node_ids() if n not in excluded)) < wanted:
-        left = deadline - clock()
-        if left <= 0:
-            dropped = len(set(grid.get_node_ids()) & set(excluded))
-            why_fewer = (
-                f" ({dropped} more connected but excluded: they replied that they cannot take "
-                "part, see the log for why)"
-                if dropped
-                else ""
-            )
-            raise RuntimeError(
-                f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
-                f"{timeout:g} s{why_fewer}. Start more nodes, or lower the run-config keys "
-                "`clients-per-round` / `min-available-clients`."
-            )
+        now, connected = clock(), list(grid.get_node_ids())
+        if len(connected) != last_count:
+            settled_since, last_count = now, len(connected)
+        settled = fixed and now - settled_since >= SIMULATION_SETTLE_S
+        if now - start >= timeout or settled:
+            raise RuntimeError(_too_few(nodes, connected, wanted, excluded, timeout, settled))
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
-        sleep(min(1.0, left))
+        sleep(min(1.0, start + timeout - now))
     return nodes
+
+
+def _too_few(
+    nodes: list[int],
+    connected: list[int],
+    wanted: int,
+    excluded: Mapping[int, str],
+    timeout: float,
+    settled: bool,
+) -> str:
+    dropped = [n for n in connected if n in excluded]
+    why_fewer = (
+        f" ({len(dropped)} more connected but excluded: they replied that they cannot take "
+        f"part; node {dropped[0]} said: {_shorter(excluded[dropped[0]])})"
+        if dropped
+        else ""
+    )
+    if settled:
+        return (
+            f"FedMAE: {len(nodes)} usable nodes but {wanted} needed{why_fewer}. A simulation's "
+            f"nodes all join at its start ({len(connected)} here: federation option "
+            "num-supernodes), so waiting cannot help: raise num-supernodes, or lower the "
+            "run-config keys `clients-per-round` / `min-available-clients`."
+        )
+    return (
+        f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
+        f"{timeout:g} s{why_fewer}. Start more nodes, or lower the run-config keys "
+        "`clients-per-round` / `min-available-clients`."
+    )
+
+
+def _shorter(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def seeded_sample(

@@ -101,6 +101,29 @@ class StagePlan:
         return self.stage_of(server_round) + 1 if self.progressive else self.depth
 
     # --- model growth -------------------------------------------------------------------------
+    def check_shapes(self, shapes: Mapping[str, Iterable[int]]) -> None:
+        """Raise ValueError naming the first block or decoder tensor of a model (name -> shape)
+        whose shape is not the one ``new_block`` / ``new_decoder`` make, or blocks past
+        ``depth``: such a model (another width, patch size or depth) would fail on every node."""
+        indices = sorted({block_index(k) for k in shapes} - {None})
+        if indices and indices[-1] >= self.depth:
+            raise ValueError(
+                f"FedMAE: the model has block {indices[-1]}, past depth {self.depth} "
+                f"(blocks 0..{self.depth - 1})"
+            )
+        expected: dict[str, np.ndarray] = {}
+        for index in indices:
+            expected.update(self.new_block(index))
+        if self.new_decoder is not None and any(k.startswith("decoder") for k in shapes):
+            expected.update(self.new_decoder(0))
+        for key, shape in shapes.items():
+            if key in expected and tuple(expected[key].shape) != tuple(shape):
+                raise ValueError(
+                    f"FedMAE: the model's {key} has shape {tuple(shape)}, but new_block / "
+                    f"new_decoder make it {tuple(expected[key].shape)}: the model and the "
+                    "strategy's factories describe different architectures"
+                )
+
     def grow(self, state: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
         """``state`` with the blocks ``server_round`` needs appended (a new dict; ``state`` is
         not modified, and tensors that do not change are the same objects)."""
