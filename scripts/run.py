@@ -38,12 +38,17 @@ def run_config_string(overrides: dict[str, Any]) -> str:
 RAY_WORKER_NICENESS = "RAY_worker_niceness"
 
 
-def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
+def flwr_env(
+    home: Path, ray_tmp: Path | None = None, ray_address: str | None = None
+) -> dict[str, str]:
     """This process's environment for Flower's commands, with their state under ``home`` (and
-    Ray's under ``ray_tmp``, a short path: Ray's socket paths must be short)."""
+    Ray's under ``ray_tmp``, a short path: Ray's socket paths must be short). With
+    ``ray_address`` the simulation joins that running Ray cluster instead of starting Ray."""
     (home / "mpl").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(home), MPLCONFIGDIR=f"{home}/mpl")
     env.update({"RAY_TMPDIR": str(ray_tmp)} if ray_tmp else {})
+    # Flower's Ray backend calls ray.init() without an address, which connects to RAY_ADDRESS.
+    env.update({"RAY_ADDRESS": ray_address} if ray_address else {})
     env.update(
         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0"
     )
@@ -121,6 +126,7 @@ def run(
     flwr_home: str | Path | None = None,
     timeout: float | None = None,
     check_config: bool = True,
+    ray_address: str | None = None,
 ) -> int:
     """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, 2 for a
     run config the app refuses or cannot run on ``num_supernodes`` nodes (before anything
@@ -131,7 +137,7 @@ def run(
         return 2
     home, ray_tmp = Path(flwr_home or REPO / ".flwr").resolve(), Path(tempfile.mkdtemp(dir="/tmp"))
     env, log = (
-        flwr_env(home, ray_tmp),
+        flwr_env(home, ray_tmp, ray_address),
         home / "superlink.log",
     )  # /tmp: Ray's sockets need short paths
     deadline = time.monotonic() + (timeout or 1e9)
@@ -176,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", help="as `flwr run --run-config`")
     parser.add_argument("--flwr-home", help="this runner's own Flower home; default <repo>/.flwr")
     parser.add_argument("--timeout", type=float, help="seconds; then `flwr stop`, exit 124")
+    parser.add_argument(
+        "--ray-address",
+        help="run the simulation on this running Ray cluster (HEAD:6379; `ray start --head` "
+        "there, `ray start --address HEAD:6379` on each other machine) instead of a Ray of its "
+        "own on this machine; every machine needs this repo and its .venv at the same path",
+    )
     parser.add_argument(
         "--no-config-check",
         dest="check_config",

@@ -12,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from scripts.processes import free_port, wait_for_port
 from scripts.run import run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +133,46 @@ def test_a_timeout_stops_the_run_and_ends_ray_too(tmp_path: Path, tiny_overrides
     assert rc == 124, out[-4000:]
     assert "[run] TIMEOUT: still running after 45 s" in out
     assert "raylet" in seen and left == {}, f"processes survived: {left}"
+
+
+def test_a_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_overrides):
+    """--ray-address: the virtual nodes run on a Ray cluster started beforehand (here a head on
+    this machine, `ray start --head --block`), and the run starts no Ray of its own."""
+    ray_tmp = Path(tempfile.mkdtemp(dir="/tmp"))  # Ray's socket paths must be short
+    port, token = free_port(), uuid.uuid4().hex
+    with (tmp_path / "ray-head.log").open("wb") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+             "--disable-usage-stats"],
+            env={**os.environ, "RAY_TMPDIR": str(ray_tmp), MARKER: token},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert wait_for_port(port, head, timeout=120), (tmp_path / "ray-head.log").read_text()
+        rc, out, seen, left = _watched(
+            ["scripts/run.py", "--num-supernodes", "6", "--flwr-home", str(tmp_path / "home"),
+             "--ray-address", f"127.0.0.1:{port}",
+             "--run-config", run_config_string(tiny_overrides)],
+            tmp_path,
+        )  # fmt: skip
+        assert rc == 0, out[-4000:]
+        assert "flwr-simulation" in seen and left == {}
+        assert "raylet" not in seen and "gcs_server" not in seen  # no Ray of its own
+        # The simulation was the cluster's driver: with no Ray of its own, its ClientApps ran
+        # on the cluster's workers.
+        logs = ray_tmp / "ray" / "session_latest" / "logs"
+        assert list(logs.glob("python-core-driver-*.log")), sorted(p.name for p in logs.iterdir())
+    finally:
+        head.terminate()  # `ray start --block` ends the cluster's processes on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(60)
+        leftovers = _marked(token)
+        for pid in leftovers:  # ours, by PID: only if the head failed to end them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert leftovers == {}, f"the Ray head left processes: {leftovers}"
 
 
 def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_overrides):
