@@ -83,7 +83,10 @@ def train_reply(
         loss, seconds, mbytes = 0.0, 0.0, 0.0
     else:
         round_seed = derive_seed(seed, "client-train", _server_round(msg), _node(context))
-        result = train_local(net, images, settings, round_seed)
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # aggregator=FedProx(...)
+        if not mu >= 0:
+            raise ValueError(f"proximal-mu must be a number >= 0, got {mu}")
+        result = train_local(net, images, settings, round_seed, proximal_mu=mu)
         loss, seconds, mbytes = result.loss, result.seconds, result.peak_bytes / 2**20
     arrays = ArrayRecord({k: v.detach().contiguous() for k, v in net.active_state().items()})
     own = {"num-examples": len(images), "train-loss": loss, "train-seconds": seconds,

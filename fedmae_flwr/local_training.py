@@ -28,12 +28,16 @@ class LocalTrainResult:
     peak_bytes: int  # training state + activations saved for backward (first batch)
 
 
-def train_local(model: CascadeMAE, images: Tensor, cfg: TrainConfig, seed: int) -> LocalTrainResult:
+def train_local(
+    model: CascadeMAE, images: Tensor, cfg: TrainConfig, seed: int, proximal_mu: float = 0.0
+) -> LocalTrainResult:
     """``cfg.local_epochs`` epochs of masked reconstruction on ``images`` (normalised float).
 
     Runs on the model's device; ``images`` may stay on the CPU (each batch is moved). Only
     parameters with ``requires_grad`` (the active block, norm, decoder, and the stem in stage
     0) are optimised; the frozen prefix runs under ``torch.no_grad()`` inside the model.
+    ``proximal_mu > 0`` adds FedProx's ``mu / 2 * ||w - w_received||^2`` over those parameters
+    (the reported loss stays the reconstruction loss).
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -44,6 +48,8 @@ def train_local(model: CascadeMAE, images: Tensor, cfg: TrainConfig, seed: int) 
     model.train()
     augment = cfg.crop_scale_min < 1.0 or cfg.horizontal_flip
     steps, epoch_loss, activation_bytes = 0, float("nan"), 0
+    trained = [p for p in model.parameters() if p.requires_grad]
+    received = [p.detach().clone() for p in trained] if proximal_mu > 0 else []
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
@@ -58,7 +64,11 @@ def train_local(model: CascadeMAE, images: Tensor, cfg: TrainConfig, seed: int) 
             else:
                 loss, _, _ = model(batch, generator=generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective = loss
+            if received:  # FedProx: stay near the model this round started from
+                drift = sum((p - p0).pow(2).sum() for p, p0 in zip(trained, received, strict=True))
+                objective = loss + proximal_mu / 2 * drift
+            objective.backward()
             optimizer.step()
             total += loss.item() * len(batch)
             count += len(batch)

@@ -294,8 +294,11 @@ def test_a_flower_dp_wrapper_as_aggregator_is_refused():
     [
         ({"new_block": None}, r"new_block must be a factory"),
         ({"depth": "2"}, r"depth and rounds_per_stage must be whole numbers, got '2', 1"),
-        ({"num_train_nodes": 0}, r"num_train_nodes must be None or >= 1, got 0"),
-        ({"num_train_nodes": -1}, r"num_train_nodes must be None or >= 1, got -1"),
+        ({"num_train_nodes": 0}, r"num_train_nodes must be None or a whole number >= 1, got 0"),
+        ({"num_train_nodes": -1}, r"must be None or a whole number >= 1, got -1"),
+        ({"num_train_nodes": 2.5}, r"must be None or a whole number >= 1, got 2.5"),
+        ({"arrayrecord_key": "params"}, r"fixed by FedMAE's message protocol"),
+        ({"configrecord_key": "cfg"}, r"fixed by FedMAE's message protocol"),
         ({"num_evaluate_nodes": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
         ({"node_wait_timeout": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
         ({"first_round": 99}, r"first_round 99 is past the cascade's last round 2"),
@@ -306,3 +309,63 @@ def test_bad_constructor_arguments_are_refused_before_any_round(changes, pattern
     with pytest.raises(ValueError, match=pattern):
         FedMAE(**{"depth": 2, "rounds_per_stage": 1, "new_block": dict, **changes})
     FedMAE(depth=2, rounds_per_stage=1, new_block=dict, first_round=3)  # resumed after the end
+
+
+def _with_aggregator(cfg, aggregator) -> FedMAE:
+    strategy = build_strategy(cfg)
+    strategy.aggregation = ActiveAggregation(aggregator, strategy.weighted_by_key)
+    return strategy
+
+
+def _first_round_update(strategy: FedMAE, cfg, overrides) -> tuple[float, list]:
+    """The L2 length of round 1's change to the active tensors, and the messages sent."""
+    grid = InProcessGrid(6, overrides)
+    initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, 0).items()})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    after, _ = strategy.aggregate_train(1, grid.send_and_receive(sent))
+    change = sum(float(((after[k].numpy() - initial[k].numpy()) ** 2).sum()) for k in after)
+    return change**0.5, sent
+
+
+def test_an_aggregator_that_combines_nothing_stops_the_stage_not_appends_an_untrained_block(
+    tiny_overrides, caplog
+):
+    """Bulyan(f=1) needs 4f+3 = 7 replies; with 3 it skips every round. The run finished and
+    exported the initial model as the backbone, every record saying 3 clients, nothing rejected."""
+    from flwr.serverapp.strategy import Bulyan
+
+    cfg = resolve_config({**tiny_overrides, "evaluate-clients": 0})
+    strategy = _with_aggregator(cfg, Bulyan(num_malicious_nodes=1))
+    initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, 0).items()})
+    with pytest.raises(RuntimeError, match=r"brought 6 sound replies, but the aggregator"):
+        strategy.start(InProcessGrid(6, tiny_overrides), initial)
+    assert "round 1: the aggregator Bulyan combined none of the 3 sound replies" in caplog.text
+    assert strategy.last_round_metrics["aggregation-skipped"] == 1
+
+
+def test_fedprox_sends_its_mu_and_the_nodes_stay_nearer_the_model_they_received(
+    tiny_overrides,
+):
+    """aggregator=FedProx(...) was plain FedAvg: proximal-mu never travelled, nodes ignored it."""
+    from flwr.serverapp.strategy import FedProx
+
+    cfg = resolve_config(tiny_overrides)
+    plain, sent = _first_round_update(_with_aggregator(cfg, FedAvg()), cfg, tiny_overrides)
+    assert all("proximal-mu" not in m.content["config"] for m in sent)
+    prox, sent = _first_round_update(
+        _with_aggregator(cfg, FedProx(proximal_mu=50.0)), cfg, tiny_overrides
+    )
+    assert {m.content["config"]["proximal-mu"] for m in sent} == {50.0}
+    assert 0 < prox < 0.8 * plain, (prox, plain)
+
+
+def test_qfedavg_steps_from_the_active_tensors_and_reads_the_nodes_loss_key(tiny_overrides):
+    """QFedAvg raised 'Current global model weights are not available' after round 1."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    cfg = resolve_config(tiny_overrides)
+    with pytest.raises(ValueError, match="train_loss_key='train-loss'"):
+        _with_aggregator(cfg, QFedAvg(client_learning_rate=0.1))
+    aggregator = QFedAvg(client_learning_rate=0.1, train_loss_key="train-loss")
+    change, _ = _first_round_update(_with_aggregator(cfg, aggregator), cfg, tiny_overrides)
+    assert 0 < change < float("inf")

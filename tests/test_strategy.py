@@ -217,13 +217,49 @@ def test_an_initial_model_of_another_architecture_is_refused_before_any_node_get
     cfg = resolve_config(tiny_overrides)
     strategy, grid = build_strategy(cfg), LocalGrid(6, tiny_overrides)
     wide = initial_arrays(resolve_config({**tiny_overrides, "embed-dim": 64}))
-    with pytest.raises(ValueError, match=r"the model's blocks\.0\.\S+ has shape \(\d+"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.norm1\.weight is float32 \(64,\), but"):
         strategy.start(grid, wide)
-    deeper = CascadeMAE(resolve_config({**tiny_overrides, "depth": 3}).model, num_blocks=3)
-    deep = ArrayRecord({k: v.contiguous() for k, v in deeper.state_dict().items()})
-    with pytest.raises(ValueError, match="the model has block 2, past depth 2"):
+    # float16 (nodes reply float32: every reply was rejected, after a whole stage)
+    half = ArrayRecord({k: v.half().contiguous() for k, v in initial_state(cfg.model, 0).items()})
+    with pytest.raises(ValueError, match=r"is float16 .* make it float32"):
+        strategy.start(grid, half)
+    # no decoder, or nothing at all (each failed on every node, a stage later)
+    state = initial_state(cfg.model, 0)
+    headless = ArrayRecord({k: v for k, v in state.items() if not k.startswith("decoder.")})
+    with pytest.raises(ValueError, match=r"the model lacks decoder\."):
+        strategy.start(grid, headless)
+    with pytest.raises(ValueError, match=r"the model lacks"):
+        strategy.start(grid, ArrayRecord())
+    # the full depth at round 1 trained end to end in stage 0, silently
+    full = CascadeMAE(cfg.model, num_blocks=2)
+    deep = ArrayRecord({k: v.contiguous() for k, v in full.state_dict().items()})
+    with pytest.raises(ValueError, match=r"the model has blocks 0\.\.1, but round 1 holds 1"):
         strategy.start(grid, deep)
     assert grid.sent == [] and grid.queries == []
+
+
+def test_one_strategy_instance_runs_twice_as_it_ran_once(tiny_overrides):
+    """A second start() kept the first run's prefix cache: fresh nodes were believed to hold
+    the prefix, replied prefix-missing, and the second run differed (or failed a stage)."""
+    overrides = {**tiny_overrides, "evaluate-clients": 0}
+    cfg = resolve_config(overrides)
+    strategy = build_strategy(cfg)
+    first = strategy.start(LocalGrid(6, overrides), initial_arrays(cfg))
+    second = strategy.start(LocalGrid(6, overrides), initial_arrays(cfg))
+    assert [m["prefix-missing"] for m in second.train_metrics_clientapp.values()] == [0] * 4
+    for key in first.arrays:
+        assert np.array_equal(first.arrays[key].numpy(), second.arrays[key].numpy()), key
+
+
+def test_a_new_block_factory_that_names_another_block_is_refused(tiny_overrides):
+    """new_block keyed every block blocks.0: the trained block 0 was overwritten, and stage 1
+    failed with 'frozen_blocks must be in [0, 0], got 1'."""
+    cfg = resolve_config(tiny_overrides)
+    strategy = build_strategy(cfg)
+    always_block_0 = strategy.plan.new_block
+    plan = strategy.plan.__class__(2, 2, lambda i: always_block_0(0), strategy.plan.new_decoder)
+    with pytest.raises(ValueError, match=r"new_block\(1\) must return block 1's tensors, named"):
+        plan.grow(dict(initial_state(cfg.model, 0)), 3)
 
 
 def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny_overrides):

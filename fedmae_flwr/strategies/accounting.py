@@ -33,6 +33,7 @@ def round_record(
     client_metrics: MetricRecord,
     weight_key: str,
     excluded_nodes: int = 0,
+    aggregation_skipped: bool = False,
 ) -> MetricRecord:
     """The round's record: ``sent`` and what came back, then the aggregated client metrics.
 
@@ -41,7 +42,9 @@ def round_record(
     rejection that occurred (see :mod:`.replies`), prefix-missing, excluded-nodes (nodes no
     longer sampled because they said they cannot take part), examples,
     bytes-up-per-client (mean over those clients), bytes-down-per-client (mean over the sampled
-    nodes, prefix copies included), and the client metrics (e.g. train-loss) unless they clash.
+    nodes, prefix copies included), ``aggregation-skipped = 1`` when the aggregator combined
+    none of the sound replies (the model stayed as it was), and the client metrics (e.g.
+    train-loss) unless they clash.
     """
     up = [next(iter(r.array_records.values())).count_bytes() for r in replies.sound]
     down = sent.active_bytes * sent.sampled + sent.prefix_bytes * sent.prefix_sends
@@ -67,6 +70,8 @@ def round_record(
     )
     for kind, count in sorted(replies.counts().items()):
         record[f"rejected-{kind}"] = count
+    if aggregation_skipped:
+        record["aggregation-skipped"] = 1
     for key, value in client_metrics.items():
         record.setdefault(key, value)
     return record

@@ -51,10 +51,12 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     FedYogi,
     Krum,
     MultiKrum,
+    QFedAvg,
     Strategy,
 )
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
@@ -65,6 +67,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update, compu
 from fedmae_flwr.config import Aggregation, RobustConfig
 from fedmae_flwr.seeding import derive_seed
 
+TRAIN_LOSS_KEY = "train-loss"  # the loss metric of a train reply (fedmae_flwr.client)
 # Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping (and subclasses)
 DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
 _DP_INSTEAD = (
@@ -146,6 +149,11 @@ class ActiveAggregation:
         self._stage: int | None = None
         self._steps = 0  # the aggregator's steps in the current stage
 
+    def reset(self) -> None:
+        """Start afresh, as for a new run (the server optimizer's state included)."""
+        reset_server_state(self.strategy)
+        self._stage, self._steps = None, 0
+
     def summary(self) -> None:
         log(INFO, "\t│\t└──aggregator: %s | server-side DP: %s", type(self.strategy).__name__,
             "off" if self.dp is None else f"noise x{self.dp.noise_multiplier:g}, clip "
@@ -193,11 +201,18 @@ def reset_server_state(strategy: Strategy) -> None:
         strategy.current_arrays = strategy.momentum_vector = None
 
 
+def train_config_entries(strategy: Strategy) -> dict[str, float]:
+    """What the aggregator's own ``configure_train`` would add to a train message's config:
+    FedProx's ``proximal-mu``, which the nodes' local training applies
+    (:func:`fedmae_flwr.local_training.train_local`)."""
+    return {"proximal-mu": float(strategy.proximal_mu)} if isinstance(strategy, FedProx) else {}
+
+
 def _set_current_arrays(strategy: Strategy, current: ArrayRecord) -> None:
     """What the optimizer steps from, as its ``configure_train`` would set it."""
     if isinstance(strategy, FedOpt):
         strategy.current_arrays = {k: v.numpy() for k, v in current.items()}
-    elif isinstance(strategy, FedAvgM):
+    elif isinstance(strategy, FedAvgM | QFedAvg):
         strategy.current_arrays = ArrayRecord(dict(current.items()))
 
 
@@ -248,6 +263,12 @@ def _check_aggregator(strategy: object, weighted_by_key: str) -> None:
         raise TypeError(
             "aggregator must be a Flower strategy that combines replies (e.g. FedMedian(), "
             f"FedAdam(eta=...)), got {type(strategy).__name__}"
+        )
+    if isinstance(strategy, QFedAvg) and strategy.train_loss_key != TRAIN_LOSS_KEY:
+        raise ValueError(
+            f"aggregator QFedAvg reads each reply's loss under '{strategy.train_loss_key}', but "
+            f"FedMAE's nodes report it as '{TRAIN_LOSS_KEY}': "
+            f"QFedAvg(..., train_loss_key='{TRAIN_LOSS_KEY}')"
         )
     key = getattr(strategy, "weighted_by_key", weighted_by_key)
     if key != weighted_by_key:

@@ -24,6 +24,7 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -49,6 +50,7 @@ from fedmae_flwr.strategies.aggregation import (
     ServerSideDP,
     refuse_dp_wrapper,
     refuse_strategy_mixins,
+    train_config_entries,
 )
 from fedmae_flwr.strategies.node_keys import NodeKeys
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
@@ -110,7 +112,7 @@ class FedMAE(FedAvg):
 
     Fails loud: :meth:`start` raises ValueError on an initial model with parameter names outside
     :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT` or block / decoder shapes other than
-    ``new_block`` / ``new_decoder`` make (:meth:`StagePlan.check_shapes`), and a stage whose
+    ``new_block`` / ``new_decoder`` make (:meth:`StagePlan.check_model`), and a stage whose
     rounds brought no sound reply raises RuntimeError (naming the stage and the rejection
     reasons) instead of appending an untrained block.
     """
@@ -141,8 +143,14 @@ class FedMAE(FedAvg):
         if first_round < 1:
             raise ValueError(f"first_round must be >= 1, got {first_round}")
         # Checked here, not where they are first used (a stage end, after a whole stage's work).
-        if num_train_nodes is not None and not num_train_nodes >= 1:
-            raise ValueError(f"num_train_nodes must be None or >= 1, got {num_train_nodes}")
+        if num_train_nodes is not None and not (
+            isinstance(num_train_nodes, numbers.Integral)
+            and not isinstance(num_train_nodes, bool)
+            and num_train_nodes >= 1
+        ):
+            raise ValueError(
+                f"num_train_nodes must be None or a whole number >= 1, got {num_train_nodes!r}"
+            )
         if not num_evaluate_nodes >= 0 or not node_wait_timeout >= 0:
             raise ValueError(
                 f"num_evaluate_nodes and node_wait_timeout must be >= 0, got "
@@ -172,8 +180,24 @@ class FedMAE(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
-        self._stage_guard = StageGuard()
+        if (self.arrayrecord_key, self.configrecord_key) != ("arrays", "config"):
+            raise ValueError(
+                "arrayrecord_key and configrecord_key are fixed by FedMAE's message protocol "
+                f"('arrays', 'config'; the client helpers read those), got "
+                f"{self.arrayrecord_key!r}, {self.configrecord_key!r}"
+            )
         self._first_round = first_round
+        self._round_timeout = 3600.0  # start()'s timeout: how long replies are waited for
+        dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
+        self.aggregation = ActiveAggregation(
+            aggregator, self.weighted_by_key, dp if dp_noise_multiplier > 0 else None
+        )
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget what an earlier :meth:`start` learned of its nodes and stages: a second run
+        with the same instance (new nodes, new Contexts) begins as the first did."""
+        self._stage_guard = StageGuard()
         self._global = ArrayRecord()
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
@@ -182,12 +206,8 @@ class FedMAE(FedAvg):
         self._excluded: dict[int, str] = {}
         self._ledger = NodeLedger()
         self._node_keys = NodeKeys()
-        self._round_timeout = 3600.0  # start()'s timeout: how long replies are waited for
         self._last_round_metrics: MetricRecord | None = None
-        dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
-        self.aggregation = ActiveAggregation(
-            aggregator, self.weighted_by_key, dp if dp_noise_multiplier > 0 else None
-        )
+        self.aggregation.reset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse ``class X(FedMAE, FedMedian)``: pass ``aggregator=FedMedian()`` instead."""
@@ -240,8 +260,11 @@ class FedMAE(FedAvg):
         (e.g. its checkpoint); round numbers (hooks, ``evaluate_fn``, the Result), stages and
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
         """
+        self._new_run()
         check_model_keys(initial_arrays.keys())
-        self.plan.check_shapes({k: v.shape for k, v in initial_arrays.items()})
+        self.plan.check_model(
+            {k: (v.shape, v.dtype) for k, v in initial_arrays.items()}, self.first_round
+        )
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if last > self.plan.num_rounds:  # a stage past the last block has no block to train
@@ -322,19 +345,26 @@ class FedMAE(FedAvg):
         # it gets the prefix again with its next message instead of wasting a round on saying so.
         replied = {m.metadata.src_node_id for m in replies}
         self._prefix.forget([n for n in self._sampled if n not in replied])
-        self._check_stage(run_round, sorted_replies)
         self._ledger.add(run_round, sorted_replies, self.weighted_by_key)
-        client_metrics = MetricRecord()
+        client_metrics, combined = MetricRecord(), None
         if sorted_replies.sound:  # combine() keeps the active tensors' dtypes (pinned)
             combined = self.aggregation.combine(
                 active, sorted_replies.sound, self.plan.stage_of(run_round), run_round
             )
-            combined = active if combined is None else combined
-            self._global = ArrayRecord({k: combined.get(k, v) for k, v in self._global.items()})
+            if combined is None:  # e.g. Bulyan with too few replies: it logged why
+                name = type(self.aggregation.strategy).__name__
+                log(WARNING, "FedMAE: round %d: the aggregator %s combined none of the %d sound "
+                    "replies; the model stays as it was", run_round, name,
+                    len(sorted_replies.sound))  # fmt: skip
+            else:
+                self._global = ArrayRecord({k: combined.get(k, v) for k, v in self._global.items()})
             client_metrics = self.train_metrics_aggr_fn(sorted_replies.sound, self.weighted_by_key)
+        skipped = bool(sorted_replies.sound) and combined is None
+        self._check_stage(run_round, sorted_replies, aggregated=combined is not None)
         self._last_round_metrics = round_record(
-            self._sent, sorted_replies, client_metrics, self.weighted_by_key, len(self._excluded)
-        )
+            self._sent, sorted_replies, client_metrics, self.weighted_by_key, len(self._excluded),
+            aggregation_skipped=skipped,
+        )  # fmt: skip
         return self._global, self._last_round_metrics
 
     # --- federated evaluation -----------------------------------------------------------------
@@ -352,8 +382,8 @@ class FedMAE(FedAvg):
         count = min(self.num_evaluate_nodes, len(usable))
         if count < self.num_evaluate_nodes:
             log(WARNING, "FedMAE: round %d evaluates on %d nodes, not %d: only %d usable nodes "
-                "are connected (run-config key `evaluate-clients`)", server_round, count,
-                self.num_evaluate_nodes, len(usable))  # fmt: skip
+                "are connected (num_evaluate_nodes; run-config key `evaluate-clients`)",
+                server_round, count, self.num_evaluate_nodes, len(usable))  # fmt: skip
         if count == 0:
             return []
         nodes = self._sample(grid, server_round, "evaluate", count, wait=False)
@@ -399,9 +429,10 @@ class FedMAE(FedAvg):
                 self._excluded[node] = rejection.reason
         return out
 
-    def _check_stage(self, server_round: int, replies: Triage) -> None:
-        """Count the stage's replies; at its end, fail if none was sound (:mod:`.stage_guard`)."""
-        self._stage_guard.add(self.plan.stage_of(server_round), replies)
+    def _check_stage(self, server_round: int, replies: Triage, aggregated: bool) -> None:
+        """Count the stage's replies; at its end, fail if no round was aggregated
+        (:mod:`.stage_guard`)."""
+        self._stage_guard.add(self.plan.stage_of(server_round), replies, aggregated)
         if self.plan.is_stage_end(server_round):
             stage_start = self._stage_guard.stage * self.plan.rounds_per_stage + 1
             self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
@@ -441,7 +472,10 @@ class FedMAE(FedAvg):
         Returns the messages and the number of prefix copies attached.
         """
         active = self._active(server_round)
-        config = ConfigRecord({**config, "server-round": server_round,
+        extra = train_config_entries(self.aggregation.strategy)
+        if message_type != MessageType.TRAIN:
+            extra = {}
+        config = ConfigRecord({**config, **extra, "server-round": server_round,
                                "stage": self.plan.stage_of(server_round),
                                "frozen-blocks": self.plan.frozen_blocks(server_round),
                                "prefix-version": self._prefix.version})  # fmt: skip

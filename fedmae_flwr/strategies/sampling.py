@@ -20,6 +20,10 @@ from flwr.superlink.grid import InMemoryGrid
 # A simulation's virtual nodes are registered once, as it starts: once their count has not
 # changed for this long, waiting for more cannot help.
 SIMULATION_SETTLE_S = 10.0
+LOWER_KEYS = (
+    "the run-config keys `clients-per-round` / `min-available-clients` (FedMAE's "
+    "num_train_nodes / min_available_nodes)"
+)
 
 
 def fixed_nodes(grid: Grid) -> bool:
@@ -83,13 +87,12 @@ def _too_few(
         return (
             f"FedMAE: {len(nodes)} usable nodes but {wanted} needed{why_fewer}. A simulation's "
             f"nodes all join at its start ({len(connected)} here: federation option "
-            "num-supernodes), so waiting cannot help: raise num-supernodes, or lower the "
-            "run-config keys `clients-per-round` / `min-available-clients`."
+            "num-supernodes), so waiting cannot help: raise num-supernodes, or lower "
+            f"{LOWER_KEYS}."
         )
     return (
         f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
-        f"{timeout:g} s{why_fewer}. Start more nodes, or lower the run-config keys "
-        "`clients-per-round` / `min-available-clients`."
+        f"{timeout:g} s{why_fewer}. Start more nodes, or lower {LOWER_KEYS}."
     )
 
 

@@ -101,28 +101,56 @@ class StagePlan:
         return self.stage_of(server_round) + 1 if self.progressive else self.depth
 
     # --- model growth -------------------------------------------------------------------------
-    def check_shapes(self, shapes: Mapping[str, Iterable[int]]) -> None:
-        """Raise ValueError naming the first block or decoder tensor of a model (name -> shape)
-        whose shape is not the one ``new_block`` / ``new_decoder`` make, or blocks past
-        ``depth``: such a model (another width, patch size or depth) would fail on every node."""
-        indices = sorted({block_index(k) for k in shapes} - {None})
-        if indices and indices[-1] >= self.depth:
+    def check_model(self, tensors: Mapping[str, tuple[Iterable[int], str]], round_: int) -> None:
+        """Raise ValueError, naming it, on what in a model (name -> (shape, dtype)) that starts
+        ``round_`` would fail on every node or train the wrong thing: more blocks than the round
+        holds (a full-depth model would train end to end in stage 0), a block or decoder
+        tensor missing or of another shape or dtype than ``new_block`` / ``new_decoder`` make
+        (another width, patch size or precision), or no decoder at all."""
+        indices = sorted({block_index(k) for k in tensors} - {None})
+        if indices and indices[-1] >= self.blocks_at(round_):
             raise ValueError(
-                f"FedMAE: the model has block {indices[-1]}, past depth {self.depth} "
-                f"(blocks 0..{self.depth - 1})"
+                f"FedMAE: the model has blocks 0..{indices[-1]}, but round {round_} holds "
+                f"{self.blocks_at(round_)} (depth {self.depth}, {self.rounds_per_stage} rounds "
+                "per stage): give the model after the round before it (a fresh run: one block "
+                "or none, e.g. models.initial_state)"
             )
         expected: dict[str, np.ndarray] = {}
         for index in indices:
-            expected.update(self.new_block(index))
-        if self.new_decoder is not None and any(k.startswith("decoder") for k in shapes):
+            expected.update(self.fresh_block(index))
+        if self.new_decoder is not None:
             expected.update(self.new_decoder(0))
-        for key, shape in shapes.items():
-            if key in expected and tuple(expected[key].shape) != tuple(shape):
+        elif not any(k.startswith("decoder.") for k in tensors):
+            raise ValueError("FedMAE: the model has no decoder.* tensors: the MAE needs one")
+        if missing := sorted(set(expected) - set(tensors)):
+            raise ValueError(
+                f"FedMAE: the model lacks {', '.join(missing[:5])}"
+                + (f" (+{len(missing) - 5} more)" if missing[5:] else "")
+                + ", which new_block / new_decoder make"
+            )
+        for key, (shape, dtype) in tensors.items():
+            if key not in expected:
+                continue
+            want = expected[key]
+            want_dtype = str(want.dtype).removeprefix("torch.")  # numpy or torch factories
+            if tuple(want.shape) != tuple(shape) or want_dtype != str(dtype):
                 raise ValueError(
-                    f"FedMAE: the model's {key} has shape {tuple(shape)}, but new_block / "
-                    f"new_decoder make it {tuple(expected[key].shape)}: the model and the "
-                    "strategy's factories describe different architectures"
+                    f"FedMAE: the model's {key} is {dtype} {tuple(shape)}, but new_block "
+                    f"/ new_decoder make it {want_dtype} {tuple(want.shape)}: "
+                    "the model and the strategy's factories describe different architectures "
+                    "or precisions (nodes reply in the factories' dtype)"
                 )
+
+    def fresh_block(self, index: int) -> dict[str, np.ndarray]:
+        """``new_block(index)``, checked to hold block ``index``'s tensors only."""
+        block = dict(self.new_block(index))
+        wrong = sorted(k for k in block if block_index(k) != index)
+        if wrong or not block:
+            raise ValueError(
+                f"FedMAE: new_block({index}) must return block {index}'s tensors, named "
+                f"blocks.{index}.*; it returned {', '.join(wrong[:3]) or 'nothing'}"
+            )
+        return block
 
     def grow(self, state: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
         """``state`` with the blocks ``server_round`` needs appended (a new dict; ``state`` is
@@ -137,7 +165,7 @@ class StagePlan:
                     if k.startswith(src)
                 }
             else:
-                block = dict(self.new_block(index))
+                block = self.fresh_block(index)
             grown.update(block)
             if self.decoder_per_stage == "reset" and self.new_decoder is not None:
                 grown.update(self.new_decoder(index))
