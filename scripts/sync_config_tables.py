@@ -8,8 +8,10 @@ Run: ``.venv/bin/python scripts/sync_config_tables.py``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from fedmae_flwr.config import KEYS, UNSET, default_run_config
@@ -38,25 +40,41 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    pyproject = ROOT / "pyproject.toml"
-    text = pyproject.read_text()
-    text = re.sub(
-        r"(\[tool\.flwr\.app\.config\]\n)(.*?)(\n\n\[)",
-        lambda m: m.group(1) + pyproject_table() + m.group(3),
-        text,
-        flags=re.S,
+def synced() -> dict[Path, str]:
+    """pyproject.toml and README.md as they should read, by path."""
+    pyproject, readme = ROOT / "pyproject.toml", ROOT / "README.md"
+    return {
+        pyproject: re.sub(
+            r"(\[tool\.flwr\.app\.config\]\n)(.*?)(\n\n\[)",
+            lambda m: m.group(1) + pyproject_table() + m.group(3),
+            pyproject.read_text(),
+            flags=re.S,
+        ),
+        readme: re.sub(
+            r"\| key \|( section \|)? default \| allowed \| meaning \|\n(\|.*\|\n)+",
+            lambda m: readme_table() + "\n",
+            readme.read_text(),
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 naming the files out of date"
     )
-    pyproject.write_text(text)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    text = re.sub(
-        r"\| key \|( section \|)? default \| allowed \| meaning \|\n(\|.*\|\n)+",
-        lambda m: readme_table() + "\n",
-        text,
-    )
-    readme.write_text(text)
+    args = parser.parse_args(argv)
+    stale = [path for path, text in synced().items() if path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.name} is out of date: run {Path(__file__).name} without --check")
+        return 1 if stale else 0
+    for path, text in synced().items():
+        if path in stale:
+            path.write_text(text)
+            print(f"rewrote {path.name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

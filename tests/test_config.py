@@ -130,3 +130,27 @@ def test_readme_documents_every_key():
 def test_every_shipped_preset_resolves_and_validates(preset, tmp_path):
     cfg = resolve_config({"preset": preset, "data-path": str(tmp_path)})
     assert cfg.model.img_size % cfg.model.patch_size == 0
+
+
+def test_the_table_sync_script_checks_without_writing_and_rewrites_only_when_asked(
+    tmp_path, monkeypatch, capsys
+):
+    """`sync_config_tables.py --check` (or --help) ignored its arguments and rewrote README.md
+    and pyproject.toml."""
+    import shutil
+
+    from scripts import sync_config_tables as sync
+
+    root = Path(sync.__file__).resolve().parent.parent
+    for name in ("README.md", "pyproject.toml"):
+        shutil.copy(root / name, tmp_path / name)
+    monkeypatch.setattr(sync, "ROOT", tmp_path)
+    assert sync.main(["--check"]) == 0
+    readme = tmp_path / "README.md"
+    stale = readme.read_text().replace("| `depth` |", "| `depth-old` |", 1)
+    readme.write_text(stale)
+    assert sync.main(["--check"]) == 1
+    assert "README.md is out of date" in capsys.readouterr().out
+    assert readme.read_text() == stale  # --check writes nothing
+    assert sync.main([]) == 0 and "rewrote README.md" in capsys.readouterr().out
+    assert sync.main(["--check"]) == 0

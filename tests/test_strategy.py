@@ -278,8 +278,13 @@ def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny
     assert {block_index(k) for k in result.arrays} - {None} == {0, 1}
     # a new server cannot know what the nodes hold: round 3's nodes all get the prefix
     assert result.train_metrics_clientapp[3]["prefix-sends"] == cfg.schedule.clients_per_round
-    with pytest.raises(ValueError, match="past the last round"):
-        build_strategy(cfg, first_round=5).start(grid, initial_arrays(cfg))
+    # Resumed after the last round: nothing to train (the constructor accepted it, start()
+    # refused it); past a shorter num_rounds it is still refused.
+    sent_before, model = len(grid.sent), initial_arrays(cfg)
+    done = build_strategy(cfg, first_round=5).start(grid, model)
+    assert done.arrays is model and len(grid.sent) == sent_before
+    with pytest.raises(ValueError, match="past the last round 3"):
+        build_strategy(cfg, first_round=5).start(grid, model, num_rounds=3)
     with pytest.raises(ValueError, match="first_round"):
         build_strategy(cfg, first_round=0)
 

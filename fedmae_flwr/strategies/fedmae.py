@@ -9,7 +9,8 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
   node id.
 - Server -> node, ``train`` and ``evaluate``: ``"arrays"`` (ArrayRecord: only the tensors active in
   the stage, see :func:`fedmae_flwr.models.active_key`), ``"config"`` (ConfigRecord with
-  ``server-round``, ``stage``, ``frozen-blocks``, ``prefix-version``), and ``"prefix"``
+  ``server-round``, ``stage``, ``frozen-blocks``, ``prefix-version``; ``proximal-mu`` with
+  ``aggregator=FedProx(...)``), and ``"prefix"``
   (ArrayRecord: the frozen stem and finished blocks) only when the strategy does not know the
   node to hold ``prefix-version``.
 - Node -> server: ``"arrays"`` (train only: the trained active tensors, same keys and shapes) and
@@ -259,6 +260,9 @@ class FedMAE(FedAvg):
         With ``first_round`` > 1, ``initial_arrays`` is the model after round ``first_round - 1``
         (e.g. its checkpoint); round numbers (hooks, ``evaluate_fn``, the Result), stages and
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
+        ``evaluate_fn(0, arrays)`` is Flower's call before this start()'s first round: on a
+        resume, ``arrays`` is that checkpoint. ``first_round = depth * rounds_per_stage + 1``
+        (resumed after the last round) trains nothing and returns ``initial_arrays``.
         """
         self._new_run()
         check_model_keys(initial_arrays.keys())
@@ -277,6 +281,9 @@ class FedMAE(FedAvg):
             log(WARNING, "FedMAE: num_rounds %d stops before the cascade's last round %d: the "
                 "model will have %d of its %d blocks", last, self.plan.num_rounds,
                 self.plan.blocks_at(last), self.plan.depth)  # fmt: skip
+        if self.first_round == last + 1 == self.plan.num_rounds + 1:  # resumed after the end
+            log(INFO, "FedMAE: the run ended with round %d: nothing left to train", last)
+            return Result(arrays=initial_arrays)
         if not self.first_round <= last:
             raise ValueError(f"first_round {self.first_round} is past the last round {last}")
         shift = self.first_round - 1
