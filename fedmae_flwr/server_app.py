@@ -92,7 +92,6 @@ def build_strategy(
         seed=cfg.seed,
         sample_by=schedule.sample_by,
         min_available_nodes=schedule.min_available_clients or schedule.clients_per_round,
-        fraction_evaluate=1.0 if schedule.evaluate_clients else 0.0,
         progressive=cfg.algorithm != Algorithm.FEDAVG_MAE,
         first_round=first_round,
         node_wait_timeout=schedule.node_wait_timeout,

@@ -311,6 +311,17 @@ def test_bad_constructor_arguments_are_refused_before_any_round(changes, pattern
     FedMAE(depth=2, rounds_per_stage=1, new_block=dict, first_round=3)  # resumed after the end
 
 
+def test_fedavg_sampling_arguments_fedmae_does_not_read_are_named(caplog):
+    """fraction_evaluate=1.0 with the default num_evaluate_nodes=0 evaluated nothing, silently."""
+    FedMAE(depth=1, rounds_per_stage=1, new_block=dict, fraction_evaluate=1.0,
+           min_evaluate_nodes=2, num_train_nodes=3, fraction_train=0.5)  # fmt: skip
+    assert ("fraction_evaluate, min_evaluate_nodes, fraction_train do not choose FedMAE's nodes"
+            in caplog.text)  # fmt: skip
+    caplog.clear()
+    FedMAE(depth=1, rounds_per_stage=1, new_block=dict, fraction_train=0.5)  # read: no warning
+    assert "do not choose" not in caplog.text
+
+
 def _with_aggregator(cfg, aggregator) -> FedMAE:
     strategy = build_strategy(cfg)
     strategy.aggregation = ActiveAggregation(aggregator, strategy.weighted_by_key)

@@ -171,6 +171,14 @@ class FedMAE(FedAvg):
                 f"{self.plan.num_rounds} (depth {depth} x rounds_per_stage {rounds_per_stage})"
             )
         super().__init__(**fedavg_kwargs)
+        # FedAvg's own sampling knobs that FedMAE's sampling does not read, so they say so.
+        unread = ["fraction_evaluate", "min_evaluate_nodes"]
+        unread += ["fraction_train", "min_train_nodes"] if num_train_nodes is not None else []
+        if passed := [k for k in unread if k in fedavg_kwargs]:
+            log(WARNING, "FedMAE: %s do not choose FedMAE's nodes and are ignored: "
+                "num_train_nodes samples each train round (None: fraction_train, "
+                "min_train_nodes), num_evaluate_nodes each stage end's evaluation",
+                ", ".join(passed))  # fmt: skip
         self.num_train_nodes = num_train_nodes
         self.partial_rounds = partial_rounds
         self.num_evaluate_nodes = num_evaluate_nodes
