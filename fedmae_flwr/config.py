@@ -90,6 +90,7 @@ class Aggregation(enum.StrEnum):
     MULTIKRUM = "multikrum"
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
+    FEDPROX = "fedprox"
 
 
 class Device(enum.StrEnum):
@@ -445,6 +446,11 @@ class RobustConfig:
     krum_keep: int = _opt(0, "multikrum: replies averaged (0 = clients-per-round - byzantine).")
     server_lr: float = _opt(0.01, "fedadam, fedyogi: server learning rate (eta).")
     server_tau: float = _opt(1e-3, "fedadam, fedyogi: adaptivity (tau).")
+    proximal_mu: float = _opt(
+        0.01,
+        "fedprox: mu of the proximal term each node adds to its loss (mu/2 x squared L2 "
+        "distance to the round's model).",
+    )
     dp_noise_multiplier: float = _opt(
         0.0, "Server-side DP: Gaussian noise std as a multiple of the clipping norm; 0 = off."
     )
@@ -469,6 +475,7 @@ class RobustConfig:
                 "krum_keep": AT_LEAST_0,
                 "server_lr": POSITIVE,
                 "server_tau": POSITIVE,
+                "proximal_mu": (lambda v: v >= 0, "a number >= 0"),
                 "dp_noise_multiplier": (lambda v: v >= 0, "a number >= 0"),
                 "dp_clipping_norm": POSITIVE,
                 "max_update_norm": (lambda v: v >= 0, "a number >= 0"),

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     FedYogi,
     Krum,
@@ -106,6 +107,7 @@ RULES = {
     "multikrum": ({"aggregation": "multikrum", "byzantine-nodes": 1}, MultiKrum),
     "fedadam": ({"aggregation": "fedadam", "server-lr": 0.01}, FedAdam),
     "fedyogi": ({"aggregation": "fedyogi", "server-lr": 0.01}, FedYogi),
+    "fedprox": ({"aggregation": "fedprox", "proximal-mu": 1.0}, FedProx),
     "dp": ({"dp-noise-multiplier": 0.5, "dp-clipping-norm": 1.0}, FedAvg),
 }
 
@@ -158,6 +160,8 @@ def test_the_run_config_picks_the_aggregator(rule):
         assert (inner.num_malicious_nodes, inner.num_nodes_to_select) == (1, 4)
     if rule in ("fedadam", "fedyogi"):
         assert (inner.eta, inner.tau) == (0.01, 1e-3)
+    if rule == "fedprox":
+        assert inner.proximal_mu == 1.0
 
 
 # --- the adapter -------------------------------------------------------------------------------
@@ -358,8 +362,6 @@ def test_fedprox_sends_its_mu_and_the_nodes_stay_nearer_the_model_they_received(
     tiny_overrides,
 ):
     """aggregator=FedProx(...) was plain FedAvg: proximal-mu never travelled, nodes ignored it."""
-    from flwr.serverapp.strategy import FedProx
-
     cfg = resolve_config(tiny_overrides)
     plain, sent = _first_round_update(_with_aggregator(cfg, FedAvg()), cfg, tiny_overrides)
     assert all("proximal-mu" not in m.content["config"] for m in sent)

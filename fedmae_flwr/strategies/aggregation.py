@@ -96,6 +96,8 @@ def build_aggregator(robust: RobustConfig, clients_per_round: int) -> Strategy:
         return FedAdam(eta=robust.server_lr, tau=robust.server_tau)
     if rule == Aggregation.FEDYOGI:
         return FedYogi(eta=robust.server_lr, tau=robust.server_tau)
+    if rule == Aggregation.FEDPROX:  # averaged as FedAvg; the nodes add the proximal term
+        return FedProx(proximal_mu=robust.proximal_mu)
     return FedAvg()
 
 
