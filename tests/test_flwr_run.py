@@ -176,7 +176,9 @@ def test_a_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_overrides
 
 
 def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_overrides):
-    """A real SuperLink (no simulation) and 2 SuperNodes whose --node-config data-path differ."""
+    """A real SuperLink (no simulation) and 2 SuperNodes whose --node-config data-path differ;
+    3 clients per round asked, min-available-clients 2: every round trains on the 2 there are
+    (partial rounds) instead of waiting node-wait-timeout for a third and failing."""
     import numpy as np
     from PIL import Image
 
@@ -194,7 +196,8 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
         "data-path": str(tmp_path / "node-a"),  # the server's own evaluation images
         "in-chans": 3,
         "img-size": 32,
-        "clients-per-round": 2,
+        "clients-per-round": 3,
+        "min-available-clients": 2,
         "evaluate-clients": 2,
         "finetune-labels": 0,
     }
@@ -213,5 +216,6 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
     ]
     # each node trains on its own folder minus its test and held-out shares: 9 + 20 images
     assert {r["examples"] for r in rows} == {29.0}
-    assert all(r["clients"] == 2 for r in rows)
+    assert all(r["clients"] == 2 and r["sampled"] == 2 for r in rows)
+    assert "round 1 trains on the 2 usable nodes connected, not 3" in out
     assert seen.count("flower-supernode") >= 2 and left == {}, f"processes survived: {left}"
