@@ -443,7 +443,9 @@ class RobustConfig:
     )
     trim_fraction: float = _opt(0.2, "fedtrimmedavg: share of values cut at each end (beta).")
     byzantine_nodes: int = _opt(1, "krum, multikrum: nodes per round assumed malicious.")
-    krum_keep: int = _opt(0, "multikrum: replies averaged (0 = clients-per-round - byzantine).")
+    krum_keep: int = _opt(
+        0, "multikrum: replies averaged (0 = each round's sound replies - byzantine-nodes)."
+    )
     server_lr: float = _opt(0.01, "fedadam, fedyogi: server learning rate (eta).")
     server_tau: float = _opt(1e-3, "fedadam, fedyogi: adaptivity (tau).")
     proximal_mu: float = _opt(

@@ -30,18 +30,25 @@ def simulation_problem(
     if num_nodes < 1:
         return f"the simulation has {num_nodes} virtual nodes: num-supernodes must be >= 1"
     schedule = cfg.schedule
+    federated = cfg.algorithm in (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
     waits_for = schedule.min_available_clients or schedule.clients_per_round
-    if cfg.algorithm in (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE) and num_nodes < waits_for:
+    if federated and num_nodes < waits_for:
+        lower = (
+            "lower min-available-clients"
+            if schedule.min_available_clients > schedule.clients_per_round
+            else f"lower clients-per-round (or set min-available-clients <= {num_nodes} to "
+            "train on fewer)"
+        )
         return (
             f"a round waits for {waits_for} nodes (run-config clients-per-round="
             f"{schedule.clients_per_round}, min-available-clients="
             f"{schedule.min_available_clients}) but the simulation has {num_nodes} "
             f"(num-supernodes), and none joins later: raise num-supernodes to >= {waits_for}, "
-            f"or lower clients-per-round (or set min-available-clients <= {num_nodes} to train "
-            "on fewer)"
+            f"or {lower}"
         )
     shares = cfg.data.num_partitions or num_nodes
-    if cfg.data.num_partitions and num_nodes > shares:
+    # Only federated runs give each node a share; the baselines train on the server.
+    if federated and cfg.data.num_partitions and num_nodes > shares:
         return (
             f"num-partitions={shares} splits the data into {shares} shares, one per node, but "
             f"the simulation has {num_nodes} nodes (num-supernodes): nodes {shares}.."

@@ -41,21 +41,30 @@ def readme_table() -> str:
 
 
 def synced() -> dict[Path, str]:
-    """pyproject.toml and README.md as they should read, by path."""
+    """pyproject.toml and README.md as they should read, by path.
+
+    Raises:
+        ValueError: a file lacks its table (``--check`` would compare nothing).
+    """
     pyproject, readme = ROOT / "pyproject.toml", ROOT / "README.md"
-    return {
-        pyproject: re.sub(
+    tables = {
+        pyproject: (
             r"(\[tool\.flwr\.app\.config\]\n)(.*?)(\n\n\[)",
             lambda m: m.group(1) + pyproject_table() + m.group(3),
-            pyproject.read_text(),
-            flags=re.S,
+            re.S,
         ),
-        readme: re.sub(
+        readme: (
             r"\| key \|( section \|)? default \| allowed \| meaning \|\n(\|.*\|\n)+",
             lambda m: readme_table() + "\n",
-            readme.read_text(),
+            0,
         ),
     }
+    out = {}
+    for path, (pattern, table, flags) in tables.items():
+        out[path], found = re.subn(pattern, table, path.read_text(), flags=flags)
+        if found != 1:
+            raise ValueError(f"{path.name}: expected its config table once, found {found}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,20 +101,12 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(overrides: dict[str, Any], num_nodes: int) -> dict[str, Any]:
-    """The whole run (``server_app.run``) over ``num_nodes`` in-process nodes; its summary."""
-    from fedmae_flwr.config import ConfigError, resolve_config
+    """The whole run (``server_app.run``) over ``num_nodes`` in-process nodes; its summary.
+
+    No node can join later here: the ServerApp's own check of a simulation's node count
+    (:mod:`fedmae_flwr.simulation_nodes`) refuses a config that would wait for more.
+    """
+    from fedmae_flwr.config import resolve_config
     from fedmae_flwr.server_app import run
 
-    cfg = resolve_config(overrides)
-    # No node can join later here: a run that waits for more nodes would wait forever.
-    needed = max(
-        cfg.schedule.min_available_clients,
-        cfg.schedule.clients_per_round,
-        cfg.schedule.evaluate_clients,
-    )
-    if num_nodes < needed:
-        raise ConfigError(
-            f"{num_nodes} in-process nodes, but the run needs {needed} (min-available-clients, "
-            "clients-per-round, evaluate-clients): give more nodes or lower those keys"
-        )
-    return run(InProcessGrid(num_nodes, overrides), cfg)
+    return run(InProcessGrid(num_nodes, overrides), resolve_config(overrides))

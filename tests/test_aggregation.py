@@ -35,7 +35,11 @@ from fedmae_flwr.models import initial_state
 from fedmae_flwr.models.export import load_backbone
 from fedmae_flwr.server_app import build_strategy, run
 from fedmae_flwr.strategies import FedMAE
-from fedmae_flwr.strategies.aggregation import ActiveAggregation, ServerSideDP
+from fedmae_flwr.strategies.aggregation import (
+    ActiveAggregation,
+    MultiKrumAllButByzantine,
+    ServerSideDP,
+)
 
 from .local_grid import FIRST_NODE_ID, InProcessGrid
 
@@ -104,7 +108,7 @@ RULES = {
     "fedmedian": ({"aggregation": "fedmedian"}, FedMedian),
     "fedtrimmedavg": ({"aggregation": "fedtrimmedavg", "trim-fraction": 0.2}, FedTrimmedAvg),
     "krum": ({"aggregation": "krum", "byzantine-nodes": 1}, Krum),
-    "multikrum": ({"aggregation": "multikrum", "byzantine-nodes": 1}, MultiKrum),
+    "multikrum": ({"aggregation": "multikrum", "byzantine-nodes": 1}, MultiKrumAllButByzantine),
     "fedadam": ({"aggregation": "fedadam", "server-lr": 0.01}, FedAdam),
     "fedyogi": ({"aggregation": "fedyogi", "server-lr": 0.01}, FedYogi),
     "fedprox": ({"aggregation": "fedprox", "proximal-mu": 1.0}, FedProx),
@@ -187,6 +191,22 @@ def test_the_aggregator_sees_copies_and_fedmae_keeps_the_replies_intact():
     combined = ActiveAggregation(FedMedian(), "num-examples").combine(current, sound, 0, 1)
     assert np.all(combined["a"].numpy() == 2.0) and combined["a"].dtype == "float32"
     assert all(set(next(iter(r.array_records.values()))) == {"a", "b"} for r in sound)
+
+
+def test_multikrum_keeps_the_replies_it_got_less_the_byzantine_ones(caplog):
+    """krum-keep 0 meant clients-per-round - f = 4 of 5: a round with 3 sound replies (a
+    partial round, or two rejected) kept all 3, the attacker's x50 update too."""
+    current = stage_arrays(["a"], 0.0)
+    sound = [reply({"a": np.full((2, 3), x, np.float32)}) for x in (1.0, 1.1, 50.0)]
+    rule = MultiKrumAllButByzantine(num_malicious_nodes=1, clients_per_round=5)
+    assert rule.num_nodes_to_select == 4
+    combined = ActiveAggregation(rule, "num-examples").combine(current, sound, 0, 1)
+    assert rule.num_nodes_to_select == 2 and np.allclose(combined["a"].numpy(), 1.05)
+    # 3 replies are fewer than Krum's 2f + 3 = 5: said, not hidden
+    assert "MultiKrumAllButByzantine with num_malicious_nodes 1 assumes at least 5" in caplog.text
+    fixed = MultiKrum(num_malicious_nodes=1, num_nodes_to_select=4)  # krum-keep 4: as asked
+    combined = ActiveAggregation(fixed, "num-examples").combine(current, sound, 0, 1)
+    assert combined["a"].numpy().max() > 10
 
 
 def test_replies_with_different_metric_keys_are_aggregated():
@@ -303,6 +323,8 @@ def test_a_flower_dp_wrapper_as_aggregator_is_refused():
         ({"num_train_nodes": 2.5}, r"must be None or a whole number >= 1, got 2.5"),
         ({"arrayrecord_key": "params"}, r"fixed by FedMAE's message protocol"),
         ({"configrecord_key": "cfg"}, r"fixed by FedMAE's message protocol"),
+        ({"aggregator": FedProx(proximal_mu=-1.0)}, r"proximal_mu must be a finite number >= 0"),
+        ({"aggregator": FedProx(proximal_mu=float("nan"))}, r"proximal_mu must be a finite"),
         ({"num_evaluate_nodes": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
         ({"node_wait_timeout": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
         ({"first_round": 99}, r"first_round 99 is past the cascade's last round 2"),
@@ -356,6 +378,9 @@ def test_an_aggregator_that_combines_nothing_stops_the_stage_not_appends_an_untr
         strategy.start(InProcessGrid(6, tiny_overrides), initial)
     assert "round 1: the aggregator Bulyan combined none of the 3 sound replies" in caplog.text
     assert strategy.last_round_metrics["aggregation-skipped"] == 1
+    # start(num_rounds=1) ends mid-stage: its last round is checked as a stage end is
+    with pytest.raises(RuntimeError, match=r"rounds 1-1\) brought 3 sound replies"):
+        strategy.start(InProcessGrid(6, tiny_overrides), initial, num_rounds=1)
 
 
 def test_fedprox_sends_its_mu_and_the_nodes_stay_nearer_the_model_they_received(

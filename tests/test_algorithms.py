@@ -79,5 +79,5 @@ def test_an_in_process_run_with_too_few_nodes_fails_at_once_naming_the_keys(tiny
 
     from .local_grid import run_in_process
 
-    with pytest.raises(ConfigError, match=r"the run needs 3 .*clients-per-round"):
+    with pytest.raises(ConfigError, match=r"a round waits for 3 nodes .run-config clients-per"):
         run_in_process(tiny_overrides, num_nodes=2)

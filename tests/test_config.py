@@ -154,3 +154,6 @@ def test_the_table_sync_script_checks_without_writing_and_rewrites_only_when_ask
     assert readme.read_text() == stale  # --check writes nothing
     assert sync.main([]) == 0 and "rewrote README.md" in capsys.readouterr().out
     assert sync.main(["--check"]) == 0
+    readme.write_text(stale.replace("| meaning |", "| meaning  |"))  # the table's header lost
+    with pytest.raises(ValueError, match=r"README\.md: expected its config table once, found 0"):
+        sync.main(["--check"])

@@ -32,7 +32,8 @@ from fedmae_flwr.strategies import NODE_UNUSABLE
 from .local_grid import InProcessGrid
 
 # What the server side needs and a node reading idx files or an image folder must not import.
-HEAVY = ("matplotlib", "pandas", "pyarrow", "datasets", "flwr_datasets", "seaborn", "ray")
+HEAVY = ("matplotlib", "pandas", "pyarrow", "datasets", "flwr_datasets", "seaborn", "ray",
+         "flwr.superlink")  # fmt: skip
 
 # A fresh interpreter: import the ClientApp, load one node's images, report what it did.
 CHILD = rf"""

@@ -20,8 +20,15 @@ def test_a_node_count_the_config_cannot_run_on_is_named_with_the_keys_to_change(
     assert "raise num-supernodes to >= 10" in too_few
     # min-available-clients below clients-per-round trains on fewer: 4 nodes will do.
     assert simulation_problem(resolve_config({"min-available-clients": 3}), 4) is None
-    # Non-federated algorithms sample no rounds.
+    # Non-federated algorithms sample no rounds and give the nodes no shares.
     assert simulation_problem(resolve_config({"algorithm": "centralized"}), 1) is None
+    baseline = resolve_config({"algorithm": "centralized", "num-partitions": 10})
+    assert simulation_problem(baseline, 100) is None
+    # The key to lower is the one that sets the wait.
+    waits = simulation_problem(
+        resolve_config({"clients-per-round": 3, "min-available-clients": 8}), 5
+    )
+    assert "or lower min-available-clients" in waits and "clients-per-round (or" not in waits
     shares = simulation_problem(resolve_config({"num-partitions": 20}), 30)
     assert "num-partitions=20 splits the data into 20 shares" in shares
     assert "nodes 20..29 would have none" in shares

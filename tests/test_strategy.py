@@ -226,10 +226,17 @@ def test_an_initial_model_of_another_architecture_is_refused_before_any_node_get
     # no decoder, or nothing at all (each failed on every node, a stage later)
     state = initial_state(cfg.model, 0)
     headless = ArrayRecord({k: v for k, v in state.items() if not k.startswith("decoder.")})
-    with pytest.raises(ValueError, match=r"the model lacks decoder\."):
+    with pytest.raises(ValueError, match=r"the model has no decoder\.\* tensors"):
         strategy.start(grid, headless)
-    with pytest.raises(ValueError, match=r"the model lacks"):
+    with pytest.raises(ValueError, match=r"the model has no patch_embed\.\* tensors"):
         strategy.start(grid, ArrayRecord())
+    # a block missing a tensor, blocks not numbered from 0
+    holed = ArrayRecord({k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"})
+    with pytest.raises(ValueError, match=r"the model lacks blocks\.0\.attn\.qkv\.weight"):
+        strategy.start(grid, holed)
+    late = {k.replace("blocks.0.", "blocks.1."): v for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"the model's blocks are \[1\], not 0\.\.n-1"):
+        build_strategy(cfg, first_round=3).start(grid, ArrayRecord(late))
     # the full depth at round 1 trained end to end in stage 0, silently
     full = CascadeMAE(cfg.model, num_blocks=2)
     deep = ArrayRecord({k: v.contiguous() for k, v in full.state_dict().items()})
@@ -260,6 +267,12 @@ def test_a_new_block_factory_that_names_another_block_is_refused(tiny_overrides)
     plan = strategy.plan.__class__(2, 2, lambda i: always_block_0(0), strategy.plan.new_decoder)
     with pytest.raises(ValueError, match=r"new_block\(1\) must return block 1's tensors, named"):
         plan.grow(dict(initial_state(cfg.model, 0)), 3)
+    # next_block_init='copy' from a model with no block yet: block 0 is new_block's (it was
+    # an empty copy of a block -1, and every node failed)
+    copying = strategy.plan.__class__(2, 2, always_block_0, next_block_init="copy")
+    stem = {k: v for k, v in initial_state(cfg.model, 0).items() if not k.startswith("blocks.")}
+    grown = copying.grow(stem, 1)
+    assert sorted(grown.keys() - stem.keys()) == sorted(always_block_0(0))
 
 
 def test_a_strategy_built_for_a_later_round_numbers_rounds_as_the_whole_run(tiny_overrides):

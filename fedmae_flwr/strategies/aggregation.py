@@ -40,8 +40,10 @@ naming the ``dp-noise-multiplier`` key; :func:`refuse_strategy_mixins` refuses
 
 from __future__ import annotations
 
+import math
 import sys
-from logging import INFO
+from collections.abc import Iterable
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
@@ -80,7 +82,8 @@ _DP_INSTEAD = (
 def build_aggregator(robust: RobustConfig, clients_per_round: int) -> Strategy:
     """The Flower strategy the config's robust section names (``aggregation`` and its knobs).
 
-    ``krum-keep = 0`` keeps ``clients-per-round - byzantine-nodes`` replies (at least 1).
+    ``krum-keep = 0`` keeps each round's replies less ``byzantine-nodes`` (at least 1):
+    :class:`MultiKrumAllButByzantine`.
     """
     rule = Aggregation(robust.aggregation)
     if rule == Aggregation.FEDMEDIAN:
@@ -90,8 +93,11 @@ def build_aggregator(robust: RobustConfig, clients_per_round: int) -> Strategy:
     if rule == Aggregation.KRUM:
         return Krum(num_malicious_nodes=robust.byzantine_nodes)
     if rule == Aggregation.MULTIKRUM:
-        keep = robust.krum_keep or max(1, clients_per_round - robust.byzantine_nodes)
-        return MultiKrum(num_malicious_nodes=robust.byzantine_nodes, num_nodes_to_select=keep)
+        if robust.krum_keep:
+            return MultiKrum(
+                num_malicious_nodes=robust.byzantine_nodes, num_nodes_to_select=robust.krum_keep
+            )
+        return MultiKrumAllButByzantine(robust.byzantine_nodes, clients_per_round)
     if rule == Aggregation.FEDADAM:
         return FedAdam(eta=robust.server_lr, tau=robust.server_tau)
     if rule == Aggregation.FEDYOGI:
@@ -99,6 +105,25 @@ def build_aggregator(robust: RobustConfig, clients_per_round: int) -> Strategy:
     if rule == Aggregation.FEDPROX:  # averaged as FedAvg; the nodes add the proximal term
         return FedProx(proximal_mu=robust.proximal_mu)
     return FedAvg()
+
+
+class MultiKrumAllButByzantine(MultiKrum):
+    """MultiKrum keeping, in each round, the replies it got less ``num_malicious_nodes`` (at
+    least 1). A fixed ``num_nodes_to_select`` of clients-per-round - f keeps every reply, the
+    attacker's too, whenever fewer arrive (rejected replies, partial rounds)."""
+
+    def __init__(self, num_malicious_nodes: int, clients_per_round: int) -> None:
+        super().__init__(
+            num_malicious_nodes=num_malicious_nodes,
+            num_nodes_to_select=max(1, clients_per_round - num_malicious_nodes),
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
 
 
 class ServerSideDP:
@@ -185,6 +210,13 @@ class ActiveAggregation:
                 values = self.dp.clip(values, now)
             replies.append(_message(keys, values, {k: metric[k] for k in metric if k in shared}))
         _set_current_arrays(self.strategy, current)
+        if isinstance(self.strategy, MultiKrum):  # Krum too
+            needed = 2 * self.strategy.num_malicious_nodes + 3
+            if len(replies) < needed:
+                log(WARNING, "FedMAE: %s with num_malicious_nodes %d assumes at least %d "
+                    "replies; round %d has %d sound ones, so it may keep a malicious one",
+                    type(self.strategy).__name__, self.strategy.num_malicious_nodes, needed,
+                    server_round, len(replies))  # fmt: skip
         self._steps += 1
         combined, _ = self.strategy.aggregate_train(self._steps, replies)
         if combined is None:
@@ -265,6 +297,13 @@ def _check_aggregator(strategy: object, weighted_by_key: str) -> None:
         raise TypeError(
             "aggregator must be a Flower strategy that combines replies (e.g. FedMedian(), "
             f"FedAdam(eta=...)), got {type(strategy).__name__}"
+        )
+    if isinstance(strategy, FedProx) and not (
+        isinstance(strategy.proximal_mu, int | float) and 0 <= strategy.proximal_mu < math.inf
+    ):
+        raise ValueError(
+            f"aggregator FedProx: proximal_mu must be a finite number >= 0, got "
+            f"{strategy.proximal_mu!r} (the nodes would refuse it in every round)"
         )
     if isinstance(strategy, QFedAvg) and strategy.train_loss_key != TRAIN_LOSS_KEY:
         raise ValueError(

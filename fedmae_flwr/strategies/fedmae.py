@@ -216,6 +216,7 @@ class FedMAE(FedAvg):
         self._ledger = NodeLedger()
         self._node_keys = NodeKeys()
         self._last_round_metrics: MetricRecord | None = None
+        self._last_round = self.plan.num_rounds  # start(num_rounds=...) may stop earlier
         self.aggregation.reset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -289,6 +290,7 @@ class FedMAE(FedAvg):
             log(WARNING, "FedMAE: num_rounds %d stops before the cascade's last round %d: the "
                 "model will have %d of its %d blocks", last, self.plan.num_rounds,
                 self.plan.blocks_at(last), self.plan.depth)  # fmt: skip
+        self._last_round = last
         if self.first_round == last + 1 == self.plan.num_rounds + 1:  # resumed after the end
             log(INFO, "FedMAE: the run ended with round %d: nothing left to train", last)
             return Result(arrays=initial_arrays)
@@ -448,7 +450,7 @@ class FedMAE(FedAvg):
         """Count the stage's replies; at its end, fail if no round was aggregated
         (:mod:`.stage_guard`)."""
         self._stage_guard.add(self.plan.stage_of(server_round), replies, aggregated)
-        if self.plan.is_stage_end(server_round):
+        if self.plan.is_stage_end(server_round) or server_round == self._last_round:
             stage_start = self._stage_guard.stage * self.plan.rounds_per_stage + 1
             self._stage_guard.check_end(max(stage_start, self.first_round), server_round)
 

@@ -15,7 +15,6 @@ from logging import INFO
 
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.superlink.grid import InMemoryGrid
 
 # A simulation's virtual nodes are registered once, as it starts: once their count has not
 # changed for this long, waiting for more cannot help.
@@ -29,6 +28,10 @@ LOWER_KEYS = (
 def fixed_nodes(grid: Grid) -> bool:
     """Whether no node can join ``grid`` later: Flower's simulation engine (its InMemoryGrid)
     registers all ``num-supernodes`` at its start; deployed SuperNodes come and go."""
+    # Imported here: flwr.superlink costs a ClientApp process ~0.6 s, and nodes import this
+    # module (fedmae_flwr.client -> fedmae_flwr.strategies) in every message's process.
+    from flwr.superlink.grid import InMemoryGrid
+
     return isinstance(grid, InMemoryGrid)
 
 

@@ -42,8 +42,8 @@ class StageGuard:
             raise RuntimeError(
                 f"FedMAE: stage {self.stage} (rounds {first_round}-{last_round}) brought "
                 f"{self.sound} sound replies, but the aggregator combined none of them (it "
-                "returned no model in every round: see its log, e.g. Krum or Bulyan given fewer "
-                f"replies than their num_malicious_nodes needs), so block {self.stage} would be "
+                "returned no model in every round: see its log, e.g. Bulyan given fewer than "
+                f"4 f + 3 replies), so block {self.stage} would be "
                 "appended untrained; the run stops."
             )
         why = "; ".join(

@@ -104,9 +104,10 @@ class StagePlan:
     def check_model(self, tensors: Mapping[str, tuple[Iterable[int], str]], round_: int) -> None:
         """Raise ValueError, naming it, on what in a model (name -> (shape, dtype)) that starts
         ``round_`` would fail on every node or train the wrong thing: more blocks than the round
-        holds (a full-depth model would train end to end in stage 0), a block or decoder
-        tensor missing or of another shape or dtype than ``new_block`` / ``new_decoder`` make
-        (another width, patch size or precision), or no decoder at all."""
+        holds (a full-depth model would train end to end in stage 0), blocks not numbered
+        0..n-1, no patch embedding or no decoder, a block or decoder tensor missing or of
+        another shape or dtype than ``new_block`` / ``new_decoder`` make (another width, patch
+        size or precision). Calls each factory once."""
         indices = sorted({block_index(k) for k in tensors} - {None})
         if indices and indices[-1] >= self.blocks_at(round_):
             raise ValueError(
@@ -115,13 +116,19 @@ class StagePlan:
                 "per stage): give the model after the round before it (a fresh run: one block "
                 "or none, e.g. models.initial_state)"
             )
+        if indices != list(range(len(indices))):
+            raise ValueError(f"FedMAE: the model's blocks are {indices}, not 0..n-1")
+        for part in ("patch_embed.", "decoder."):
+            if not any(k.startswith(part) for k in tensors):
+                raise ValueError(f"FedMAE: the model has no {part}* tensors: the MAE needs them")
         expected: dict[str, np.ndarray] = {}
-        for index in indices:
-            expected.update(self.fresh_block(index))
+        if indices:  # ViT blocks share one layout: block 0's, renamed
+            template = self.fresh_block(0)
+            for index in indices:
+                expected.update({f"blocks.{index}.{k[len('blocks.0.') :]}": v
+                                 for k, v in template.items()})  # fmt: skip
         if self.new_decoder is not None:
             expected.update(self.new_decoder(0))
-        elif not any(k.startswith("decoder.") for k in tensors):
-            raise ValueError("FedMAE: the model has no decoder.* tensors: the MAE needs one")
         if missing := sorted(set(expected) - set(tensors)):
             raise ValueError(
                 f"FedMAE: the model lacks {', '.join(missing[:5])}"
@@ -136,9 +143,9 @@ class StagePlan:
             if tuple(want.shape) != tuple(shape) or want_dtype != str(dtype):
                 raise ValueError(
                     f"FedMAE: the model's {key} is {dtype} {tuple(shape)}, but new_block "
-                    f"/ new_decoder make it {want_dtype} {tuple(want.shape)}: "
-                    "the model and the strategy's factories describe different architectures "
-                    "or precisions (nodes reply in the factories' dtype)"
+                    f"/ new_decoder make it {want_dtype} {tuple(want.shape)}: the model and the "
+                    "strategy's factories describe different architectures or precisions "
+                    "(nodes reply in the factories' dtype)"
                 )
 
     def fresh_block(self, index: int) -> dict[str, np.ndarray]:
@@ -157,7 +164,7 @@ class StagePlan:
         not modified, and tensors that do not change are the same objects)."""
         grown = dict(state)
         for index in range(num_blocks(grown), self.blocks_at(server_round)):
-            if self.next_block_init == "copy":
+            if self.next_block_init == "copy" and index > 0:  # block 0 has none to copy
                 src = f"blocks.{index - 1}."
                 block = {
                     f"blocks.{index}.{k[len(src) :]}": np.array(v, copy=True)
