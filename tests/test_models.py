@@ -109,6 +109,15 @@ def test_model_from_state_rejects_gaps(cfg):
         model_from_state(cfg.model, state)
 
 
+def test_model_from_state_names_a_learned_pos_embed(cfg):
+    """The key contract allows pos_embed (a foreign model's learned table); this cascade's
+    table is fixed, and loading failed with a bare 'Unexpected key(s) in state_dict'."""
+    state = initial_state(cfg.model, 0)
+    state["pos_embed"] = torch.zeros(1, cfg.model.num_patches + 1, cfg.model.embed_dim)
+    with pytest.raises(ValueError, match="pos_embed: this cascade's position table is MAE's"):
+        model_from_state(cfg.model, state)
+
+
 def test_export_loads_in_timm_strictly_and_matches_features(cfg, tmp_path):
     model = CascadeMAE(cfg.model, num_blocks=3).eval()
     export_backbone(cfg.model, model.state_dict(), tmp_path)

@@ -229,6 +229,11 @@ def model_from_state(
     indices = {block_index(k) for k in state} - {None}
     if not indices or indices != set(range(max(indices) + 1)):  # type: ignore[type-var]
         raise ValueError(f"State must hold blocks 0..n contiguously, has {sorted(indices)}")
+    if "pos_embed" in state:  # KEY_CONTRACT allows one for ClientApps with a learned table
+        raise ValueError(
+            "pos_embed: this cascade's position table is MAE's fixed 2-D sin-cos one, not a "
+            "learned tensor; leave pos_embed out of the model sent to these nodes"
+        )
     model = CascadeMAE(cfg, num_blocks=len(indices), frozen_blocks=frozen_blocks)
     model.load_state_dict(state, strict=True)
     return model
