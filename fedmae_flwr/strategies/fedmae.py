@@ -113,9 +113,10 @@ class FedMAE(FedAvg):
 
     Fails loud: :meth:`start` raises ValueError on an initial model with parameter names outside
     :data:`~fedmae_flwr.models.cascade.KEY_CONTRACT` or block / decoder shapes other than
-    ``new_block`` / ``new_decoder`` make (:meth:`StagePlan.check_model`), and a stage whose
-    rounds brought no sound reply raises RuntimeError (naming the stage and the rejection
-    reasons) instead of appending an untrained block.
+    ``new_block`` / ``new_decoder`` make (:meth:`StagePlan.check_model`), and a stage in which
+    no round was aggregated (no sound reply, or an ``aggregator`` that combined none) raises
+    RuntimeError (naming the stage and the rejection reasons) instead of appending an untrained
+    block.
     """
 
     def __init__(
