@@ -93,6 +93,10 @@ class Aggregation(enum.StrEnum):
     FEDPROX = "fedprox"
 
 
+# The algorithms that train through federated rounds (the others are in-process baselines).
+FEDERATED = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
+
+
 class Device(enum.StrEnum):
     AUTO = "auto"
     CPU = "cpu"
@@ -529,8 +533,7 @@ class FedMAEConfig:
 
     def __post_init__(self) -> None:
         _check(self, {"local_clients": AT_LEAST_1, "run_name": PLAIN_NAME, "seed": AT_LEAST_0})
-        federated = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
-        if self.resume and self.algorithm not in federated:
+        if self.resume and self.algorithm not in FEDERATED:
             raise _bad(
                 "resume",
                 self.resume,

@@ -15,30 +15,31 @@ from typing import Any
 
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.superlink.grid import InMemoryGrid
 
 from fedmae_flwr.config import FedMAEConfig
 from fedmae_flwr.data import DatasetSplits, partitions
 from fedmae_flwr.data.partition_report import partition_stats, write_partition_report
 from fedmae_flwr.run_outputs import RunOutputs
 from fedmae_flwr.strategies import FedMAE
+from fedmae_flwr.strategies.sampling import fixed_nodes
 
 
 def report_partitions(
-    cfg: FedMAEConfig, grid: Grid, splits: DatasetSplits, outputs: RunOutputs
+    cfg: FedMAEConfig, sim_nodes: int | None, splits: DatasetSplits, outputs: RunOutputs
 ) -> dict[str, Any]:
     """Write ``partitions.json`` + ``partitions.png`` for the simulation's partitioning.
 
-    The partition count is ``num-partitions`` or the number of connected nodes, as each node
-    computes it. Deployed nodes read their own folders, which the server cannot see: there
-    :func:`report_node_data` writes ``partitions.json`` from what they report.
+    ``sim_nodes``: the simulation's node count, as
+    :func:`~fedmae_flwr.simulation_nodes.check_simulation_nodes` found and checked it (at least
+    one share, no more shares than training images); None on a deployment. The partition count
+    is ``num-partitions`` or that node count, as each node computes it. Deployed nodes read
+    their own folders, which the server cannot see: there :func:`report_node_data` writes
+    ``partitions.json`` from what they report.
     """
-    if not is_simulation(grid):
+    if sim_nodes is None:
         log(INFO, "Deployed nodes read their own data: partitions.json follows their reports")
         return {}
-    num_partitions = cfg.data.num_partitions or len(list(grid.get_node_ids()))
-    if num_partitions < 1 or num_partitions > len(splits.train):
-        return {}
+    num_partitions = cfg.data.num_partitions or sim_nodes
     parts = partitions(cfg, num_partitions)
     stats = partition_stats(
         splits.train.labels.numpy(), [p.numpy() for p in parts], splits.num_classes
@@ -52,7 +53,7 @@ def report_partitions(
 def is_simulation(grid: Grid) -> bool:
     """Whether the nodes train on the partitions the server computes (a simulation: Flower's
     InMemoryGrid, or a grid flagged ``simulated_partitions``); deployed nodes read their own."""
-    return isinstance(grid, InMemoryGrid) or getattr(grid, "simulated_partitions", False)
+    return fixed_nodes(grid) or getattr(grid, "simulated_partitions", False)
 
 
 def known_largest_partition(grid: Grid, partition_summary: dict[str, Any]) -> int | None:

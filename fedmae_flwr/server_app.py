@@ -24,7 +24,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
-from fedmae_flwr.config import Algorithm, ConfigError, FedMAEConfig, resolve_config
+from fedmae_flwr.config import FEDERATED, Algorithm, ConfigError, FedMAEConfig, resolve_config
 from fedmae_flwr.data import DatasetSplits, load_dataset
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import evaluate_backbones
@@ -57,8 +57,6 @@ from fedmae_flwr.seeding import derive_seed, seeded_global_rng
 from fedmae_flwr.simulation_nodes import check_simulation_nodes
 from fedmae_flwr.strategies import FedMAE
 from fedmae_flwr.strategies.aggregation import build_aggregator
-
-FEDERATED = (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
 
 
 def build_strategy(
@@ -280,11 +278,13 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
     splits = load_dataset(cfg)
-    if is_simulation(grid):  # its node count is fixed: a mismatch could only fail later
-        check_simulation_nodes(cfg, grid, len(splits.train))
+    # A simulation's node count is fixed: checked now, a mismatch could only fail later.
+    sim_nodes = (
+        check_simulation_nodes(cfg, grid, len(splits.train)) if is_simulation(grid) else None
+    )
     checkpoint = read_checkpoint(cfg)
     outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
-    partition_summary = report_partitions(cfg, grid, splits, outputs)
+    partition_summary = report_partitions(cfg, sim_nodes, splits, outputs)
     strategy = build_strategy(
         cfg,
         first_round=checkpoint[0] + 1 if checkpoint else 1,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from flwr.serverapp import Grid
 
-from fedmae_flwr.config import Algorithm, ConfigError, FedMAEConfig
+from fedmae_flwr.config import FEDERATED, ConfigError, FedMAEConfig
 
 # Flower starts the ServerApp's thread just before it registers the virtual nodes.
 REGISTRATION_WAIT_S = 10.0
@@ -30,7 +30,7 @@ def simulation_problem(
     if num_nodes < 1:
         return f"the simulation has {num_nodes} virtual nodes: num-supernodes must be >= 1"
     schedule = cfg.schedule
-    federated = cfg.algorithm in (Algorithm.FEDMAE, Algorithm.FEDAVG_MAE)
+    federated = cfg.algorithm in FEDERATED
     waits_for = schedule.min_available_clients or schedule.clients_per_round
     if federated and num_nodes < waits_for:
         lower = (
@@ -77,9 +77,10 @@ def registered_nodes(
     return count
 
 
-def check_simulation_nodes(cfg: FedMAEConfig, grid: Grid, train_images: int) -> None:
-    """Raise ConfigError when the simulation behind ``grid`` cannot run ``cfg``
-    (:func:`simulation_problem`)."""
-    problem = simulation_problem(cfg, registered_nodes(grid), train_images)
-    if problem is not None:
+def check_simulation_nodes(cfg: FedMAEConfig, grid: Grid, train_images: int) -> int:
+    """The number of nodes of the simulation behind ``grid``; ConfigError when it cannot run
+    ``cfg`` (:func:`simulation_problem`)."""
+    num_nodes = registered_nodes(grid)
+    if (problem := simulation_problem(cfg, num_nodes, train_images)) is not None:
         raise ConfigError(f"FedMAE: {problem}.")
+    return num_nodes

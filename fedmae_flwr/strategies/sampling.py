@@ -59,8 +59,12 @@ def wait_for_nodes(
     excluded = excluded or {}
     start = clock()
     settled_since, last_count = start, -1
-    while len(nodes := sorted(n for n in grid.get_node_ids() if n not in excluded)) < wanted:
-        now, connected = clock(), list(grid.get_node_ids())
+    while True:  # one get_node_ids() per check: on a deployment it asks the SuperLink
+        connected = list(grid.get_node_ids())
+        nodes = sorted(n for n in connected if n not in excluded)
+        if len(nodes) >= wanted:
+            return nodes
+        now = clock()
         if len(connected) != last_count:
             settled_since, last_count = now, len(connected)
         settled = fixed and now - settled_since >= SIMULATION_SETTLE_S
@@ -68,7 +72,6 @@ def wait_for_nodes(
             raise RuntimeError(_too_few(nodes, connected, wanted, excluded, timeout, settled))
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
         sleep(min(1.0, start + timeout - now))
-    return nodes
 
 
 def _too_few(
