@@ -250,7 +250,8 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 def machine_line() -> str:
     """Cores, CPU model and the vector instructions torch uses, architecture, Python: enough to
     tell two machines apart, which matters because the same seed gives slightly different
-    numbers on different CPUs (bit-identical on one machine; README, 'One seed, one result')."""
+    numbers on different CPUs (bit-identical on one machine; docs/findings.md, 'One seed,
+    one result')."""
     import platform
 
     import torch

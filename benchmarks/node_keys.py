@@ -125,7 +125,7 @@ def report(results: list[dict[str, Any]], command: str, docs: Path) -> None:
         f"Command: `{command}` ({'; '.join(machines)}; {' to '.join(dates)}; "
         f"{niceness_text(results)}). {results_text(OUT, results_archive(docs, PAGE))} "
         "Seconds are the machine's at the time: other jobs may have shared it, and per-"
-        "message costs grow steeply when they do (README, 'One seed, one result').",
+        "message costs grow steeply when they do (docs/findings.md, 'One seed, one result').",
         "",
         "FedMAE asks every node once per run for its key (a `query` message; "
         "`fedmae_flwr/strategies/node_keys.py`) and samples nodes in key order, so that one seed "
