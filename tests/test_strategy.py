@@ -245,6 +245,28 @@ def test_an_initial_model_of_another_architecture_is_refused_before_any_node_get
     assert grid.sent == [] and grid.queries == []
 
 
+def test_a_stem_of_other_channels_than_the_decoder_is_refused_without_a_decoder_factory(
+    tiny_overrides,
+):
+    """Without new_decoder (the plugin example passes none) start() compared blocks only: a
+    3-channel stem on a 1-channel decoder reached every node and failed there."""
+    cfg = resolve_config(tiny_overrides)
+    plan = build_strategy(cfg).plan
+    bare = plan.__class__(plan.depth, plan.rounds_per_stage, plan.new_block)  # no new_decoder
+    state = {k: tuple(v.shape) for k, v in initial_state(cfg.model, 0).items()}
+    rgb = initial_state(resolve_config({**tiny_overrides, "in-chans": 3}).model, 0)
+    tensors = {k: (shape, "float32") for k, shape in state.items()}
+    bare.check_model(tensors, 1)  # the model as it is passes
+    mixed = {**tensors, "patch_embed.proj.weight": (tuple(rgb["patch_embed.proj.weight"].shape),
+                                                    "float32")}  # fmt: skip
+    with pytest.raises(ValueError, match=r"takes 3 channel\(s\) of 4x4 patches \(48 values\), "
+                       r"but decoder\.pred predicts 16"):  # fmt: skip
+        bare.check_model(mixed, 1)
+    narrow = {**tensors, "decoder.embed.weight": ((state["decoder.embed.weight"][0], 7), "float32")}
+    with pytest.raises(ValueError, match=r"width is \d+, but decoder\.embed reads 7"):
+        bare.check_model(narrow, 1)
+
+
 def test_one_strategy_instance_runs_twice_as_it_ran_once(tiny_overrides):
     """A second start() kept the first run's prefix cache: fresh nodes were believed to hold
     the prefix, replied prefix-missing, and the second run differed (or failed a stage)."""

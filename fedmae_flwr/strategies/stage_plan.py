@@ -107,7 +107,8 @@ class StagePlan:
         holds (a full-depth model would train end to end in stage 0), blocks not numbered
         0..n-1, no patch embedding or no decoder, a block or decoder tensor missing or of
         another shape or dtype than ``new_block`` / ``new_decoder`` make (another width, patch
-        size or precision). Calls each factory once."""
+        size or precision), a patch embedding the decoder does not fit (channels, patch size,
+        width). Calls each factory once."""
         indices = sorted({block_index(k) for k in tensors} - {None})
         if indices and indices[-1] >= self.blocks_at(round_):
             raise ValueError(
@@ -121,6 +122,7 @@ class StagePlan:
         for part in ("patch_embed.", "decoder."):
             if not any(k.startswith(part) for k in tensors):
                 raise ValueError(f"FedMAE: the model has no {part}* tensors: the MAE needs them")
+        check_stem_fits_decoder(tensors)
         expected: dict[str, np.ndarray] = {}
         if indices:  # ViT blocks share one layout: block 0's, renamed
             template = self.fresh_block(0)
@@ -187,3 +189,28 @@ class StagePlan:
         active = {k: v for k, v in state.items() if active_key(k, frozen)}
         prefix = {k: v for k, v in state.items() if prefix_key(k, frozen)}
         return active, prefix
+
+
+def check_stem_fits_decoder(tensors: Mapping[str, tuple[Iterable[int], str]]) -> None:
+    """Raise ValueError where the patch embedding and the decoder of one model disagree: the
+    decoder predicts ``in_chans x patch^2`` pixel values per patch and reads the encoder's width.
+    The factories make blocks and decoder only, so a stem of other channels or width than the
+    decoder's passes :meth:`StagePlan.check_model`'s shape checks and fails on every node."""
+    shapes = {k: tuple(shape) for k, (shape, _) in tensors.items()}
+    stem, pred, embed = (
+        shapes.get(k)
+        for k in ("patch_embed.proj.weight", "decoder.pred.weight", "decoder.embed.weight")
+    )
+    if stem is None or len(stem) != 4:
+        return  # another stem than timm's PatchEmbed conv: nothing to compare against
+    width, values_per_patch = stem[0], int(np.prod(stem[1:]))
+    if pred is not None and len(pred) == 2 and pred[0] != values_per_patch:
+        raise ValueError(
+            f"FedMAE: the patch embedding takes {stem[1]} channel(s) of {stem[2]}x{stem[3]} "
+            f"patches ({values_per_patch} values), but decoder.pred predicts {pred[0]} per "
+            "patch: the model's in_chans or patch size differ between its stem and decoder"
+        )
+    if embed is not None and len(embed) == 2 and embed[1] != width:
+        raise ValueError(
+            f"FedMAE: the patch embedding's width is {width}, but decoder.embed reads {embed[1]}"
+        )
