@@ -153,7 +153,12 @@ class DataConfig:
         "imagefolder: the folder; huggingface: hub id or local folder.",
     )
     image_column: str = _opt("", "Hugging Face image column ('' = detect).")
-    label_column: str = _opt("", "Hugging Face label column ('' = detect; none = unlabelled).")
+    label_column: str = _opt(
+        "",
+        "Hugging Face label column ('' = detect; no column detected: unlabelled). Negative ids "
+        "count as unlabelled images; a test split without labels gives way to test-fraction "
+        "of train.",
+    )
     test_fraction: float = _opt(0.1, "Share held out as test set when a source has none.")
     partitioner: Partitioner = _opt(
         Partitioner.IID, "How training images are split over nodes (flwr-datasets partitioners)."

@@ -13,6 +13,7 @@ trained end to end; ``centralized`` and ``local`` train in this process on the s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from logging import INFO
 from pathlib import Path
@@ -208,6 +209,44 @@ def check_checkpoint_fits(
         ) from err
 
 
+def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:
+    """ConfigError, at the start, for a source with no test image: the PSNR after each stage
+    and the downstream scores are measured on them (it failed after the first stage)."""
+    if not len(splits.test):
+        raise ConfigError(_no_test_images_message(cfg, splits))
+
+
+def _no_test_images_message(cfg: FedMAEConfig, splits: DatasetSplits) -> str:
+    fraction = cfg.data.test_fraction
+    why = (
+        f"test-fraction={fraction} of each class rounds to 0 test images where a class holds "
+        f"at most {int(0.5 / fraction)} images"
+        if fraction
+        else "test-fraction=0 splits none off"
+    )
+    return (
+        f"The source has {len(splits.train)} training images and no test image ({why}): the "
+        "reconstruction PSNR after each stage and the downstream scores are measured on test "
+        "images. Raise test-fraction (allowed: [0, 1)), add images, or give the source a test "
+        "split (imagefolder: data-path/test/<class>/; Hugging Face: a 'test' split)."
+    )
+
+
+def labelled_only(splits: DatasetSplits) -> DatasetSplits:
+    """``splits`` without the images whose label is unknown (-1): a labelled source may hold
+    some unlabelled images, which pretraining uses and the downstream scores cannot."""
+    keep = {
+        name: (getattr(splits, name).labels >= 0).nonzero().flatten() for name in ("train", "test")
+    }
+    if all(len(keep[n]) == len(getattr(splits, n)) for n in keep):
+        return splits
+    log(INFO, "Downstream: scoring the labelled images only (train %d of %d, test %d of %d)",
+        len(keep["train"]), len(splits.train), len(keep["test"]), len(splits.test))  # fmt: skip
+    return dataclasses.replace(
+        splits, train=splits.train.subset(keep["train"]), test=splits.test.subset(keep["test"])
+    )
+
+
 def evaluate_downstream(
     cfg: FedMAEConfig, splits: DatasetSplits, states: list[dict[str, torch.Tensor]], baseline: dict
 ) -> dict[str, Any]:
@@ -219,13 +258,11 @@ def evaluate_downstream(
     }
     if cfg.eval.evaluate_random_init or not states:
         backbones["random-init"] = create_timm_backbone(cfg.model, baseline)
-    if not splits.num_classes:
-        log(INFO, "Unlabelled source: downstream evaluation skipped")
-        return {
-            "linear-probe": {},
-            "finetune": {},
-            "skipped": "unlabelled source: no downstream accuracy",
-        }
+    splits = labelled_only(splits) if splits.num_classes else splits
+    if not splits.num_classes or not len(splits.train) or not len(splits.test):
+        why = "unlabelled source" if not splits.num_classes else "no labelled train or test image"
+        log(INFO, "Downstream evaluation skipped: %s", why)
+        return {"linear-probe": {}, "finetune": {}, "skipped": f"{why}: no downstream accuracy"}
     device = resolve_device(cfg.device)
     return evaluate_backbones(cfg.eval, splits, backbones, seed=cfg.seed, device=device)
 
@@ -278,6 +315,7 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     """The whole run; returns (and writes) the summary."""
     start = time.perf_counter()
     splits = load_dataset(cfg)
+    require_test_images(cfg, splits)
     # A simulation's node count is fixed: checked now, a mismatch could only fail later.
     sim_nodes = (
         check_simulation_nodes(cfg, grid, len(splits.train)) if is_simulation(grid) else None

@@ -332,12 +332,35 @@ def test_hf_labels_strings_span_splits_and_missing_test_labels(tmp_path: Path) -
     assert splits.num_classes == 3  # the vocabulary is taken over both splits
     assert (splits.train.labels.tolist(), splits.test.labels.tolist()) == ([1, 0], [2])
 
+
+@pytest.mark.parametrize("hidden", ["no column", "all -1"])
+def test_hf_test_split_without_labels_gives_way_to_a_share_of_train(tmp_path: Path, hidden) -> None:
+    """Hub test splits often hide their labels. Scored on as they were, the run trained
+    every round and then failed ('test: labels must lie in [0, 5), got values in [-1, -1]')."""
     ints = Features({"image": datasets.Image(), "label": Value("int64")})
-    train = Dataset.from_dict({"image": hf_rows(2, 0), "label": [4, 1]}, features=ints)
-    test = Dataset.from_dict({"image": hf_rows(2, 5)}, features=Features({"image": ints["image"]}))
+    train = Dataset.from_dict({"image": hf_rows(10, 0), "label": [4, 1] * 5}, features=ints)
+    test = (
+        Dataset.from_dict({"image": hf_rows(2, 5)}, features=Features({"image": ints["image"]}))
+        if hidden == "no column"
+        else Dataset.from_dict({"image": hf_rows(2, 5), "label": [-1, -1]}, features=ints)
+    )
     DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "i")
-    splits, _ = load_hf_dataset(str(tmp_path / "i"), 3, 8)
-    assert splits.num_classes == 5 and splits.test.labels.tolist() == [-1, -1]
+    splits, stats = load_hf_dataset(str(tmp_path / "i"), 3, 8, test_fraction=0.2)
+    assert splits.num_classes == 5 and stats.loaded == 10  # the unlabelled test rows unused
+    assert sorted(splits.test.labels.tolist()) == [1, 4] and len(splits.train) == 8
+
+
+def test_hf_label_columns_of_floats_are_refused_and_negative_ids_are_unlabelled(tmp_path) -> None:
+    floats = Features({"image": datasets.Image(), "target": Value("float32")})
+    Dataset.from_dict({"image": hf_rows(3, 0), "target": [0.3, 0.6, 0.9]}, features=floats
+                      ).save_to_disk(tmp_path / "f")  # fmt: skip
+    with pytest.raises(ValueError, match=r"Label column 'target' holds float32 values: labels"):
+        load_hf_dataset(str(tmp_path / "f"), 3, 8, test_fraction=0)
+    ints = Features({"image": datasets.Image(), "label": Value("int64")})
+    Dataset.from_dict({"image": hf_rows(4, 0), "label": [0, -1, 2, -7]}, features=ints
+                      ).save_to_disk(tmp_path / "n")  # fmt: skip
+    splits, _ = load_hf_dataset(str(tmp_path / "n"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 3 and splits.train.labels.tolist() == [0, -1, 2, -1]
 
 
 def test_hf_plain_image_folder_points_to_imagefolder(class_folder: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
+from flwr.common import log
 
 from fedmae_flwr.data.decode import DecodeStats, decode_train_test
 from fedmae_flwr.data.hub import load_hub_dataset
@@ -123,6 +125,16 @@ def _encode_labels(splits: list[Dataset], column: str | None) -> tuple[list[torc
         values = [None if v is None else next(per_split) for v in values]
         num_classes = len(names)
     else:
+        kind = np.result_type(*known) if known else np.dtype(np.int64)
+        if not np.issubdtype(kind, np.integer):
+            raise ValueError(
+                f"Label column '{column}' holds {kind} values: labels must be integers, strings "
+                "or a ClassLabel. Set config key 'label-column' to another column, or to a "
+                "column of class ids"
+            )
+        # Negative ids (-1: hidden, as in many hub test splits) mark images without a label.
+        values = [None if v is None else np.where(v < 0, -1, v) for v in values]
+        known = [v for v in values if v is not None]
         num_classes = max((int(v.max()) + 1 for v in known if len(v)), default=0)
     labels = [
         torch.as_tensor(np.full(len(ds), -1) if v is None else v, dtype=torch.long)
@@ -172,6 +184,13 @@ def _rows_and_labels(
     if image_col not in test_ds.column_names:
         raise ValueError(f"Split '{test_split}' lacks the image column '{image_col}'")
     labels, num_classes = _encode_labels([train_ds, test_ds], label_col)
+    if num_classes and not (labels[1] >= 0).any():
+        # Hub test splits often hide their labels (-1 or no column): scoring on them fails, so
+        # the test set comes from train instead, as for a dataset without a test split.
+        log(WARNING, "Split '%s' has no label in column '%s': its images are not used; "
+            "test-fraction=%s of '%s' is the test set", test_split, label_col, test_fraction,
+            train_split)  # fmt: skip
+        return _rows_and_labels(data, (train_split, ""), image_col, label_col, test_fraction, seed)
     image_rows = itertools.chain(
         _image_rows(train_ds, image_col, train_split, list(range(len(train_ds)))),
         _image_rows(test_ds, image_col, test_split, list(range(len(test_ds)))),

@@ -85,8 +85,8 @@ def partition_stats(labels: np.ndarray, parts: list[np.ndarray], num_classes: in
     classes); label skew lowers it (0 for one class per partition).
     """
     labels = np.asarray(labels)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes < 1 and (labels >= 0).any():  # unlabelled sources: num_classes 0, labels -1
+        raise ValueError(f"num_classes must be >= 1 for labelled images, got {num_classes}")
     if labels.size and labels.max() >= num_classes:
         raise ValueError(f"labels go up to {labels.max()}, beyond num_classes={num_classes}")
     sizes = [len(p) for p in parts]

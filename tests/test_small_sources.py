@@ -1,0 +1,106 @@
+"""Whole runs (the real ServerApp and client handlers, in process) on image sources a user
+brings: unlabelled folders, few images per class, Hugging Face splits without usable labels.
+Each of these crashed a run (at its start, after a stage, or after all its training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedmae_flwr.config import ConfigError
+
+from .local_grid import run_in_process
+
+# A small imagefolder run: RGB 16x16 images, 2 blocks x 1 round, 2 of 3 nodes per round.
+SMALL = {
+    "dataset": "imagefolder",
+    "in-chans": 3,
+    "img-size": 16,
+    "patch-size": 4,
+    "embed-dim": 24,
+    "num-heads": 2,
+    "decoder-embed-dim": 16,
+    "decoder-num-heads": 2,
+    "depth": 2,
+    "rounds-per-stage": 1,
+    "clients-per-round": 2,
+    "evaluate-clients": 2,
+    "batch-size": 8,
+    "eval-images": 16,
+    "grid-images": 2,
+    "probe-train-images": 40,
+    "probe-epochs": 2,
+    "test-images": 20,
+    "evaluate-random-init": False,
+}
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def overrides(tmp_path: Path, data: Path, **more) -> dict:
+    return {**SMALL, "data-path": str(data), "output-dir": str(tmp_path / "out"),
+            "run-name": "small", **more}  # fmt: skip
+
+
+def test_a_flat_unlabelled_folder_pretrains_and_exports_without_downstream_scores(tmp_path):
+    """README: 'a flat folder is unlabelled (no downstream accuracy then)'. It failed at the
+    start with 'num_classes must be >= 1, got 0' (the partition report)."""
+    write_images(tmp_path / "flat", 60)
+    summary = run_in_process(overrides(tmp_path, tmp_path / "flat"), num_nodes=3)
+    run = tmp_path / "out" / "small"
+    assert (run / "backbone.safetensors").is_file()
+    assert len(summary["stages"]) == 2 and all(s["psnr"] > 0 for s in summary["stages"])
+    assert summary["linear-probe-accuracy"] == {} and summary["knn-accuracy"] == {}
+    assert summary["downstream"]["skipped"] == "unlabelled source: no downstream accuracy"
+    partitions = json.loads((run / "partitions.json").read_text())
+    assert partitions["labelled"] is False and sum(partitions["images-per-partition"]) > 0
+
+
+def test_classes_too_small_for_a_test_split_are_refused_at_the_start_naming_test_fraction(
+    tmp_path,
+):
+    """5 images per class at test-fraction 0.1 split off no test image; the run trained its
+    first stage and then failed ('pixel_mask selects no pixel')."""
+    for label in range(4):
+        write_images(tmp_path / "few" / f"class-{label}", 5, seed=label)
+    config = overrides(tmp_path, tmp_path / "few")
+    with pytest.raises(ConfigError, match=r"20 training images and no test image \(test-fraction"
+                       r"=0\.1 of each class rounds to 0 test images where a class holds at most "
+                       r"5 images\).*Raise test-fraction"):  # fmt: skip
+        run_in_process(config, num_nodes=3)
+    assert not (tmp_path / "out" / "small").exists()  # refused before any output
+    summary = run_in_process({**config, "test-fraction": 0.2}, num_nodes=3)
+    assert summary["data"]["test-images"] == 4 and summary["linear-probe-accuracy"]
+
+
+def test_a_hub_dataset_with_hidden_test_labels_and_unlabelled_rows_runs_to_its_summary(
+    tmp_path, monkeypatch
+):
+    """A test split whose labels are -1 (as on many hub datasets) failed after all training,
+    before summary.json; train rows labelled -1 failed the same way."""
+    import datasets
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+    rows = [Image.fromarray(rng.integers(0, 255, (18, 18, 3), dtype=np.uint8)) for _ in range(70)]
+    features = Features({"image": datasets.Image(), "label": Value("int64")})
+    labels = [i % 3 if i % 4 else -1 for i in range(60)]  # a quarter of train unlabelled
+    DatasetDict({
+        "train": Dataset.from_dict({"image": rows[:60], "label": labels}, features=features),
+        "test": Dataset.from_dict({"image": rows[60:], "label": [-1] * 10}, features=features),
+    }).save_to_disk(tmp_path / "hub")  # fmt: skip
+    config = overrides(tmp_path, tmp_path / "hub", dataset="huggingface", **{"test-fraction": 0.2})
+    summary = run_in_process(config, num_nodes=3)
+    assert summary["data"]["train-images"] + summary["data"]["test-images"] == 60
+    assert set(summary["linear-probe-accuracy"]) == {"fedmae", "pixels"}
+    assert (tmp_path / "out" / "small" / "summary.json").is_file()
