@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,6 +231,25 @@ def test_resize_shorter_side_then_center_crop() -> None:
     two_step = np.asarray(image.resize((18, 10), Image.Resampling.BICUBIC))[:, 4:14]
     one_step = to_uint8_chw(image, 3, 10).permute(1, 2, 0).numpy()
     assert np.abs(two_step.astype(int) - one_step.astype(int)).max() <= 1
+
+
+def test_a_long_strip_decodes_in_little_memory() -> None:
+    """Resizing a strip whole before the centre crop cost memory in proportion to its length:
+    a 14 kB 5000x1 PNG took +1 GB at size 224. Now only its centre is resized."""
+    code = (
+        "import resource, numpy as np; from PIL import Image; "
+        "from fedmae_flwr.data.decode import to_uint8_chw; "
+        "strip = Image.fromarray(np.full((1, 40000), 200, np.uint8)); "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "out = to_uint8_chw(strip, 3, 64); "
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before; "
+        "print(tuple(out.shape), int(out.float().mean().round()), grown // 1024)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape, mean, grown_mb = proc.stdout.split(")")[0] + ")", *proc.stdout.split(")")[1].split()
+    assert shape == "(3, 64, 64)" and int(mean) == 200
+    assert int(grown_mb) < 100, f"decoding a 40000x1 strip at 64 px grew the process {grown_mb} MB"
 
 
 def test_channel_stats_match_float_computation() -> None:

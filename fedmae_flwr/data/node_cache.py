@@ -48,7 +48,9 @@ from fedmae_flwr.data.images import ImageSet, NodeData
 
 __all__ = ["CACHE_VERSION", "ENV_VAR", "cached_node_data", "resolve_cache_dir"]
 
-CACHE_VERSION = 1  # bump when decoding, splitting or the file layout changes
+# Bump when decoding, splitting or the file layout changes (2: long strips cropped before
+# resizing; hub test splits without labels replaced by a share of train).
+CACHE_VERSION = 2
 ENV_VAR = "FEDMAE_CACHE_DIR"
 OFF = "off"
 _TENSORS = ("train-images", "train-labels", "heldout-images", "heldout-labels")
