@@ -34,9 +34,8 @@ $(DATA_DIR)/train-images-idx3-ubyte.gz:
 # The default federated pretraining through `flwr run` on a local SuperLink (simulation engine,
 # $(NUM_SUPERNODES) virtual nodes); writes outputs/$(RUN_NAME)/ and prints its summary.
 run: setup data
-	$(VPY) scripts/run.py --num-supernodes $(NUM_SUPERNODES) \
-		--run-config "output-dir='$(CURDIR)/outputs' run-name='$(RUN_NAME)' $(RUN_CONFIG)"
-	$(VPY) scripts/print_summary.py outputs/$(RUN_NAME)/summary.json
+	$(VPY) scripts/run.py --num-supernodes $(NUM_SUPERNODES) --print-summary \
+		--run-config "output-dir='$(CURDIR)/outputs' run-name='$(RUN_NAME)'" --run-config "$(RUN_CONFIG)"
 
 # FedMAE against fedavg-mae, centralized, local and random-init on one budget (3 partitions x
 # 3 seeds through `flwr run`; then bench-quality-finetune for the fine-tune column); writes docs/results.md and plots, and the runs' result files to docs/data/runs/bench-grid/ (restored from there where outputs/ lacks them). BENCH_ARGS narrows the grid.

@@ -21,6 +21,8 @@ def main(path: str) -> int:
         print(f"  {st['blocks']:>6}  {st['psnr']:6.2f}  {st['trivial-psnr']:6.2f}")
     print("\nDownstream top-1 accuracy (test set)")
     print("  backbone      linear probe    k-NN  fine-tune")
+    if skipped := s["downstream"].get("skipped"):
+        print(f"  skipped: {skipped}")
     for name, acc in s["linear-probe-accuracy"].items():
         knn, tune = s["knn-accuracy"].get(name), s["finetune-accuracy"].get(name)
         knn_text = f"{knn:6.4f}" if knn is not None else "     -"
@@ -30,7 +32,8 @@ def main(path: str) -> int:
     print(f"\nCommunication: {c['bytes-up-total'] / 1e6:.1f} MB up, "
           f"{c['bytes-down-total'] / 1e6:.1f} MB down, {c['prefix-sends']} prefix sends, "
           f"{c['rejected-replies']} rejected replies")  # fmt: skip
-    return 0 if s["stages"] and s["linear-probe-accuracy"] else 1
+    scored = s["linear-probe-accuracy"] or s["downstream"].get("skipped")
+    return 0 if s["stages"] and scored else 1
 
 
 if __name__ == "__main__":

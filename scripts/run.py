@@ -100,41 +100,100 @@ def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S)
     return 1
 
 
-def run_config_problem(run_config: str | None, num_supernodes: int | None = None) -> str | None:
+def config_lines(run_config: str | list[str] | None) -> list[str]:
+    """``--run-config`` values, one or several (later keys win, as for `flwr run`), none empty."""
+    lines = [run_config] if isinstance(run_config, str) else list(run_config or [])
+    return [line for line in lines if line.strip()]
+
+
+def parse_run_config(lines: list[str]) -> dict[str, Any]:
+    """The overrides ``lines`` give, merged as `flwr run` merges them (a later line wins); a
+    ValueError naming the line Flower cannot read (Flower's own error is a click exception and
+    a traceback, which names neither the line nor a repeated key)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    for line in lines:
+        try:
+            parse_config_args([line])
+        except (click.ClickException, ValueError) as err:
+            message = getattr(err, "message", str(err))
+            raise ValueError(
+                f"--run-config {line!r} is not what Flower reads: space-separated key=value "
+                "pairs, strings in quotes (dataset='imagefolder'), numbers and true/false bare, "
+                "each key once (a second --run-config overrides an earlier one). Flower says: "
+                f"{message}"
+            ) from None
+    return parse_config_args(lines)
+
+
+def run_config_problem(
+    run_config: str | list[str] | None, num_supernodes: int | None = None
+) -> str | None:
     """Why the app would refuse ``run_config`` (None: it would not), checked here as the
     ServerApp checks it: Flower only says "[code: 15] Invalid run configuration." for an unknown
     key (the key's name is in superlink.log), and a bad value surfaces at the ServerApp's start.
     With ``num_supernodes``, also whether a simulation of that many nodes can run it
     (:func:`fedmae_flwr.simulation_nodes.simulation_problem`)."""
-    from flwr.common.config import parse_config_args
-
     from fedmae_flwr.config import resolve_config
     from fedmae_flwr.simulation_nodes import simulation_problem
 
     try:
-        cfg = resolve_config(parse_config_args([run_config]) if run_config else {})
+        cfg = resolve_config(parse_run_config(config_lines(run_config)))
     except ValueError as err:  # ConfigError is one
         return str(err)
     return None if num_supernodes is None else simulation_problem(cfg, num_supernodes)
+
+
+def print_run_summary(run_config: str | list[str] | None) -> int:
+    """``scripts/print_summary.py`` on the run folder the config names (its own output-dir and
+    run-name, wherever they were set)."""
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.run_outputs import run_dir
+    from scripts.print_summary import main as print_summary
+
+    cfg = resolve_config(parse_run_config(config_lines(run_config)))
+    return print_summary(str(run_dir(cfg) / "summary.json"))
 
 
 def run(
     num_supernodes: int = 100,
     client_cpus: int = 1,
     client_gpus: float = 0.0,
-    run_config: str | None = None,
+    run_config: str | list[str] | None = None,
     flwr_home: str | Path | None = None,
     timeout: float | None = None,
     check_config: bool = True,
     ray_address: str | None = None,
+    print_summary: bool = False,
 ) -> int:
     """Run the app: 0 on ``finished:completed``, 124 on timeout, 130 when interrupted, 2 for a
     run config the app refuses or cannot run on ``num_supernodes`` nodes (before anything
     starts; ``check_config=False`` submits it unchecked, to Flower's and the ServerApp's own
-    checks), else 1."""
-    if check_config and (problem := run_config_problem(run_config, num_supernodes)):
+    checks), else 1. ``run_config``: one string or several (a later value of a key wins);
+    ``print_summary``: print the completed run's summary (exit 1 if it is incomplete)."""
+    lines = config_lines(run_config)
+    try:  # Flower refuses what it cannot parse anyway, with a traceback: checked here always
+        parse_run_config(lines)
+    except ValueError as err:
+        print(f"[run] refused, nothing started: {err}", flush=True)
+        return 2
+    if check_config and (problem := run_config_problem(lines, num_supernodes)):
         print(f"[run] refused, nothing started: {problem}", flush=True)
         return 2
+    code = _run(num_supernodes, client_cpus, client_gpus, lines, flwr_home, timeout, ray_address)
+    return print_run_summary(lines) if print_summary and code == 0 else code
+
+
+def _run(
+    num_supernodes: int,
+    client_cpus: int,
+    client_gpus: float,
+    lines: list[str],
+    flwr_home: str | Path | None,
+    timeout: float | None,
+    ray_address: str | None,
+) -> int:
     home, ray_tmp = Path(flwr_home or REPO / ".flwr").resolve(), Path(tempfile.mkdtemp(dir="/tmp"))
     env, log = (
         flwr_env(home, ray_tmp, ray_address),
@@ -157,7 +216,7 @@ def run(
             fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
             fed += f" client-resources-num-gpus={float(client_gpus)}"
             cmd = ["flwr", "run", str(REPO), NAME, "--federation-config", fed, "--stream"]
-            cmd += ["--run-config", run_config] if run_config else []
+            cmd += [arg for line in lines for arg in ("--run-config", line)]
             try:  # --stream prints the run's logs until it ends, but not its outcome
                 left = None if timeout is None else max(1.0, deadline - time.monotonic())
                 subprocess.run(cmd, env=env, timeout=left, check=False)
@@ -179,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, default=100)
     parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per ClientApp (Ray)")
     parser.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per ClientApp")
-    parser.add_argument("--run-config", help="as `flwr run --run-config`")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        help="as `flwr run --run-config`; may repeat (a later value of a key wins)",
+    )
     parser.add_argument("--flwr-home", help="this runner's own Flower home; default <repo>/.flwr")
     parser.add_argument("--timeout", type=float, help="seconds; then `flwr stop`, exit 124")
     parser.add_argument(
@@ -194,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="submit --run-config unchecked (Flower and the ServerApp check it, as for a "
         "SuperLink of your own)",
+    )
+    parser.add_argument(
+        "--print-summary",
+        action="store_true",
+        help="after a completed run, print its summary.json (the run folder its config names)",
     )
     return run(**vars(parser.parse_args(argv)))
 

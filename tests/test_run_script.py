@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,40 @@ def test_a_node_count_the_run_cannot_use_is_named_before_anything_starts(tmp_pat
     assert run(num_supernodes=5, run_config="clients-per-round=8", flwr_home=tmp_path) == 2
     assert "a round waits for 8 nodes" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_config_flower_cannot_parse_is_named_not_a_traceback(tmp_path, capsys):
+    """An unquoted string, a key given twice or a stray comma ended in a click traceback (exit
+    1). `make run RUN_CONFIG="run-name='mine'"` was one: the Makefile set run-name too."""
+    from scripts.run import main, parse_run_config
+
+    for bad in ("dataset=imagefolder", "run-name='a' run-name='b'", "depth=3,"):
+        assert main(["--run-config", bad, "--flwr-home", str(tmp_path)]) == 2
+        said = capsys.readouterr().out
+        assert f"refused, nothing started: --run-config {bad!r} is not what Flower reads" in said
+        assert "strings in quotes (dataset='imagefolder')" in said and "Traceback" not in said
+    assert list(tmp_path.iterdir()) == []
+    # Several --run-config: a later value wins, as in `flwr run` (the Makefile's defaults first)
+    lines = ["output-dir='/o' run-name='fedmae-fmnist'", "run-name='mine' depth=6"]
+    assert parse_run_config(lines) == {"output-dir": "/o", "run-name": "mine", "depth": 6}
+    assert main([*(a for line in lines for a in ("--run-config", line)), "--run-config",
+                 "mask_ratio=0.5", "--flwr-home", str(tmp_path)]) == 2  # fmt: skip
+    assert "Unknown config key 'mask_ratio'" in capsys.readouterr().out
+
+
+def test_the_summary_printed_is_the_run_folder_the_config_names(tmp_path, capsys):
+    from scripts.run import print_run_summary
+
+    lines = [f"output-dir='{tmp_path}' run-name='fedmae-fmnist'", "run-name='mine'"]
+    assert print_run_summary(lines) == 1
+    assert f"No summary at {tmp_path / 'mine' / 'summary.json'}" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    stage = {"blocks": 1, "psnr": 11.0, "trivial-psnr": 9.0}
+    summary = {"run-name": "mine", "depth": 1, "rounds": 1, "wall-seconds": 3.0,
+               "stages": [stage], "linear-probe-accuracy": {}, "knn-accuracy": {},
+               "finetune-accuracy": {}, "communication": {"bytes-up-total": 1, "bytes-down-total":
+               1, "prefix-sends": 0, "rejected-replies": 0},
+               "downstream": {"skipped": "unlabelled source: no downstream accuracy"}}  # fmt: skip
+    (tmp_path / "mine" / "summary.json").write_text(json.dumps(summary))
+    assert print_run_summary(lines) == 0  # an unlabelled source's run is complete
+    assert "skipped: unlabelled source" in capsys.readouterr().out
