@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,11 +130,12 @@ AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
 AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0")
 # run-name is one folder under output-dir: a path ('a/b', '/etc', '..', '.') would put the run,
 # and the moving aside of an earlier run of that name, outside it or onto output-dir itself.
+# Names starting with '.' are output-dir's own folders (.previous-runs, .locks).
 PLAIN_NAME = (
-    lambda v: v not in ("", ".", "..") and "/" not in v and "\\" not in v,
-    "a plain folder name (no '/' or '\\', not '.' or '..'), e.g. fedmae-fmnist",
+    lambda v: v != "" and not v.startswith(".") and "/" not in v and "\\" not in v,
+    "a plain folder name (no '/' or '\\', not starting with '.'), e.g. fedmae-fmnist",
 )
-POSITIVE = (lambda v: v > 0, "a number > 0")
+POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
 OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
 HALF_OPEN_UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
 
@@ -538,6 +540,12 @@ class FedMAEConfig:
 
     def __post_init__(self) -> None:
         _check(self, {"local_clients": AT_LEAST_1, "run_name": PLAIN_NAME, "seed": AT_LEAST_0})
+        if self.model.in_chans not in (1, 3):  # ModelConfig alone (the plugin's) takes any
+            raise _bad(
+                "in-chans",
+                self.model.in_chans,
+                "1 or 3 (every image source decodes to grey or RGB)",
+            )
         if self.resume and self.algorithm not in FEDERATED:
             raise _bad(
                 "resume",

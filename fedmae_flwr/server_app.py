@@ -14,6 +14,7 @@ trained end to end; ``centralized`` and ``local`` train in this process on the s
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from logging import INFO
 from pathlib import Path
@@ -47,6 +48,7 @@ from fedmae_flwr.node_data_report import (
     report_partitions,
 )
 from fedmae_flwr.round_recorder import RoundRecorder, torch_state, totals
+from fedmae_flwr.run_lock import hold_run_folder
 from fedmae_flwr.run_outputs import (
     RunOutputs,
     check_resume_config,
@@ -209,6 +211,24 @@ def check_checkpoint_fits(
         ) from err
 
 
+def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int) -> None:
+    """ConfigError where a resumed simulation would split the images over another number of
+    partitions than the run it continues (its partitions.json): with another
+    ``--num-supernodes`` it trained on other data, silently, and differed from the run."""
+    try:
+        before = json.loads((run_dir(cfg) / "partitions.json").read_text())["num-partitions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a run without its report (crashed before it): nothing to compare
+    now = cfg.data.num_partitions or sim_nodes
+    if before != now:
+        raise ConfigError(
+            f"resume: the run split its images over {before} partitions, this simulation over "
+            f"{now} ({sim_nodes} SuperNodes, num-partitions={cfg.data.num_partitions}): its "
+            f"nodes would train on other data. Resume with {before} SuperNodes "
+            f"(--num-supernodes {before}; make run NUM_SUPERNODES={before})."
+        )
+
+
 def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:
     """ConfigError, at the start, for a source with no test image: the PSNR after each stage
     and the downstream scores are measured on them (it failed after the first stage)."""
@@ -311,8 +331,9 @@ def summarize(
     }
 
 
-def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
-    """The whole run; returns (and writes) the summary."""
+def run(grid: Grid, cfg: FedMAEConfig, flower_run_id: int | None = None) -> dict[str, Any]:
+    """The whole run; returns (and writes) the summary. Holds the run folder while it writes
+    (:mod:`fedmae_flwr.run_lock`): a second live run of this run-name is refused."""
     start = time.perf_counter()
     splits = load_dataset(cfg)
     require_test_images(cfg, splits)
@@ -320,7 +341,16 @@ def run(grid: Grid, cfg: FedMAEConfig) -> dict[str, Any]:
     sim_nodes = (
         check_simulation_nodes(cfg, grid, len(splits.train)) if is_simulation(grid) else None
     )
+    with hold_run_folder(run_dir(cfg), flower_run_id):
+        return _run_in_folder(grid, cfg, splits, sim_nodes, start)
+
+
+def _run_in_folder(
+    grid: Grid, cfg: FedMAEConfig, splits: DatasetSplits, sim_nodes: int | None, start: float
+) -> dict[str, Any]:
     checkpoint = read_checkpoint(cfg)
+    if checkpoint and sim_nodes is not None:
+        check_resumed_partitions(cfg, sim_nodes)
     outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
     partition_summary = report_partitions(cfg, sim_nodes, splits, outputs)
     strategy = build_strategy(
@@ -350,7 +380,7 @@ def build_server_app(overrides: dict | None = None) -> ServerApp:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run(grid, resolve_config({**context.run_config, **(overrides or {})}))
+        run(grid, resolve_config({**context.run_config, **(overrides or {})}), context.run_id)
 
     return server_app
 

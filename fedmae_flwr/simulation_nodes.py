@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from logging import WARNING
 
+from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedmae_flwr.config import FEDERATED, ConfigError, FedMAEConfig
@@ -83,4 +85,9 @@ def check_simulation_nodes(cfg: FedMAEConfig, grid: Grid, train_images: int) -> 
     num_nodes = registered_nodes(grid)
     if (problem := simulation_problem(cfg, num_nodes, train_images)) is not None:
         raise ConfigError(f"FedMAE: {problem}.")
+    shares = cfg.data.num_partitions
+    if cfg.algorithm in FEDERATED and shares > num_nodes:  # allowed: smaller shares per node
+        log(WARNING, "num-partitions=%d splits the images into %d shares, but the simulation "
+            "has %d nodes: shares %d..%d are never trained on (num-partitions=0 gives one "
+            "share per node)", shares, shares, num_nodes, num_nodes, shares - 1)  # fmt: skip
     return num_nodes

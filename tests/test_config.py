@@ -61,6 +61,12 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         ({"run-name": "/etc"}, r"'run-name': '/etc'. Allowed: a plain folder name"),
         ({"run-name": "a/b"}, r"'run-name': 'a/b'. Allowed: a plain folder name"),
         ({"seed": -1}, r"'seed': -1. Allowed: an integer >= 0"),
+        # output-dir's own folders; a run named so would be moved aside into itself
+        ({"run-name": ".locks"}, r"'run-name': '.locks'. Allowed: .*not starting with '\.'"),
+        # accepted before: every image was skipped ('channels must be 1 or 3'), then 'No
+        # decodable training image', which read as a data problem
+        ({"in-chans": 2}, r"'in-chans': 2. Allowed: 1 or 3 \(every image source decodes"),
+        ({"lr": float("inf")}, r"'lr': inf. Allowed: a finite number > 0"),
     ],
 )
 def test_bad_values_fail_with_key_and_allowed_values(override, pattern):

@@ -273,3 +273,54 @@ def test_run_outputs_get_the_umask_mode_not_0600(cpu_overrides):
         [p.name for p in written], "0o644"
     )
     assert not [p for p in outputs.dir.rglob(".*") if p.is_file()]  # no temp file left
+
+
+def test_resume_with_another_node_count_is_refused_naming_the_run_s_count(tiny_overrides):
+    """Resumed on 5 SuperNodes, a run of 6 re-split its images 5 ways: it trained on other
+    data, silently, and differed from the run it continued."""
+    crashed = {**tiny_overrides, "evaluate-clients": 0, "device": "cpu"}
+    grid = LocalGrid(6, crashed)
+    grid.tamper = crash_in_round(grid, 3)
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config(crashed))
+    resumed = {**crashed, "resume": True}
+    with pytest.raises(ConfigError, match=r"split its images over 6 partitions, this simulation "
+                       r"over 5 \(5 SuperNodes.*Resume with 6 SuperNodes"):  # fmt: skip
+        run(LocalGrid(5, resumed), resolve_config(resumed))
+    out = Path(crashed["output-dir"]) / crashed["run-name"]
+    assert [r["round"] for r in _rows(out)] == [1, 2]  # nothing of the refused resume
+    run(LocalGrid(6, resumed), resolve_config(resumed))
+    assert [r["round"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+def test_a_run_folder_held_by_a_live_run_is_refused_and_freed_when_that_run_dies(tiny_overrides):
+    """A second run of one run-name moved the live run's folder aside and both wrote into the
+    new one (metrics interleaved, checkpoints mixed); resume=true after a SuperLink crash ran
+    beside the ServerApp Flower had kept alive."""
+    import subprocess
+    import sys
+
+    config = {**tiny_overrides, "evaluate-clients": 0, "device": "cpu"}
+    folder = Path(config["output-dir"]) / config["run-name"]
+    run(LocalGrid(6, config), resolve_config(config))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from fedmae_flwr.run_lock import hold_run_folder\n"
+         f"with hold_run_folder(Path({str(folder)!r}), flower_run_id=42):\n"
+         "    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for again in (config, {**config, "resume": True}):
+            with pytest.raises(ConfigError, match=rf"{re.escape(str(folder))} is being written by "
+                               rf"a live run \(process {holder.pid} on .*, Flower run 42, "
+                               r"started .*another run-name"):  # fmt: skip
+                run(LocalGrid(6, again), resolve_config(again))
+        assert (folder / "summary.json").is_file()  # not moved aside
+        assert not (folder.parent / ".previous-runs").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.wait()
+    run(LocalGrid(6, config), resolve_config(config))
+    assert (folder.parent / ".previous-runs").is_dir()  # the finished run moved aside, as ever

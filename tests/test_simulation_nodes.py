@@ -67,3 +67,17 @@ def test_the_server_refuses_a_simulation_too_small_for_its_rounds_before_writing
     with pytest.raises(ConfigError, match=r"a round waits for 3 nodes .* has 2 \(num-supernodes"):
         run(LocalGrid(2, tiny_overrides), cfg)
     assert not (tmp_path / "outputs").exists()  # no run folder made, none moved aside
+
+
+def test_more_shares_than_nodes_is_allowed_and_names_the_shares_never_trained(caplog):
+    """num-partitions=7 on 5 nodes trained 5 shares of 7 without a word."""
+    from fedmae_flwr.simulation_nodes import check_simulation_nodes
+
+    class FiveNodes:
+        def get_node_ids(self):
+            return [1, 2, 3, 4, 5]
+
+    cfg = resolve_config({"num-partitions": 7, "clients-per-round": 2})
+    assert check_simulation_nodes(cfg, FiveNodes(), train_images=100) == 5
+    assert "num-partitions=7 splits the images into 7 shares, but the simulation has 5 nodes: " \
+        "shares 5..6 are never trained on" in caplog.text  # fmt: skip
