@@ -74,7 +74,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf outputs .flwr .pytest_cache .ruff_cache .deploy-local
+	rm -rf outputs .flwr .pytest_cache .ruff_cache .deploy-local .cache
 
 # What a lent GPU machine needs carried (docs/gpu.md, "Running the GPU checks on a lent machine"):
 # outputs/device-carry/{site,fashion-mnist}.tar.xz; needs PyPI.

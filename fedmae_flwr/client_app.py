@@ -37,10 +37,12 @@ _GC_WAS_ENABLED = gc.isenabled()
 gc.disable()
 try:
     import functools
+    from logging import WARNING
 
     import torch
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
+    from flwr.common import log
 
     from fedmae_flwr.client import evaluate_reply, identify_reply, train_reply
     from fedmae_flwr.config import ConfigError, FedMAEConfig, resolve_config
@@ -52,6 +54,10 @@ finally:
     if _GC_WAS_ENABLED:
         gc.enable()
 
+# What a node's --node-config may set (a simulation sets partition-id and num-partitions).
+NODE_CONFIG_KEYS = frozenset(
+    {"data-path", "partition-id", "num-partitions", "cache-dir", "node-key"}
+)
 NODE_CONFIG_HELP = (
     "Start the SuperNode with --node-config \"data-path='/folder/of/its/images'\" (a device's "
     'own images: class sub-folders or a flat folder) or --node-config "partition-id=0 '
@@ -83,6 +89,9 @@ def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
             server rejects it, logs it and samples the node no more in this run.
     """
     node = context.node_config
+    if unread := sorted(set(node) - NODE_CONFIG_KEYS):  # a misspelled key did nothing, silently
+        log(WARNING, "node-config %s: not read by FedMAE, which reads %s",
+            ", ".join(repr(k) for k in unread), ", ".join(sorted(NODE_CONFIG_KEYS)))  # fmt: skip
     try:
         cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
         own_folder = str(node.get("data-path", ""))

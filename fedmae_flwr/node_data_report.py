@@ -9,6 +9,7 @@ NodeLedger`), written once the rounds are over.
 
 from __future__ import annotations
 
+import json
 import statistics
 from logging import INFO
 from typing import Any
@@ -67,6 +68,9 @@ def report_node_data(grid: Grid, strategy: FedMAE, outputs: RunOutputs) -> dict[
     """Each node's reported images and skipped files (``summary.json`` ``data.nodes``); on a
     deployment also ``partitions.json``, since only the devices know what they hold."""
     nodes = strategy.node_reports
+    if not nodes and strategy.first_round > strategy.plan.depth * strategy.plan.rounds_per_stage:
+        # resumed after its last round: no node replied this time; keep what they said before
+        return _earlier_node_data(outputs)
     if nodes and not is_simulation(grid):
         sizes = sorted(n["images"] for n in nodes.values())
         outputs.write_json("partitions.json", {
@@ -76,3 +80,11 @@ def report_node_data(grid: Grid, strategy: FedMAE, outputs: RunOutputs) -> dict[
             "skipped-images": sum(n["skipped-images"] for n in nodes.values()), "nodes": nodes,
         })  # fmt: skip
     return nodes
+
+
+def _earlier_node_data(outputs: RunOutputs) -> dict[str, Any]:
+    """``data.nodes`` of the summary the run wrote before (empty where it has none)."""
+    try:
+        return json.loads((outputs.dir / "summary.json").read_text())["data"]["nodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

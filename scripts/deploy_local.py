@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=REPO / ".deploy-local")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for the run")
     args = parser.parse_args(argv)
+    if args.supernodes < 1:
+        parser.error(f"--supernodes must be >= 1, got {args.supernodes}")
     try:
         return deploy(args.root, args.supernodes, args.timeout)
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedmae_flwr import client_app
 from fedmae_flwr.config import resolve_config
@@ -73,7 +73,6 @@ def test_evaluate_scores_the_heldout_split(tiny_overrides):
 def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
     """A SuperNode started with --node-config "data-path=..." trains on that folder alone."""
     import numpy as np
-    from flwr.app import Context
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -95,10 +94,20 @@ def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
     model = CascadeMAE(resolve_config(overrides).model, num_blocks=1)
     reply = client_app.train(message(model, 0, "", with_prefix=False), context, overrides)
     metrics = reply.content["metrics"]
-    # 21 files; 1 per class to the test split (split before decoding); the broken file fell in
-    # the test split (seed 0), so 19 train images, 2 of them held out -> 17 to train on
-    assert metrics["num-examples"] == 17
+    # 21 files, the broken one skipped: a device's folder is all its own (the source's test
+    # split too, which was thrown away before), 2 of the 20 held out -> 18 to train on
+    assert metrics["num-examples"] == 18
     assert metrics["skipped-images"] == 1
+
+
+def test_a_node_config_key_fedmae_does_not_read_is_named(tiny_overrides, caplog):
+    """A misspelled node_key left the device sampled by its node id, without a word."""
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={
+        "partition-id": 0, "num-partitions": 6, "node_key": "pi-1"})  # fmt: skip
+    client_app.node_data(context, resolve_config(tiny_overrides))
+    assert "node-config 'node_key': not read by FedMAE, which reads cache-dir, data-path" in (
+        caplog.text
+    )
 
 
 def test_a_node_with_an_empty_partition_replies_with_zero_examples(tiny_overrides):

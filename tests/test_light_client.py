@@ -176,6 +176,18 @@ def test_the_cache_holds_what_decoding_gives_and_follows_the_source(tmp_path, ti
     assert len(list(cache.glob("*.safetensors"))) == 3
 
 
+def test_a_device_trains_and_evaluates_on_every_image_of_its_own_folder(tmp_path, tiny_overrides):
+    """The source's test split (test-fraction of the folder) was cut off and thrown away: a
+    device with 10 images trained on 8 and held out 1; README says all of them are its own."""
+    folder = image_folder(tmp_path / "own", count=20)
+    (folder / "test" / "c0").mkdir(parents=True)  # a test/ folder is the device's too
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "test" / "c0" / "t.png")
+    cfg = resolve_config({**tiny_overrides, "dataset": "imagefolder", "in-chans": 3,
+                          "img-size": 16, "patch-size": 4, "heldout-fraction": 0.1})  # fmt: skip
+    node = load_node_data(cfg, 0, 1, node_data_path=str(folder))
+    assert (len(node.train), len(node.heldout)) == (19, 2)  # 21 images: 2 held out
+
+
 def test_a_damaged_cache_file_is_decoded_again_and_rewritten(tmp_path, tiny_overrides, caplog):
     cfg = resolve_config(tiny_overrides)
     cache = tmp_path / "cache"

@@ -324,3 +324,13 @@ def test_a_run_folder_held_by_a_live_run_is_refused_and_freed_when_that_run_dies
         holder.wait()
     run(LocalGrid(6, config), resolve_config(config))
     assert (folder.parent / ".previous-runs").is_dir()  # the finished run moved aside, as ever
+
+
+def test_resuming_a_finished_run_keeps_what_its_nodes_reported(tiny_overrides):
+    """Resumed after its last round, the run re-evaluated and rewrote summary.json with
+    data.nodes empty: no node replied this time."""
+    config = {**tiny_overrides, "evaluate-clients": 0, "device": "cpu"}
+    before = run(LocalGrid(6, config), resolve_config(config))["data"]["nodes"]
+    assert before
+    resumed = {**config, "resume": True}
+    assert run(LocalGrid(6, resumed), resolve_config(resumed))["data"]["nodes"] == before

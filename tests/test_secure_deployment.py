@@ -63,6 +63,28 @@ def test_the_cli_connection_example_uses_tls() -> None:
     assert conn["root-certificates"].endswith("ca.crt") and not conn.get("insecure", False)
 
 
+def test_registering_again_with_a_new_device_skips_the_registered_keys(tmp_path: Path) -> None:
+    """`set -e` stopped at the first key already registered: a new device listed after it was
+    never registered. The stand-in answers as Flower 1.41 does ("[code: 23] Public key already
+    in use."); tests/secure_deployment.py registers through the real CLI."""
+    fake = tmp_path / "flwr"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$5" in *pi-1.pub) echo "[code: 23] Public key already in use."; exit 1;;\n'
+        '  *broken.pub) echo "not a key" >&2; exit 1;;\n'
+        '  *) echo "Node $4 registered";; esac\n'
+    )
+    fake.chmod(0o755)
+    keys = [str(tmp_path / f"{name}.pub") for name in ("pi-1", "broken", "pi-4")]
+    script = [DEPLOY / "register_supernodes.sh", "fedmae", *keys]
+    done = subprocess.run(script, capture_output=True, text=True, env={"FLWR": str(fake),
+                          "PATH": "/usr/bin:/bin"}, check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert "pi-1: already registered, skipped" in done.stdout
+    assert "Node pi-4 registered" in done.stdout  # tried after both failures
+    assert "broken: NOT registered" in done.stderr and "1 of 3 keys not registered" in done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_secure_federation_survives_a_dead_and_a_restarted_device(tmp_path: Path) -> None:

@@ -202,8 +202,14 @@ def load_node_data(
         node: dict = {"own-folder": True}
 
         def compute() -> NodeData:
+            # Every image of the folder is this node's: the source's test split (test-fraction,
+            # or a test/ folder) is for scoring on the server, which never sees this folder.
             splits = _load(spec)
-            return _node_of(splits, splits.train, cfg.data.heldout_fraction, cfg.seed)
+            whole = ImageSet(
+                torch.cat([splits.train.images, splits.test.images]),
+                torch.cat([splits.train.labels, splits.test.labels]),
+            )
+            return _node_of(splits, whole, cfg.data.heldout_fraction, cfg.seed)
 
     else:
         total = cfg.data.num_partitions or num_partitions

@@ -49,7 +49,8 @@ from fedmae_flwr.data.images import ImageSet, NodeData
 __all__ = ["CACHE_VERSION", "ENV_VAR", "cached_node_data", "resolve_cache_dir"]
 
 # Bump when decoding, splitting or the file layout changes (2: long strips cropped before
-# resizing; hub test splits without labels replaced by a share of train).
+# resizing; hub test splits without labels replaced by a share of train; a device's own
+# folder whole, its test split included).
 CACHE_VERSION = 2
 ENV_VAR = "FEDMAE_CACHE_DIR"
 OFF = "off"

@@ -252,7 +252,17 @@ class FedMAE(FedAvg):
             p.next_block_init, p.decoder_per_stage, self.num_train_nodes)  # fmt: skip
         refuse_dp_wrapper(self)  # Strategy.start() begins with summary()
         self.aggregation.summary()
-        super().summary()
+        # FedAvg's own summary lists fraction_evaluate and min_evaluate_nodes, which FedMAE
+        # does not read: what it samples by instead.
+        train = (
+            f"{self.num_train_nodes} per round"
+            if self.num_train_nodes is not None
+            else f"fraction {self.fraction_train:.2f} (at least {self.min_train_nodes})"
+        )
+        log(INFO, "\t├──> Sampling: train %s%s | at least %d connected | evaluate %d at each "
+            "stage end", train, ", or fewer (partial rounds)" if self.partial_rounds else "",
+            self.min_available_nodes, self.num_evaluate_nodes)  # fmt: skip
+        log(INFO, "\t└──> Weighted by: '%s'", self.weighted_by_key)
 
     # --- run ------------------------------------------------------------------------------------
     def start(
