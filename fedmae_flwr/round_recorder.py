@@ -29,7 +29,10 @@ from fedmae_flwr.run_outputs import RunOutputs
 from fedmae_flwr.strategies import FedMAE, StagePlan
 
 # The per-stage fields a stage-end metrics line carries (what summary.json lists per stage).
-STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "knn-accuracy")
+# heldout-loss: the MAE loss on the server's test images; node-heldout-loss: on the evaluating
+# nodes' held-out shares (heldout-fraction), the mean weighted by their image counts.
+STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "node-heldout-loss",
+              "evaluating-nodes", "knn-accuracy")  # fmt: skip
 
 
 def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -69,16 +72,30 @@ class RoundRecorder:
             row = strategy.last_round_metrics
             if row is None or row.get("round") != server_round:
                 raise RuntimeError(f"no train record of round {server_round} from the strategy")
-            return self.record(server_round, arrays, dict(row.items()))
+            stage_extra = {}
+            if (evaluation := strategy.evaluation_of(server_round)) is not None:
+                nodes, record = evaluation
+                if "eval-loss" in record:
+                    stage_extra = {"node-heldout-loss": float(record["eval-loss"]),
+                                   "evaluating-nodes": nodes}  # fmt: skip
+            return self.record(server_round, arrays, dict(row.items()), stage_extra)
 
         return evaluate
 
-    def record(self, server_round: int, arrays: ArrayRecord, round_row: dict) -> MetricRecord:
-        """Append the round's metrics line (stage scores at a stage end) and checkpoint it."""
+    def record(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        round_row: dict,
+        stage_extra: dict | None = None,
+    ) -> MetricRecord:
+        """Append the round's metrics line (stage scores at a stage end, with ``stage_extra``:
+        the nodes' own evaluation) and checkpoint it."""
         row: dict[str, Any] = {**round_row, "seconds": time.perf_counter() - self.last_time}
         metrics = MetricRecord()
         if self.plan.is_stage_end(server_round):
-            stage_row = self.score_stage(self.plan.stage_of(server_round), arrays)
+            stage_row = {**self.score_stage(self.plan.stage_of(server_round), arrays),
+                         **(stage_extra or {})}  # fmt: skip
             self.stages.append(stage_row)
             row.update(stage_row, **{"stage-end": True})
             metrics["psnr"], metrics["trivial-psnr"] = stage_row["psnr"], stage_row["trivial-psnr"]

@@ -43,6 +43,15 @@ def test_algorithm_runs_and_reports(algorithm, tiny_overrides):
     assert [s["blocks"] for s in summary["stages"]] == (
         [2, 2] if algorithm == "fedavg-mae" else [1, 2]
     )
+    # The nodes' own evaluation at each stage end (it was in Flower's log only): recorded with
+    # the stage, beside the server's; the baselines train on the server, no node evaluates.
+    federated = algorithm in ("fedmae", "fedavg-mae")
+    for stage in summary["stages"]:
+        assert (stage.get("evaluating-nodes") == cfg.schedule.evaluate_clients) == federated
+        assert np.isfinite(stage["node-heldout-loss"]) if federated else True
+    assert [r.get("node-heldout-loss") for r in rows if r.get("stage-end")] == [
+        s.get("node-heldout-loss") for s in summary["stages"]
+    ]
 
 
 def test_fedavg_mae_exchanges_the_whole_model_every_round(tiny_overrides):

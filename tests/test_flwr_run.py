@@ -214,8 +214,8 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
         .read_text()
         .splitlines()
     ]
-    # each node trains on its own folder minus its test and held-out shares: 9 + 20 images
-    assert {r["examples"] for r in rows} == {29.0}
+    # each node trains on its whole folder less its held-out share: 12 - 1 + 24 - 2 images
+    assert {r["examples"] for r in rows} == {33.0}
     assert all(r["clients"] == 2 and r["sampled"] == 2 for r in rows)
     assert "round 1 trains on the 2 usable nodes connected, not 3" in out
     assert seen.count("flower-supernode") >= 2 and left == {}, f"processes survived: {left}"

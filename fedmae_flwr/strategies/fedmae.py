@@ -217,6 +217,7 @@ class FedMAE(FedAvg):
         self._ledger = NodeLedger()
         self._node_keys = NodeKeys()
         self._last_round_metrics: MetricRecord | None = None
+        self._last_evaluation: tuple[int, int, MetricRecord] | None = None  # round, nodes, record
         self._last_round = self.plan.num_rounds  # start(num_rounds=...) may stop earlier
         self.aggregation.reset()
 
@@ -239,6 +240,16 @@ class FedMAE(FedAvg):
         """
         record = self._last_round_metrics
         return None if record is None else MetricRecord(dict(record.items()))
+
+    def evaluation_of(self, server_round: int) -> tuple[int, MetricRecord] | None:
+        """``(sound replies, their aggregated MetricRecord)`` of ``server_round``'s node
+        evaluation, where it had one (None otherwise). Flower's ``start()`` evaluates on the
+        nodes before it calls ``evaluate_fn(round, arrays)``, so an ``evaluate_fn`` can record
+        it with the round (``Result.evaluate_metrics_clientapp`` holds it only at the end)."""
+        if self._last_evaluation is None or self._last_evaluation[0] != server_round:
+            return None
+        _, nodes, record = self._last_evaluation
+        return nodes, MetricRecord(dict(record.items()))
 
     @property
     def node_reports(self) -> dict[str, dict[str, int]]:
@@ -422,7 +433,12 @@ class FedMAE(FedAvg):
     ) -> MetricRecord | None:
         """Weighted mean of sound evaluation metrics (bad replies rejected and logged)."""
         sound = self._triage(self._node_keys.order_replies(replies), expected=None).sound
-        return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
+        if not sound:
+            return None
+        record = self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key)
+        if record is not None:
+            self._last_evaluation = (server_round, len(sound), record)
+        return record
 
     # --- helpers --------------------------------------------------------------------------------
     def _grow(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
