@@ -45,6 +45,7 @@ def report_partitions(
     stats = partition_stats(
         splits.train.labels.numpy(), [p.numpy() for p in parts], splits.num_classes
     )
+    stats["num-supernodes"] = sim_nodes  # what a resume must run on again (server_app)
     write_partition_report(outputs.dir, stats)
     keys = ("num-partitions", "min-images", "median-images", "max-images", "empty-partitions",
             "mean-label-entropy", "global-label-entropy")  # fmt: skip

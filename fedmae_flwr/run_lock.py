@@ -19,7 +19,10 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from logging import WARNING
 from pathlib import Path
+
+from flwr.common import log
 
 from fedmae_flwr.config import ConfigError
 
@@ -37,9 +40,10 @@ def hold_run_folder(folder: Path, flower_run_id: int | None = None) -> Iterator[
     """Hold ``folder`` for this process until the block ends; RunFolderInUse, naming the holder
     (process, host, Flower run id, start time), if a live run holds it."""
     path = folder.parent / LOCKS / f"{folder.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder_text(path)
@@ -50,6 +54,14 @@ def hold_run_folder(folder: Path, flower_run_id: int | None = None) -> Iterator[
             "end that run first (`flwr stop <run-id>`; after a SuperLink crash its ServerApp "
             "can still be running: `flwr list` shows it)."
         ) from None
+    except OSError as err:  # no flock on this filesystem (NFS without lockd, some FUSE
+        # mounts), or .locks not writable (another user's output-dir): run as before the lock
+        if fd is not None:
+            os.close(fd)
+        log(WARNING, "Cannot lock %s (%s): this run does not guard its folder against a "
+            "second live run of its name", path, err)  # fmt: skip
+        yield
+        return
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "flower-run-id":
                   flower_run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip

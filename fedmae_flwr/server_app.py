@@ -212,20 +212,22 @@ def check_checkpoint_fits(
 
 
 def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int) -> None:
-    """ConfigError where a resumed simulation would split the images over another number of
-    partitions than the run it continues (its partitions.json): with another
-    ``--num-supernodes`` it trained on other data, silently, and differed from the run."""
+    """ConfigError where a resumed simulation runs on another number of SuperNodes than the run
+    it continues (its partitions.json): it re-split the images (or, with num-partitions set,
+    left shares untrained or nodes without one) and sampled other nodes, silently."""
     try:
-        before = json.loads((run_dir(cfg) / "partitions.json").read_text())["num-partitions"]
+        report = json.loads((run_dir(cfg) / "partitions.json").read_text())
+        parts = report["num-partitions"]
+        # reports before num-supernodes was recorded: one share per node unless num-partitions
+        nodes = report.get("num-supernodes") or (sim_nodes if cfg.data.num_partitions else parts)
     except (OSError, ValueError, KeyError, TypeError):
         return  # a run without its report (crashed before it): nothing to compare
-    now = cfg.data.num_partitions or sim_nodes
-    if before != now:
+    if (parts, nodes) != (cfg.data.num_partitions or sim_nodes, sim_nodes):
         raise ConfigError(
-            f"resume: the run split its images over {before} partitions, this simulation over "
-            f"{now} ({sim_nodes} SuperNodes, num-partitions={cfg.data.num_partitions}): its "
-            f"nodes would train on other data. Resume with {before} SuperNodes "
-            f"(--num-supernodes {before}; make run NUM_SUPERNODES={before})."
+            f"resume: the run split its images over {parts} partitions on {nodes} SuperNodes, "
+            f"this simulation has {sim_nodes} (num-partitions={cfg.data.num_partitions}): its "
+            f"nodes would train on other data, sampled from other nodes. Resume with {nodes} "
+            f"SuperNodes (--num-supernodes {nodes}; make run NUM_SUPERNODES={nodes})."
         )
 
 
@@ -243,7 +245,7 @@ def _no_test_images_message(cfg: FedMAEConfig, splits: DatasetSplits) -> str:
         f"at most {int(0.5 / fraction)} images"
         if fraction
         else "test-fraction=0 splits none off"
-    )
+    ) + "; a test split of the source's own (a test/ folder) had none either"
     return (
         f"The source has {len(splits.train)} training images and no test image ({why}): the "
         "reconstruction PSNR after each stage and the downstream scores are measured on test "

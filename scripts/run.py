@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,10 @@ def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S)
     return 1
 
 
+# The pairs flwr.common.config.parse_config_args reads (its own pattern).
+KEY_VALUE = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def config_lines(run_config: str | list[str] | None) -> list[str]:
     """``--run-config`` values, one or several (later keys win, as for `flwr run`), none empty."""
     lines = [run_config] if isinstance(run_config, str) else list(run_config or [])
@@ -114,6 +119,14 @@ def parse_run_config(lines: list[str]) -> dict[str, Any]:
     from flwr.common.config import parse_config_args
 
     for line in lines:
+        # Flower reads the key=value pairs it finds and drops the rest unread ('depth = 3',
+        # 'mask-ratio 0.5'): the run then started with defaults.
+        if stray := KEY_VALUE.sub(" ", line).split():
+            raise ValueError(
+                f"--run-config {line!r}: {' '.join(stray)!r} is no key=value pair, and Flower "
+                "would drop it unread. Write space-separated key=value pairs without spaces "
+                "around '=', strings in quotes (dataset='imagefolder')"
+            )
         try:
             parse_config_args([line])
         except (click.ClickException, ValueError) as err:
@@ -147,13 +160,14 @@ def run_config_problem(
 
 def print_run_summary(run_config: str | list[str] | None) -> int:
     """``scripts/print_summary.py`` on the run folder the config names (its own output-dir and
-    run-name, wherever they were set)."""
+    run-name, wherever they were set; a relative output-dir is the repo's, where the SuperLink
+    this script starts runs the ServerApp)."""
     from fedmae_flwr.config import resolve_config
-    from fedmae_flwr.run_outputs import run_dir
     from scripts.print_summary import main as print_summary
 
     cfg = resolve_config(parse_run_config(config_lines(run_config)))
-    return print_summary(str(run_dir(cfg) / "summary.json"))
+    folder = REPO / Path(cfg.output_dir).expanduser() / cfg.run_name  # REPO / absolute = absolute
+    return print_summary(str(folder / "summary.json"))
 
 
 def run(

@@ -367,21 +367,39 @@ def test_hf_test_split_without_labels_gives_way_to_a_share_of_train(tmp_path: Pa
     )
     DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "i")
     splits, stats = load_hf_dataset(str(tmp_path / "i"), 3, 8, test_fraction=0.2)
-    assert splits.num_classes == 5 and stats.loaded == 10  # the unlabelled test rows unused
-    assert sorted(splits.test.labels.tolist()) == [1, 4] and len(splits.train) == 8
+    assert stats.loaded == 10  # the unlabelled test rows unused
+    assert splits.num_classes == 2  # ids 1 and 4, renumbered (sparser than half of 0..4)
+    assert sorted(splits.test.labels.tolist()) == [0, 1] and len(splits.train) == 8
 
 
 def test_hf_label_columns_of_floats_are_refused_and_negative_ids_are_unlabelled(tmp_path) -> None:
     floats = Features({"image": datasets.Image(), "target": Value("float32")})
     Dataset.from_dict({"image": hf_rows(3, 0), "target": [0.3, 0.6, 0.9]}, features=floats
                       ).save_to_disk(tmp_path / "f")  # fmt: skip
-    with pytest.raises(ValueError, match=r"Label column 'target' holds float32 values: labels"):
+    with pytest.raises(ValueError, match=r"Label column 'target' \(float32\) holds values that "
+                       r"are no class ids"):  # fmt: skip
         load_hf_dataset(str(tmp_path / "f"), 3, 8, test_fraction=0)
+    # whole-number floats (NaN: unlabelled) and booleans are class ids, as they were before
+    whole = Features({"image": datasets.Image(), "target": Value("float64")})
+    Dataset.from_dict({"image": hf_rows(3, 0), "target": [1.0, float("nan"), 0.0]},
+                      features=whole).save_to_disk(tmp_path / "w")  # fmt: skip
+    splits, _ = load_hf_dataset(str(tmp_path / "w"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, -1, 0]
+    flags = Features({"image": datasets.Image(), "label": Value("bool")})
+    Dataset.from_dict({"image": hf_rows(2, 0), "label": [True, False]}, features=flags
+                      ).save_to_disk(tmp_path / "b")  # fmt: skip
+    splits, _ = load_hf_dataset(str(tmp_path / "b"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, 0]
     ints = Features({"image": datasets.Image(), "label": Value("int64")})
     Dataset.from_dict({"image": hf_rows(4, 0), "label": [0, -1, 2, -7]}, features=ints
                       ).save_to_disk(tmp_path / "n")  # fmt: skip
     splits, _ = load_hf_dataset(str(tmp_path / "n"), 3, 8, test_fraction=0)
     assert splits.num_classes == 3 and splits.train.labels.tolist() == [0, -1, 2, -1]
+    # sparse ids gave a head of 1001 classes for 3
+    Dataset.from_dict({"image": hf_rows(3, 0), "label": [1000, 0, 5]}, features=ints
+                      ).save_to_disk(tmp_path / "s")  # fmt: skip
+    splits, _ = load_hf_dataset(str(tmp_path / "s"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 3 and splits.train.labels.tolist() == [2, 0, 1]
 
 
 def test_hf_plain_image_folder_points_to_imagefolder(class_folder: Path) -> None:

@@ -284,9 +284,17 @@ def test_resume_with_another_node_count_is_refused_naming_the_run_s_count(tiny_o
     with pytest.raises(ServerCrash):
         run(grid, resolve_config(crashed))
     resumed = {**crashed, "resume": True}
-    with pytest.raises(ConfigError, match=r"split its images over 6 partitions, this simulation "
-                       r"over 5 \(5 SuperNodes.*Resume with 6 SuperNodes"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"split its images over 6 partitions on 6 SuperNodes, "
+                       r"this simulation has 5 .*Resume with 6 SuperNodes"):  # fmt: skip
         run(LocalGrid(5, resumed), resolve_config(resumed))
+    # num-partitions set: the shares stay, the nodes (and so what is sampled) would not
+    fixed = {**resumed, "num-partitions": 6, "run-name": "fixed"}
+    grid = LocalGrid(6, {**fixed, "resume": False})
+    grid.tamper = crash_in_round(grid, 3)
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config({**fixed, "resume": False}))
+    with pytest.raises(ConfigError, match=r"6 partitions on 6 SuperNodes, this simulation has 5"):
+        run(LocalGrid(5, fixed), resolve_config(fixed))
     out = Path(crashed["output-dir"]) / crashed["run-name"]
     assert [r["round"] for r in _rows(out)] == [1, 2]  # nothing of the refused resume
     run(LocalGrid(6, resumed), resolve_config(resumed))
@@ -334,3 +342,22 @@ def test_resuming_a_finished_run_keeps_what_its_nodes_reported(tiny_overrides):
     assert before
     resumed = {**config, "resume": True}
     assert run(LocalGrid(6, resumed), resolve_config(resumed))["data"]["nodes"] == before
+
+
+def test_a_filesystem_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """NFS without lockd refuses flock (ENOLCK): such runs worked before the lock and must go
+    on, not fail with a raw OSError (nor leak the lock file's handle)."""
+    import errno
+    import os
+
+    from fedmae_flwr import run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    opened = len(os.listdir("/proc/self/fd"))
+    with run_lock.hold_run_folder(tmp_path / "run"):
+        pass
+    assert len(os.listdir("/proc/self/fd")) == opened
+    assert "does not guard its folder against a second live run" in caplog.text

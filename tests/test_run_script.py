@@ -112,6 +112,9 @@ def test_a_run_config_flower_cannot_parse_is_named_not_a_traceback(tmp_path, cap
         said = capsys.readouterr().out
         assert f"refused, nothing started: --run-config {bad!r} is not what Flower reads" in said
         assert "strings in quotes (dataset='imagefolder')" in said and "Traceback" not in said
+    for dropped in ("depth = 3", "depth=3 mask-ratio 0.5"):  # Flower read none / only depth
+        assert main(["--run-config", dropped, "--flwr-home", str(tmp_path)]) == 2
+        assert "is no key=value pair, and Flower would drop it unread" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
     # Several --run-config: a later value wins, as in `flwr run` (the Makefile's defaults first)
     lines = ["output-dir='/o' run-name='fedmae-fmnist'", "run-name='mine' depth=6"]
@@ -137,3 +140,10 @@ def test_the_summary_printed_is_the_run_folder_the_config_names(tmp_path, capsys
     (tmp_path / "mine" / "summary.json").write_text(json.dumps(summary))
     assert print_run_summary(lines) == 0  # an unlabelled source's run is complete
     assert "skipped: unlabelled source" in capsys.readouterr().out
+    # a relative output-dir is the repo's (the SuperLink runs the ServerApp there), not the
+    # caller's working directory
+    from scripts.run import REPO
+
+    assert print_run_summary(["output-dir='outputs-that-is-not-here'"]) == 1
+    said = capsys.readouterr().err
+    assert f"No summary at {REPO / 'outputs-that-is-not-here' / 'fedmae-fmnist'}" in said

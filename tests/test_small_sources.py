@@ -75,7 +75,7 @@ def test_classes_too_small_for_a_test_split_are_refused_at_the_start_naming_test
     config = overrides(tmp_path, tmp_path / "few")
     with pytest.raises(ConfigError, match=r"20 training images and no test image \(test-fraction"
                        r"=0\.1 of each class rounds to 0 test images where a class holds at most "
-                       r"5 images\).*Raise test-fraction"):  # fmt: skip
+                       r"5 images; a test split .*Raise test-fraction"):  # fmt: skip
         run_in_process(config, num_nodes=3)
     assert not (tmp_path / "out" / "small").exists()  # refused before any output
     summary = run_in_process({**config, "test-fraction": 0.2}, num_nodes=3)

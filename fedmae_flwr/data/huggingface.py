@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,9 @@ def _encode_labels(splits: list[Dataset], column: str | None) -> tuple[list[torc
     """Integer labels of each split (``-1`` where it has no label column), and the class count.
 
     ``ClassLabel``: its ids and ``num_classes``; strings: indices into their sorted set over all
-    splits; integers as they are (``max + 1`` classes). ``column`` is one of ``splits[0]``'s.
+    splits; integers as they are (``max + 1`` classes; negative ids are unlabelled images, and
+    ids sparser than half of that range are renumbered 0..n-1). ``column`` is one of
+    ``splits[0]``'s.
     """
     if column is None:
         return [torch.full((len(ds),), -1, dtype=torch.long) for ds in splits], 0
@@ -125,22 +127,39 @@ def _encode_labels(splits: list[Dataset], column: str | None) -> tuple[list[torc
         values = [None if v is None else next(per_split) for v in values]
         num_classes = len(names)
     else:
-        kind = np.result_type(*known) if known else np.dtype(np.int64)
-        if not np.issubdtype(kind, np.integer):
-            raise ValueError(
-                f"Label column '{column}' holds {kind} values: labels must be integers, strings "
-                "or a ClassLabel. Set config key 'label-column' to another column, or to a "
-                "column of class ids"
-            )
-        # Negative ids (-1: hidden, as in many hub test splits) mark images without a label.
-        values = [None if v is None else np.where(v < 0, -1, v) for v in values]
-        known = [v for v in values if v is not None]
-        num_classes = max((int(v.max()) + 1 for v in known if len(v)), default=0)
+        values = [None if v is None else _class_ids(v, column, feature) for v in values]
+        ids = np.unique(np.concatenate([v[v >= 0] for v in values if v is not None] or [[]]))
+        num_classes = int(ids[-1]) + 1 if len(ids) else 0
+        if num_classes > 2 * len(ids):  # sparse ids ({0, 5, 1000}): a head of 1001 classes
+            log(INFO, "Label column '%s': %d distinct ids up to %d, renumbered 0..%d",
+                column, len(ids), num_classes - 1, len(ids) - 1)  # fmt: skip
+            values = [None if v is None else np.where(v < 0, -1, np.searchsorted(ids, v))
+                      for v in values]  # fmt: skip
+            num_classes = len(ids)
     labels = [
         torch.as_tensor(np.full(len(ds), -1) if v is None else v, dtype=torch.long)
         for ds, v in zip(splits, values, strict=True)
     ]
     return labels, num_classes
+
+
+def _class_ids(values: np.ndarray, column: str, feature: Any) -> np.ndarray:
+    """Integer class ids of a numeric label column: whole-number floats (1.0) and booleans as
+    ids, negative ids and NaN as -1 (hidden, as in many hub test splits: images without a
+    label); ValueError, naming the column's type, for fractional or infinite values."""
+    if values.dtype == bool:
+        return values.astype(np.int64)
+    if np.issubdtype(values.dtype, np.integer):
+        return np.where(values < 0, -1, values).astype(np.int64)
+    numbers = values.astype(np.float64)
+    known = numbers[~np.isnan(numbers)]
+    if not (np.isfinite(known).all() and (known == np.round(known)).all()):
+        raise ValueError(
+            f"Label column '{column}' ({getattr(feature, 'dtype', feature)}) holds values that "
+            "are no class ids (fractions or inf): labels must be whole numbers, strings or a "
+            "ClassLabel. Set config key 'label-column' to a column of class ids"
+        )
+    return np.where(np.isnan(numbers) | (numbers < 0), -1, numbers).astype(np.int64)
 
 
 def _image_rows(ds: Dataset, column: str, split: str, rows: list[int]) -> Iterator[tuple[str, Any]]:
