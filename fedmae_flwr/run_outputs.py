@@ -42,6 +42,15 @@ PREVIOUS_RUNS = ".previous-runs"
 # Run-config keys a resumed run may change: where the run folder is (it is the same folder, by
 # construction), which preset spelled the values (the values themselves are compared), and how
 # and where the run executes and waits, not what it computes. Every other key must be equal.
+# The downstream scores of the finished backbone (probe, k-NN, fine-tune): a finished run
+# resumed with other values of these re-scores its backbone under them, without training again.
+# Not mid-run: the stage-end k-NN reads its images from the probe and test subsets.
+DOWNSTREAM_KEYS = frozenset(
+    {"probe-train-images", "probe-epochs", "probe-lr-grid", "probe-val-fraction",
+     "evaluate-random-init", "probe-per-block", "finetune-labels", "finetune-epochs",
+     "finetune-lr", "finetune-layer-decay", "finetune-augment", "finetune-head-norm",
+     "finetune-subsets", "finetune-val-fraction", "finetune-lr-grid", "test-images"}
+)  # fmt: skip
 RESUME_MAY_DIFFER = frozenset(
     {"resume", "output-dir", "run-name", "preset", "device", "client-threads",
      "node-wait-timeout", "round-timeout",
@@ -237,11 +246,13 @@ def load_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord]:
     return checkpoint
 
 
-def check_resume_config(folder: str | Path, cfg: FedMAEConfig) -> None:
+def check_resume_config(folder: str | Path, cfg: FedMAEConfig, finished: bool = False) -> None:
     """Refuse to resume the run in ``folder`` with a config other than its own.
 
     Compares the flat views of the run's ``config.yaml`` and ``cfg``, apart from
-    ``RESUME_MAY_DIFFER``. A folder with neither ``config.yaml`` nor checkpoints holds no run.
+    ``RESUME_MAY_DIFFER`` (and ``DOWNSTREAM_KEYS`` for a ``finished`` run: its checkpoint is
+    its last round's, so only its downstream scores are made again). A folder with neither
+    ``config.yaml`` nor checkpoints holds no run.
 
     Raises:
         ConfigError: the keys that differ, each with the run's value and the new one; or
@@ -264,16 +275,19 @@ def check_resume_config(folder: str | Path, cfg: FedMAEConfig) -> None:
             "under another run-name instead"
         ) from e
     new = to_flat(cfg)
+    may_differ = RESUME_MAY_DIFFER | (DOWNSTREAM_KEYS if finished else frozenset())
     differ = [
         f"{key}: {saved.get(key)!r} -> {value!r}"
         for key, value in new.items()
-        if key not in RESUME_MAY_DIFFER and saved.get(key) != value
+        if key not in may_differ and saved.get(key) != value
     ]
     if differ:
         raise ConfigError(
             f"resume: the run in {folder} was made with another config ({'; '.join(differ)}). "
             "Resume it with its own settings (its config.yaml), or start a new run under another "
-            f"run-name. Keys that may change on resume: {', '.join(sorted(RESUME_MAY_DIFFER))}."
+            f"run-name. Keys that may change on resume: {', '.join(sorted(RESUME_MAY_DIFFER))}; "
+            "once the run has finished, also the downstream keys "
+            f"({', '.join(sorted(DOWNSTREAM_KEYS))}), which re-score its backbone."
         )
 
 

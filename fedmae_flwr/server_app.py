@@ -179,8 +179,10 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
     folder = run_dir(cfg)
     if not cfg.resume:
         return None
-    check_resume_config(folder, cfg)
     checkpoint = latest_checkpoint(folder)
+    check_resume_config(
+        folder, cfg, finished=checkpoint is not None and checkpoint[0] >= cfg.num_rounds
+    )
     if checkpoint is None:
         log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None

@@ -116,10 +116,23 @@ def test_resume_refuses_a_run_made_with_another_config(cpu_overrides):
     assert [r["round"] for r in _rows(run_dir)] == [1, 2]  # the run is left as it was
     assert _checkpoint_rounds(run_dir) == [1, 2]
 
+    # Downstream keys only once the run has finished (mid-run, the stage-end k-NN reads them).
+    rescored = {**cpu_overrides, "resume": True, "probe-epochs": 3}
+    with pytest.raises(ConfigError, match=r"probe-epochs: 5 -> 3.*once the run has finished"):
+        run(LocalGrid(6, rescored), resolve_config(rescored))
+
     # Keys about where and how the run executes may change (RESUME_MAY_DIFFER).
     same = {**cpu_overrides, "resume": True, "round-timeout": 1234.0, "client-threads": 2}
-    run(LocalGrid(6, same), resolve_config(same))
+    finished = run(LocalGrid(6, same), resolve_config(same))
     assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+
+    # A finished run resumed with other downstream keys re-scores its backbone, no round again
+    backbone = (run_dir / "backbone.safetensors").read_bytes()
+    summary = run(LocalGrid(6, rescored), resolve_config(rescored))
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+    assert (run_dir / "backbone.safetensors").read_bytes() == backbone
+    assert summary["stages"] == finished["stages"]
+    assert "probe-epochs: 3" in (run_dir / "config.yaml").read_text()
 
     (run_dir / "config.yaml").unlink()  # nothing left to check against: refused too
     with pytest.raises(ConfigError, match=re.escape("no config.yaml")):
