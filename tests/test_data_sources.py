@@ -171,6 +171,11 @@ def test_corrupt_file_among_good_ones_is_skipped_and_counted(tmp_path: Path) -> 
     assert (len(splits.train), len(splits.test)) == (4, 0)
     assert (splits.loaded, splits.skipped) == (4, 1)
     assert stats.skipped_files[0].startswith(str(tmp_path / "ds" / "a" / "cut.jpg"))
+    # a file PIL cannot identify: named by its path, not by PIL's in-memory buffer
+    write(tmp_path / "ds" / "a" / "notes.png", b"not an image at all")
+    _, stats = load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)
+    (notes,) = [s for s in stats.skipped_files if "notes.png" in s]
+    assert notes.endswith("cannot identify image file") and "BytesIO" not in notes, notes
 
 
 def test_hidden_folders_and_classes_without_images_are_ignored(tmp_path: Path) -> None:

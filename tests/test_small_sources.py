@@ -104,3 +104,14 @@ def test_a_hub_dataset_with_hidden_test_labels_and_unlabelled_rows_runs_to_its_s
     assert summary["data"]["train-images"] + summary["data"]["test-images"] == 60
     assert set(summary["linear-probe-accuracy"]) == {"fedmae", "pixels"}
     assert (tmp_path / "out" / "small" / "summary.json").is_file()
+
+
+def test_a_shared_source_s_unreadable_files_are_counted_once_not_once_per_node(tmp_path):
+    """Each simulated node reported every skipped file of the shared source as its own: 3 nodes,
+    1 broken file, 3 skips in summary.json's nodes."""
+    for label in range(2):
+        write_images(tmp_path / "shared" / f"class-{label}", 20, seed=label)
+    (tmp_path / "shared" / "class-0" / "broken.png").write_bytes(b"not a png")
+    summary = run_in_process(overrides(tmp_path, tmp_path / "shared"), num_nodes=3)
+    assert summary["data"]["skipped-unreadable"] == 1
+    assert [n["skipped-images"] for n in summary["data"]["nodes"].values()] == [0, 0, 0]

@@ -175,9 +175,11 @@ def _split_heldout(local: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     return local.subset(order[num_heldout:]), local.subset(order[:num_heldout])
 
 
-def _node_of(splits: DatasetSplits, local: ImageSet, fraction: float, seed: int) -> NodeData:
+def _node_of(
+    splits: DatasetSplits, local: ImageSet, fraction: float, seed: int, skipped: int
+) -> NodeData:
     train, heldout = _split_heldout(local, fraction, seed)
-    return NodeData(train, heldout, splits.mean, splits.std, splits.num_classes, splits.skipped)
+    return NodeData(train, heldout, splits.mean, splits.std, splits.num_classes, skipped)
 
 
 def load_node_data(
@@ -209,7 +211,7 @@ def load_node_data(
                 torch.cat([splits.train.images, splits.test.images]),
                 torch.cat([splits.train.labels, splits.test.labels]),
             )
-            return _node_of(splits, whole, cfg.data.heldout_fraction, cfg.seed)
+            return _node_of(splits, whole, cfg.data.heldout_fraction, cfg.seed, splits.skipped)
 
     else:
         total = cfg.data.num_partitions or num_partitions
@@ -229,7 +231,11 @@ def load_node_data(
         def compute() -> NodeData:
             splits = load_dataset(cfg)
             local = splits.train.subset(partitions(cfg, num_partitions)[partition_id])
-            return _node_of(splits, local, cfg.data.heldout_fraction, cfg.seed + partition_id)
+            # The shared source's unreadable files are skipped before it is split, so no share
+            # can tell which were its own: the server counts them once (summary.json data
+            # skipped-unreadable); each node reporting all of them counted them once per node.
+            seed = cfg.seed + partition_id
+            return _node_of(splits, local, cfg.data.heldout_fraction, seed, skipped=0)
 
     if cache_dir is None:
         return compute()

@@ -17,6 +17,7 @@ import functools
 import io
 import itertools
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -54,6 +55,9 @@ CHUNK = 256
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 @dataclass
 class DecodeStats:
     """How many images decoded and how many were skipped, with the first reasons.
@@ -68,6 +72,9 @@ class DecodeStats:
 
     def skip(self, name: str, reason: str) -> None:
         """Count a skipped image; keep and log (WARNING) the first ``MAX_LOGGED_SKIPS`` reasons."""
+        # PIL names the in-memory buffer it read ('cannot identify image file <_io.BytesIO
+        # object at 0x7f...>'); ``name`` already says which file.
+        reason = _BUFFER_REPR.sub("", reason)
         with self._lock:
             self.skipped += 1
             count = self.skipped
