@@ -360,7 +360,9 @@ class FedMAE(FedAvg):
             server_round, stage, len(nodes), self._active(server_round).count_bytes(),
             self._prefix.record.count_bytes(), sends, self._global.count_bytes(),
         )  # fmt: skip
-        log(INFO, "configure_train: stage %d, %d nodes, %d prefix sends", stage, len(nodes), sends)
+        # Flower numbers a resumed run's rounds from 1 ("[ROUND 2/3]" for round 5 of 6)
+        log(INFO, "configure_train: round %d of %d, stage %d, %d nodes, %d prefix sends",
+            server_round, self._last_round, stage, len(nodes), sends)  # fmt: skip
         return messages
 
     def aggregate_train(
