@@ -37,4 +37,8 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("summary", help="a run's summary.json (outputs/<run-name>/summary.json)")
+    sys.exit(main(parser.parse_args().summary))
