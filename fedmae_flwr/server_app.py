@@ -13,7 +13,6 @@ trained end to end; ``centralized`` and ``local`` train in this process on the s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from logging import INFO
@@ -256,21 +255,6 @@ def _no_test_images_message(cfg: FedMAEConfig, splits: DatasetSplits) -> str:
     )
 
 
-def labelled_only(splits: DatasetSplits) -> DatasetSplits:
-    """``splits`` without the images whose label is unknown (-1): a labelled source may hold
-    some unlabelled images, which pretraining uses and the downstream scores cannot."""
-    keep = {
-        name: (getattr(splits, name).labels >= 0).nonzero().flatten() for name in ("train", "test")
-    }
-    if all(len(keep[n]) == len(getattr(splits, n)) for n in keep):
-        return splits
-    log(INFO, "Downstream: scoring the labelled images only (train %d of %d, test %d of %d)",
-        len(keep["train"]), len(splits.train), len(keep["test"]), len(splits.test))  # fmt: skip
-    return dataclasses.replace(
-        splits, train=splits.train.subset(keep["train"]), test=splits.test.subset(keep["test"])
-    )
-
-
 def evaluate_downstream(
     cfg: FedMAEConfig, splits: DatasetSplits, states: list[dict[str, torch.Tensor]], baseline: dict
 ) -> dict[str, Any]:
@@ -282,7 +266,7 @@ def evaluate_downstream(
     }
     if cfg.eval.evaluate_random_init or not states:
         backbones["random-init"] = create_timm_backbone(cfg.model, baseline)
-    splits = labelled_only(splits) if splits.num_classes else splits
+    splits = splits.labelled() if splits.num_classes else splits
     if not splits.num_classes or not len(splits.train) or not len(splits.test):
         why = "unlabelled source" if not splits.num_classes else "no labelled train or test image"
         log(INFO, "Downstream evaluation skipped: %s", why)

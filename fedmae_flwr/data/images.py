@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from logging import INFO
 
 import torch
+from flwr.common import log
 from torch import Tensor
 
 
@@ -45,6 +48,19 @@ class DatasetSplits:
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``[N, C, H, W]`` -> float32 normalised model input."""
         return normalize(images, self.mean, self.std)
+
+    def labelled(self) -> DatasetSplits:
+        """These splits without the images whose label is unknown (-1): a labelled source may
+        hold some unlabelled images, which pretraining uses and the downstream scores cannot."""
+        keep = {name: (getattr(self, name).labels >= 0).nonzero().flatten()
+                for name in ("train", "test")}  # fmt: skip
+        if all(len(keep[n]) == len(getattr(self, n)) for n in keep):
+            return self
+        log(INFO, "Downstream: scoring the labelled images only (train %d of %d, test %d of %d)",
+            len(keep["train"]), len(self.train), len(keep["test"]), len(self.test))  # fmt: skip
+        return dataclasses.replace(
+            self, train=self.train.subset(keep["train"]), test=self.test.subset(keep["test"])
+        )
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Model-space float ``[N, C, H, W]`` -> pixel values in [0, 1] (clamped)."""
