@@ -69,7 +69,7 @@ def report_node_data(grid: Grid, strategy: FedMAE, outputs: RunOutputs) -> dict[
     """Each node's reported images and skipped files (``summary.json`` ``data.nodes``); on a
     deployment also ``partitions.json``, since only the devices know what they hold."""
     nodes = strategy.node_reports
-    if not nodes and strategy.first_round > strategy.plan.depth * strategy.plan.rounds_per_stage:
+    if not nodes and strategy.first_round > strategy.plan.num_rounds:
         # resumed after its last round: no node replied this time; keep what they said before
         return _earlier_node_data(outputs)
     if nodes and not is_simulation(grid):
