@@ -4,6 +4,12 @@ A SIGTERM'd SuperLink leaves SuperExec, flwr-simulation and Ray running mid-run,
 session of its own. A script that makes itself a child subreaper adopts such orphans, so walking
 its own process tree finds them all; what ran below it before (its caller's children) is spared.
 Used by scripts/run.py, scripts/deploy_local.py and the tests' loopback deployments.
+
+A SIGKILL (the OOM killer, `kill -9`, a CI job's limit) cannot be caught, and the orphans would
+then go to init, still running. So a ProcessTree also starts a guard: a small process in a
+session of its own that notes, twice a second, every process below its owner (PID and start
+time); when the owner dies without dismissing it, the guard ends those that still live, and what
+runs below them, the same way (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +50,9 @@ def wait_for_port(port: int, server: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
-def descendants(skip: set[int]) -> list[int]:
-    """Every process below this one, zombies too, but ``skip`` and theirs."""
-    found, stack = [], [os.getpid()]
+def descendants(skip: set[int], root: int | None = None) -> list[int]:
+    """Every process below ``root`` (this one), zombies too, but ``skip`` and theirs."""
+    found, stack = [], [os.getpid() if root is None else root]
     while stack:
         found.append(pid := stack.pop())
         with contextlib.suppress(OSError):  # it ended meanwhile (/proc/<pid> gone)
@@ -72,28 +80,109 @@ def end_all(skip: set[int], groups: Sequence[int] = ()) -> None:
     print(f"[processes] WARNING: processes survived SIGKILL: {left}", flush=True)
 
 
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot): with the PID, a process's identity, since
+    PIDs are reused. None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()[19]  # field 22 of proc(5), after the name
+
+
+# How often the guard notes its owner's processes: one started and orphaned within this interval
+# of the owner's death can escape it.
+GUARD_INTERVAL_S = 0.5
+
+
+def guard(owner: int, skip: set[int], dismissal: Any = None) -> int:
+    """Note every process below ``owner`` (but ``skip``, this guard and theirs) until ``owner``
+    ends; return 0 when ``dismissal`` (a readable pipe end) says "done" first. Otherwise end
+    the noted processes that still live and everything below them, by PID, and return 1.
+    """
+    noted: dict[int, str] = {}
+    skip = skip | {os.getpid()}
+    owner_started = start_time(owner)
+    while owner_started is not None and start_time(owner) == owner_started:
+        for pid in descendants(skip, root=owner):
+            if (started := start_time(pid)) is not None:
+                noted[pid] = started
+        if dismissal is not None and select.select([dismissal], [], [], GUARD_INTERVAL_S)[0]:
+            if os.read(dismissal.fileno(), 16).startswith(b"done"):
+                return 0
+            break  # end of file: the owner died (the kernel closed its end)
+        elif dismissal is None:
+            time.sleep(GUARD_INTERVAL_S)
+    _end_noted(noted)
+    return 1
+
+
+def _end_noted(noted: dict[int, str]) -> None:
+    """SIGTERM, then SIGKILL, the ``noted`` processes that are still the ones noted, and what
+    runs below them now (the orphans went to init: nobody here can reap them)."""
+
+    def alive() -> list[int]:
+        same = [pid for pid, started in noted.items() if start_time(pid) == started]
+        below = {d for pid in same for d in descendants(set(), root=pid)}
+        return [pid for pid in dict.fromkeys(same + sorted(below)) if not _zombie(pid)]
+
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        for pid in alive():
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _zombie(pid: int) -> bool:
+    """Ended, its exit status not yet read by its parent (or gone altogether)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
 class ProcessTree:
     """``with ProcessTree() as tree:`` — on exit, every process started below this one (by
     :meth:`start` or by those) has ended, by PID; a signal inside raises KeyboardInterrupt.
 
     Linux only (prctl, /proc). Use it in a process of its own: it makes that process a child
-    subreaper for good."""
+    subreaper for good. If that process is SIGKILLed, its guard ends them (module docstring)."""
 
     def __init__(self) -> None:
         self._skip: set[int] = set()
         self._leaders: list[subprocess.Popen[bytes]] = []
         self._handlers: dict[int, Any] = {}
+        self._guard: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ProcessTree:
         ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._skip = set(descendants(set()))
         self._handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in SIGNALS}
+        # Its own session: the terminal's Ctrl-C, or a kill of the owner's group, spares it.
+        cmd = [sys.executable, __file__, "guard", str(os.getpid()), *map(str, self._skip)]
+        self._guard = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
+        self._skip.add(self._guard.pid)
         return self
+
+    @property
+    def guard_pid(self) -> int | None:
+        """The guard's PID (None outside ``with``)."""
+        return None if self._guard is None else self._guard.pid
 
     def __exit__(self, *_: object) -> None:
         for sig in SIGNALS:  # a second signal must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
         end_all(self._skip, [p.pid for p in self._leaders])
+        if self._guard is not None:  # all ended: dismiss it
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                self._guard.communicate(b"done", timeout=30)
+            with contextlib.suppress(OSError):
+                self._guard.kill()  # no-op once it exited
+            self._guard.wait()
+            self._guard = None
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)
 
@@ -106,3 +195,12 @@ class ProcessTree:
                                     start_new_session=True)  # fmt: skip
         self._leaders.append(proc)
         return proc
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
+    # `python processes.py guard OWNER [SKIP...]`, started by ProcessTree with its dismissal on
+    # stdin. In a session of its own, the owner's terminal or group signals do not reach it;
+    # a hangup or Ctrl-C meant for the owner must not end it either.
+    for _sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(_sig, signal.SIG_IGN)
+    sys.exit(guard(int(sys.argv[2]), {int(p) for p in sys.argv[3:]}, sys.stdin))

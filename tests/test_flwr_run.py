@@ -48,8 +48,12 @@ def _marked(token: str) -> dict[int, str]:
     return found
 
 
-def _watched(args: list[str], tmp_path: Path, timeout: float = 600) -> tuple[int, str, str, dict]:
-    """Run ``python args`` with a fresh marker: exit code, output, marked processes seen, left."""
+def _watched(
+    args: list[str], tmp_path: Path, timeout: float = 600, kill_when: str | None = None
+) -> tuple[int, str, str, dict]:
+    """Run ``python args`` with a fresh marker: exit code, output, marked processes seen, left.
+    With ``kill_when``, SIGKILL the runner once a marked command contains it, and give what it
+    started a minute to end."""
     token, seen = uuid.uuid4().hex, {}
     out_path = tmp_path / "runner-output.txt"
     with out_path.open("w") as out:
@@ -63,11 +67,18 @@ def _watched(args: list[str], tmp_path: Path, timeout: float = 600) -> tuple[int
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             seen.update(_marked(token))
+            if kill_when and kill_when in " ".join(seen.values()):
+                time.sleep(2.0)  # the guard notes the runner's processes twice a second
+                proc.kill()
             time.sleep(0.5)
         if proc.poll() is None:
             proc.terminate()  # the runner's own cleanup path
         rc = proc.wait(60)
-    return rc, out_path.read_text(), " ".join(seen.values()), _marked(token)
+    left, give_up = _marked(token), time.monotonic() + (60 if kill_when else 0)
+    while left and time.monotonic() < give_up:
+        time.sleep(0.5)
+        left = _marked(token)
+    return rc, out_path.read_text(), " ".join(seen.values()), left
 
 
 def test_flwr_run_completes_writes_the_run_and_cleans_up(tmp_path: Path, tiny_overrides) -> None:
@@ -133,6 +144,19 @@ def test_a_timeout_stops_the_run_and_ends_ray_too(tmp_path: Path, tiny_overrides
     assert rc == 124, out[-4000:]
     assert "[run] TIMEOUT: still running after 45 s" in out
     assert "raylet" in seen and left == {}, f"processes survived: {left}"
+
+
+def test_a_sigkilled_runner_leaves_nothing_running(tmp_path: Path, tiny_overrides):
+    """`kill -9` (or the OOM killer) cannot be caught: the runner's guard ends the SuperLink,
+    SuperExec, flwr-simulation and Ray it left behind (scripts/processes.py)."""
+    long_run = {**tiny_overrides, "rounds-per-stage": 500}
+    rc, out, seen, left = _watched(
+        ["scripts/run.py", "--num-supernodes", "4", "--flwr-home", str(tmp_path / "home"),
+         "--run-config", run_config_string(long_run)],
+        tmp_path, timeout=300, kill_when="raylet",
+    )  # fmt: skip
+    assert rc == -signal.SIGKILL, out[-4000:]
+    assert "flwr-simulation" in seen and left == {}, f"processes survived: {left}"
 
 
 def test_a_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_overrides):

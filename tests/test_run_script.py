@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,34 @@ with ProcessTree() as tree:
     # A shell in a session of its own that leaves a sleeper behind, as SuperExec and Ray do.
     subprocess.run(["sh", "-c", "sleep 300 &"], start_new_session=True)
     time.sleep(0.5)
-    print(callers.pid, *descendants({callers.pid}), flush=True)
+    print(callers.pid, *descendants({callers.pid, tree.guard_pid}), flush=True)
 print(callers.poll(), *descendants({callers.pid}), flush=True)
 callers.kill()
 """
+
+# The same, but the process holding the tree is SIGKILLed (uncatchable): its guard ends the rest.
+SIGKILLED = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from scripts.processes import ProcessTree, descendants
+callers = subprocess.Popen(["sleep", "300"])  # the caller's own child, from before the run
+with ProcessTree() as tree:
+    log, env = Path(sys.argv[1]), dict(os.environ)
+    tree.start(["sh", "-c", "sleep 300 & exec sleep 301"], log, env, Path.cwd())
+    subprocess.run(["sh", "-c", "sleep 302 &"], start_new_session=True)  # an adopted orphan
+    time.sleep(2.0)  # the guard notes what runs below this process twice a second
+    print(callers.pid, tree.guard_pid, *descendants({callers.pid, tree.guard_pid}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie (its new parent, init, reaps it when it will)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
 
 
 def test_run_config_string_writes_flwr_run_config_syntax():
@@ -54,6 +79,27 @@ def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
     assert len(orphans) == 1  # the sleeper, re-parented to the subreaper
     assert out[1].split() == ["None"]  # the caller's child still runs; nothing of ours is left
     assert not Path(f"/proc/{orphans[0]}").exists() and callers not in orphans
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
+def test_a_sigkilled_owner_s_processes_are_ended_by_its_guard(tmp_path):
+    """`kill -9` on scripts/run.py used to leave its SuperLink and simulation running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGKILLED, str(tmp_path / "log")], cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    callers, guard, *ours = (int(p) for p in proc.stdout.readline().split())
+    try:
+        assert proc.wait(30) == -9
+        assert len(ours) == 3  # the session leader (sleep 301), its sleeper, the adopted orphan
+        deadline = time.monotonic() + 40
+        while not all(map(_ended, [guard, *ours])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(map(_ended, [guard, *ours])), [p for p in ours if not _ended(p)]
+        assert not _ended(callers)  # not the guard's: it ran before the tree
+    finally:
+        subprocess.run(["kill", str(callers), *map(str, ours)], check=False)
+        proc.stdout.close()
 
 
 def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, tmp_path, capsys):
