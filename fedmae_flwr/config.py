@@ -654,12 +654,13 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
 
 def load_preset(name: str) -> dict[str, Any]:
     """Read ``conf/<name>.yaml``: a flat mapping of run-config keys (kebab- or snake_case)."""
-    path = CONF_DIR / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    available = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    if name not in available:  # a name, never a path ('../x', '/tmp/x'): the app's own presets
         raise ConfigError(
-            f"Unknown preset '{name}' (no file {path}). Available presets: {', '.join(available)}."
+            f"Unknown preset '{name}' (no conf/{name}.yaml in the app). Available presets: "
+            f"{', '.join(available)}."
         )
+    path = CONF_DIR / f"{name}.yaml"
     raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Preset {path} must be a mapping of config keys to values.")

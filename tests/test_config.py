@@ -124,6 +124,13 @@ def test_unknown_preset_lists_the_available_ones():
         resolve_config({"preset": "nope"})
 
 
+@pytest.mark.parametrize("name", ["../conf/smoke", str(ROOT / "conf" / "smoke"), "./smoke"])
+def test_a_preset_is_a_name_not_a_path(name):
+    """A path used to load any YAML file the ServerApp could read."""
+    with pytest.raises(ConfigError, match=r"Unknown preset .*Available presets:"):
+        resolve_config({"preset": name})
+
+
 def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in default_run_config() if f"| `{key}` |" not in readme]

@@ -203,6 +203,17 @@ def test_sixteen_bit_and_float_scale_by_range(tmp_path: Path) -> None:
     assert to_uint8_chw(ramp.resize((2, 2)), 1, 2)[0, 0].tolist() == [0, 255]
 
 
+def test_a_32_bit_integer_tiff_is_read_at_the_range_its_values_use(tmp_path: Path) -> None:
+    """Mode "I" says nothing of its range: 0-255 values were divided by 256 (a black image)."""
+    eight = np.array([[255, 100], [0, 1]], dtype=np.int32)
+    path = write(tmp_path / "eight.tif", encoded(Image.fromarray(eight), "TIFF"))
+    assert Image.open(path).mode == "I"
+    out = decode_file(path, 1, 2, DecodeStats())
+    assert out is not None and out[0].tolist() == [[255, 100], [0, 1]]
+    full = Image.fromarray(np.array([[2**31 - 1, 2**30], [0, -5]], dtype=np.int32))
+    assert to_uint8_chw(full, 1, 2)[0].tolist() == [[255, 128], [0, 0]]  # negatives clamp to 0
+
+
 def test_decompression_bomb_is_a_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "big.png", encoded(rng_image("RGB", (64, 64), 0), "PNG"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2x the limit: an error
@@ -347,6 +358,22 @@ def test_hf_column_detection(tmp_path: Path) -> None:
     strings.save_to_disk(tmp_path / "strings")
     splits, _ = load_hf_dataset(str(tmp_path / "strings"), 3, 8, test_fraction=0)
     assert splits.num_classes == 2 and splits.train.labels.tolist() == [1, 0, 1]
+
+
+def test_hf_a_label_column_of_another_name_is_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    """Not detected, it left the run unlabelled and said so only as '0 classes'."""
+    species = Dataset.from_dict(
+        {"image": hf_rows(3, 0), "species": ["b", "a", "b"]},
+        features=Features({"image": datasets.Image(), "species": Value("string")}),
+    )
+    species.save_to_disk(tmp_path / "species")
+    splits, _ = load_hf_dataset(str(tmp_path / "species"), 3, 8, test_fraction=0)
+    assert splits.num_classes == 0
+    assert "no label column found" in caplog.text and "If one of species holds" in caplog.text
+    splits, _ = load_hf_dataset(
+        str(tmp_path / "species"), 3, 8, test_fraction=0, label_column="species"
+    )
+    assert splits.num_classes == 2
 
 
 def test_hf_labels_strings_span_splits_and_missing_test_labels(tmp_path: Path) -> None:

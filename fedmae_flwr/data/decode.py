@@ -51,8 +51,11 @@ IMAGE_EXTENSIONS = (
 MAX_LOGGED_SKIPS = 20
 # Images decoded per submission to the thread pool: bounds the encoded bytes held at once.
 CHUNK = 256
-# 16-bit modes ("I" is how older Pillow opened 16-bit PNGs): scaled to 8 bits by the type's range.
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# 16-bit modes: scaled to 8 bits by the type's range.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Mode "I" (32-bit integers: TIFFs, int32 arrays; older Pillow opened 16-bit PNGs so) says
+# nothing of the range its values use: read at the smallest of 8 / 16 / 32 bits that holds them.
+_I_MODE_DIVISORS = ((255, 1), (65535, 256), (2**31 - 1, 2**23))
 
 
 _BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -99,7 +102,8 @@ def _as_8_bit(image: Image.Image) -> Image.Image:
     Transparent pixels (alpha, or a palette's transparent index) are composited over black:
     their hidden colour is arbitrary (often garbage), and black is what the alpha-weighted colour
     sums to. 16-bit images keep their contrast (``x >> 8``, as ``ToDtype(uint8, scale=True)``)
-    instead of clipping at 255; float images (mode F) are taken to be in [0, 1].
+    instead of clipping at 255; 32-bit integer images (mode I) are read at the range their
+    values use; float images (mode F) are taken to be in [0, 1].
     """
     if image.mode == "La":  # premultiplied, which PIL converts to RGBA only via LA
         image = image.convert("LA")
@@ -108,6 +112,10 @@ def _as_8_bit(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
     if image.mode in _SIXTEEN_BIT_MODES:
         return image.convert("I").point(lambda x: x / 256).convert("L")
+    if image.mode == "I":
+        top = image.getextrema()[1]
+        divisor = next(d for limit, d in _I_MODE_DIVISORS if top <= limit)
+        return image.point(lambda x: x / divisor).convert("L")  # convert clamps below 0
     if image.mode == "F":
         return image.point(lambda x: x * 255).convert("L")  # convert clamps to 0..255
     return image

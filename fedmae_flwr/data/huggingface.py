@@ -234,6 +234,13 @@ def _columns(
         columns, label_column, ClassLabel, LABEL_COLUMN_NAMES, "label-column", required=False
     )
     assert image_col is not None
+    if label_col is None and (others := [c for c in columns.column_names if c != image_col]):
+        # A label column under another name (species, class_name) would otherwise leave the
+        # run without downstream scores, and say so only in the summary.
+        log(WARNING, "%s: no label column found (no ClassLabel feature, none named %s): its "
+            "images are unlabelled, pretrained on but not scored downstream. If one of %s holds "
+            "the labels, set config key 'label-column'", source, "/".join(LABEL_COLUMN_NAMES),
+            ", ".join(others))  # fmt: skip
     return image_col, label_col
 
 
