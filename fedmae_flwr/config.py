@@ -452,7 +452,11 @@ class RobustConfig:
         Aggregation.FEDAVG,
         "How the active tensors of sound replies are combined (Flower's strategy of that name).",
     )
-    trim_fraction: float = _opt(0.2, "fedtrimmedavg: share of values cut at each end (beta).")
+    trim_fraction: float = _opt(
+        0.2,
+        "fedtrimmedavg: share of values cut at each end (beta); 0, or at least "
+        "1 / clients-per-round (Flower cuts int(beta x replies)).",
+    )
     byzantine_nodes: int = _opt(1, "krum, multikrum: nodes per round assumed malicious.")
     krum_keep: int = _opt(
         0, "multikrum: replies averaged (0 = each round's sound replies - byzantine-nodes)."
@@ -545,6 +549,15 @@ class FedMAEConfig:
                 "in-chans",
                 self.model.in_chans,
                 "1 or 3 (every image source decodes to grey or RGB)",
+            )
+        trim, per_round = self.robust.trim_fraction, self.schedule.clients_per_round
+        if self.robust.aggregation == "fedtrimmedavg" and 0 < trim * per_round < 1:
+            # Flower trims int(beta x replies) at each end: 0 here, so any one node moves the mean.
+            raise _bad(
+                "trim-fraction",
+                trim,
+                f"0, or at least 1 / clients-per-round = {1 / per_round:.3g} (FedTrimmedAvg cuts "
+                f"int(trim-fraction x replies) at each end: {trim:g} x {per_round} cuts none)",
             )
         if self.resume and self.algorithm not in FEDERATED:
             raise _bad(

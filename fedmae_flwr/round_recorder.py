@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -26,13 +26,16 @@ from fedmae_flwr.evaluation.masked_reconstruction import evaluate_reconstruction
 from fedmae_flwr.evaluation.reconstruction import save_reconstruction_grid
 from fedmae_flwr.models import CascadeMAE, create_timm_backbone, model_from_state
 from fedmae_flwr.run_outputs import RunOutputs
-from fedmae_flwr.strategies import FedMAE, StagePlan
+from fedmae_flwr.strategies import EVALUATION_REJECTED, FedMAE, StagePlan
 
 # The per-stage fields a stage-end metrics line carries (what summary.json lists per stage).
 # heldout-loss: the MAE loss on the server's test images; node-heldout-loss: on the evaluating
 # nodes' held-out shares (heldout-fraction), the mean weighted by their image counts.
 STAGE_KEYS = ("stage", "blocks", "psnr", "trivial-psnr", "heldout-loss", "node-heldout-loss",
-              "evaluating-nodes", "knn-accuracy")  # fmt: skip
+              "evaluating-nodes", "evaluation-rejected", "knn-accuracy")  # fmt: skip
+# The keys this recorder writes into a metrics line: none may come from a node's metrics (a
+# node's `psnr` or `stage-end` made a round line look like a stage end, and the run fail).
+RECORDER_KEYS = frozenset((*STAGE_KEYS, "stage-end", "seconds")) - {"stage"}
 
 
 def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -75,9 +78,10 @@ class RoundRecorder:
             stage_extra = {}
             if (evaluation := strategy.evaluation_of(server_round)) is not None:
                 nodes, record = evaluation
+                stage_extra = {"evaluating-nodes": nodes,
+                               "evaluation-rejected": int(record[EVALUATION_REJECTED])}  # fmt: skip
                 if "eval-loss" in record:
-                    stage_extra = {"node-heldout-loss": float(record["eval-loss"]),
-                                   "evaluating-nodes": nodes}  # fmt: skip
+                    stage_extra["node-heldout-loss"] = float(record["eval-loss"])
             return self.record(server_round, arrays, dict(row.items()), stage_extra)
 
         return evaluate
@@ -91,7 +95,11 @@ class RoundRecorder:
     ) -> MetricRecord:
         """Append the round's metrics line (stage scores at a stage end, with ``stage_extra``:
         the nodes' own evaluation) and checkpoint it."""
-        row: dict[str, Any] = {**round_row, "seconds": time.perf_counter() - self.last_time}
+        if clash := sorted(RECORDER_KEYS & round_row.keys()):
+            log(WARNING, "round %d: %s in the round's record (a node's metrics) are this "
+                "recorder's own keys: left out", server_round, clash)  # fmt: skip
+        row: dict[str, Any] = {k: v for k, v in round_row.items() if k not in RECORDER_KEYS}
+        row["seconds"] = time.perf_counter() - self.last_time
         metrics = MetricRecord()
         if self.plan.is_stage_end(server_round):
             stage_row = {**self.score_stage(self.plan.stage_of(server_round), arrays),

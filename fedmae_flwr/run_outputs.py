@@ -305,7 +305,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         if r.get("stage-end"):
             ax_loss.axvline(r["round"], color="0.85", lw=0.8, zorder=0)
     ax_loss.set(xlabel="server round", ylabel="client train loss (masked MSE)", title="Training")
-    ends = [r for r in rows if "psnr" in r]
+    ends = [r for r in rows if r.get("stage-end") and "psnr" in r]
     stages = [r["stage"] + 1 for r in ends]
     ax_psnr.plot(stages, [r["psnr"] for r in ends], marker="o", label="FedMAE")
     ax_psnr.plot(stages, [r["trivial-psnr"] for r in ends], ls="--", label="mean of visible pixels")

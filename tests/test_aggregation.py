@@ -209,6 +209,26 @@ def test_multikrum_keeps_the_replies_it_got_less_the_byzantine_ones(caplog):
     assert combined["a"].numpy().max() > 10
 
 
+def test_a_trimmed_mean_that_trims_nothing_says_so(caplog):
+    """beta 0.2 of 4 sound replies (one of 5 nodes dropped out) trims int(0.8) = 0: a plain
+    mean, which one node's update moved 40x the honest step (a review's measurement)."""
+    current = stage_arrays(["a"], 0.0)
+    sound = [reply({"a": np.full((2, 3), x, np.float32)}) for x in (1.0, 1.1, 0.9, 50.0)]
+    combined = ActiveAggregation(FedTrimmedAvg(beta=0.2), "num-examples").combine(
+        current, sound, 0, 3
+    )
+    assert combined["a"].numpy().max() > 10  # Flower's rule, unchanged: the attacker counts
+    assert "FedTrimmedAvg with beta 0.2 trims int(beta x replies) at each end, none of round 3" in (
+        caplog.text
+    )
+    caplog.clear()
+    five = [*sound, reply({"a": np.full((2, 3), 1.0, np.float32)})]
+    combined = ActiveAggregation(FedTrimmedAvg(beta=0.2), "num-examples").combine(
+        current, five, 0, 4
+    )
+    assert combined["a"].numpy().max() < 2 and "trims int(beta" not in caplog.text
+
+
 def test_replies_with_different_metric_keys_are_aggregated():
     """Flower's strategies raise on differing MetricRecord keys; FedMAE's triage allows them."""
     current = stage_arrays(["a"], 0.0)

@@ -67,6 +67,11 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         # decodable training image', which read as a data problem
         ({"in-chans": 2}, r"'in-chans': 2. Allowed: 1 or 3 \(every image source decodes"),
         ({"lr": float("inf")}, r"'lr': inf. Allowed: a finite number > 0"),
+        # Flower trims int(0.2 x 3) = 0 replies at each end: a plain mean that one node moves
+        (
+            {"aggregation": "fedtrimmedavg", "trim-fraction": 0.2, "clients-per-round": 3},
+            r"'trim-fraction': 0.2. Allowed: 0, or at least 1 / clients-per-round = 0.333",
+        ),
     ],
 )
 def test_bad_values_fail_with_key_and_allowed_values(override, pattern):

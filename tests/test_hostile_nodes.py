@@ -272,6 +272,55 @@ def test_a_hostile_reply_is_rejected_counted_and_changes_nothing(
     )
 
 
+# --- what nodes report --------------------------------------------------------------------------
+FORGED = {"psnr": 99.0, "stage-end": 1, "rejected-error": 7, "aggregation-skipped": 1,
+          "seconds": 1e9, "evaluation-rejected": 5}  # fmt: skip
+
+
+def _forged_metrics(reply: Message, _: Message) -> Message:
+    """Sound arrays, but metrics named as the server's own: one node's `psnr` made a round line
+    look like a stage end; the run failed after its export, and again at every resume."""
+    for key, value in FORGED.items():
+        _metrics(reply)[key] = value
+    return reply
+
+
+def test_metrics_named_as_the_servers_own_are_left_out_and_change_nothing(overrides, caplog):
+    config = {**overrides, "run-name": "forged-metrics"}
+    grid = InProcessGrid(6, config)
+    forging = FirstReplyOfEachRound(grid, _forged_metrics)
+    failed_evaluations = []
+
+    def tamper(reply: Message) -> Message:  # and the first evaluation reply of each stage fails
+        sent = grid.sent[-1]
+        stage = sent.content["config"]["stage"]
+        if sent.metadata.message_type == MessageType.EVALUATE and stage not in failed_evaluations:
+            failed_evaluations.append(stage)
+            return _error_reply(reply, sent)
+        return forging(reply)
+
+    grid.tamper = tamper
+    run(grid, resolve_config(config))
+    folder = Path(config["output-dir"]) / "forged-metrics"
+    clean, _ = run_attacked(overrides, "untouched", lambda reply, _: reply)
+
+    got = rows(folder)
+    assert [r["round"] for r in got] == [1, 2, 3, 4]
+    for row in got:
+        assert not {"rejected-error", "aggregation-skipped"} & row.keys(), row
+        assert row["seconds"] < 1e9 and ("psnr" in row) == (row["round"] in (2, 4))
+        assert bool(row.get("stage-end")) == (row["round"] in (2, 4))
+    stages = json.loads((folder / "summary.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == [0, 1]
+    # One evaluating node of two failed at each stage end: counted, the other one's loss kept.
+    assert [(s["evaluating-nodes"], s["evaluation-rejected"]) for s in stages] == [(1, 1)] * 2
+    assert all(np.isfinite(s["node-heldout-loss"]) for s in stages)
+    got_model, want = final_model(folder), final_model(clean)
+    assert all(got_model[k].tobytes() == want[k].tobytes() for k in want)
+    assert "are named as the server's own keys" in caplog.text
+    assert "are this recorder's own keys: left out" in caplog.text
+
+
 # --- fail loud ---------------------------------------------------------------------------------
 def test_a_stage_without_one_sound_reply_fails_the_run(overrides: dict):
     """Every train reply of stage 1 is poisoned: no untrained block 1 is appended."""

@@ -22,6 +22,7 @@ from fedmae_flwr.strategies.replies import (
     NODE_UNUSABLE,
     NON_FINITE,
     PREFIX_MISSING,
+    UNEXPECTED,
     UNUSABLE,
     UPDATE_NORM,
     WEIGHT,
@@ -289,3 +290,33 @@ def test_triage_lists_the_nodes_that_cannot_take_part():
     unusable = Message(Error(code=2, reason=f"{NODE_UNUSABLE} Node 7: no data"), reply_to=sent())
     out = triage([unusable, Message(Error(code=0, reason="boom"), reply_to=sent())], EXPECTED)
     assert out.unusable == [7] and out.counts() == {UNUSABLE: 1, ERROR: 1}
+
+
+def test_a_weight_above_2_to_the_53_is_rejected_without_a_cap_too():
+    """Two replies of 1e308 examples summed to inf in Flower's average: every tensor became 0."""
+    for huge in (1e308, 2.0**53 + 2**11):
+        got = judge(reply({"num-examples": huge}, good_arrays()), EXPECTED, ReplyRules())
+        assert got is not None and got.kind == WEIGHT and "above 2**53" in got.reason
+    assert check_reply(reply({"num-examples": 2**53}, good_arrays()), EXPECTED) is None
+
+
+def from_node(node: int, examples: int = 4) -> Message:
+    to = Message(RecordDict({"arrays": EXPECTED}), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = {
+        "arrays": ArrayRecord(good_arrays()),
+        "metrics": MetricRecord({"num-examples": examples}),
+    }
+    return Message(RecordDict(content), reply_to=to)
+
+
+def test_a_reply_from_a_node_not_sent_a_message_or_a_second_one_is_rejected(caplog):
+    """A Grid of one's own may pass them on (Flower's SuperLink does not): four copies of one
+    hostile reply outvoted three honest ones under FedMedian."""
+    replies = [from_node(7), from_node(7), from_node(8), from_node(9), from_node(9, 0)]
+    out = triage(replies, EXPECTED, senders={7, 9})
+    assert out.sound_nodes == [7, 9] and out.empty == 0
+    assert [(node, r.kind) for node, r in out.rejections] == [(7, UNEXPECTED), (8, UNEXPECTED),
+                                                              (9, UNEXPECTED)]  # fmt: skip
+    assert "a second reply from this node" in str(out.rejections[0][1])
+    assert "it was sent no message" in str(out.rejections[1][1])
+    assert len(triage(replies, EXPECTED).sound) == 4  # senders=None: anyone, as before

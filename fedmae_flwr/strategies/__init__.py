@@ -8,9 +8,17 @@
   :mod:`.node_keys`: the run-independent node order sampling draws from.
 """
 
+from fedmae_flwr.strategies.accounting import EVALUATION_REJECTED
 from fedmae_flwr.strategies.fedmae import FedMAE
 from fedmae_flwr.strategies.prefix_cache import PREFIX_KEY
 from fedmae_flwr.strategies.replies import NODE_UNUSABLE, PREFIX_MISSING
 from fedmae_flwr.strategies.stage_plan import StagePlan
 
-__all__ = ["NODE_UNUSABLE", "PREFIX_KEY", "PREFIX_MISSING", "FedMAE", "StagePlan"]
+__all__ = [
+    "EVALUATION_REJECTED",
+    "NODE_UNUSABLE",
+    "PREFIX_KEY",
+    "PREFIX_MISSING",
+    "FedMAE",
+    "StagePlan",
+]

@@ -7,11 +7,17 @@ line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from logging import WARNING
 
-from flwr.app import MetricRecord
+from flwr.app import MetricRecord, RecordDict
+from flwr.common import log
 
-from fedmae_flwr.strategies.replies import Triage
+from fedmae_flwr.strategies.replies import KINDS, MAX_WEIGHT, Triage
+
+# The keys of the node evaluation's record that the strategy sets (not a node's metric).
+EVALUATION_REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ def round_record(
     bytes-up-per-client (mean over those clients), bytes-down-per-client (mean over the sampled
     nodes, prefix copies included), ``aggregation-skipped = 1`` when the aggregator combined
     none of the sound replies (the model stayed as it was), and the client metrics (e.g.
-    train-loss) unless they clash.
+    train-loss) but those named as a key the record sets or may set: a node's
+    ``rejected-error = 7`` is no count of the server's, and is dropped (logged).
     """
     up = [next(iter(r.array_records.values())).count_bytes() for r in replies.sound]
     down = sent.active_bytes * sent.sampled + sent.prefix_bytes * sent.prefix_sends
@@ -72,9 +79,39 @@ def round_record(
         record[f"rejected-{kind}"] = count
     if aggregation_skipped:
         record["aggregation-skipped"] = 1
-    for key, value in client_metrics.items():
-        record.setdefault(key, value)
+    taken = set(record) | {f"rejected-{kind}" for kind in KINDS} | {"aggregation-skipped"}
+    if clash := sorted(k for k in client_metrics if k in taken):
+        log(WARNING, "FedMAE: round %d: client metrics %s are named as the server's own keys "
+            "and are left out of the round record", sent.server_round, clash)  # fmt: skip
+    record.update({k: v for k, v in client_metrics.items() if k not in clash})
     return record
+
+
+def mean_of_reported(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Each metric's mean over the replies that report it, weighted by ``weight_key``.
+
+    Flower's ``aggregate_metricrecords`` weighs every reply, a reply without the metric as a 0
+    (one node leaving train-loss out took a round's mean from 0.5 to 0.33). Also never
+    overflows: values and weights up to float64's largest give a finite mean.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    keys = dict.fromkeys(k for m in metrics for k in m if k != weight_key)
+    out = MetricRecord()
+    for key in keys:
+        pairs = [(float(m[weight_key]), float(m[key])) for m in metrics if key in m]  # type: ignore[arg-type]
+        total = sum(w for w, _ in pairs)
+        if total == math.inf:  # weights up to float64's largest: relative to the largest
+            top_weight = max(w for w, _ in pairs)
+            pairs = [(w / top_weight, value) for w, value in pairs]
+            total = sum(w for w, _ in pairs)
+        if not total > 0:  # every reporting reply weighs 0
+            continue
+        mean = sum(value * (w / total) for w, value in pairs)  # Flower's order of operations
+        if not math.isfinite(mean):  # partial sums of huge values: scale them first
+            top = max(abs(v) for _, v in pairs)
+            mean = top * sum((v / top) * (w / total) for w, v in pairs)
+        out[key] = mean
+    return out
 
 
 class NodeLedger:
@@ -94,7 +131,9 @@ class NodeLedger:
         for node, content in zip(replies.sound_nodes, replies.sound, strict=True):
             metrics = next(iter(content.metric_records.values()))
             images, skipped = metrics[weight_key], metrics.get("skipped-images", 0)
-            self._count(node, server_round, int(images), int(skipped))  # type: ignore[arg-type]
+            # Finite (the replies were checked), but a count only when whole and >= 0.
+            skipped = int(skipped) if 0 <= skipped <= MAX_WEIGHT and skipped % 1 == 0 else 0  # type: ignore[operator,arg-type]
+            self._count(node, server_round, round(images), skipped)  # type: ignore[arg-type]
         for node in replies.empty_nodes:
             self._count(node, server_round, 0, 0)
 

@@ -217,6 +217,10 @@ class ActiveAggregation:
                     "replies; round %d has %d sound ones, so it may keep a malicious one",
                     type(self.strategy).__name__, self.strategy.num_malicious_nodes, needed,
                     server_round, len(replies))  # fmt: skip
+        if isinstance(self.strategy, FedTrimmedAvg) and 0 < self.strategy.beta * len(replies) < 1:
+            log(WARNING, "FedMAE: FedTrimmedAvg with beta %g trims int(beta x replies) at each "
+                "end, none of round %d's %d sound replies: a plain mean, which one node can "
+                "move", self.strategy.beta, server_round, len(replies))  # fmt: skip
         self._steps += 1
         combined, _ = self.strategy.aggregate_train(self._steps, replies)
         if combined is None:

@@ -45,7 +45,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from fedmae_flwr.models.cascade import check_model_keys
-from fedmae_flwr.strategies.accounting import NodeLedger, SentRound, round_record
+from fedmae_flwr.strategies.accounting import (
+    EVALUATION_REJECTED,
+    NodeLedger,
+    SentRound,
+    mean_of_reported,
+    round_record,
+)
 from fedmae_flwr.strategies.aggregation import (
     ActiveAggregation,
     ServerSideDP,
@@ -171,6 +177,10 @@ class FedMAE(FedAvg):
                 f"first_round {first_round} is past the cascade's last round "
                 f"{self.plan.num_rounds} (depth {depth} x rounds_per_stage {rounds_per_stage})"
             )
+        # Each metric averaged over the replies that report it (Flower's default counts a reply
+        # without it as a 0); a function of one's own still wins.
+        fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_of_reported)
+        fedavg_kwargs.setdefault("evaluate_metrics_aggr_fn", mean_of_reported)
         super().__init__(**fedavg_kwargs)
         # FedAvg's own sampling knobs that FedMAE's sampling does not read, so they say so.
         unread = ["fraction_evaluate", "min_evaluate_nodes"]
@@ -211,7 +221,8 @@ class FedMAE(FedAvg):
         self._global = ArrayRecord()
         self._prefix = PrefixCache()
         self._sent: SentRound | None = None
-        self._sampled: list[int] = []
+        self._sampled: list[int] = []  # the train round's nodes
+        self._evaluated: list[int] = []  # the stage end's evaluating nodes
         # nodes that said they cannot take part (NODE_UNUSABLE), with what they said
         self._excluded: dict[int, str] = {}
         self._ledger = NodeLedger()
@@ -243,7 +254,9 @@ class FedMAE(FedAvg):
 
     def evaluation_of(self, server_round: int) -> tuple[int, MetricRecord] | None:
         """``(sound replies, their aggregated MetricRecord)`` of ``server_round``'s node
-        evaluation, where it had one (None otherwise). Flower's ``start()`` evaluates on the
+        evaluation, where it had one (None otherwise); the record also counts the replies
+        rejected (key :data:`EVALUATION_REJECTED`), and holds only that without a sound one.
+        Flower's ``start()`` evaluates on the
         nodes before it calls ``evaluate_fn(round, arrays)``, so an ``evaluate_fn`` can record
         it with the round (``Result.evaluate_metrics_clientapp`` holds it only at the end)."""
         if self._last_evaluation is None or self._last_evaluation[0] != server_round:
@@ -381,7 +394,7 @@ class FedMAE(FedAvg):
         run_round = self._run_round(server_round)
         active = self._active(run_round)
         replies = self._node_keys.order_replies(replies)  # float sums depend on the order
-        sorted_replies = self._triage(replies, expected=active)
+        sorted_replies = self._triage(replies, expected=active, senders=self._sampled)
         # A node that sent nothing usable may have crashed and lost its prefix with its state:
         # it gets the prefix again with its next message instead of wasting a round on saying so.
         replied = {m.metadata.src_node_id for m in replies}
@@ -428,18 +441,21 @@ class FedMAE(FedAvg):
         if count == 0:
             return []
         nodes = self._sample(grid, server_round, "evaluate", count, wait=False)
+        self._evaluated = nodes
         return self._messages(nodes, server_round, config, MessageType.EVALUATE)[0]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of sound evaluation metrics (bad replies rejected and logged)."""
-        sound = self._triage(self._node_keys.order_replies(replies), expected=None).sound
-        if not sound:
-            return None
-        record = self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key)
-        if record is not None:
-            self._last_evaluation = (server_round, len(sound), record)
+        replies = self._node_keys.order_replies(replies)
+        sorted_replies = self._triage(replies, expected=None, senders=self._evaluated)
+        sound = sorted_replies.sound
+        record = self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
+        # Kept for evaluation_of with the rejections (logged by _triage), sound replies or not.
+        kept = MetricRecord(dict(record.items()) if record is not None else {})
+        kept[EVALUATION_REJECTED] = sorted_replies.rejected
+        self._last_evaluation = (server_round, len(sound), kept)
         return record
 
     # --- helpers --------------------------------------------------------------------------------
@@ -459,9 +475,11 @@ class FedMAE(FedAvg):
         """The tensors trained in ``server_round`` (sent, returned and averaged)."""
         return ArrayRecord(self.plan.split(self._global, server_round)[0])
 
-    def _triage(self, replies: Iterable[Message], expected: ArrayRecord | None) -> Triage:
+    def _triage(
+        self, replies: Iterable[Message], expected: ArrayRecord | None, senders: list[int]
+    ) -> Triage:
         rules = ReplyRules(self.weighted_by_key, self.max_update_norm, self.max_examples)
-        out = triage(replies, expected, self.weighted_by_key, rules)
+        out = triage(replies, expected, self.weighted_by_key, rules, senders=set(senders))
         if out.prefix_missing:
             log(WARNING, "FedMAE: %d nodes lack prefix %s; it goes with their next message",
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip

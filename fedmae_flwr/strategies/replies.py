@@ -1,7 +1,9 @@
 """Reply validation: which node replies can be aggregated. Never raises on a malformed reply.
 
 A reply is *sound* when it is not an error, holds exactly one MetricRecord whose values are all
-finite numbers with a non-negative weight (``num-examples``) no larger than the cap, and, for
+finite numbers with a non-negative weight (``num-examples``) no larger than the cap (and than
+:data:`MAX_WEIGHT` always: a sum of such weights cannot overflow), from a node the round sent a
+message to and its only reply, and, for
 train replies with examples, exactly one ArrayRecord with the keys, shapes and dtypes the server
 sent (the global model's, so a reply can never change the global dtype), data that matches its
 header, finite values, and an update (reply - sent) no longer (L2, over all active tensors)
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -30,20 +32,28 @@ PREFIX_MISSING = "prefix-missing"
 # node-config), so sampling it again only wastes a place in every round.
 NODE_UNUSABLE = "[fedmae:node-unusable]"
 
+# The largest weight any reply may claim, with or without a cap: 2**53, the largest whole number
+# a float64 holds exactly, is more images than any node has, and a thousand such weights still
+# sum to a finite number (two of 1e308 summed to inf and zeroed every tensor of the average).
+MAX_WEIGHT = float(2**53)
+
 # Rejection kinds (each counted as ``rejected-<kind>`` in the round record).
 ERROR = "error"  # the node replied with an Error
 UNUSABLE = "node-unusable"  # an Error saying the node cannot take part (NODE_UNUSABLE)
 MALFORMED = "malformed"  # the reply could not be read (not a Message, bytes that are no npy, ...)
 METRICS = "metrics"  # not exactly one MetricRecord, or a value that is not a finite number
-WEIGHT = "num-examples"  # the weight is missing or negative
+WEIGHT = "num-examples"  # the weight is missing, negative or above MAX_WEIGHT
 EXAMPLES_CAP = "examples-cap"  # more examples claimed than any node holds
 ARRAYS = "arrays"  # not exactly one ArrayRecord, or keys other than the ones sent
 LAYOUT = "layout"  # a header dtype or shape other than the global model's
 HEADER = "header"  # data whose dtype or shape differs from its own header
 NON_FINITE = "non-finite"  # NaN or inf in a tensor
 UPDATE_NORM = "update-norm"  # the update is too long for the model it updates
+# From a node the round sent no message to, or a second reply from one node (Flower's SuperLink
+# lets neither through; a Grid of one's own may)
+UNEXPECTED = "unexpected"
 KINDS = (ERROR, UNUSABLE, MALFORMED, METRICS, WEIGHT, EXAMPLES_CAP, ARRAYS, LAYOUT, HEADER,
-         NON_FINITE, UPDATE_NORM)  # fmt: skip
+         NON_FINITE, UPDATE_NORM, UNEXPECTED)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,30 +118,38 @@ def triage(
     expected: Mapping[str, Array] | None,
     weight_key: str = "num-examples",
     rules: ReplyRules | None = None,
+    senders: Collection[int] | None = None,
 ) -> Triage:
     """Sort ``replies``: sound ones with examples, rejected ones, nodes missing the prefix.
 
     ``expected`` holds the tensors sent for training (None for evaluation replies); ``rules``
-    the bounds beyond the layout (default: none; its ``weight_key`` is ``weight_key``).
+    the bounds beyond the layout (default: none; its ``weight_key`` is ``weight_key``);
+    ``senders`` the nodes the round sent a message to (None: any node), each heard once.
     """
     rules = rules or ReplyRules(weight_key)
     reference = _Reference.of(expected, rules)
-    out = Triage()
+    out, heard = Triage(), set()
     for msg in replies:
+        node = _src_node(msg)
+        if senders is not None and (node not in senders or node in heard):
+            why = "a second reply from this node" if node in heard else "it was sent no message"
+            out.rejections.append((node, Rejection(UNEXPECTED, why)))
+            log(WARNING, "FedMAE: reply from node %s rejected (%s): %s", node, UNEXPECTED, why)
+            continue
+        heard.add(node)
         if prefix_missing(msg):
-            out.prefix_missing.append(_src_node(msg))
+            out.prefix_missing.append(node)
             continue
         rejection = judge(msg, expected, rules, reference)
         if rejection is not None:
-            node = _src_node(msg)
             out.rejections.append((node, rejection))
             log(WARNING, "FedMAE: reply from node %s rejected (%s): %s",
                 node, rejection.kind, rejection.reason)  # fmt: skip
         elif next(iter(msg.content.metric_records.values()))[rules.weight_key] > 0:  # type: ignore[operator]
             out.sound.append(msg.content)
-            out.sound_nodes.append(_src_node(msg))
+            out.sound_nodes.append(node)
         else:
-            out.empty_nodes.append(_src_node(msg))
+            out.empty_nodes.append(node)
     return out
 
 
@@ -206,8 +224,8 @@ def _check(
             return Rejection(METRICS, f"metric '{key}' is not a finite number: {value!r:.80}")
     weight_key = rules.weight_key
     weight = metrics.get(weight_key)
-    if weight is None or weight < 0:  # type: ignore[operator]
-        return Rejection(WEIGHT, f"'{weight_key}' missing or negative: {weight!r}")
+    if weight is None or weight < 0 or weight > MAX_WEIGHT:  # type: ignore[operator]
+        return Rejection(WEIGHT, f"'{weight_key}' missing, negative or above 2**53: {weight!r:.40}")
     if rules.max_examples is not None and weight > rules.max_examples:  # type: ignore[operator]
         return Rejection(
             EXAMPLES_CAP, f"'{weight_key}' = {weight:g} exceeds the cap {rules.max_examples:g}"
