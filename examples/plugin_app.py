@@ -28,6 +28,7 @@ def main(grid: Grid, context: Context) -> None:
         new_block=lambda i: {k: v.numpy() for k, v in fresh_block_state(VIT, i, seed=i).items()},
         num_train_nodes=3,
         num_evaluate_nodes=2,  # nodes scoring each finished stage
+        model=VIT,  # sent along: a node built with other heads or image size refuses
     )
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state(VIT, seed=0)))
     export_backbone(VIT, result.arrays, BACKBONE_DIR)  # models.load_backbone(BACKBONE_DIR)
@@ -45,8 +46,7 @@ client = ClientApp()
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    images = node_images(context)[:64]
-    return train_reply(msg, context, images, model=VIT, train=TRAIN, seed=0)
+    return train_reply(msg, context, node_images(context)[:64], model=VIT, train=TRAIN, seed=0)
 
 
 @client.evaluate()

@@ -16,6 +16,8 @@ announced prefix, and send back only the trained tensors with ``num-examples``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Mapping
 from logging import WARNING
 from typing import Any, TypeVar
@@ -30,7 +32,8 @@ from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import reconstruction_loss, train_local
 from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
 from fedmae_flwr.seeding import derive_seed
-from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
+from fedmae_flwr.strategies import NODE_UNUSABLE, PREFIX_KEY, PREFIX_MISSING
+from fedmae_flwr.strategies.fedmae import MODEL_CONFIG
 from fedmae_flwr.strategies.node_keys import MAX_KEY_CHARS, NODE_KEY, fallback_key
 
 # Where a node keeps the stage's frozen prefix between rounds (Flower persists Context.state).
@@ -65,7 +68,9 @@ def train_reply(
             the node being ``node_config["partition-id"]`` where set, else the node id.
         device: ``"auto"`` (CUDA when this process sees one), ``"cpu"``, ``"cuda"`` or a
             ``torch.device``.
-        metrics: more entries for the reply's MetricRecord (e.g. your data's counts).
+        metrics: more entries for the reply's MetricRecord (e.g. your data's counts): finite
+            numbers (the server rejects lists, which Flower allows), averaged over the nodes
+            that report them.
 
     Returns:
         ``"arrays"`` (the trained active tensors) and ``"metrics"`` (``num-examples``,
@@ -93,6 +98,9 @@ def train_reply(
            "train-mbytes": mbytes}  # fmt: skip
     if clash := sorted(own.keys() & dict(metrics or {}).keys()):
         raise ValueError(f"metrics may not set the reply's own keys {clash}")
+    if odd := {k: v for k, v in (metrics or {}).items() if not _finite_number(v)}:
+        # Flower allows lists; the server rejects a reply holding one (every reply, every round)
+        raise ValueError(f"metrics must be finite numbers, one per key, got {odd!r:.200}")
     record = MetricRecord({**own, **(metrics or {})})
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=msg)
 
@@ -161,6 +169,7 @@ def _stage_model(msg: Message, context: Context, shapes: ModelConfig) -> Cascade
     None when the node does not hold the announced prefix version (and none came along).
     """
     config = msg.content["config"]
+    _check_same_model(config, shapes, context)
     frozen, version = int(config["frozen-blocks"]), str(config["prefix-version"])
     state = msg.content["arrays"].to_torch_state_dict()
     if frozen > 0:
@@ -172,6 +181,27 @@ def _stage_model(msg: Message, context: Context, shapes: ModelConfig) -> Cascade
             return None
         state.update(context.state[STATE_PREFIX].to_torch_state_dict())
     return model_from_state(shapes, state, frozen_blocks=frozen)
+
+
+def _check_same_model(config: ConfigRecord, shapes: ModelConfig, context: Context) -> None:
+    """ConfigError (node-unusable) naming the fields where this node's ``ModelConfig`` differs
+    from the server's (sent as ``model-config`` when the strategy has one): heads, image size or
+    mask ratio change no tensor shape, so the nodes would train another model than the one the
+    server exports."""
+    if MODEL_CONFIG not in config:
+        return
+    server, ours = json.loads(str(config[MODEL_CONFIG])), dataclasses.asdict(shapes)
+    if differ := [f"{k} {server[k]!r} (this node: {ours.get(k)!r})"
+                  for k in server if server[k] != ours.get(k)]:  # fmt: skip
+        raise ConfigError(
+            f"{NODE_UNUSABLE} Node {context.node_id}: its ModelConfig differs from the server's "
+            f"in {', '.join(differ)}. Pass the server's ModelConfig as model= to train_reply / "
+            "evaluate_reply"
+        )
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _missing_prefix_reply(msg: Message) -> Message:

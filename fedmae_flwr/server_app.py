@@ -97,6 +97,7 @@ def build_strategy(
         node_wait_timeout=schedule.node_wait_timeout,
         max_update_norm=cfg.robust.max_update_norm,
         max_examples=cfg.robust.max_examples or largest_partition or None,
+        model=model,
         aggregator=build_aggregator(cfg.robust, schedule.clients_per_round),
         dp_noise_multiplier=cfg.robust.dp_noise_multiplier,
         dp_clipping_norm=cfg.robust.dp_clipping_norm,

@@ -345,8 +345,10 @@ def test_a_flower_dp_wrapper_as_aggregator_is_refused():
         ({"configrecord_key": "cfg"}, r"fixed by FedMAE's message protocol"),
         ({"aggregator": FedProx(proximal_mu=-1.0)}, r"proximal_mu must be a finite number >= 0"),
         ({"aggregator": FedProx(proximal_mu=float("nan"))}, r"proximal_mu must be a finite"),
-        ({"num_evaluate_nodes": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
-        ({"node_wait_timeout": -1}, r"num_evaluate_nodes and node_wait_timeout must be >= 0"),
+        ({"num_evaluate_nodes": -1}, r"num_evaluate_nodes must be a whole number >= 0 and"),
+        # a float passed the constructor and failed random.sample after a whole stage
+        ({"num_evaluate_nodes": 1.5}, r"num_evaluate_nodes must be a whole number >= 0 and"),
+        ({"node_wait_timeout": -1}, r"and node_wait_timeout >= 0, got 0, -1"),
         ({"first_round": 99}, r"first_round 99 is past the cascade's last round 2"),
     ],
 )

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedmae_flwr.client import train_reply
+from fedmae_flwr.client import evaluate_reply, train_reply
 from fedmae_flwr.config import ConfigError
 from fedmae_flwr.models import (
     CascadeMAE,
@@ -32,6 +32,7 @@ from fedmae_flwr.models import (
     load_backbone,
 )
 from fedmae_flwr.strategies import PREFIX_MISSING, FedMAE
+from fedmae_flwr.strategies.fedmae import MODEL_CONFIG
 
 from .test_client_app import message
 
@@ -95,9 +96,29 @@ def test_shapes_as_a_mapping_and_clear_errors(app, node):
         train_reply(message(model, 0, "", False), node, torch.zeros(8, 1, 28, 28), model=app.VIT)
     with pytest.raises(ConfigError, match="Unknown TrainConfig fields \\['epochs'\\]"):
         train_reply(message(model, 0, "", False), node, images, model=app.VIT, train={"epochs": 2})
+    with pytest.raises(ValueError, match=r"finite numbers, one per key, got \{'loss-per-epoch'"):
+        train_reply(message(model, 0, "", False), node, images, model=app.VIT,
+                    metrics={"loss-per-epoch": [0.5, 0.4]})  # fmt: skip
     with pytest.raises(ValueError, match="own keys \\['num-examples'\\]"):
         train_reply(message(model, 0, "", False), node, images, model=app.VIT,
                     metrics={"num-examples": 1})  # fmt: skip
+
+
+def test_a_node_with_another_model_config_refuses_naming_the_fields(app, node):
+    """Heads, image size or mask ratio change no tensor shape: nodes trained a 6-head model
+    that the server exported as 3-head, with no rejection."""
+    msg = message(CascadeMAE(app.VIT, num_blocks=1), 0, "", False)
+    msg.content["config"][MODEL_CONFIG] = json.dumps(dataclasses.asdict(app.VIT))
+    images = app.node_images(node)[:8]
+    assert train_reply(msg, node, images, model=app.VIT).content["metrics"]["num-examples"] == 8
+    other = dataclasses.replace(app.VIT, num_heads=6, mask_ratio=0.5)
+    expected = (r"\[fedmae:node-unusable\] Node 103: its ModelConfig differs from the server's "
+                r"in num_heads 3 \(this node: 6\), mask_ratio 0.75 \(this node: 0.5\)")  # fmt: skip
+    with pytest.raises(ConfigError, match=expected):
+        train_reply(msg, node, images, model=other)
+    msg.metadata.message_type = MessageType.EVALUATE
+    with pytest.raises(ConfigError, match=expected):
+        evaluate_reply(msg, node, images, model=other)
 
 
 def test_an_array_record_exports_like_the_state_dict(app, tmp_path):

@@ -5,6 +5,9 @@ Strategy and client handlers are the real ones; messages travel through conftest
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -17,11 +20,13 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp.strategy import Strategy
 
 from fedmae_flwr.config import resolve_config
 from fedmae_flwr.models import CascadeMAE, block_index, initial_state
 from fedmae_flwr.server_app import build_strategy
-from fedmae_flwr.strategies import PREFIX_KEY
+from fedmae_flwr.strategies import PREFIX_KEY, FedMAE
+from fedmae_flwr.strategies.fedmae import MODEL_CONFIG
 from fedmae_flwr.strategies.sampling import wait_for_nodes
 
 from .conftest import LocalGrid
@@ -280,6 +285,58 @@ def test_one_strategy_instance_runs_twice_as_it_ran_once(tiny_overrides):
         assert np.array_equal(first.arrays[key].numpy(), second.arrays[key].numpy()), key
 
 
+class PassThrough(Strategy):
+    """A plain wrapper, as a plugin user composes strategies: Flower's own start() drives it."""
+
+    def __init__(self, inner: FedMAE) -> None:
+        self.inner = inner
+
+    def summary(self) -> None:
+        pass
+
+    def configure_train(self, *args):
+        return self.inner.configure_train(*args)
+
+    def aggregate_train(self, *args):
+        return self.inner.aggregate_train(*args)
+
+    def configure_evaluate(self, *args):
+        return self.inner.configure_evaluate(*args)
+
+    def aggregate_evaluate(self, *args):
+        return self.inner.aggregate_evaluate(*args)
+
+
+def test_a_wrapper_s_start_gets_the_checks_fedmae_start_makes(tiny_overrides):
+    """Driven by Flower's Strategy.start (through a wrapper), a full-depth initial model trained
+    every block at once in 'stage 0', and rounds past the schedule grew a block the nodes
+    refused: checked at the first round and refused past the last, as FedMAE.start does."""
+    overrides = {**tiny_overrides, "evaluate-clients": 0}
+    cfg = resolve_config(overrides)
+    full = ArrayRecord(
+        {k: v.contiguous() for k, v in CascadeMAE(cfg.model, num_blocks=2).state_dict().items()}
+    )
+    with pytest.raises(ValueError, match="block"):
+        PassThrough(build_strategy(cfg)).start(LocalGrid(6, overrides), full, num_rounds=4)
+    strategy = build_strategy(cfg)
+    with pytest.raises(ValueError, match=r"round 5 is past the cascade's last round 4"):
+        PassThrough(strategy).start(LocalGrid(6, overrides), initial_arrays(cfg), num_rounds=5)
+    # a second run through the wrapper begins afresh, as a second FedMAE.start does
+    result = PassThrough(strategy).start(LocalGrid(6, overrides), initial_arrays(cfg), num_rounds=4)
+    assert {block_index(k) for k in result.arrays} - {None} == {0, 1}
+    assert [m["prefix-missing"] for m in result.train_metrics_clientapp.values()] == [0] * 4
+
+
+def test_the_server_s_model_config_travels_with_each_message(setup):
+    cfg, strategy, grid = setup
+    messages = list(strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), grid))
+    sent = {json.dumps(dataclasses.asdict(cfg.model))}
+    assert {m.content["config"][MODEL_CONFIG] for m in messages} == sent
+    with pytest.raises(ValueError, match=r"num_evaluate_nodes must be a whole number >= 0.*1.5"):
+        FedMAE(depth=2, rounds_per_stage=1, new_block=strategy.plan.new_block,
+               num_evaluate_nodes=1.5)  # fmt: skip
+
+
 def test_a_new_block_factory_that_names_another_block_is_refused(tiny_overrides):
     """new_block keyed every block blocks.0: the trained block 0 was overwritten, and stage 1
     failed with 'frozen_blocks must be in [0, 0], got 1'."""
@@ -425,6 +482,15 @@ def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overr
     strategy.node_wait_timeout = 0.0
     with pytest.raises(RuntimeError, match="2 nodes connected but 3 needed"):
         strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(2, {}))
+    # A plugin's FedMAE(num_train_nodes=1) on 1 node: the 2 came from FedAvg's default, unnamed
+    plugin = FedMAE(depth=2, rounds_per_stage=2, new_block=strategy.plan.new_block,
+                    num_train_nodes=1, node_wait_timeout=0.0)  # fmt: skip
+    with pytest.raises(RuntimeError) as err:
+        plugin.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(1, {}))
+    assert ("1 nodes connected but 2 needed, after waiting 0 s. 2 is the larger of "
+            "min_available_nodes 2 (FedAvg's default: 2) and the round's 1 train nodes.") in str(
+        err.value
+    )  # fmt: skip
 
 
 def test_a_node_that_failed_or_went_silent_gets_the_prefix_with_its_next_message(tiny_overrides):

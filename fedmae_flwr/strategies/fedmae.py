@@ -10,7 +10,9 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 - Server -> node, ``train`` and ``evaluate``: ``"arrays"`` (ArrayRecord: only the tensors active in
   the stage, see :func:`fedmae_flwr.models.active_key`), ``"config"`` (ConfigRecord with
   ``server-round``, ``stage``, ``frozen-blocks``, ``prefix-version``; ``proximal-mu`` with
-  ``aggregator=FedProx(...)``), and ``"prefix"``
+  ``aggregator=FedProx(...)``; ``model-config``, the server's ``ModelConfig`` as JSON, when the
+  strategy was given it: a node whose own differs refuses as node-unusable, naming the fields,
+  since heads, image size or mask ratio change no tensor shape), and ``"prefix"``
   (ArrayRecord: the frozen stem and finished blocks) only when the strategy does not know the
   node to hold ``prefix-version``.
 - Node -> server: ``"arrays"`` (train only: the trained active tensors, same keys and shapes) and
@@ -25,6 +27,8 @@ Protocol (what travels in a message; a foreign ClientApp implementing it can joi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import numbers
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -44,6 +48,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
+from fedmae_flwr.config import ModelConfig
 from fedmae_flwr.models.cascade import check_model_keys
 from fedmae_flwr.strategies.accounting import (
     EVALUATION_REJECTED,
@@ -65,6 +70,14 @@ from fedmae_flwr.strategies.replies import UNUSABLE, ReplyRules, Triage, triage
 from fedmae_flwr.strategies.sampling import fixed_nodes, seeded_sample, wait_for_nodes
 from fedmae_flwr.strategies.stage_guard import StageGuard
 from fedmae_flwr.strategies.stage_plan import StagePlan, StateFactory, num_blocks
+
+# The key of a message's config that carries the server's ModelConfig (JSON), when it has one.
+MODEL_CONFIG = "model-config"
+
+
+def _whole(value: object, least: int) -> bool:
+    """A whole number (no bool, no float) >= ``least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
 class FedMAE(FedAvg):
@@ -104,6 +117,9 @@ class FedMAE(FedAvg):
         max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
             than this multiple of their current norm; 0 = no bound.
         max_examples: reject a reply claiming more ``num-examples`` than this; None = no cap.
+        model: the ``ModelConfig`` the nodes must build (sent with each message as
+            ``model-config``; the client helpers refuse to train another architecture, which
+            shapes alone may not reveal); None: not sent, not checked.
         aggregator: a Flower strategy whose ``aggregate_train`` combines the sound replies'
             active tensors (e.g. ``FedMedian()``, ``FedAdam(eta=0.01)``); None: FedAvg.
         dp_noise_multiplier, dp_clipping_norm: server-side DP on the active tensors (each
@@ -143,6 +159,7 @@ class FedMAE(FedAvg):
         node_wait_timeout: float = 300.0,
         max_update_norm: float = 10.0,
         max_examples: float | None = None,
+        model: ModelConfig | None = None,
         aggregator: Strategy | None = None,
         dp_noise_multiplier: float = 0.0,
         dp_clipping_norm: float = 1.0,
@@ -151,18 +168,14 @@ class FedMAE(FedAvg):
         if first_round < 1:
             raise ValueError(f"first_round must be >= 1, got {first_round}")
         # Checked here, not where they are first used (a stage end, after a whole stage's work).
-        if num_train_nodes is not None and not (
-            isinstance(num_train_nodes, numbers.Integral)
-            and not isinstance(num_train_nodes, bool)
-            and num_train_nodes >= 1
-        ):
+        if num_train_nodes is not None and not _whole(num_train_nodes, 1):
             raise ValueError(
                 f"num_train_nodes must be None or a whole number >= 1, got {num_train_nodes!r}"
             )
-        if not num_evaluate_nodes >= 0 or not node_wait_timeout >= 0:
+        if not _whole(num_evaluate_nodes, 0) or not node_wait_timeout >= 0:
             raise ValueError(
-                f"num_evaluate_nodes and node_wait_timeout must be >= 0, got "
-                f"{num_evaluate_nodes}, {node_wait_timeout}"
+                f"num_evaluate_nodes must be a whole number >= 0 and node_wait_timeout >= 0, "
+                f"got {num_evaluate_nodes!r}, {node_wait_timeout!r}"
             )
         if not max_update_norm >= 0 or not (max_examples is None or max_examples > 0):
             raise ValueError(
@@ -200,6 +213,12 @@ class FedMAE(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
+        self.model_config = None if model is None else json.dumps(dataclasses.asdict(model))
+        if self.weighted_by_key != "num-examples":
+            log(WARNING, "FedMAE: weighted_by_key %r: fedmae_flwr.client's helpers report "
+                "'num-examples' only, so their replies would all be rejected; this needs a "
+                "ClientApp of your own that reports %r", self.weighted_by_key,
+                self.weighted_by_key)  # fmt: skip
         if (self.arrayrecord_key, self.configrecord_key) != ("arrays", "config"):
             raise ValueError(
                 "arrayrecord_key and configrecord_key are fixed by FedMAE's message protocol "
@@ -207,6 +226,7 @@ class FedMAE(FedAvg):
                 f"{self.arrayrecord_key!r}, {self.configrecord_key!r}"
             )
         self._first_round = first_round
+        self._in_own_start = False  # start() runs the rounds (else a wrapper's start does)
         self._round_timeout = 3600.0  # start()'s timeout: how long replies are waited for
         dp = ServerSideDP(dp_noise_multiplier, dp_clipping_norm, seed)
         self.aggregation = ActiveAggregation(
@@ -309,10 +329,7 @@ class FedMAE(FedAvg):
         (resumed after the last round) trains nothing and returns ``initial_arrays``.
         """
         self._new_run()
-        check_model_keys(initial_arrays.keys())
-        self.plan.check_model(
-            {k: (v.shape, v.dtype) for k, v in initial_arrays.items()}, self.first_round
-        )
+        self._check_initial_model(initial_arrays)
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if last > self.plan.num_rounds:  # a stage past the last block has no block to train
@@ -338,14 +355,24 @@ class FedMAE(FedAvg):
             assert evaluate_fn is not None
             return evaluate_fn(server_round + shift if server_round else 0, arrays)
 
-        result = super().start(grid, initial_arrays, last - shift, timeout, train_config,
-                               evaluate_config, shifted if evaluate_fn else None)  # fmt: skip
+        self._in_own_start = True
+        try:
+            result = super().start(grid, initial_arrays, last - shift, timeout, train_config,
+                                   evaluate_config, shifted if evaluate_fn else None)  # fmt: skip
+        finally:
+            self._in_own_start = False
         for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
                         result.evaluate_metrics_serverapp):  # fmt: skip
             renumbered = {r + shift if r else 0: m for r, m in history.items()}
             history.clear()
             history.update(renumbered)
         return result
+
+    def _check_initial_model(self, arrays: ArrayRecord) -> None:
+        """The names, and the block and decoder shapes, of the model ``first_round`` starts from
+        (:meth:`StagePlan.check_model`); ValueError before any node gets it."""
+        check_model_keys(arrays.keys())
+        self.plan.check_model({k: (v.shape, v.dtype) for k, v in arrays.items()}, self.first_round)
 
     def _run_round(self, flower_round: int) -> int:
         """The run's round number of the ``flower_round``-th round of this :meth:`start`."""
@@ -357,7 +384,17 @@ class FedMAE(FedAvg):
     ) -> Iterable[Message]:
         """Grow the model at a stage start, then send each sampled node the active tensors."""
         refuse_dp_wrapper(self)
+        if server_round == 1 and not self._in_own_start:
+            # Driven by another start() (a wrapper's, Flower's own): begin the run as ours does.
+            self._new_run()
+            self._check_initial_model(arrays)
         server_round = self._run_round(server_round)
+        if server_round > self.plan.num_rounds:  # no block left to train
+            raise ValueError(
+                f"round {server_round} is past the cascade's last round {self.plan.num_rounds} "
+                f"(depth {self.plan.depth} x rounds_per_stage {self.plan.rounds_per_stage}): "
+                f"run at most {self.plan.num_rounds - self.first_round + 1} rounds"
+            )
         self._global = self._grow(arrays, server_round)
         prefix = self.plan.split(self._global, server_round)[1]
         self._prefix.update(ArrayRecord(prefix), self.plan.frozen_blocks(server_round))
@@ -512,13 +549,16 @@ class FedMAE(FedAvg):
         ``max(min_available_nodes, count)`` are connected (``node_wait_timeout``), or with
         ``partial_rounds`` once ``min_available_nodes`` are, then up to ``count`` of them."""
         if not wait:
-            wanted = count
+            wanted, because = count, ""
         elif self.partial_rounds:
             wanted = max(1, self.min_available_nodes)
+            because = f"min_available_nodes {self.min_available_nodes} (partial rounds)"
         else:
             wanted = max(self.min_available_nodes, count)
+            because = (f"larger of min_available_nodes {self.min_available_nodes} (FedAvg's "
+                       f"default: 2) and the round's {count} {kind} nodes")  # fmt: skip
         nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded,
-                               fixed=fixed_nodes(grid))  # fmt: skip
+                               fixed=fixed_nodes(grid), wanted_because=because)  # fmt: skip
         if len(nodes) < count:
             log(WARNING, "FedMAE: round %d %ss on the %d usable nodes connected, not %d "
                 "(partial rounds: min_available_nodes %d)", server_round, kind, len(nodes),
@@ -543,6 +583,8 @@ class FedMAE(FedAvg):
                                "stage": self.plan.stage_of(server_round),
                                "frozen-blocks": self.plan.frozen_blocks(server_round),
                                "prefix-version": self._prefix.version})  # fmt: skip
+        if self.model_config is not None:
+            config[MODEL_CONFIG] = self.model_config
         messages, sends = [], 0
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: active, self.configrecord_key: config})

@@ -43,6 +43,7 @@ def wait_for_nodes(
     clock: Callable[[], float] = time.monotonic,
     excluded: Mapping[int, str] | None = None,
     fixed: bool = False,
+    wanted_because: str = "",
 ) -> list[int]:
     """The sorted ids of connected nodes not in ``excluded`` once at least ``wanted`` are;
     re-checks every second.
@@ -51,6 +52,8 @@ def wait_for_nodes(
         excluded: nodes that replied they cannot take part, with why (quoted in the error).
         fixed: no node can join (:func:`fixed_nodes`): fail once the connected count has not
             changed for :data:`SIMULATION_SETTLE_S`, instead of after ``timeout``.
+        wanted_because: where ``wanted`` comes from (the settings and their values), for the
+            error.
 
     Raises:
         RuntimeError: fewer than ``wanted`` such nodes after ``timeout`` seconds (or, with
@@ -69,7 +72,9 @@ def wait_for_nodes(
             settled_since, last_count = now, len(connected)
         settled = fixed and now - settled_since >= SIMULATION_SETTLE_S
         if now - start >= timeout or settled:
-            raise RuntimeError(_too_few(nodes, connected, wanted, excluded, timeout, settled))
+            raise RuntimeError(
+                _too_few(nodes, connected, wanted, excluded, timeout, settled, wanted_because)
+            )
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), wanted)
         sleep(min(1.0, start + timeout - now))
 
@@ -81,6 +86,7 @@ def _too_few(
     excluded: Mapping[int, str],
     timeout: float,
     settled: bool,
+    wanted_because: str = "",
 ) -> str:
     dropped = [n for n in connected if n in excluded]
     why_fewer = (
@@ -89,16 +95,17 @@ def _too_few(
         if dropped
         else ""
     )
+    because = f" {wanted} is the {wanted_because}." if wanted_because else ""
     if settled:
         return (
-            f"FedMAE: {len(nodes)} usable nodes but {wanted} needed{why_fewer}. A simulation's "
-            f"nodes all join at its start ({len(connected)} here: federation option "
-            "num-supernodes), so waiting cannot help: raise num-supernodes, or lower "
+            f"FedMAE: {len(nodes)} usable nodes but {wanted} needed{why_fewer}.{because} A "
+            f"simulation's nodes all join at its start ({len(connected)} here: federation "
+            "option num-supernodes), so waiting cannot help: raise num-supernodes, or lower "
             f"{LOWER_KEYS}."
         )
     return (
         f"FedMAE: {len(nodes)} nodes connected but {wanted} needed, after waiting "
-        f"{timeout:g} s{why_fewer}. Start more nodes, or lower {LOWER_KEYS}."
+        f"{timeout:g} s{why_fewer}.{because} Start more nodes, or lower {LOWER_KEYS}."
     )
 
 
