@@ -96,17 +96,21 @@ GUARD_INTERVAL_S = 0.5
 
 
 def guard(owner: int, skip: set[int], dismissal: Any = None) -> int:
-    """Note every process below ``owner`` (but ``skip``, this guard and theirs) until ``owner``
-    ends; return 0 when ``dismissal`` (a readable pipe end) says "done" first. Otherwise end
-    the noted processes that still live and everything below them, by PID, and return 1.
+    """Note every process below ``owner`` (this guard's parent; but ``skip``, this guard and
+    theirs) until ``owner`` ends; return 0 when ``dismissal`` (a readable pipe end) says "done"
+    first. Otherwise end the noted processes that still live and everything below them, by PID,
+    and return 1.
     """
     noted: dict[int, str] = {}
     skip = skip | {os.getpid()}
-    owner_started = start_time(owner)
-    while owner_started is not None and start_time(owner) == owner_started:
-        for pid in descendants(skip, root=owner):
-            if (started := start_time(pid)) is not None:
-                noted[pid] = started
+    # The guard is its owner's child: once the owner is gone it has another parent, however
+    # soon its PID is reused (a start time read after the owner died could be a stranger's).
+    while os.getppid() == owner:
+        walk = {pid: start_time(pid) for pid in descendants(skip, root=owner)}
+        if os.getppid() != owner:  # the owner died during the walk: it may have met a stranger
+            break
+        noted = {pid: t for pid, t in noted.items() if start_time(pid) == t}  # the living
+        noted.update({pid: t for pid, t in walk.items() if t is not None})
         if dismissal is not None and select.select([dismissal], [], [], GUARD_INTERVAL_S)[0]:
             if os.read(dismissal.fileno(), 16).startswith(b"done"):
                 return 0
@@ -175,16 +179,23 @@ class ProcessTree:
     def __exit__(self, *_: object) -> None:
         for sig in SIGNALS:  # a second signal must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
-        end_all(self._skip, [p.pid for p in self._leaders])
-        if self._guard is not None:  # all ended: dismiss it
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                self._guard.communicate(b"done", timeout=30)
-            with contextlib.suppress(OSError):
-                self._guard.kill()  # no-op once it exited
-            self._guard.wait()
-            self._guard = None
-        for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)
+        try:
+            end_all(self._skip, [p.pid for p in self._leaders])
+        finally:
+            self._dismiss_guard()
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
+
+    def _dismiss_guard(self) -> None:
+        """All ended (or the cleanup failed and this process lives on): the guard may go."""
+        if self._guard is None:
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            self._guard.communicate(b"done", timeout=30)
+        with contextlib.suppress(OSError):
+            self._guard.kill()  # no-op once it exited
+        self._guard.wait()
+        self._guard = None
 
     def start(
         self, cmd: list[str], log: Path, env: dict[str, str], cwd: Path

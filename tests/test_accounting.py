@@ -24,12 +24,21 @@ def records(*metrics: dict) -> list[RecordDict]:
 
 def test_the_mean_is_flowers_where_every_reply_reports_the_metric():
     same = records({"num-examples": 3, "train-loss": 0.1, "x": 7},
-                   {"num-examples": 5, "train-loss": 0.7, "x": 1})  # fmt: skip
+                   {"num-examples": 5, "train-loss": 0.7, "x": 1},
+                   {"num-examples": 1e6, "train-loss": 1e-9, "x": -3.3e12},
+                   {"num-examples": 7, "train-loss": 0.3, "x": 0.125})  # fmt: skip
     ours, flowers = (
         mean_of_reported(same, "num-examples"),
         aggregate_metricrecords(same, "num-examples"),
     )
     assert dict(ours.items()) == dict(flowers.items())  # bit for bit
+    same = records({"num-examples": 2, "x": -0.0})  # added from the first term, as Flower adds
+    ours, flowers = (
+        mean_of_reported(same, "num-examples"),
+        aggregate_metricrecords(same, "num-examples"),
+    )
+    assert dict(ours.items()) == dict(flowers.items())
+    assert math.copysign(1.0, ours["x"]) == -1.0
 
 
 def test_a_reply_without_a_metric_does_not_pull_its_mean_toward_zero():

@@ -320,3 +320,12 @@ def test_a_reply_from_a_node_not_sent_a_message_or_a_second_one_is_rejected(capl
     assert "a second reply from this node" in str(out.rejections[0][1])
     assert "it was sent no message" in str(out.rejections[1][1])
     assert len(triage(replies, EXPECTED).sound) == 4  # senders=None: anyone, as before
+
+
+def test_error_replies_keep_their_kind_whoever_sends_them():
+    """Flower's SuperLink answers for a node that is gone with an Error from itself (node 1):
+    an ordinary dropout, not a reply from a node never asked."""
+    gone = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    errors = [Message(Error(code=0, reason="node unavailable"), reply_to=gone) for _ in range(2)]
+    out = triage([*errors, from_node(7)], EXPECTED, senders={7, 9})
+    assert out.counts() == {ERROR: 2} and out.sound_nodes == [7]

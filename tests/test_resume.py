@@ -72,6 +72,21 @@ def test_a_resumed_run_matches_the_uninterrupted_one(algorithm, tiny_overrides):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_records_its_nodes_evaluation(tiny_overrides):
+    """Stored under Flower's round (1 for a run resumed at round 3) and asked for by the run's
+    (4): a resumed run's stage ends lost node-heldout-loss and evaluating-nodes."""
+    crashed = {**tiny_overrides, "evaluate-clients": 2, "device": "cpu", "run-name": "evaluated"}
+    grid = LocalGrid(6, crashed)
+    grid.tamper = crash_in_round(grid, 3)
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config(crashed))
+    resumed = {**crashed, "resume": True}
+    summary = run(LocalGrid(6, resumed), resolve_config(resumed))
+    for stage in summary["stages"]:
+        assert (stage["evaluating-nodes"], stage["evaluation-rejected"]) == (2, 0), stage
+        assert stage["node-heldout-loss"] > 0
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tiny_overrides):
     overrides = {**tiny_overrides, "run-name": "new", "resume": True}
     summary = run(LocalGrid(6, overrides), resolve_config(overrides))

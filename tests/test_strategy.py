@@ -179,6 +179,14 @@ def test_evaluate_runs_only_at_stage_ends(setup):
     assert metrics is not None and metrics["eval-loss"] > 0
 
 
+def test_no_evaluation_is_reported_where_no_node_was_asked(setup):
+    """Flower calls aggregate_evaluate every round, with no replies where none were asked: the
+    stage-end lines of runs with evaluate-clients 0 gained evaluating-nodes 0."""
+    _, strategy, grid = setup
+    assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid) == []
+    assert strategy.aggregate_evaluate(1, []) is None and strategy.evaluation_of(1) is None
+
+
 def test_a_small_deployment_evaluates_on_the_nodes_it_has_instead_of_failing(
     tiny_overrides, caplog
 ):

@@ -54,7 +54,8 @@ CHUNK = 256
 # 16-bit modes: scaled to 8 bits by the type's range.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Mode "I" (32-bit integers: TIFFs, int32 arrays; older Pillow opened 16-bit PNGs so) says
-# nothing of the range its values use: read at the smallest of 8 / 16 / 32 bits that holds them.
+# nothing of the range its values use: read at the smallest of 8 / 16 / 32 bits that holds them,
+# per image (so a dark 16-bit frame stored as int32, all values <= 255, reads as 8-bit).
 _I_MODE_DIVISORS = ((255, 1), (65535, 256), (2**31 - 1, 2**23))
 
 

@@ -106,12 +106,21 @@ def mean_of_reported(records: list[RecordDict], weight_key: str) -> MetricRecord
             total = sum(w for w, _ in pairs)
         if not total > 0:  # every reporting reply weighs 0
             continue
-        mean = sum(value * (w / total) for w, value in pairs)  # Flower's order of operations
+        mean = _in_order([value * (w / total) for w, value in pairs])  # as Flower's
         if not math.isfinite(mean):  # partial sums of huge values: scale them first
             top = max(abs(v) for _, v in pairs)
-            mean = top * sum((v / top) * (w / total) for w, v in pairs)
+            mean = top * _in_order([(v / top) * (w / total) for w, v in pairs])
         out[key] = mean
     return out
+
+
+def _in_order(terms: list[float]) -> float:
+    """``terms[0] + terms[1] + ...`` left to right from the first term, as Flower's average adds
+    (``sum`` starts from 0, turning a lone -0.0 into 0.0, and from Python 3.12 compensates)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total += term
+    return total
 
 
 class NodeLedger:

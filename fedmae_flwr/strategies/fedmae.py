@@ -274,8 +274,9 @@ class FedMAE(FedAvg):
 
     def evaluation_of(self, server_round: int) -> tuple[int, MetricRecord] | None:
         """``(sound replies, their aggregated MetricRecord)`` of ``server_round``'s node
-        evaluation, where it had one (None otherwise); the record also counts the replies
+        evaluation, where nodes were asked (None otherwise); the record also counts the replies
         rejected (key :data:`EVALUATION_REJECTED`), and holds only that without a sound one.
+        ``server_round`` is the run's round (a resumed run's continue its count).
         Flower's ``start()`` evaluates on the
         nodes before it calls ``evaluate_fn(round, arrays)``, so an ``evaluate_fn`` can record
         it with the round (``Result.evaluate_metrics_clientapp`` holds it only at the end)."""
@@ -463,6 +464,7 @@ class FedMAE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """At each stage end, ``num_evaluate_nodes`` nodes score the finished stage's model."""
+        self._evaluated = []  # none asked until sampled below
         server_round = self._run_round(server_round)
         if not self.plan.is_stage_end(server_round) or self.num_evaluate_nodes == 0:
             return []
@@ -489,10 +491,11 @@ class FedMAE(FedAvg):
         sorted_replies = self._triage(replies, expected=None, senders=self._evaluated)
         sound = sorted_replies.sound
         record = self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
-        # Kept for evaluation_of with the rejections (logged by _triage), sound replies or not.
-        kept = MetricRecord(dict(record.items()) if record is not None else {})
-        kept[EVALUATION_REJECTED] = sorted_replies.rejected
-        self._last_evaluation = (server_round, len(sound), kept)
+        if self._evaluated:  # for evaluation_of, with the rejections, sound replies or not
+            kept = MetricRecord(dict(record.items()) if record is not None else {})
+            kept[EVALUATION_REJECTED] = sorted_replies.rejected
+            # The run's round: evaluate_fn (start()'s `shifted`) asks by it, also when resumed
+            self._last_evaluation = (self._run_round(server_round), len(sound), kept)
         return record
 
     # --- helpers --------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A reply is *sound* when it is not an error, holds exactly one MetricRecord whose values are all
 finite numbers with a non-negative weight (``num-examples``) no larger than the cap (and than
 :data:`MAX_WEIGHT` always: a sum of such weights cannot overflow), from a node the round sent a
-message to and its only reply, and, for
+message to and its only reply (error replies aside), and, for
 train replies with examples, exactly one ArrayRecord with the keys, shapes and dtypes the server
 sent (the global model's, so a reply can never change the global dtype), data that matches its
 header, finite values, and an update (reply - sent) no longer (L2, over all active tensors)
@@ -49,8 +49,9 @@ LAYOUT = "layout"  # a header dtype or shape other than the global model's
 HEADER = "header"  # data whose dtype or shape differs from its own header
 NON_FINITE = "non-finite"  # NaN or inf in a tensor
 UPDATE_NORM = "update-norm"  # the update is too long for the model it updates
-# From a node the round sent no message to, or a second reply from one node (Flower's SuperLink
-# lets neither through; a Grid of one's own may)
+# A reply with content from a node the round sent no message to, or a second one from one node
+# (a Grid of one's own may pass them on; error replies keep their kind: Flower's SuperLink sends
+# its own, from itself, for a node that is gone)
 UNEXPECTED = "unexpected"
 KINDS = (ERROR, UNUSABLE, MALFORMED, METRICS, WEIGHT, EXAMPLES_CAP, ARRAYS, LAYOUT, HEADER,
          NON_FINITE, UPDATE_NORM, UNEXPECTED)  # fmt: skip
@@ -131,12 +132,15 @@ def triage(
     out, heard = Triage(), set()
     for msg in replies:
         node = _src_node(msg)
-        if senders is not None and (node not in senders or node in heard):
-            why = "a second reply from this node" if node in heard else "it was sent no message"
-            out.rejections.append((node, Rejection(UNEXPECTED, why)))
-            log(WARNING, "FedMAE: reply from node %s rejected (%s): %s", node, UNEXPECTED, why)
-            continue
-        heard.add(node)
+        # Error replies carry nothing to aggregate, and Flower's SuperLink sends its own for a
+        # node that is gone (sender: the SuperLink itself): they keep their kind, below.
+        if senders is not None and _has_content(msg):
+            if node not in senders or node in heard:
+                why = "a second reply from this node" if node in heard else "it was sent no message"
+                out.rejections.append((node, Rejection(UNEXPECTED, why)))
+                log(WARNING, "FedMAE: reply from node %s rejected (%s): %s", node, UNEXPECTED, why)
+                continue
+            heard.add(node)
         if prefix_missing(msg):
             out.prefix_missing.append(node)
             continue
@@ -283,6 +287,14 @@ def _check_update(
             f"{reference.norm:.4g}",
         )
     return None
+
+
+def _has_content(msg: object) -> bool:
+    """A Message that is no Error (what could be aggregated)."""
+    try:
+        return isinstance(msg, Message) and not msg.has_error()
+    except Exception:
+        return False
 
 
 def _is_number(value: object) -> bool:
