@@ -38,6 +38,7 @@ gc.disable()
 try:
     import functools
     from logging import WARNING
+    from pathlib import Path
 
     import torch
     from flwr.app import Context, Message
@@ -89,11 +90,12 @@ def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
             server rejects it, logs it and samples the node no more in this run.
     """
     node = context.node_config
-    if unread := sorted(set(node) - NODE_CONFIG_KEYS):  # a misspelled key did nothing, silently
+    cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
+    unread = sorted(set(node) - NODE_CONFIG_KEYS)  # a misspelled key did nothing, silently
+    if unread and _first_time(cache_dir, f"node-config-{context.run_id}-{context.node_id}"):
         log(WARNING, "node-config %s: not read by FedMAE, which reads %s",
             ", ".join(repr(k) for k in unread), ", ".join(sorted(NODE_CONFIG_KEYS)))  # fmt: skip
     try:
-        cache_dir = resolve_cache_dir(str(node.get("cache-dir", "")))
         own_folder = str(node.get("data-path", ""))
         if own_folder:
             return load_node_data(cfg, 0, 1, node_data_path=own_folder, cache_dir=cache_dir)
@@ -101,6 +103,23 @@ def node_data(context: Context, cfg: FedMAEConfig) -> NodeData:
         return load_node_data(cfg, partition_id, num_partitions, cache_dir=cache_dir)
     except (ConfigError, OSError, ValueError) as err:  # the node's own setup, not the run's
         raise NodeUnusable(f"{NODE_UNUSABLE} Node {context.node_id}: {err}") from err
+
+
+def _first_time(cache_dir: Path | None, event: str) -> bool:
+    """Whether ``event`` happens for the first time on this node: a deployed SuperNode starts a
+    process per message, so a warning said in each would repeat every round. Remembered as an
+    empty file in the node cache (no cache: every time)."""
+    if cache_dir is None:
+        return True
+    marker = cache_dir / "said" / event
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    except OSError:  # an unwritable cache: say it again rather than never
+        return True
+    return True
 
 
 class NodeUnusable(ConfigError):

@@ -100,14 +100,24 @@ def test_deployed_node_reads_only_its_own_folder(tmp_path, tiny_overrides):
     assert metrics["skipped-images"] == 1
 
 
-def test_a_node_config_key_fedmae_does_not_read_is_named(tiny_overrides, caplog):
+def test_a_node_config_key_fedmae_does_not_read_is_named(tiny_overrides, caplog, tmp_path):
     """A misspelled node_key left the device sampled by its node id, without a word."""
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={
-        "partition-id": 0, "num-partitions": 6, "node_key": "pi-1"})  # fmt: skip
+        "partition-id": 0, "num-partitions": 6, "node_key": "pi-1",
+        "cache-dir": str(tmp_path / "cache")})  # fmt: skip
     client_app.node_data(context, resolve_config(tiny_overrides))
     assert "node-config 'node_key': not read by FedMAE, which reads cache-dir, data-path" in (
         caplog.text
     )
+    # A deployed node's next message (a process of its own) does not say it again each round ...
+    caplog.clear()
+    client_app.node_data(context, resolve_config(tiny_overrides))
+    assert "not read by FedMAE" not in caplog.text
+    # ... unless it keeps no cache to remember it in
+    context.node_config["cache-dir"] = "off"
+    for _ in range(2):
+        client_app.node_data(context, resolve_config(tiny_overrides))
+    assert caplog.text.count("not read by FedMAE") == 2
 
 
 def test_a_node_with_an_empty_partition_replies_with_zero_examples(tiny_overrides):
