@@ -547,3 +547,25 @@ def test_the_gpu_report_states_the_fine_tune_protocol_its_runs_used():
         "fine-tune 3 disjoint subsets of 1000 labels for 30 epochs, the lr chosen from "
         "0.001 / 0.002 on a 20 % validation share of each, mean over the subsets"
     )
+
+
+def test_fedprox_report_pairs_the_seeds_and_says_not_shown_for_mixed_signs(tmp_path):
+    from benchmarks.fedprox import report
+
+    def run(seed: int, probe: float, knn: float, psnr: float) -> dict:
+        summary = {"linear-probe-accuracy": {"fedmae": probe}, "knn-accuracy": {"fedmae": knn},
+                   "final-psnr": psnr}  # fmt: skip
+        return {"name": f"r{seed}", "seed": seed, "summary": summary,
+                "bench": {"machine": "2 CPU cores"}}  # fmt: skip
+
+    fedavg = {s: run(s, 0.70, 0.60, 12.0) for s in (0, 1, 2)}
+    values = {0: (0.71, 0.61, 12.5), 1: (0.69, 0.62, 12.4), 2: (0.72, 0.63, 12.1)}
+    fedprox = {s: run(s, *v) for s, v in values.items()}
+    text = report(fedavg, fedprox, 0.01, "python -m benchmarks.fedprox", tmp_path)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "s0 +1.0, s1 -1.0, s2 +2.0 | +0.7" in rows["| linear probe (points)"]
+    assert rows["| linear probe (points)"].endswith("not shown |")
+    assert "s0 +1.0, s1 +2.0, s2 +3.0 | +2.0" in rows["| k-NN (points)"]
+    assert rows["| k-NN (points)"].endswith("no noise bound measured | ahead at every seed |")
+    assert "s0 +0.5, s1 +0.4, s2 +0.1 | +0.3" in rows["| masked PSNR (dB)"]
+    assert (tmp_path / "fedprox.md").is_file() and (tmp_path / "fedprox.png").is_file()
