@@ -128,7 +128,7 @@ def _end_noted(noted: dict[int, str]) -> None:
     def alive() -> list[int]:
         same = [pid for pid, started in noted.items() if start_time(pid) == started]
         below = {d for pid in same for d in descendants(set(), root=pid)}
-        return [pid for pid in dict.fromkeys(same + sorted(below)) if not _zombie(pid)]
+        return [pid for pid in dict.fromkeys(same + sorted(below)) if not ended(pid)]
 
     for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         for pid in alive():
@@ -139,8 +139,8 @@ def _end_noted(noted: dict[int, str]) -> None:
             time.sleep(0.2)
 
 
-def _zombie(pid: int) -> bool:
-    """Ended, its exit status not yet read by its parent (or gone altogether)."""
+def ended(pid: int) -> bool:
+    """Gone, or a zombie: ended, its exit status not yet read by its parent."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

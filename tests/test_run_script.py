@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.processes import ended
 from scripts.run import flwr_env, run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,15 +46,6 @@ with ProcessTree() as tree:
 """
 
 
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie (its new parent, init, reaps it when it will)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2] == "Z"
-
-
 def test_run_config_string_writes_flwr_run_config_syntax():
     overrides = {"depth": 6, "run-name": "x", "resume": True, "lr": 0.5, "data-path": "/a b"}
     assert (
@@ -82,7 +74,7 @@ def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
-def test_a_sigkilled_owner_s_processes_are_ended_by_its_guard(tmp_path):
+def test_a_sigkilled_owner_s_processes_areended_by_its_guard(tmp_path):
     """`kill -9` on scripts/run.py used to leave its SuperLink and simulation running."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGKILLED, str(tmp_path / "log")], cwd=REPO_ROOT,
@@ -93,10 +85,10 @@ def test_a_sigkilled_owner_s_processes_are_ended_by_its_guard(tmp_path):
         assert proc.wait(30) == -9
         assert len(ours) == 3  # the session leader (sleep 301), its sleeper, the adopted orphan
         deadline = time.monotonic() + 40
-        while not all(map(_ended, [guard, *ours])) and time.monotonic() < deadline:
+        while not all(map(ended, [guard, *ours])) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(map(_ended, [guard, *ours])), [p for p in ours if not _ended(p)]
-        assert not _ended(callers)  # not the guard's: it ran before the tree
+        assert all(map(ended, [guard, *ours])), [p for p in ours if not ended(p)]
+        assert not ended(callers)  # not the guard's: it ran before the tree
     finally:
         subprocess.run(["kill", str(callers), *map(str, ours)], check=False)
         proc.stdout.close()
