@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from logging import WARNING
 from typing import Any, TypeVar
@@ -35,6 +34,7 @@ from fedmae_flwr.seeding import derive_seed
 from fedmae_flwr.strategies import NODE_UNUSABLE, PREFIX_KEY, PREFIX_MISSING
 from fedmae_flwr.strategies.fedmae import MODEL_CONFIG
 from fedmae_flwr.strategies.node_keys import MAX_KEY_CHARS, NODE_KEY, fallback_key
+from fedmae_flwr.strategies.replies import finite_number
 
 # Where a node keeps the stage's frozen prefix between rounds (Flower persists Context.state).
 STATE_PREFIX = "fedmae-prefix"
@@ -98,7 +98,7 @@ def train_reply(
            "train-mbytes": mbytes}  # fmt: skip
     if clash := sorted(own.keys() & dict(metrics or {}).keys()):
         raise ValueError(f"metrics may not set the reply's own keys {clash}")
-    if odd := {k: v for k, v in (metrics or {}).items() if not _finite_number(v)}:
+    if odd := {k: v for k, v in (metrics or {}).items() if not finite_number(v)}:
         # Flower allows lists; the server rejects a reply holding one (every reply, every round)
         raise ValueError(f"metrics must be finite numbers, one per key, got {odd!r:.200}")
     record = MetricRecord({**own, **(metrics or {})})
@@ -198,10 +198,6 @@ def _check_same_model(config: ConfigRecord, shapes: ModelConfig, context: Contex
             f"in {', '.join(differ)}. Pass the server's ModelConfig as model= to train_reply / "
             "evaluate_reply"
         )
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _missing_prefix_reply(msg: Message) -> Message:

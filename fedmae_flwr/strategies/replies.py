@@ -132,19 +132,11 @@ def triage(
     out, heard = Triage(), set()
     for msg in replies:
         node = _src_node(msg)
-        # Error replies carry nothing to aggregate, and Flower's SuperLink sends its own for a
-        # node that is gone (sender: the SuperLink itself): they keep their kind, below.
-        if senders is not None and _has_content(msg):
-            if node not in senders or node in heard:
-                why = "a second reply from this node" if node in heard else "it was sent no message"
-                out.rejections.append((node, Rejection(UNEXPECTED, why)))
-                log(WARNING, "FedMAE: reply from node %s rejected (%s): %s", node, UNEXPECTED, why)
-                continue
-            heard.add(node)
-        if prefix_missing(msg):
+        rejection = _unexpected(msg, node, senders, heard)
+        if rejection is None and prefix_missing(msg):
             out.prefix_missing.append(node)
             continue
-        rejection = judge(msg, expected, rules, reference)
+        rejection = rejection or judge(msg, expected, rules, reference)
         if rejection is not None:
             out.rejections.append((node, rejection))
             log(WARNING, "FedMAE: reply from node %s rejected (%s): %s",
@@ -155,6 +147,23 @@ def triage(
         else:
             out.empty_nodes.append(node)
     return out
+
+
+def _unexpected(
+    msg: Message, node: int, senders: Collection[int] | None, heard: set[int]
+) -> Rejection | None:
+    """An ``unexpected`` rejection for a reply with content from a node not in ``senders``, or
+    from one already ``heard`` (which this adds ``node`` to otherwise). Error replies carry
+    nothing to aggregate, and Flower's SuperLink sends its own for a node that is gone (sender:
+    the SuperLink itself): they keep their kind."""
+    if senders is None or not _has_content(msg):
+        return None
+    if node in heard:
+        return Rejection(UNEXPECTED, "a second reply from this node")
+    if node not in senders:
+        return Rejection(UNEXPECTED, "it was sent no message")
+    heard.add(node)
+    return None
 
 
 def prefix_missing(msg: Message) -> bool:
@@ -224,7 +233,7 @@ def _check(
         return Rejection(METRICS, f"expected one MetricRecord, got {len(content.metric_records)}")
     metrics = next(iter(content.metric_records.values()))
     for key, value in metrics.items():
-        if not (_is_number(value) and math.isfinite(value)):  # type: ignore[arg-type]
+        if not finite_number(value):
             return Rejection(METRICS, f"metric '{key}' is not a finite number: {value!r:.80}")
     weight_key = rules.weight_key
     weight = metrics.get(weight_key)
@@ -299,6 +308,11 @@ def _has_content(msg: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finite_number(value: object) -> bool:
+    """What a metric of a sound reply is: an int or float (no bool, no list), finite."""
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def _src_node(msg: Message) -> int:
