@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,29 +65,53 @@ def descendants(skip: set[int], root: int | None = None) -> list[int]:
 def end_all(skip: set[int], groups: Sequence[int] = ()) -> None:
     """SIGTERM, then SIGKILL, the process ``groups`` and everything below this process but
     ``skip``; reaps what it adopted, so nothing is left as a zombie."""
+
+    def reap(left: list[int]) -> None:
+        for pid in left:
+            with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps
+                os.waitpid(pid, os.WNOHANG)
+
+    # -pid: the whole group
+    if left := _terminate(lambda: descendants(skip), [-g for g in groups], reap):
+        print(f"[processes] WARNING: processes survived SIGKILL: {left}", flush=True)
+
+
+def _terminate(
+    alive: Callable[[], list[int]],
+    also: Sequence[int] = (),
+    while_waiting: Callable[[list[int]], None] = lambda left: None,
+) -> list[int]:
+    """SIGTERM ``also`` and each of ``alive()``, give them 15 s to go (``while_waiting`` on
+    what is left, every 0.2 s), then the same with SIGKILL and 5 s; returns what is left."""
+    left: list[int] = []
     for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        for pid in [-g for g in groups] + descendants(skip):  # -pid: the whole group
+        for pid in [*also, *alive()]:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while (left := descendants(skip)) and time.monotonic() < deadline:
-            for pid in left:
-                with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps
-                    os.waitpid(pid, os.WNOHANG)
+        while (left := alive()) and time.monotonic() < deadline:
+            while_waiting(left)
             time.sleep(0.2)
         if not left:
-            return
-    print(f"[processes] WARNING: processes survived SIGKILL: {left}", flush=True)
+            return []
+    return left
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the process's name (state first), or None once
+    it is gone. The name may hold spaces and parentheses, so it is cut at the last ')'."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def start_time(pid: int) -> str | None:
     """When ``pid`` started (clock ticks since boot): with the PID, a process's identity, since
     PIDs are reused. None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()[19]  # field 22 of proc(5), after the name
+    fields = _stat(pid)
+    return None if fields is None else fields[19]  # field 22 of proc(5)
 
 
 # How often the guard notes its owner's processes: one started and orphaned within this interval
@@ -130,22 +154,13 @@ def _end_noted(noted: dict[int, str]) -> None:
         below = {d for pid in same for d in descendants(set(), root=pid)}
         return [pid for pid in dict.fromkeys(same + sorted(below)) if not ended(pid)]
 
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        for pid in alive():
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
+    _terminate(alive)
 
 
 def ended(pid: int) -> bool:
     """Gone, or a zombie: ended, its exit status not yet read by its parent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2] == "Z"
+    fields = _stat(pid)
+    return fields is None or fields[0] == "Z"
 
 
 class ProcessTree:
