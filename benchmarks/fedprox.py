@@ -26,6 +26,7 @@ from benchmarks import run_archive
 from benchmarks.harness import (
     DOCS,
     GRID_EVALUATION,
+    accuracy,
     command_line,
     machines_text,
     pyplot,
@@ -49,11 +50,7 @@ METRICS = (
 
 def value(run: dict[str, Any], key: str) -> float | None:
     """A run's value of ``key``: FedMAE's accuracy under that protocol, or its final PSNR."""
-    summary = run["summary"]
-    if key == "final-psnr":
-        return summary.get(key)
-    entry = summary.get(key)
-    return entry.get("fedmae") if isinstance(entry, dict) else None
+    return run["summary"].get(key) if key == "final-psnr" else accuracy(run, key, "fedmae")
 
 
 def runs(seeds: list[int], mu: float, out_root: Path, report_only: bool, remake: bool):
