@@ -10,6 +10,10 @@ then go to init, still running. So a ProcessTree also starts a guard: a small pr
 session of its own that notes, twice a second, every process below its owner (PID and start
 time); when the owner dies without dismissing it, the guard ends those that still live, and what
 runs below them, the same way (SIGTERM, then SIGKILL).
+
+PIDs are reused, so a PID alone may name a stranger by the time it is signalled: every signal
+here goes to the process that was seen (its PID and start time), through a pidfd opened before
+that identity is checked, so a process that took over the PID meanwhile is never hit.
 """
 
 from __future__ import annotations
@@ -52,14 +56,28 @@ def wait_for_port(port: int, server: subprocess.Popen[bytes], timeout: float) ->
 
 def descendants(skip: set[int], root: int | None = None) -> list[int]:
     """Every process below ``root`` (this one), zombies too, but ``skip`` and theirs."""
-    found, stack = [], [os.getpid() if root is None else root]
+    return list(processes_below(skip, root))
+
+
+def processes_below(skip: set[int], root: int | None = None) -> dict[int, str]:
+    """PID -> start time of every process below ``root`` (this one), zombies too, but ``skip``
+    and theirs. Each is read with its parent's PID, which must be the one it was listed under:
+    a PID that ended and was reused during the walk is left out, not taken for a descendant."""
+    found: dict[int, str] = {}
+    stack = [os.getpid() if root is None else root]
     while stack:
-        found.append(pid := stack.pop())
+        parent = stack.pop()
+        children: list[int] = []
         with contextlib.suppress(OSError):  # it ended meanwhile (/proc/<pid> gone)
-            for task in list(Path(f"/proc/{pid}/task").glob("*/children")):
+            for task in list(Path(f"/proc/{parent}/task").glob("*/children")):
                 with contextlib.suppress(OSError):  # that thread ended meanwhile
-                    stack += [int(c) for c in task.read_text().split() if int(c) not in skip]
-    return found[1:]
+                    children += [int(c) for c in task.read_text().split()]
+        for child in children:
+            fields = None if child in skip else _stat(child)
+            if fields is not None and int(fields[1]) == parent:
+                found[child] = fields[19]
+                stack.append(child)
+    return found
 
 
 def end_all(skip: set[int], groups: Sequence[int] = ()) -> None:
@@ -71,30 +89,56 @@ def end_all(skip: set[int], groups: Sequence[int] = ()) -> None:
             with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps
                 os.waitpid(pid, os.WNOHANG)
 
-    # -pid: the whole group
-    if left := _terminate(lambda: descendants(skip), [-g for g in groups], reap):
+    def alive() -> dict[int, str]:
+        return processes_below(skip)
+
+    # -pid: the whole group (its leader is our child, unreaped, so its PID is not reused)
+    if left := _terminate(alive, [-g for g in groups], reap):
         print(f"[processes] WARNING: processes survived SIGKILL: {left}", flush=True)
 
 
 def _terminate(
-    alive: Callable[[], list[int]],
-    also: Sequence[int] = (),
+    alive: Callable[[], dict[int, str]],
+    groups: Sequence[int] = (),
     while_waiting: Callable[[list[int]], None] = lambda left: None,
 ) -> list[int]:
-    """SIGTERM ``also`` and each of ``alive()``, give them 15 s to go (``while_waiting`` on
-    what is left, every 0.2 s), then the same with SIGKILL and 5 s; returns what is left."""
+    """SIGTERM the process ``groups`` (negative PIDs) and each process of ``alive()`` (PID ->
+    start time), give them 15 s to go (``while_waiting`` on what is left, every 0.2 s), then the
+    same with SIGKILL and 5 s; returns what is left."""
     left: list[int] = []
     for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        for pid in [*also, *alive()]:
+        for group in groups:
             with contextlib.suppress(OSError):
-                os.kill(pid, sig)
+                os.kill(group, sig)
+        for pid, started in alive().items():
+            send_signal(pid, started, sig)
         deadline = time.monotonic() + grace
-        while (left := alive()) and time.monotonic() < deadline:
+        while (left := list(alive())) and time.monotonic() < deadline:
             while_waiting(left)
             time.sleep(0.2)
         if not left:
             return []
     return left
+
+
+def send_signal(pid: int, started: str, sig: int) -> bool:
+    """Send ``sig`` to process ``pid`` only if it is still the one that started at ``started``
+    (:func:`start_time`); True if sent. The pidfd is opened first and the start time checked
+    after, so the signal reaches that process or none: a PID reused in between fails the check.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone
+        return False
+    try:
+        if start_time(pid) != started:
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:  # it ended after the check: the pidfd still names it, so nobody is hit
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -130,11 +174,11 @@ def guard(owner: int, skip: set[int], dismissal: Any = None) -> int:
     # The guard is its owner's child: once the owner is gone it has another parent, however
     # soon its PID is reused (a start time read after the owner died could be a stranger's).
     while os.getppid() == owner:
-        walk = {pid: start_time(pid) for pid in descendants(skip, root=owner)}
+        walk = processes_below(skip, root=owner)
         if os.getppid() != owner:  # the owner died during the walk: it may have met a stranger
             break
         noted = {pid: t for pid, t in noted.items() if start_time(pid) == t}  # the living
-        noted.update({pid: t for pid, t in walk.items() if t is not None})
+        noted.update(walk)
         if dismissal is not None and select.select([dismissal], [], [], GUARD_INTERVAL_S)[0]:
             if os.read(dismissal.fileno(), 16).startswith(b"done"):
                 return 0
@@ -149,10 +193,10 @@ def _end_noted(noted: dict[int, str]) -> None:
     """SIGTERM, then SIGKILL, the ``noted`` processes that are still the ones noted, and what
     runs below them now (the orphans went to init: nobody here can reap them)."""
 
-    def alive() -> list[int]:
-        same = [pid for pid, started in noted.items() if start_time(pid) == started]
-        below = {d for pid in same for d in descendants(set(), root=pid)}
-        return [pid for pid in dict.fromkeys(same + sorted(below)) if not ended(pid)]
+    def alive() -> dict[int, str]:
+        same = {pid: t for pid, t in noted.items() if start_time(pid) == t}
+        below = {d: t for pid in same for d, t in processes_below(set(), root=pid).items()}
+        return {pid: t for pid, t in (same | below).items() if not ended(pid)}
 
     _terminate(alive)
 

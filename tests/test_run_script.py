@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.processes import ended
+from scripts.processes import ended, processes_below, send_signal, start_time
 from scripts.run import flwr_env, run_config_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
-def test_a_sigkilled_owner_s_processes_areended_by_its_guard(tmp_path):
+def test_a_sigkilled_owner_s_processes_are_ended_by_its_guard(tmp_path):
     """`kill -9` on scripts/run.py used to leave its SuperLink and simulation running."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGKILLED, str(tmp_path / "log")], cwd=REPO_ROOT,
@@ -92,6 +93,24 @@ def test_a_sigkilled_owner_s_processes_areended_by_its_guard(tmp_path):
     finally:
         subprocess.run(["kill", str(callers), *map(str, ours)], check=False)
         proc.stdout.close()
+
+
+def test_a_signal_reaches_only_the_process_that_was_seen():
+    """A PID is reused once its process ends: the cleanup signals by PID and start time, so a
+    process that took over a noted PID (another start time) is never hit."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        started = start_time(sleeper.pid)
+        assert started is not None and processes_below(set())[sleeper.pid] == started
+        assert not send_signal(sleeper.pid, str(int(started) + 1), signal.SIGTERM)
+        time.sleep(0.3)
+        assert sleeper.poll() is None  # a stranger under that PID: spared
+        assert send_signal(sleeper.pid, started, signal.SIGTERM)
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+        assert not send_signal(sleeper.pid, started, signal.SIGTERM)  # reaped: gone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, tmp_path, capsys):
