@@ -39,6 +39,7 @@ from benchmarks.harness import (
     FINETUNE_PROTOCOL,
     GRID_EVALUATION,
     NUM_SUPERNODES,
+    PARTITION_FREE,
     PARTITIONS,
     accuracies,
     accuracy,
@@ -53,7 +54,6 @@ from benchmarks.quality_grid import (
     FINETUNE_KEY,
     FINETUNE_RECORD,
     GRID_MACHINE,
-    GRID_MINUTES,
     GRID_OUT_ROOT,
     Grid,
     finetune_result,
@@ -115,12 +115,13 @@ def results_table(grid: Grid) -> list[str]:
     header = " | ".join(label for _, label, _ in ACCURACY_LABELS)
     lines = [
         f"| algorithm | partition | seeds | {header} | masked PSNR (dB) "
-        "| client peak train MB | MB up / client-round | MB down / client-round "
-        "| client s / round | run wall s |",
+        "| client peak train MiB | MiB up / client-round | MiB down / client-round "
+        "| client s / round (lowest seed) | run wall s (mean) |",
         "|---|---|---|" + "---|" * (len(ACCURACY_LABELS) + 6),
     ]
     for (algorithm, partition), runs in grid.items():
-        comm = runs[0]["summary"]["communication"]
+        # Bytes and memory are the same at every seed; the seconds are the lowest seed's run.
+        comm = min(runs, key=lambda r: r["seed"])["summary"]["communication"]
         psnr = [r["summary"]["final-psnr"] for r in runs if r["summary"]["final-psnr"] is not None]
         cells = [
             algorithm,
@@ -505,10 +506,13 @@ def write_report(
     command: str,
     docs: Path,
     out_root: Path,
-    full_grid: bool = True,
+    slice_of: tuple[list[str], list[str], list[int]] | None = None,
     bounds: dict[str, float | None] | None = None,
 ) -> Path:
     """``docs/results.md`` with the table and the plots of the runs in ``grid``.
+
+    ``slice_of``: the (algorithms, partitions, seeds) asked for, where ``grid`` is less than the
+    full grid (the page says so and names the runs it lacks).
 
     ``bounds``: the noise bound per metric (default: :func:`noise_bounds` of the measured file;
     the fine-tune's from :func:`grid_noise_bound` where that file has none for this protocol).
@@ -522,7 +526,7 @@ def write_report(
         "",
         command_text(grid, command),
         "",
-        *([] if full_grid else slice_warning()),
+        *([] if slice_of is None else slice_warning(grid, *slice_of)),
         budget_text(),
         "",
         evaluation_text() + " " + probe_lr_text(grid),
@@ -547,24 +551,73 @@ def write_report(
 
 
 def command_text(grid: Grid, command: str) -> str:
-    """The command, the rows and seeds, and the time the runs took on which machine."""
+    """The commands that make the page's runs, the one that wrote the page, the rows and seeds,
+    and the time the runs took on which machine."""
     seeds = sorted({r["seed"] for runs in grid.values() for r in runs})
     # Runs are resumable, so the harness' own clock can miss finished ones: sum the runs.
     every_run = [r for runs in grid.values() for r in runs]
     seconds = sum(r["summary"]["wall-seconds"] for r in every_run)
+    runs = ", ".join(f"`{c}`" for c in runs_commands(grid))
     return (
-        f"Command: `{command}` ({len(grid)} rows, seeds {seeds}; the runs' ServerApp wall "
-        f"time adds up to {seconds / 60:.0f} min{startup_text(every_run)}, on "
+        f"Command: `{command}`; its runs are those of {runs} (under the same `--out`) "
+        f"({len(grid)} rows, seeds {seeds}; the runs' ServerApp wall time adds up to "
+        f"{seconds / 60:.0f} min{startup_text(every_run)}, on "
         f"{machines_text(run_machines(every_run))})."
     )
 
 
-def slice_warning() -> list[str]:
-    """The paragraph that marks a report of less than the full grid."""
+def runs_commands(grid: Grid) -> list[str]:
+    """``benchmarks.quality`` commands that make exactly the runs of ``grid``: one per set of
+    partitions whose rows have the same algorithms and seeds (so a page that reports what an
+    earlier, wider command left, or several commands made, names how to make each run)."""
+    seeds_of = {key: tuple(sorted(r["seed"] for r in runs)) for key, runs in grid.items()}
+    groups: dict[tuple[tuple[str, ...], tuple[int, ...]], list[str]] = {}
+    for partition in PARTITIONS:
+        rows = {a: seeds_of[(a, p)] for a, p in seeds_of if p == partition}
+        if len(set(rows.values())) == 1:  # one command for the whole partition
+            groups.setdefault((tuple(rows), next(iter(rows.values()))), []).append(partition)
+        else:
+            for algorithm, seeds in rows.items():
+                groups.setdefault(((algorithm,), seeds), []).append(partition)
+    pooled = {a: seeds_of[(a, p)] for a, p in seeds_of if p == "pooled"}
+    for algorithm, seeds in pooled.items():  # made by any partition's command of its seeds
+        key = next((k for k in groups if k[1] == seeds), None)
+        if key is None:
+            groups[((algorithm,), seeds)] = ["iid"]
+        else:
+            groups[((*key[0], algorithm), seeds)] = groups.pop(key)
+    commands = []
+    in_order = sorted(groups.items(), key=lambda g: list(PARTITIONS).index(g[1][0]))
+    for (algorithms, seeds), partitions in in_order:
+        ordered = [a for a in ALGORITHMS if a in algorithms]
+        flags = "" if set(ordered) == set(ALGORITHMS) else " --algorithms " + " ".join(ordered)
+        commands.append(
+            f"python -m benchmarks.quality{flags} --partitions {' '.join(partitions)} "
+            f"--seeds {' '.join(map(str, seeds))}"
+        )
+    return commands
+
+
+def slice_warning(grid: Grid, algorithms: list[str], partitions: list[str],
+                  seeds: list[int]) -> list[str]:  # fmt: skip
+    """The paragraph that marks a report of less than the full grid: the runs of the grid asked
+    for that it lacks, or that a smaller grid was asked for."""
+    present = {(a, p, r["seed"]) for (a, p), runs in grid.items() for r in runs}
+    missing: dict[tuple[str, str], list[int]] = {}
+    for algorithm in algorithms:
+        for partition in ["pooled"] if algorithm in PARTITION_FREE else partitions:
+            for seed in seeds:
+                if (algorithm, partition, seed) not in present:
+                    missing.setdefault((algorithm, partition), []).append(seed)
+    lacks = "; ".join(
+        f"{a} {p} at seed{'s' if len(ss) > 1 else ''} {' '.join(map(str, ss))}"
+        for (a, p), ss in missing.items()
+    )
+    if lacks:
+        return [f"**Not every run asked for is here** (each row names its seeds): {lacks}.", ""]
     return [
         f"**A slice of the full grid** (`make bench-quality`: {len(PARTITIONS)} partitions "
-        f"x {len(DEFAULT_SEEDS)} seeds): "
-        "read single-seed numbers as indicative only.",
+        f"x {len(DEFAULT_SEEDS)} seeds): read single-seed numbers as indicative only.",
         "",
     ]
 
@@ -596,12 +649,11 @@ def evaluation_text() -> str:
         + ", ".join(f"{k}={v}" for k, v in shown.items())
         + f" ({EVALUATION_PROTOCOL}). The runs score probe, k-NN and masked PSNR only "
         f"(finetune-labels={GRID_EVALUATION['finetune-labels']}) to keep the {full_size} runs "
-        f"of the full grid within a few hours on {GRID_MACHINE} (sized for {GRID_MINUTES} min "
-        "at 2 seeds); the ablations "
+        f"of the full grid within a few hours on {GRID_MACHINE}; the ablations "
         f"fine-tune inside their runs ({EVALUATION['finetune-labels']:,} labels, one subset, "
         f"{EVALUATION['finetune-epochs']} epochs), so their fine-tune numbers are not "
         "comparable with this table's (the budget study's, docs/budget.md, are: it uses this "
-        "table's evaluation and fine-tune protocol)."
+        "table's evaluation and fine-tune protocol; its page states its probe's lr)."
     )
 
 
@@ -618,10 +670,10 @@ def main(argv: list[str] | None = None) -> int:
         raise run_archive.nothing_to_report(args, "bench-quality", "this grid")
     names = [r["name"] for runs in grid.values() for r in runs]
     run_archive.keep_and_check(names, args, "results.md", "bench-quality")
-    # A report-only pass (after bench-quality-finetune, say) reports the grid's own command.
-    command = command_line("benchmarks.quality", argv).replace(" --report-only", "")
-    full_grid = is_full_grid(grid, args.algorithms, args.partitions, args.seeds)
-    path = write_report(grid, command.strip(), args.docs, args.out, full_grid)
+    command = command_line("benchmarks.quality", argv)
+    asked = (args.algorithms, args.partitions, args.seeds)
+    slice_of = None if is_full_grid(grid, *asked) else asked
+    path = write_report(grid, command.strip(), args.docs, args.out, slice_of)
     run_archive.mark_page(path, names)
     print(f"[bench-quality] wrote {path}")
     return 0

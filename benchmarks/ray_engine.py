@@ -233,7 +233,8 @@ def report(
         "nodes decoding their images into the node cache; the steady round is the median of "
         "the rounds after it. GPU utilisation: mean of `nvidia-smi` samples every "
         f"{SAMPLE_SECONDS} s over the steady rounds; memory: their peak, all actors together. "
-        "Repeats are separate simulations; each cell is the median over them. Seconds are the "
+        "Repeats are separate simulations; each cell is the median over them, rounds/s and "
+        "images/s are the median steady round's. Seconds are the "
         "machine's at the time (other jobs may have shared it): compare the rows of one page, "
         "which ran in one command.",
         "",
@@ -254,14 +255,18 @@ def report(
             present = [v for v in values if v is not None]
             return statistics.median(present) if present else None
 
-        rounds_per_s = med([x["rounds-per-s"] for x in s])
+        # Rates from the median steady round (a median of rates is not one over it).
+        steady = med([x["steady"] for x in s])
+        rounds_per_s = None if steady is None else 1.0 / steady
+        images = med([r["images-per-round"] * r["local-epochs"] for r in runs])
+        images_per_s = None if steady is None or images is None else images / steady
         plotted.setdefault(gpus, []).append((clients, rounds_per_s))
         lines.append(
             f"| {n} | {clients} | {cpus:g} | {gpus:g} | {runs[0]['at-once']} | {len(runs)} | "
             f"{_cell(med([x['round-1'] for x in s]), '.1f')} | "
             f"{_cell(med([r.get('key-seconds') for r in runs]), '.1f')} | "
-            f"{_cell(med([x['steady'] for x in s]), '.2f')} | {_cell(rounds_per_s, '.2f')} | "
-            f"{_cell(med([x['images-per-s'] for x in s]), '.0f')} | "
+            f"{_cell(steady, '.2f')} | {_cell(rounds_per_s, '.2f')} | "
+            f"{_cell(images_per_s, '.0f')} | "
             f"{_cell(med([r['client-train-seconds'] for r in runs]), '.2f')} | "
             f"{_cell(med([r['gpu-util'] for r in runs]), '.0f')} | "
             f"{_cell(med([r['gpu-mib-peak'] for r in runs]), '.0f')} | "

@@ -2,7 +2,7 @@
 # The GPU checks, as one script for a machine lent for a few minutes (PyTorch, timm, a CUDA GPU;
 # Flower, Ray and the other dependencies importable, on PYTHONPATH is enough):
 #   1. the device tests (tests/test_devices.py, its CUDA-only test included);
-#   2. the fmnist-gpu preset (the budget where pretraining paid, docs/budget.md) for each seed,
+#   2. the fmnist-gpu preset (10 x 4, past the CPU budget study's 5 x 4; docs/gpu.md) for each seed,
 #      the way a user runs it: scripts/run.py (`flwr run` on a local SuperLink), Ray packing
 #      clients on the GPU ($CLIENT_GPUS of it each, default 0.1), the server evaluating there.
 # Usage: scripts/gpu_check.sh OUT_DIR FASHION_MNIST_DIR [SECONDS_FOR_ALL_RUNS] [SEEDS...]

@@ -137,7 +137,7 @@ def test_robust_rules_keep_the_clean_psnr_when_one_node_scales_its_update(runs):
     }
     numbers = f"clean FedAvg {clean:.3f} dB, one node x{HOSTILE_SCALE:g}: {hostile}"
     print(numbers)  # pytest -s shows them
-    assert hostile["fedavg"] < clean - 1.0, numbers  # measured: drops 1.5-2.4 dB (seeds 0-2)
+    assert hostile["fedavg"] < clean - 1.0, numbers  # measured: drops 1.5-2.5 dB (seeds 0-2)
     assert abs(hostile["fedmedian"] - clean) < 0.5, numbers  # measured: within 0.05 dB
     assert abs(hostile["fedtrimmedavg"] - clean) < 0.5, numbers
 

@@ -81,6 +81,38 @@ def test_report_has_mean_and_spread_over_seeds_and_the_plots(tmp_path):
         assert (tmp_path / "docs" / f"results-{picture}.png").stat().st_size > 0
 
 
+def test_the_page_names_the_commands_that_make_its_runs_and_the_runs_it_lacks(tmp_path):
+    """A page written with --report-only over runs that several commands made (IID at 5 seeds,
+    Dirichlet at 3, no `local` on one partition) named one command that would make 55 runs."""
+    from benchmarks.quality import runs_commands
+
+    out_root, other = tmp_path / "runs", tmp_path / "same-names"  # fake runs are named alike
+    grid = {
+        ("fedmae", "iid"): [fake_run("fedmae", s, 0.7, out_root) for s in (0, 1, 2, 3, 4)],
+        ("random-init", "pooled"): [fake_run("random-init", s, 0.7, out_root) for s in range(5)],
+        ("fedmae", "dirichlet-0.1"): [fake_run("fedmae", s, 0.7, other) for s in (0, 1, 2)],
+        ("local", "dirichlet-0.1"): [fake_run("local", s, 0.7, out_root) for s in (0, 1, 2)],
+    }
+    # Every run back from the commands, and no more.
+    assert runs_commands(grid) == [
+        "python -m benchmarks.quality --algorithms fedmae random-init --partitions iid "
+        "--seeds 0 1 2 3 4",
+        "python -m benchmarks.quality --algorithms fedmae local --partitions dirichlet-0.1 "
+        "--seeds 0 1 2",
+    ]
+    asked = (["fedmae", "local", "random-init"], ["iid", "dirichlet-0.1"], [0, 1, 2, 3, 4])
+    text = write_report(grid, "the page's command --report-only", tmp_path / "docs", out_root,
+                        slice_of=asked).read_text()  # fmt: skip
+    assert "Command: `the page's command --report-only`; its runs are those of `python" in text
+    assert (
+        "**Not every run asked for is here** (each row names its seeds): fedmae dirichlet-0.1 "
+        "at seeds 3 4; local iid at seeds 0 1 2 3 4; local dirichlet-0.1 at seeds 3 4." in text
+    )
+    # The cost columns say which run they are; their units are MiB.
+    assert "| client peak train MiB | MiB up / client-round |" in text
+    assert "| client s / round (lowest seed) | run wall s (mean) |" in text
+
+
 def test_verdicts_need_one_sign_at_every_seed_and_a_mean_beyond_the_noise_bound():
     from benchmarks.quality import verdict
 
