@@ -5,10 +5,11 @@ The FedAvg side is the grid's own ``fedmae-dirichlet-0.5-s<seed>`` runs (loaded 
 finished: restored from the archive, ``benchmarks.run_archive``); ``--remake-reference`` makes
 seed 0's again beside the new runs first, to show that today's code reproduces it. The FedProx
 side is the same configuration with ``aggregation=fedprox proximal-mu=<mu>`` (averaged as FedAvg;
-the nodes add the proximal term to their local loss).
+the nodes add the proximal term to their local loss), for each mu asked for.
 
     .venv/bin/python -m benchmarks.fedprox          # mu 0.01 (the default), seeds 0 1 2
-    .venv/bin/python -m benchmarks.fedprox --report-only
+    .venv/bin/python -m benchmarks.fedprox --mu 0.001 0.01 0.1
+    .venv/bin/python -m benchmarks.fedprox --mu 0.001 0.01 0.1 --report-only
 
 Writes ``docs/fedprox.md`` and ``docs/fedprox.png``; keeps the runs' files in the grid's archive.
 """
@@ -53,14 +54,17 @@ def value(run: dict[str, Any], key: str) -> float | None:
     return run["summary"].get(key) if key == "final-psnr" else accuracy(run, key, "fedmae")
 
 
-def runs(seeds: list[int], mu: float, out_root: Path, report_only: bool, remake: bool):
-    """(FedAvg runs, FedProx runs, what the remade reference showed), runs by seed where
-    finished."""
+def runs(seeds: list[int], mus: list[float], out_root: Path, report_only: bool, remake: bool):
+    """(FedAvg runs by seed, FedProx runs by mu and seed, what the remade reference showed),
+    where finished."""
     remade = check_reproduces(out_root, make=not report_only) if remake else ""
-    changes = {"aggregation": "fedprox", "proximal-mu": mu}
-    fedavg, fedprox = {}, {}
+    fedavg: dict[int, dict] = {}
+    fedprox: dict[float, dict[int, dict]] = {mu: {} for mu in mus}
+    sides = [(fedavg, None)] + [
+        (fedprox[mu], {"aggregation": "fedprox", "proximal-mu": mu}) for mu in mus
+    ]
     for seed in seeds:
-        for side, change in ((fedavg, None), (fedprox, changes)):
+        for side, change in sides:
             run = run_variant("fedmae", PARTITION, seed, out_root, TAG, change, timeout=1800,
                               report_only=report_only, evaluation=GRID_EVALUATION)  # fmt: skip
             if run is not None:
@@ -93,36 +97,43 @@ def check_reproduces(out_root: Path, make: bool = True) -> str:
 
 
 def report(
-    fedavg: dict, fedprox: dict, mu: float, command: str, docs: Path, remade: str = ""
+    fedavg: dict, fedprox: dict[float, dict], command: str, docs: Path, remade: str = ""
 ) -> str:
-    seeds = sorted(fedavg.keys() & fedprox.keys())
-    both = [*fedavg.values(), *fedprox.values()]
+    """docs/fedprox.md and its plot: each mu's runs against FedAvg's, paired by seed (the
+    seeds where both finished)."""
+    pairs = {mu: sorted(fedavg.keys() & runs.keys()) for mu, runs in fedprox.items()}
+    pairs = {mu: seeds for mu, seeds in pairs.items() if seeds}
+    every = [*fedavg.values(), *(r for runs in fedprox.values() for r in runs.values())]
+    default = default_run_config()["proximal-mu"]
+    mus = ", ".join(f"{mu:g}" + (" (the default)" if mu == default else "") for mu in pairs)
+    seeds = sorted({s for ss in pairs.values() for s in ss})
     bounds = noise_bounds()
     lines = [
         "# FedProx against plain averaging (non-IID)",
         "",
         f"FedMAE at the quality grid's budget and protocol on the Dirichlet-0.5 partition, "
-        f"`aggregation=fedprox proximal-mu={mu:g}` (the default mu) against the grid's "
+        f"`aggregation=fedprox proximal-mu=<mu>` for mu {mus} against the grid's "
         f"`aggregation=fedavg` runs, seed by seed ({', '.join(map(str, seeds))}). The nodes add "
         f"mu/2 ||w - w_global||^2 over the trained tensors to their local MAE loss; the server "
         "averages as FedAvg.",
         "",
-        f"Command: `{command}`. Machines: {machines_text(run_machines(both))}.",
+        f"Command: `{command}`. Machines: {machines_text(run_machines(every))}.",
         *(["", remade] if remade else []),
         "",
-        "| metric | FedAvg (per seed) | FedProx (per seed) | FedProx − FedAvg per seed "
+        "| mu | metric | FedAvg (per seed) | FedProx (per seed) | FedProx − FedAvg per seed "
         "| mean | p (paired t) | noise bound | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, label, scale in METRICS:
-        diffs = {s: value(fedprox[s], key) - value(fedavg[s], key) for s in seeds}
-        per = {
-            name: ", ".join(f"{scale * value(side[s], key):.2f}" for s in seeds)
-            for name, side in (("fedavg", fedavg), ("fedprox", fedprox))
-        }
-        # paired_cells writes points (x100); PSNR's dB go in as hundredths so they print as dB
-        cells = paired_cells({s: d * scale / 100 for s, d in diffs.items()}, bounds.get(key))
-        lines.append(f"| {label} | {per['fedavg']} | {per['fedprox']} | {cells} |")
+    for mu, paired in pairs.items():
+        for key, label, scale in METRICS:
+            diffs = {s: value(fedprox[mu][s], key) - value(fedavg[s], key) for s in paired}
+            per = {
+                name: ", ".join(f"{scale * value(side[s], key):.2f}" for s in paired)
+                for name, side in (("fedavg", fedavg), ("fedprox", fedprox[mu]))
+            }
+            # paired_cells writes points (x100); PSNR's dB go in as hundredths: they print as dB
+            cells = paired_cells({s: d * scale / 100 for s, d in diffs.items()}, bounds.get(key))
+            lines.append(f"| {mu:g} | {label} | {per['fedavg']} | {per['fedprox']} | {cells} |")
     lines += [
         "",
         "Verdict rule: as the quality grid's (docs/results.md): 'ahead' or 'behind at every "
@@ -132,29 +143,32 @@ def report(
         "'not shown'. With 3 seeds the paired t-test rests on 2 degrees of freedom.",
     ]
     (docs / "fedprox.md").write_text("\n".join(lines) + "\n")
-    plot(fedavg, fedprox, seeds, docs / "fedprox.png")
+    plot(fedavg, fedprox, pairs, docs / "fedprox.png")
     return "\n".join(lines)
 
 
-def plot(fedavg: dict, fedprox: dict, seeds: list[int], path: Path) -> None:
+def plot(fedavg: dict, fedprox: dict, pairs: dict[float, list[int]], path: Path) -> None:
+    """Per metric, FedProx − FedAvg for each mu and seed."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 + 2.5 * len(METRICS), 3.4))
     for ax, (key, label, scale) in zip(axes, METRICS, strict=True):
-        diffs = [scale * (value(fedprox[s], key) - value(fedavg[s], key)) for s in seeds]
-        ax.bar(
-            [f"s{s}" for s in seeds],
-            diffs,
-            color=["tab:green" if d > 0 else "tab:red" for d in diffs],
-        )
+        bars = [(f"{mu:g}\ns{s}", scale * (value(fedprox[mu][s], key) - value(fedavg[s], key)))
+                for mu, seeds in pairs.items() for s in seeds]  # fmt: skip
+        ax.bar([b for b, _ in bars], [d for _, d in bars],
+               color=["tab:green" if d > 0 else "tab:red" for _, d in bars])  # fmt: skip
         ax.axhline(0, color="0.3", lw=0.8)
-        ax.set(title=label, ylabel="FedProx − FedAvg")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set(title=label, ylabel="FedProx − FedAvg", xlabel="mu / seed")
     save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--mu", type=float, default=default_run_config()["proximal-mu"])
+    parser.add_argument(
+        "--mu", type=float, nargs="+", default=[default_run_config()["proximal-mu"]],
+        help="FedProx's proximal mu, one set of runs each",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=GRID_OUT_ROOT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--report-only", action="store_true")
@@ -168,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     fedavg, fedprox, remade = runs(
         args.seeds, args.mu, args.out, args.report_only, args.remake_reference
     )
-    if not fedavg.keys() & fedprox.keys():
+    if not any(fedavg.keys() & runs.keys() for runs in fedprox.values()):
         print(f"[{TAG}] no seed with both runs finished: nothing to report", flush=True)
         return 1
-    run_archive.archive_runs([r["name"] for r in fedprox.values()], args.out, archive)
+    names = [r["name"] for runs in fedprox.values() for r in runs.values()]
+    run_archive.archive_runs(names, args.out, archive)
     command = command_line("benchmarks.fedprox", argv)
-    print(report(fedavg, fedprox, args.mu, command, args.docs, remade))
-    print(json.dumps({"seeds": sorted(fedprox)}), flush=True)
+    print(report(fedavg, fedprox, command, args.docs, remade))
+    print(json.dumps({f"{mu:g}": sorted(runs) for mu, runs in fedprox.items()}), flush=True)
     return 0
 
 

@@ -564,11 +564,19 @@ def test_fedprox_report_pairs_the_seeds_and_says_not_shown_for_mixed_signs(tmp_p
     fedavg = {s: run(s, 0.70, 0.60, 12.0) for s in (0, 1, 2)}
     values = {0: (0.71, 0.61, 12.5), 1: (0.69, 0.62, 12.4), 2: (0.72, 0.63, 12.1)}
     fedprox = {s: run(s, *v) for s, v in values.items()}
-    text = report(fedavg, fedprox, 0.01, "python -m benchmarks.fedprox", tmp_path)
-    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "s0 +1.0, s1 -1.0, s2 +2.0 | +0.7" in rows["| linear probe (points)"]
-    assert rows["| linear probe (points)"].endswith("not shown |")
-    assert "s0 +1.0, s1 +2.0, s2 +3.0 | +2.0" in rows["| k-NN (points)"]
-    assert rows["| k-NN (points)"].endswith("no noise bound measured | ahead at every seed |")
-    assert "s0 +0.5, s1 +0.4, s2 +0.1 | +0.3" in rows["| masked PSNR (dB)"]
+    # A second mu, finished at two seeds only: paired where both ran.
+    other = {s: run(s, 0.60, 0.60, 11.0) for s in (0, 2)}
+    text = report(fedavg, {0.01: fedprox, 0.1: other}, "python -m benchmarks.fedprox", tmp_path)
+    rows = {" | ".join(line.split(" | ")[:2]): line for line in text.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    assert "mu 0.01 (the default), 0.1 against" in text
+    assert "s0 +1.0, s1 -1.0, s2 +2.0 | +0.7" in rows["| 0.01 | linear probe (points)"]
+    assert rows["| 0.01 | linear probe (points)"].endswith("not shown |")
+    assert "s0 +1.0, s1 +2.0, s2 +3.0 | +2.0" in rows["| 0.01 | k-NN (points)"]
+    assert rows["| 0.01 | k-NN (points)"].endswith(
+        "no noise bound measured | ahead at every seed |"
+    )
+    assert "s0 +0.5, s1 +0.4, s2 +0.1 | +0.3" in rows["| 0.01 | masked PSNR (dB)"]
+    assert "s0 -10.0, s2 -10.0 | -10.0" in rows["| 0.1 | linear probe (points)"]
+    assert rows["| 0.1 | linear probe (points)"].endswith("2 seeds: not shown |")
     assert (tmp_path / "fedprox.md").is_file() and (tmp_path / "fedprox.png").is_file()
