@@ -15,12 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file (make run): make `scripts` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.processes import ProcessTree, free_port, wait_for_port
+from scripts.processes import ProcessTree, free_port, processes_below, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "fedmae-local"  # the connection's name in $FLWR_HOME/config.toml
@@ -74,23 +75,49 @@ def flwr_runs(env: dict[str, str]) -> list[dict[str, Any]]:
     return []
 
 
-# After `flwr run --stream` returns, the SuperLink can still list the run as running for a
-# while (the simulation is ending Ray's actors; seconds on a busy 2-core machine): wait this long
-# for its final status before calling it failed.
+# After `flwr run --stream` returns, the SuperLink can still list the run as running while its
+# ServerApp process ends Ray's actors: minutes on a busy 2-core machine. The outcome waits as long
+# as that process lives (a fixed limit failed finished runs under load), then this long for the
+# SuperLink to record the final status.
 FINAL_STATUS_GRACE_S = 120.0
+# The process that runs a simulation's ServerApp and its Ray engine (Flower starts it by name).
+SIMULATION_PROCESS = "flwr-simulation"
 
 
-def outcome(env: dict[str, str], log: Path, grace: float = FINAL_STATUS_GRACE_S) -> int:
+def simulation_alive() -> bool:
+    """Whether a ``flwr-simulation`` process runs below this one (our SuperExec's, or one it
+    left to us as child subreaper)."""
+    for pid in processes_below(set()):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(Path(a.decode(errors="replace")).name == SIMULATION_PROCESS for a in argv[:2]):
+                return True
+    return False
+
+
+def outcome(
+    env: dict[str, str],
+    log: Path,
+    grace: float = FINAL_STATUS_GRACE_S,
+    still_ending: Callable[[], bool] = lambda: False,
+) -> int:
     """0 when the run finished completed, else 1 (and says how it ended).
 
-    A run not yet ``finished:*`` is polled for up to ``grace`` seconds first.
+    A run not yet ``finished:*`` is polled while ``still_ending()`` (its ServerApp process
+    lives), however long that takes, and then for up to ``grace`` seconds more.
     """
-    give_up = time.monotonic() + grace
+    give_up, said = time.monotonic() + grace, False
     while True:
         row = (flwr_runs(env) or [{"status": "never submitted"}])[0]
         if row["status"].startswith("finished") or row["status"] == "never submitted":
             break
-        if time.monotonic() > give_up:
+        if still_ending():
+            give_up = time.monotonic() + grace
+            if not said:
+                print("[run] the log stream ended; waiting for the run's process to end",
+                      flush=True)  # fmt: skip
+                said = True
+        elif time.monotonic() > give_up:
             print(f"[run] still {row['status']} {grace:g} s after its log stream ended", flush=True)
             break
         time.sleep(1.0)
@@ -239,7 +266,9 @@ def _run(
                 for row in flwr_runs(env):
                     subprocess.run(["flwr", "stop", row["run-id"], NAME], env=env, check=False)
                 return 124
-            return outcome(env, log)
+            # Past --timeout's deadline, a run still ending is not waited for any longer.
+            ending = lambda: simulation_alive() and time.monotonic() < deadline  # noqa: E731
+            return outcome(env, log, still_ending=ending)
     except KeyboardInterrupt:
         print("[run] interrupted: every process it started has ended", flush=True)
         return 130

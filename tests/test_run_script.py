@@ -132,6 +132,41 @@ def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, 
     assert run_script.outcome({}, tmp_path / "log", grace=0.0) == 1
     assert "still running 0 s after its log stream ended" in capsys.readouterr().out
 
+    # A loaded machine: the run's process took minutes to end after the stream (a finished
+    # run, written to disk, was called failed after a fixed 120 s). While it lives, no limit.
+    ending = iter([True] * 500 + [False])
+    statuses = iter(["running"] * 500 + ["finished:completed"])
+    monkeypatch.setattr(run_script, "flwr_runs", lambda env: [{"status": next(statuses)}])
+    assert (
+        run_script.outcome({}, tmp_path / "log", grace=0.0, still_ending=lambda: next(ending)) == 0
+    )
+    assert "waiting for the run's process to end" in capsys.readouterr().out
+
+
+def test_the_simulation_process_is_found_below_the_runner(tmp_path):
+    """The outcome's wait knows the ServerApp's process by the name Flower starts it with."""
+    import scripts.run as run_script
+
+    fake = tmp_path / run_script.SIMULATION_PROCESS
+    fake.write_text("import time\ntime.sleep(300)\n")
+    assert not run_script.simulation_alive()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", run_script.SIMULATION_PROCESS]
+    )  # argv[2]: not its name
+    try:
+        time.sleep(0.2)
+        assert not run_script.simulation_alive()
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = subprocess.Popen([sys.executable, str(fake)])  # as a console script runs
+    try:
+        time.sleep(0.2)
+        assert run_script.simulation_alive()
+    finally:
+        proc.kill()
+        proc.wait()
+
 
 def test_a_run_config_the_app_refuses_is_named_before_anything_starts(tmp_path, capsys):
     """Flower says only "[code: 15] Invalid run configuration." for an unknown key (its name is
