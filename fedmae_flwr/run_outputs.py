@@ -15,6 +15,7 @@ Resume trusts only what it can check (README "Resume after a crash"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -159,9 +160,8 @@ class RunOutputs:
         """
         path = self.checkpoints / f"round-{server_round:04d}.safetensors"
         tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
-        _atomic_write(
-            path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(server_round)})
-        )
+        meta = {"round": str(server_round), DIGEST_KEY: tensors_digest(tensors)}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         latest = {"round": server_round, "file": path.name}
         _atomic_write(self.checkpoints / "latest.json",
                       lambda tmp: Path(tmp).write_text(json.dumps(latest)))  # fmt: skip
@@ -195,6 +195,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# A checkpoint's metadata key for the digest of its tensors: a flipped bit in the data (disk,
+# copy) would otherwise read back as a valid, silently different model.
+DIGEST_KEY = "sha256"
+
+
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_files(folder: str | Path) -> dict[int, Path]:
     """``{round: path}`` of a run folder's ``checkpoints/round-<r>.safetensors``."""
     found = {}
@@ -206,7 +221,8 @@ def checkpoint_files(folder: str | Path) -> dict[int, Path]:
 
 
 def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
-    """One checkpoint, checked: whole tensors and ``round`` metadata equal to ``server_round``.
+    """One checkpoint, checked: whole tensors, ``round`` metadata equal to ``server_round``, and
+    the tensors' digest where the file has one (checkpoints written before it had none).
 
     Raises:
         ValueError: the file is truncated or corrupt, or its metadata names no or another round.
@@ -221,6 +237,8 @@ def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
         raise ValueError(f"its metadata names round {meta.get('round')!r}, not {server_round}")
     if not tensors:
         raise ValueError("it holds no tensors")
+    if DIGEST_KEY in meta and tensors_digest(tensors) != meta[DIGEST_KEY]:
+        raise ValueError("its tensors do not match the digest written with them (damaged data)")
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
 
 

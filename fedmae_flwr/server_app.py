@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,14 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmae_flwr.baselines import centralized_pretraining, local_pretraining
-from fedmae_flwr.config import FEDERATED, Algorithm, ConfigError, FedMAEConfig, resolve_config
+from fedmae_flwr.config import (
+    FEDERATED,
+    Aggregation,
+    Algorithm,
+    ConfigError,
+    FedMAEConfig,
+    resolve_config,
+)
 from fedmae_flwr.data import DatasetSplits, load_dataset
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.evaluation.downstream import evaluate_backbones
@@ -188,7 +195,30 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
         return None
     check_checkpoint_fits(cfg, *checkpoint, folder)
     log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint[0])
+    warn_of_lost_server_state(cfg, checkpoint[0])
     return checkpoint
+
+
+# Aggregations whose server optimizer keeps state through a stage (moments: FedAdam, FedYogi).
+STATEFUL_AGGREGATIONS = (Aggregation.FEDADAM, Aggregation.FEDYOGI)
+
+
+def warn_of_lost_server_state(cfg: FedMAEConfig, server_round: int) -> bool:
+    """Warn (and True) where a resume after ``server_round`` cannot equal the uninterrupted run:
+    a checkpoint holds the model, not a server optimizer's moments, which restart mid-stage
+    here (they restart at every stage end anyway, so a resume there is exact)."""
+    rule = Aggregation(cfg.robust.aggregation)
+    if rule not in STATEFUL_AGGREGATIONS or server_round % cfg.schedule.rounds_per_stage == 0:
+        return False
+    log(
+        WARNING,
+        "resume: aggregation=%s keeps its optimizer's moments through a stage, and a "
+        "checkpoint holds the model only: they restart at round %d, mid-stage, so this run will "
+        "not equal the uninterrupted one (a resume after a stage's last round, a multiple of "
+        "rounds-per-stage=%d, would)",
+        rule.value, server_round + 1, cfg.schedule.rounds_per_stage,
+    )  # fmt: skip
+    return True
 
 
 def check_checkpoint_fits(

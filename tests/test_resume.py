@@ -232,7 +232,7 @@ def test_a_fresh_run_moves_an_earlier_run_aside_and_never_prunes_its_own_checkpo
 def test_checkpoints_that_do_not_read_back_whole_are_skipped(tmp_path, caplog):
     from safetensors.numpy import save_file
 
-    from fedmae_flwr.run_outputs import latest_checkpoint
+    from fedmae_flwr.run_outputs import DIGEST_KEY, latest_checkpoint, tensors_digest
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -241,11 +241,18 @@ def test_checkpoints_that_do_not_read_back_whole_are_skipped(tmp_path, caplog):
     save_file(good, str(folder / "round-0002.safetensors"))  # no round metadata
     save_file(good, str(folder / "round-0003.safetensors"), metadata={"round": "2"})  # misnamed
     (folder / "round-0004.safetensors").write_bytes(b"\0" * 64)  # corrupt
+    # Whole and well-formed, but one bit of its data flipped after it was written: the digest.
+    meta = {"round": "5", DIGEST_KEY: tensors_digest(good)}
+    save_file(good, str(folder / "round-0005.safetensors"), metadata=meta)
+    data = bytearray((folder / "round-0005.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (folder / "round-0005.safetensors").write_bytes(bytes(data))
 
     server_round, arrays = latest_checkpoint(tmp_path)
 
     assert server_round == 1 and np.array_equal(arrays["w"].numpy(), good["w"])
-    for r in (2, 3, 4):
+    assert "round-0005.safetensors: its tensors do not match the digest" in caplog.text
+    for r in (2, 3, 4, 5):
         assert f"skipped checkpoint {folder / f'round-000{r}.safetensors'}" in caplog.text
     assert latest_checkpoint(tmp_path / "elsewhere") is None
 
@@ -389,3 +396,18 @@ def test_a_filesystem_without_flock_runs_unguarded_with_a_warning(tmp_path, monk
         pass
     assert len(os.listdir("/proc/self/fd")) == opened
     assert "does not guard its folder against a second live run" in caplog.text
+
+
+def test_a_mid_stage_resume_with_server_optimizer_moments_says_it_will_differ(caplog):
+    """FedAdam resumed after round 2 of a 3-round stage gave another model, silently (its
+    moments are not in the checkpoint); after a stage's last round it is exact."""
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.server_app import warn_of_lost_server_state
+
+    adam = resolve_config({"aggregation": "fedadam", "rounds-per-stage": 3})
+    assert warn_of_lost_server_state(adam, 2)
+    assert "aggregation=fedadam keeps its optimizer's moments" in caplog.text
+    assert "they restart at round 3, mid-stage" in caplog.text
+    assert not warn_of_lost_server_state(adam, 3)  # a stage end: the moments restart anyway
+    plain = resolve_config({"aggregation": "fedavg", "rounds-per-stage": 3})
+    assert not warn_of_lost_server_state(plain, 2)
