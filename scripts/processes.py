@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import signal
@@ -128,7 +129,14 @@ def send_signal(pid: int, started: str, sig: int) -> bool:
     """
     try:
         pidfd = os.pidfd_open(pid)
-    except OSError:  # gone
+    except OSError as e:
+        if e.errno != errno.ENOSYS:  # gone
+            return False
+        # A kernel without pidfds (before Linux 5.3): the check and the signal stay apart.
+        with contextlib.suppress(OSError):
+            if start_time(pid) == started:
+                os.kill(pid, sig)
+                return True
         return False
     try:
         if start_time(pid) != started:

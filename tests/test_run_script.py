@@ -113,6 +113,27 @@ def test_a_signal_reaches_only_the_process_that_was_seen():
         sleeper.wait()
 
 
+def test_without_pidfds_the_signal_still_goes_to_the_process_that_was_seen(monkeypatch):
+    """A kernel before Linux 5.3 has no pidfd_open (ENOSYS): the cleanup must still end its
+    processes (PID and start time checked, then signalled), not take them for gone."""
+    import errno
+    import os
+
+    def no_pidfds(pid):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        started = start_time(sleeper.pid)
+        assert not send_signal(sleeper.pid, str(int(started) + 1), signal.SIGTERM)
+        assert send_signal(sleeper.pid, started, signal.SIGTERM)
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, tmp_path, capsys):
     """`flwr run --stream` can return while the SuperLink still lists the run as running (Ray
     shutting down on a busy machine): the outcome waits for the final status."""
