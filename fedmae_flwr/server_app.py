@@ -65,7 +65,7 @@ from fedmae_flwr.run_outputs import (
 from fedmae_flwr.seeding import derive_seed, seeded_global_rng
 from fedmae_flwr.simulation_nodes import check_simulation_nodes
 from fedmae_flwr.strategies import FedMAE
-from fedmae_flwr.strategies.aggregation import build_aggregator
+from fedmae_flwr.strategies.aggregation import build_aggregator, keeps_server_state
 
 
 def build_strategy(
@@ -199,16 +199,13 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
     return checkpoint
 
 
-# Aggregations whose server optimizer keeps state through a stage (moments: FedAdam, FedYogi).
-STATEFUL_AGGREGATIONS = (Aggregation.FEDADAM, Aggregation.FEDYOGI)
-
-
 def warn_of_lost_server_state(cfg: FedMAEConfig, server_round: int) -> bool:
     """Warn (and True) where a resume after ``server_round`` cannot equal the uninterrupted run:
     a checkpoint holds the model, not a server optimizer's moments, which restart mid-stage
     here (they restart at every stage end anyway, so a resume there is exact)."""
     rule = Aggregation(cfg.robust.aggregation)
-    if rule not in STATEFUL_AGGREGATIONS or server_round % cfg.schedule.rounds_per_stage == 0:
+    aggregator = build_aggregator(cfg.robust, cfg.schedule.clients_per_round)
+    if not keeps_server_state(aggregator) or server_round % cfg.schedule.rounds_per_stage == 0:
         return False
     log(
         WARNING,

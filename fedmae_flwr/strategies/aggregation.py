@@ -231,6 +231,12 @@ class ActiveAggregation:
         return combined
 
 
+def keeps_server_state(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is a server optimizer with state across a stage's rounds (what
+    :func:`reset_server_state` forgets; a checkpoint does not hold it)."""
+    return isinstance(strategy, FedOpt | FedAvgM)
+
+
 def reset_server_state(strategy: Strategy) -> None:
     """Forget a server optimizer's state (its tensors are those of the stage that ended)."""
     if isinstance(strategy, FedOpt):
