@@ -82,7 +82,8 @@ class RoundRecorder:
                                "evaluation-rejected": int(record[EVALUATION_REJECTED])}  # fmt: skip
                 if "eval-loss" in record:
                     stage_extra["node-heldout-loss"] = float(record["eval-loss"])
-            return self.record(server_round, arrays, dict(row.items()), stage_extra)
+            return self.record(server_round, arrays, dict(row.items()), stage_extra,
+                               server_state=strategy.server_state())  # fmt: skip
 
         return evaluate
 
@@ -92,9 +93,11 @@ class RoundRecorder:
         arrays: ArrayRecord,
         round_row: dict,
         stage_extra: dict | None = None,
+        server_state: dict | None = None,
     ) -> MetricRecord:
         """Append the round's metrics line (stage scores at a stage end, with ``stage_extra``:
-        the nodes' own evaluation) and checkpoint it."""
+        the nodes' own evaluation) and checkpoint it (the model and the aggregation's
+        ``server_state``)."""
         if clash := sorted(RECORDER_KEYS & round_row.keys()):
             log(WARNING, "round %d: %s in the round's record (a node's metrics) are this "
                 "recorder's own keys: left out", server_round, clash)  # fmt: skip
@@ -108,7 +111,7 @@ class RoundRecorder:
             row.update(stage_row, **{"stage-end": True})
             metrics["psnr"], metrics["trivial-psnr"] = stage_row["psnr"], stage_row["trivial-psnr"]
         self.outputs.append_metrics(row)
-        self.outputs.save_checkpoint(server_round, arrays)
+        self.outputs.save_checkpoint(server_round, arrays, server_state)
         self.last_time = time.perf_counter()
         return metrics
 

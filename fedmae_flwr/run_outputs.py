@@ -8,7 +8,12 @@ Resume trusts only what it can check (README "Resume after a crash"):
 - it continues from the newest checkpoint that reads back whole (:func:`latest_checkpoint`),
   skipping, and logging, a truncated or corrupt one; ``KEEP_CHECKPOINTS`` >= 2 leaves one to
   fall back to;
-- a torn last metrics line (a crash mid-append) is dropped with a warning;
+- a checkpoint holds the model (in its tensor order) and the aggregation's state (a server
+  optimizer's moments: :meth:`~fedmae_flwr.strategies.FedMAE.server_state`), so a run resumed
+  mid-stage goes on as the uninterrupted one;
+- a torn last metrics line (a crash mid-append) is dropped with a warning; each line reaches the
+  disk (fsync) before its round's checkpoint is written, and a resume names any round whose
+  line is missing;
 - a fresh run never reuses or prunes another run's files: a non-empty run folder is moved to
   ``<output-dir>/.previous-runs/<run-name>-<time>/`` first (:meth:`RunOutputs.move_aside`).
 """
@@ -24,7 +29,7 @@ import secrets
 import time
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -78,6 +83,12 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def _rounds_text(rounds: list[int]) -> str:
+    """``1, 2, 5`` (the first ten and a count of the rest)."""
+    text = ", ".join(map(str, rounds[:10]))
+    return text + (f" and {len(rounds) - 10} more" if len(rounds) > 10 else "")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan
@@ -114,6 +125,11 @@ class RunOutputs:
         if resume_round is not None:
             if self.metrics_path.is_file():
                 kept = [row for row in self.read_metrics() if row["round"] <= resume_round]
+            lost = sorted(set(range(1, resume_round + 1)) - {row["round"] for row in kept})
+            if lost:  # the checkpoint is whole: the run goes on, these rounds stay unrecorded
+                log(WARNING, "resume: %s has no line for round(s) %s of the %d before its "
+                    "checkpoint: summary.json's totals (and the stages ending there) will lack "
+                    "them", self.metrics_path, _rounds_text(lost), resume_round)  # fmt: skip
             for r, path in checkpoint_files(self.dir).items():
                 if r > resume_round:  # skipped as unreadable: the resumed run writes it anew
                     path.unlink()
@@ -146,21 +162,37 @@ class RunOutputs:
         return self.write_text(name, json.dumps(_jsonable(data), indent=2) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append a round's line, on disk before returning: the round's checkpoint, written
+        next, must never outlive its line (a power cut would otherwise lose the line only)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
 
-    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """``checkpoints/round-<r>.safetensors`` (+ ``latest.json``).
+    def save_checkpoint(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        server_state: dict[str, np.ndarray] | None = None,
+    ) -> Path:
+        """``checkpoints/round-<r>.safetensors`` (+ ``latest.json``): the model ``arrays``, in
+        their order, and the aggregation's ``server_state`` (under ``SERVER_STATE_PREFIX``).
 
         Keeps the ``KEEP_CHECKPOINTS`` newest up to this round (this one included); any other
         round file is removed: older ones, and stale ones of later rounds.
         """
         path = self.checkpoints / f"round-{server_round:04d}.safetensors"
         tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
-        meta = {"round": str(server_round), DIGEST_KEY: tensors_digest(tensors)}
+        if clash := [k for k in tensors if k.startswith(SERVER_STATE_PREFIX)]:
+            raise ValueError(f"model tensors named as server state: {clash[:3]}")
+        order = list(tensors)
+        for key, value in (server_state or {}).items():
+            tensors[SERVER_STATE_PREFIX + key] = np.ascontiguousarray(value)
+        meta = {"round": str(server_round), DIGEST_KEY: tensors_digest(tensors),
+                ORDER_KEY: json.dumps(order)}  # fmt: skip
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         latest = {"round": server_round, "file": path.name}
         _atomic_write(self.checkpoints / "latest.json",
@@ -198,6 +230,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 # A checkpoint's metadata key for the digest of its tensors: a flipped bit in the data (disk,
 # copy) would otherwise read back as a valid, silently different model.
 DIGEST_KEY = "sha256"
+# Its metadata key for the model tensors' names in the run's order: safetensors reads them back
+# sorted, and a resumed run must hold them as the uninterrupted one does (the DP noise is drawn
+# tensor after tensor, in that order).
+ORDER_KEY = "tensor-order"
+# The prefix of the aggregation's state tensors in a checkpoint ("server-state/m_t/<tensor>"): a
+# "/" no model tensor name has.
+SERVER_STATE_PREFIX = "server-state/"
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read back: the round it follows, the model, and the aggregation's state
+    (empty in checkpoints written before it was kept, and for the baselines)."""
+
+    round: int
+    arrays: ArrayRecord
+    server_state: dict[str, np.ndarray]
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -220,9 +268,10 @@ def checkpoint_files(folder: str | Path) -> dict[int, Path]:
     return found
 
 
-def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
+def read_checkpoint_file(path: Path, server_round: int) -> Checkpoint:
     """One checkpoint, checked: whole tensors, ``round`` metadata equal to ``server_round``, and
-    the tensors' digest where the file has one (checkpoints written before it had none).
+    the tensors' digest where the file has one (checkpoints written before it had none). The
+    model's tensors come back in the order they were saved in, where the file records it.
 
     Raises:
         ValueError: the file is truncated or corrupt, or its metadata names no or another round.
@@ -239,24 +288,39 @@ def read_checkpoint_file(path: Path, server_round: int) -> ArrayRecord:
         raise ValueError("it holds no tensors")
     if DIGEST_KEY in meta and tensors_digest(tensors) != meta[DIGEST_KEY]:
         raise ValueError("its tensors do not match the digest written with them (damaged data)")
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    state = {k[len(SERVER_STATE_PREFIX) :]: v for k, v in tensors.items()
+             if k.startswith(SERVER_STATE_PREFIX)}  # fmt: skip
+    model = {k: v for k, v in tensors.items() if not k.startswith(SERVER_STATE_PREFIX)}
+    if not model:
+        raise ValueError("it holds no model tensors")
+    order = list(model)
+    if ORDER_KEY in meta:
+        try:
+            order = json.loads(meta[ORDER_KEY])
+        except ValueError as e:
+            raise ValueError(f"its {ORDER_KEY} metadata is not JSON ({e})") from e
+        names = isinstance(order, list) and all(isinstance(k, str) for k in order)
+        if not names or sorted(order) != sorted(model):
+            raise ValueError(f"its {ORDER_KEY} metadata does not name its model tensors")
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(model[k])) for k in order})
+    return Checkpoint(server_round, arrays, state)
 
 
-def latest_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord] | None:
-    """The newest checkpoint of a run folder that reads back whole: ``(round, global arrays)``.
+def latest_checkpoint(folder: str | Path) -> Checkpoint | None:
+    """The newest checkpoint of a run folder that reads back whole (:class:`Checkpoint`).
 
     A newer one that does not (truncated, corrupt, without its round metadata) is skipped with
     a warning naming it. None: no readable checkpoint.
     """
     for server_round, path in sorted(checkpoint_files(folder).items(), reverse=True):
         try:
-            return server_round, read_checkpoint_file(path, server_round)
+            return read_checkpoint_file(path, server_round)
         except ValueError as e:
             log(WARNING, "resume: skipped checkpoint %s: %s", path, e)
     return None
 
 
-def load_checkpoint(folder: str | Path) -> tuple[int, ArrayRecord]:
+def load_checkpoint(folder: str | Path) -> Checkpoint:
     """The newest readable checkpoint of a run folder (see :func:`latest_checkpoint`)."""
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:

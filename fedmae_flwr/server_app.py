@@ -56,6 +56,7 @@ from fedmae_flwr.node_data_report import (
 from fedmae_flwr.round_recorder import RoundRecorder, torch_state, totals
 from fedmae_flwr.run_lock import hold_run_folder
 from fedmae_flwr.run_outputs import (
+    Checkpoint,
     RunOutputs,
     check_resume_config,
     latest_checkpoint,
@@ -123,11 +124,12 @@ def pretrain(
     strategy: FedMAE,
     recorder: RoundRecorder,
     splits: DatasetSplits,
-    checkpoint: tuple[int, ArrayRecord] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Run the configured algorithm; returns its final model state(s) (none for random-init).
 
-    With a ``checkpoint`` (round, global arrays) a federated run continues after that round.
+    With a ``checkpoint`` a federated run continues after its round, from its model and the
+    aggregation's state.
     """
     if cfg.algorithm in FEDERATED:
         if checkpoint is None:
@@ -140,7 +142,9 @@ def pretrain(
                 }
             )
         else:  # the strategy was built to start after it: build_strategy(cfg, first_round)
-            initial = checkpoint[1]
+            initial = checkpoint.arrays
+            if checkpoint.server_state and strategy.first_round <= cfg.num_rounds:
+                strategy.restore_server_state(checkpoint.server_state)
         if strategy.first_round > cfg.num_rounds:  # the crash came after the last checkpoint
             return [torch_state(initial)]
         result = strategy.start(
@@ -180,7 +184,7 @@ def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
+def read_checkpoint(cfg: FedMAEConfig) -> Checkpoint | None:
     """The checkpoint a ``resume=true`` run continues from (None: start fresh): the newest that
     reads back whole, of a run made with this config (else ConfigError naming the keys)."""
     folder = run_dir(cfg)
@@ -188,32 +192,34 @@ def read_checkpoint(cfg: FedMAEConfig) -> tuple[int, ArrayRecord] | None:
         return None
     checkpoint = latest_checkpoint(folder)
     check_resume_config(
-        folder, cfg, finished=checkpoint is not None and checkpoint[0] >= cfg.num_rounds
+        folder, cfg, finished=checkpoint is not None and checkpoint.round >= cfg.num_rounds
     )
     if checkpoint is None:
         log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None
-    check_checkpoint_fits(cfg, *checkpoint, folder)
-    log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint[0])
-    warn_of_lost_server_state(cfg, checkpoint[0])
+    check_checkpoint_fits(cfg, checkpoint.round, checkpoint.arrays, folder)
+    log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint.round)
+    warn_of_lost_server_state(cfg, checkpoint)
     return checkpoint
 
 
-def warn_of_lost_server_state(cfg: FedMAEConfig, server_round: int) -> bool:
-    """Warn (and True) where a resume after ``server_round`` cannot equal the uninterrupted run:
-    a checkpoint holds the model, not a server optimizer's moments, which restart mid-stage
-    here (they restart at every stage end anyway, so a resume there is exact)."""
+def warn_of_lost_server_state(cfg: FedMAEConfig, checkpoint: Checkpoint) -> bool:
+    """Warn (and True) where a resume from ``checkpoint`` cannot equal the uninterrupted run:
+    the aggregator keeps a server optimizer's moments through a stage, and the checkpoint (one
+    written before checkpoints held them) has the model only, mid-stage (the moments restart at
+    every stage end anyway, so a resume there is exact)."""
     rule = Aggregation(cfg.robust.aggregation)
     aggregator = build_aggregator(cfg.robust, cfg.schedule.clients_per_round)
-    if not keeps_server_state(aggregator) or server_round % cfg.schedule.rounds_per_stage == 0:
+    stage_end = checkpoint.round % cfg.schedule.rounds_per_stage == 0
+    if not keeps_server_state(aggregator) or stage_end or checkpoint.server_state:
         return False
     log(
         WARNING,
-        "resume: aggregation=%s keeps its optimizer's moments through a stage, and a "
-        "checkpoint holds the model only: they restart at round %d, mid-stage, so this run will "
-        "not equal the uninterrupted one (a resume after a stage's last round, a multiple of "
-        "rounds-per-stage=%d, would)",
-        rule.value, server_round + 1, cfg.schedule.rounds_per_stage,
+        "resume: aggregation=%s keeps its optimizer's moments through a stage, and this "
+        "checkpoint (written before checkpoints held them) has the model only: they restart at "
+        "round %d, mid-stage, so this run will not equal the uninterrupted one (a resume after "
+        "a stage's last round, a multiple of rounds-per-stage=%d, would)",
+        rule.value, checkpoint.round + 1, cfg.schedule.rounds_per_stage,
     )  # fmt: skip
     return True
 
@@ -367,11 +373,11 @@ def _run_in_folder(
     checkpoint = read_checkpoint(cfg)
     if checkpoint and sim_nodes is not None:
         check_resumed_partitions(cfg, sim_nodes)
-    outputs = RunOutputs(cfg, resume_round=checkpoint[0] if checkpoint else None)
+    outputs = RunOutputs(cfg, resume_round=checkpoint.round if checkpoint else None)
     partition_summary = report_partitions(cfg, sim_nodes, splits, outputs)
     strategy = build_strategy(
         cfg,
-        first_round=checkpoint[0] + 1 if checkpoint else 1,
+        first_round=checkpoint.round + 1 if checkpoint else 1,
         largest_partition=known_largest_partition(grid, partition_summary),
     )
     recorder = RoundRecorder(cfg, strategy.plan, outputs, splits)

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -256,6 +257,72 @@ def test_server_optimizer_state_is_per_stage():
     assert set(used.strategy.m_t) == {"stem.w", "blocks.0.w", "decoder.w"}
     assert np.array_equal(stage1(used), stage1(ActiveAggregation(FedAdam(eta=0.1), "num-examples")))
     assert set(used.strategy.m_t) == {"blocks.1.w", "decoder.w"}
+
+
+SERVER_OPTIMIZERS = {
+    "fedadam": lambda: FedAdam(eta=0.1),
+    "fedyogi": lambda: FedYogi(eta=0.1),
+    "fedavgm": lambda: FedAvgM(server_momentum=0.9),
+    "fedavg": lambda: FedAvg(weighted_by_key="num-examples"),
+}
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_a_restored_aggregation_state_continues_the_stage_exactly(name):
+    """A run resumed mid-stage: round 3 from round 2's saved state (read back in another tensor
+    order, as from a checkpoint) equals round 3 of the run that never stopped; without the
+    state, the server optimizers (moments, bias-correction step, momentum) give another one."""
+    keys = ["stem.w", "blocks.0.w", "decoder.w"]
+
+    def round_of(aggregation: ActiveAggregation, current: ArrayRecord, r: int) -> ArrayRecord:
+        sound = [reply({k: np.full((2, 3), 0.1 * r + 0.3 * i + 0.01 * j, np.float32)
+                        for j, k in enumerate(keys)}, examples=10 + i)
+                 for i in range(3)]  # fmt: skip
+        return aggregation.combine(current, sound, 0, r)
+
+    whole = ActiveAggregation(SERVER_OPTIMIZERS[name](), "num-examples")
+    current = stage_arrays(keys, 0.0)
+    for r in (1, 2):
+        current = round_of(whole, current, r)
+    state = whole.state()
+    assert state["stage"].tolist() == [0] and state["steps"].tolist() == [2]
+    buffers = {k.split("/")[0] for k in state if "/" in k}
+    assert buffers == {"fedadam": {"m_t", "v_t"}, "fedyogi": {"m_t", "v_t"},
+                       "fedavgm": {"momentum"}, "fedavg": set()}[name]  # fmt: skip
+    expected = round_of(whole, current, 3)
+
+    resumed = ActiveAggregation(SERVER_OPTIMIZERS[name](), "num-examples")
+    resumed.load_state({k: state[k].copy() for k in sorted(state)})
+    reordered = ArrayRecord({k: current[k] for k in reversed(keys)})
+    got = round_of(resumed, reordered, 3)
+    assert all(np.array_equal(got[k].numpy(), expected[k].numpy()) for k in keys)
+    fresh = round_of(ActiveAggregation(SERVER_OPTIMIZERS[name](), "num-examples"), current, 3)
+    differs = any(not np.array_equal(fresh[k].numpy(), expected[k].numpy()) for k in keys)
+    assert differs == (name != "fedavg")
+
+
+def test_an_aggregation_state_of_another_optimizer_is_refused():
+    adam = ActiveAggregation(FedAdam(eta=0.1), "num-examples")
+    current = stage_arrays(["a"], 0.0)
+    adam.combine(current, [reply({"a": np.ones((2, 3), np.float32)})], 0, 1)
+    momentum = ActiveAggregation(FedAvgM(server_momentum=0.9), "num-examples")
+    with pytest.raises(ValueError, match="holds m_t, v_t buffers, which the aggregator FedAvgM"):
+        momentum.load_state(adam.state())
+    with pytest.raises(ValueError, match="without a whole stage and step count"):
+        momentum.load_state({"steps": np.array(1)})
+    momentum.load_state({})  # no state: afresh
+    assert momentum.state() == {}
+
+
+def test_fedmae_restores_a_server_state_only_for_a_resumed_run():
+    cfg = resolve_config({"aggregation": "fedadam"})
+    state = {"stage": np.array([0]), "steps": np.array([1]), "m_t/w": np.zeros(2)}
+    with pytest.raises(ValueError, match="for a resumed run: first_round is 1"):
+        build_strategy(cfg).restore_server_state(state)
+    with pytest.raises(ValueError, match="holds momentum buffers"):  # checked when given
+        build_strategy(cfg, first_round=2).restore_server_state(
+            {**state, "momentum/w": state["m_t/w"]}
+        )
 
 
 def test_an_aggregate_in_another_dtype_is_cast_back():

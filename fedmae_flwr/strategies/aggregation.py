@@ -19,6 +19,10 @@ sound replies become the new active tensors is a Flower strategy instance, passe
   their ``configure_train`` would), and at each stage change their state is reset (FedOpt family
   - FedAdam, FedYogi, FedAdagrad: ``m_t``, ``v_t``; FedAvgM: ``momentum_vector``). Server
   optimizer state is per stage. Other state of a custom strategy is its own business.
+- That per-stage state (the stage, the aggregator's step count, and the FedOpt family's ``m_t``
+  and ``v_t`` or FedAvgM's momentum) is what :meth:`ActiveAggregation.state` returns as named
+  arrays, for a checkpoint, and :meth:`ActiveAggregation.load_state` puts back: a run resumed
+  mid-stage continues the server optimizer where it was.
 - What it returns is checked against the active tensors (same keys and shapes; cast to their
   dtype) before FedMAE merges it into the full model.
 
@@ -175,11 +179,72 @@ class ActiveAggregation:
         self.dp = dp
         self._stage: int | None = None
         self._steps = 0  # the aggregator's steps in the current stage
+        self._momentum_keys: list[str] | None = None  # FedAvgM's loaded momentum, in its order
 
     def reset(self) -> None:
         """Start afresh, as for a new run (the server optimizer's state included)."""
         reset_server_state(self.strategy)
         self._stage, self._steps = None, 0
+        self._momentum_keys = None
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What the next round's aggregation depends on besides the model, as named arrays (for
+        a checkpoint; empty before the first aggregation): ``stage`` and ``steps`` (the
+        aggregator's step count in the stage: FedAdam's bias correction), and a server
+        optimizer's buffers under ``m_t/<tensor>``, ``v_t/<tensor>`` (FedOpt family) or
+        ``momentum/<tensor>`` (FedAvgM)."""
+        if self._stage is None:
+            return {}
+        state = {"stage": np.array([self._stage]), "steps": np.array([self._steps])}
+        strategy = self.strategy
+        if isinstance(strategy, FedOpt):
+            for name in ("m_t", "v_t"):
+                for key, value in (getattr(strategy, name) or {}).items():
+                    state[f"{name}/{key}"] = np.asarray(value)
+        elif isinstance(strategy, FedAvgM) and strategy.momentum_vector is not None:
+            assert strategy.current_arrays is not None  # set with the momentum, every round
+            keys = strategy.current_arrays.keys()  # the order momentum_vector follows
+            for key, value in zip(keys, strategy.momentum_vector, strict=True):
+                state[f"momentum/{key}"] = np.asarray(value)
+        return state
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Put back what :meth:`state` returned (an empty dict: start afresh).
+
+        Raises:
+            ValueError: ``stage`` or ``steps`` missing or negative, or buffers of another kind
+                of server optimizer than this aggregator (a state saved with another one).
+        """
+        self.reset()
+        if not state:
+            return
+        try:
+            stage, steps = _count(state["stage"]), _count(state["steps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"server state without a whole stage and step count ({e})") from e
+        if stage < 0 or steps < 0:
+            raise ValueError(f"server state with stage {stage}, steps {steps}: both must be >= 0")
+        buffers: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in state.items():
+            if "/" in name:
+                kind, key = name.split("/", 1)
+                buffers.setdefault(kind, {})[key] = np.array(value)  # a copy it may update
+        strategy = self.strategy
+        allowed = ({"m_t", "v_t"} if isinstance(strategy, FedOpt)
+                   else {"momentum"} if isinstance(strategy, FedAvgM) else set())  # fmt: skip
+        if foreign := sorted(set(buffers) - allowed):
+            raise ValueError(
+                f"server state holds {', '.join(foreign)} buffers, which the aggregator "
+                f"{type(strategy).__name__} does not keep (saved with another aggregator?)"
+            )
+        if isinstance(strategy, FedOpt):
+            strategy.m_t, strategy.v_t = buffers.get("m_t"), buffers.get("v_t")
+        elif isinstance(strategy, FedAvgM) and "momentum" in buffers:
+            # FedAvgM keeps a list in its current_arrays' order: set here in the saved order,
+            # and put in the active tensors' order at the next combine (_set_current_arrays).
+            strategy.momentum_vector = list(buffers["momentum"].values())
+            self._momentum_keys = list(buffers["momentum"])
+        self._stage, self._steps = stage, steps
 
     def summary(self) -> None:
         log(INFO, "\t│\t└──aggregator: %s | server-side DP: %s", type(self.strategy).__name__,
@@ -195,7 +260,7 @@ class ActiveAggregation:
         """
         if stage != self._stage:
             reset_server_state(self.strategy)
-            self._stage, self._steps = stage, 0
+            self._stage, self._steps, self._momentum_keys = stage, 0, None
         if not sound:
             return None
         keys = list(current.keys())
@@ -210,6 +275,11 @@ class ActiveAggregation:
                 values = self.dp.clip(values, now)
             replies.append(_message(keys, values, {k: metric[k] for k in metric if k in shared}))
         _set_current_arrays(self.strategy, current)
+        if self._momentum_keys is not None:  # loaded: in the order of the tensors it steps
+            assert isinstance(self.strategy, FedAvgM) and self.strategy.momentum_vector
+            loaded = dict(zip(self._momentum_keys, self.strategy.momentum_vector, strict=True))
+            self.strategy.momentum_vector = [loaded[k] for k in keys]
+            self._momentum_keys = None
         if isinstance(self.strategy, MultiKrum):  # Krum too
             needed = 2 * self.strategy.num_malicious_nodes + 3
             if len(replies) < needed:
@@ -250,6 +320,15 @@ def train_config_entries(strategy: Strategy) -> dict[str, float]:
     FedProx's ``proximal-mu``, which the nodes' local training applies
     (:func:`fedmae_flwr.local_training.train_local`)."""
     return {"proximal-mu": float(strategy.proximal_mu)} if isinstance(strategy, FedProx) else {}
+
+
+def _count(value: np.ndarray) -> int:
+    """The one integer a state's ``stage`` or ``steps`` array holds (a checkpoint reads a
+    0-d array back as shape (1,))."""
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"not one integer: {array.dtype} of shape {array.shape}")
+    return int(array.reshape(-1)[0])
 
 
 def _set_current_arrays(strategy: Strategy, current: ArrayRecord) -> None:

@@ -232,6 +232,7 @@ class FedMAE(FedAvg):
         self.aggregation = ActiveAggregation(
             aggregator, self.weighted_by_key, dp if dp_noise_multiplier > 0 else None
         )
+        self._restored_state: dict[str, np.ndarray] = {}  # restore_server_state's, for start()
         self._new_run()
 
     def _new_run(self) -> None:
@@ -285,6 +286,27 @@ class FedMAE(FedAvg):
         _, nodes, record = self._last_evaluation
         return nodes, MetricRecord(dict(record.items()))
 
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The aggregation's state after the latest round, as named arrays
+        (:meth:`ActiveAggregation.state`: the stage, the aggregator's step count, a server
+        optimizer's moments): what a checkpoint needs besides the model for a run resumed
+        mid-stage to go on as the uninterrupted one. Call it where the model is checkpointed:
+        in an ``evaluate_fn``, which Flower calls right after each round's aggregation."""
+        return self.aggregation.state()
+
+    def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
+        """Resume with ``state``, what :meth:`server_state` returned after round
+        ``first_round - 1``; :meth:`start` puts it back once it has reset the run.
+
+        Raises:
+            ValueError: ``first_round`` is 1 (nothing to resume), or ``state`` is not such a
+                state for this aggregator (:meth:`ActiveAggregation.load_state`).
+        """
+        if self.first_round == 1:
+            raise ValueError("restore_server_state is for a resumed run: first_round is 1")
+        self.aggregation.load_state(state)  # checked now, not at start()
+        self._restored_state = dict(state)
+
     @property
     def node_reports(self) -> dict[str, dict[str, int]]:
         """What each node reported of its data (:class:`~.accounting.NodeLedger`), by node id."""
@@ -323,13 +345,15 @@ class FedMAE(FedAvg):
         """Run rounds ``first_round``..``num_rounds`` (default: to the end of the schedule).
 
         With ``first_round`` > 1, ``initial_arrays`` is the model after round ``first_round - 1``
-        (e.g. its checkpoint); round numbers (hooks, ``evaluate_fn``, the Result), stages and
+        (e.g. its checkpoint; :meth:`restore_server_state` gives back the aggregation's state
+        of that round); round numbers (hooks, ``evaluate_fn``, the Result), stages and
         sampling continue as in the uninterrupted run. Nodes get the frozen prefix again.
         ``evaluate_fn(0, arrays)`` is Flower's call before this start()'s first round: on a
         resume, ``arrays`` is that checkpoint. ``first_round = depth * rounds_per_stage + 1``
         (resumed after the last round) trains nothing and returns ``initial_arrays``.
         """
         self._new_run()
+        self.aggregation.load_state(self._restored_state)  # {}: none restored, start afresh
         self._check_initial_model(initial_arrays)
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
