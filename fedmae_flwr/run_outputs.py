@@ -119,7 +119,7 @@ class RunOutputs:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoints = self.dir / "checkpoints"
         if resume_round is None:
-            self.move_aside()
+            self.move_aside(resuming=cfg.resume)
         self.dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_round is not None:
@@ -137,8 +137,9 @@ class RunOutputs:
         _atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
         self.write_text("config.yaml", to_yaml(cfg))
 
-    def move_aside(self) -> Path | None:
-        """Move a non-empty run folder to ``.previous-runs/<name>-<time>`` beside it (logged)."""
+    def move_aside(self, resuming: bool = False) -> Path | None:
+        """Move a non-empty run folder to ``.previous-runs/<name>-<time>`` beside it (logged;
+        ``resuming``: a ``resume=true`` run that found no readable checkpoint in it)."""
         if not self.dir.is_dir() or not any(self.dir.iterdir()):
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -149,8 +150,10 @@ class RunOutputs:
             target = target.with_name(f"{self.dir.name}-{stamp}-{n}")
         target.parent.mkdir(parents=True, exist_ok=True)
         self.dir.rename(target)
-        log(WARNING, "%s held an earlier run (start with resume=true to continue it); moved it "
-            "to %s, starting a fresh run", self.dir, target)  # fmt: skip
+        why = ("no readable checkpoint to resume from" if resuming
+               else "start with resume=true to continue it")  # fmt: skip
+        log(WARNING, "%s held an earlier run (%s); moved it to %s, starting a fresh run",
+            self.dir, why, target)  # fmt: skip
         return target
 
     def write_text(self, name: str, text: str) -> Path:

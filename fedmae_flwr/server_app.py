@@ -184,6 +184,19 @@ def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def check_resume(cfg: FedMAEConfig, folder: Path, sim_nodes: int | None = None) -> None:
+    """What a ``resume=true`` run checks of the run in ``folder`` before it trains, without
+    starting it: its config (:func:`check_resume_config`), that its checkpoint fits the model,
+    and, for a simulation of ``sim_nodes``, the node count. ConfigError naming what differs."""
+    checkpoint = latest_checkpoint(folder)
+    finished = checkpoint is not None and checkpoint.round >= cfg.num_rounds
+    check_resume_config(folder, cfg, finished=finished)
+    if checkpoint is not None:
+        check_checkpoint_fits(cfg, checkpoint.round, checkpoint.arrays, folder)
+        if sim_nodes is not None:
+            check_resumed_partitions(cfg, sim_nodes, folder)
+
+
 def read_checkpoint(cfg: FedMAEConfig) -> Checkpoint | None:
     """The checkpoint a ``resume=true`` run continues from (None: start fresh): the newest that
     reads back whole, of a run made with this config (else ConfigError naming the keys)."""
@@ -246,12 +259,13 @@ def check_checkpoint_fits(
         ) from err
 
 
-def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int) -> None:
+def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int, folder: Path | None = None) -> None:
     """ConfigError where a resumed simulation runs on another number of SuperNodes than the run
-    it continues (its partitions.json): it re-split the images (or, with num-partitions set,
-    left shares untrained or nodes without one) and sampled other nodes, silently."""
+    it continues (its partitions.json; the run in ``folder``, default the config's): it
+    re-split the images (or, with num-partitions set, left shares untrained or nodes without
+    one) and sampled other nodes, silently."""
     try:
-        report = json.loads((run_dir(cfg) / "partitions.json").read_text())
+        report = json.loads(((folder or run_dir(cfg)) / "partitions.json").read_text())
         parts = report["num-partitions"]
         # reports before num-supernodes was recorded: one share per node unless num-partitions
         nodes = report.get("num-supernodes") or (sim_nodes if cfg.data.num_partitions else parts)

@@ -174,15 +174,29 @@ def run_config_problem(
     ServerApp checks it: Flower only says "[code: 15] Invalid run configuration." for an unknown
     key (the key's name is in superlink.log), and a bad value surfaces at the ServerApp's start.
     With ``num_supernodes``, also whether a simulation of that many nodes can run it
-    (:func:`fedmae_flwr.simulation_nodes.simulation_problem`)."""
+    (:func:`fedmae_flwr.simulation_nodes.simulation_problem`). With ``resume=true``, whether the
+    run it continues was made with this config, and on as many nodes
+    (:func:`fedmae_flwr.server_app.check_resume`): refused after Flower's and Ray's start-up
+    (over a minute) otherwise."""
     from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.server_app import check_resume
     from fedmae_flwr.simulation_nodes import simulation_problem
 
     try:
         cfg = resolve_config(parse_run_config(config_lines(run_config)))
+        if num_supernodes is not None and (problem := simulation_problem(cfg, num_supernodes)):
+            return problem
+        if cfg.resume:
+            check_resume(cfg, run_folder(cfg), num_supernodes)
     except ValueError as err:  # ConfigError is one
         return str(err)
-    return None if num_supernodes is None else simulation_problem(cfg, num_supernodes)
+    return None
+
+
+def run_folder(cfg: Any) -> Path:
+    """The run folder a config names, as the ServerApp that this script's SuperLink starts in
+    the repo sees it (a relative output-dir is the repo's)."""
+    return REPO / Path(cfg.output_dir).expanduser() / cfg.run_name  # REPO / absolute = absolute
 
 
 def print_run_summary(run_config: str | list[str] | None) -> int:
@@ -193,8 +207,7 @@ def print_run_summary(run_config: str | list[str] | None) -> int:
     from scripts.print_summary import main as print_summary
 
     cfg = resolve_config(parse_run_config(config_lines(run_config)))
-    folder = REPO / Path(cfg.output_dir).expanduser() / cfg.run_name  # REPO / absolute = absolute
-    return print_summary(str(folder / "summary.json"))
+    return print_summary(str(run_folder(cfg) / "summary.json"))
 
 
 def run(

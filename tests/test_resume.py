@@ -108,6 +108,19 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny_overrides):
     assert len(summary["stages"]) == 2
 
 
+def test_a_resume_without_a_checkpoint_says_so_where_it_moves_the_folder_aside(
+    cpu_overrides, caplog
+):
+    """It said "start with resume=true to continue it" to a run started with resume=true."""
+    from fedmae_flwr.run_outputs import RunOutputs
+
+    cfg = resolve_config({**cpu_overrides, "resume": True})
+    RunOutputs(cfg).append_metrics({"round": 1})  # a run that crashed before its checkpoint
+    RunOutputs(cfg)
+    assert "held an earlier run (no readable checkpoint to resume from); moved it" in caplog.text
+    assert "start with resume=true" not in caplog.text
+
+
 def test_resume_is_refused_for_algorithms_without_federated_rounds():
     with pytest.raises(ConfigError, match=re.escape("resume: fedmae | fedavg-mae")):
         resolve_config({"algorithm": "centralized", "resume": True})

@@ -215,6 +215,39 @@ def test_a_node_count_the_run_cannot_use_is_named_before_anything_starts(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_resume_the_run_would_refuse_is_named_before_anything_starts(tmp_path, capsys):
+    """A resume with a changed key, or on another node count, was refused by the ServerApp,
+    after the SuperLink and Ray had started (~80 s on 2 cores); run.py refuses it at once."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.models import initial_state
+    from fedmae_flwr.run_outputs import RunOutputs
+    from scripts.run import parse_run_config, run
+
+    base = f"output-dir='{tmp_path / 'out'}' run-name='crashed' depth=2 rounds-per-stage=2"
+    cfg = resolve_config(parse_run_config([base]))
+    outputs = RunOutputs(cfg)  # the crashed run: its config, a checkpoint, its partitions
+    state = initial_state(cfg.model, 0)
+    outputs.save_checkpoint(1, ArrayRecord({k: Array(np.ascontiguousarray(v.numpy()))
+                                            for k, v in state.items()}))  # fmt: skip
+    outputs.write_json("partitions.json", {"num-partitions": 100, "num-supernodes": 100})
+    home = tmp_path / "home"
+
+    assert run(run_config=f"{base} resume=true mask-ratio=0.5", flwr_home=home) == 2
+    said = capsys.readouterr().out
+    assert "refused, nothing started: resume: the run in" in said
+    assert "mask-ratio: 0.75 -> 0.5" in said
+    assert run(num_supernodes=50, run_config=f"{base} resume=true", flwr_home=home) == 2
+    assert "Resume with 100 SuperNodes" in capsys.readouterr().out
+    assert not home.exists()  # no SuperLink, no config.toml, no log
+    # The run's own config on its node count passes the check (and would start the run).
+    from scripts.run import run_config_problem
+
+    assert run_config_problem(f"{base} resume=true", 100) is None
+
+
 def test_a_run_config_flower_cannot_parse_is_named_not_a_traceback(tmp_path, capsys):
     """An unquoted string, a key given twice or a stray comma ended in a click traceback (exit
     1). `make run RUN_CONFIG="run-name='mine'"` was one: the Makefile set run-name too."""
