@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import secrets
 import time
 from logging import WARNING
 from pathlib import Path
@@ -37,6 +36,7 @@ from flwr.common import log
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fedmae_flwr.atomic import atomic_write, atomic_write_text
 from fedmae_flwr.config import ConfigError, FedMAEConfig, load_config_yaml, to_flat, to_yaml
 
 # The newest checkpoints kept; at least 2, so that an unreadable newest one has one to fall back to.
@@ -63,24 +63,6 @@ RESUME_MAY_DIFFER = frozenset(
      # how many nodes measure at stage ends: the model's training does not depend on it
      "evaluate-clients"}
 )  # fmt: skip
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder and rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its files are mode 0600; a run's outputs get the umask's mode, as any file.
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = os.stat(tmp).st_mode & 0o777
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)  # a writer may have made the file anew (safetensors: 0600)
-        with open(tmp, "rb") as f:  # on disk before the rename: a power cut leaves old or new
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _rounds_text(rounds: list[int]) -> str:
@@ -134,7 +116,7 @@ class RunOutputs:
                 if r > resume_round:  # skipped as unreadable: the resumed run writes it anew
                     path.unlink()
         text = "".join(json.dumps(row) + "\n" for row in kept)
-        _atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(self.metrics_path, text)
         self.write_text("config.yaml", to_yaml(cfg))
 
     def move_aside(self, resuming: bool = False) -> Path | None:
@@ -158,7 +140,7 @@ class RunOutputs:
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.dir / name
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path, text)
         return path
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
@@ -196,10 +178,9 @@ class RunOutputs:
             tensors[SERVER_STATE_PREFIX + key] = np.ascontiguousarray(value)
         meta = {"round": str(server_round), DIGEST_KEY: tensors_digest(tensors),
                 ORDER_KEY: json.dumps(order)}  # fmt: skip
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         latest = {"round": server_round, "file": path.name}
-        _atomic_write(self.checkpoints / "latest.json",
-                      lambda tmp: Path(tmp).write_text(json.dumps(latest)))  # fmt: skip
+        atomic_write_text(self.checkpoints / "latest.json", json.dumps(latest))
         files = checkpoint_files(self.dir)
         keep = sorted(r for r in files if r <= server_round)[-KEEP_CHECKPOINTS:]
         for r, old in files.items():
@@ -397,6 +378,5 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     ax_psnr.set(xlabel="blocks", ylabel="masked PSNR (dB)", title="Held-out reconstruction")
     ax_psnr.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -337,6 +337,30 @@ def test_run_outputs_get_the_umask_mode_not_0600(cpu_overrides):
     assert not [p for p in outputs.dir.rglob(".*") if p.is_file()]  # no temp file left
 
 
+def test_a_write_that_dies_midway_leaves_the_earlier_file_whole(cpu_overrides, monkeypatch):
+    """backbone.safetensors and the pictures were written in place: a resume rewriting them
+    and crashing midway left a torn backbone beside a whole checkpoint."""
+    from fedmae_flwr.models import export_backbone, load_backbone
+    from fedmae_flwr.server_app import random_init_state
+
+    cfg = resolve_config(cpu_overrides)
+    folder = Path(cfg.output_dir) / "exported"
+    weights = export_backbone(cfg.model, random_init_state(cfg), folder)
+    before = weights.read_bytes()
+    write_bytes = Path.write_bytes
+
+    def torn(path: Path, data: bytes) -> int:  # the disk fills halfway through the bytes
+        write_bytes(path, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", torn)
+    with pytest.raises(OSError, match="No space left"):
+        export_backbone(cfg.model, random_init_state(cfg), folder)
+    monkeypatch.undo()
+    assert weights.read_bytes() == before and load_backbone(folder) is not None
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone.json", "backbone.safetensors"]
+
+
 def test_resume_with_another_node_count_is_refused_naming_the_run_s_count(tiny_overrides):
     """Resumed on 5 SuperNodes, a run of 6 re-split its images 5 ways: it trained on other
     data, silently, and differed from the run it continued."""

@@ -22,6 +22,8 @@ from flwr_datasets.visualization import plot_label_distributions
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedmae_flwr.atomic import atomic_write, atomic_write_text
+
 # Above this many partitions the heat map shows the first ones only: one pixel-row per partition
 # is unreadable, and summing neighbours would blur exactly the skew it shows.
 MAX_HEATMAP_PARTITIONS = 100
@@ -190,12 +192,13 @@ def save_partition_heatmap(stats: dict, path: str | Path) -> None:
         if stats.get(key)
     ]
     fig.suptitle(shown + (" - " + ", ".join(extra) if extra else ""))
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def write_partition_report(folder: str | Path, stats: dict) -> None:
     """Write ``partitions.json`` (the stats) and ``partitions.png`` (the heat map) to ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "partitions.json").write_text(json.dumps(stats, indent=2) + "\n")
+    # A resume compares its node count with this file: a torn one would pass unchecked.
+    atomic_write_text(folder / "partitions.json", json.dumps(stats, indent=2) + "\n")
     save_partition_heatmap(stats, folder / "partitions.png")

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fedmae_flwr.atomic import atomic_write
+
 if TYPE_CHECKING:  # matplotlib is imported only when a grid is drawn
     from matplotlib.figure import Figure
 
@@ -170,6 +172,4 @@ def save_reconstruction_grid(
     FigureCanvasAgg(fig)
     _draw_grid(fig, columns, n, title)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from fedmae_flwr.atomic import atomic_write_bytes, atomic_write_text
 from fedmae_flwr.config import ModelConfig
 from fedmae_flwr.models.cascade import STEM_PREFIXES, block_index
 from fedmae_flwr.models.mae import sincos_pos_embed_2d
@@ -93,10 +94,11 @@ def export_backbone(cfg: ModelConfig, state: ModelState, folder: str | Path) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "backbone.safetensors"
-    # Bytes written as any file (the umask's mode): save_file makes its files 0600.
-    weights.write_bytes(save(timm_state_dict(cfg, state)))
+    # Written whole or not at all (a resume rewrites them): the json last, so that a folder with
+    # a backbone.json has the weights it describes.
+    atomic_write_bytes(weights, save(timm_state_dict(cfg, state)))
     meta = {"model_name": TIMM_BASE_MODEL, "kwargs": timm_kwargs(cfg, _depth(state))}
-    (folder / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(folder / "backbone.json", json.dumps(meta, indent=2) + "\n")
     return weights
 
 
