@@ -9,7 +9,8 @@ A SIGKILL (the OOM killer, `kill -9`, a CI job's limit) cannot be caught, and th
 then go to init, still running. So a ProcessTree also starts a guard: a small process in a
 session of its own that notes, twice a second, every process below its owner (PID and start
 time); when the owner dies without dismissing it, the guard ends those that still live, and what
-runs below them, the same way (SIGTERM, then SIGKILL).
+runs below them, the same way (SIGTERM, then SIGKILL), and removes the owner's temp folders
+(Ray's, say: a SIGKILLed run left its sockets and logs in /tmp).
 
 PIDs are reused, so a PID alone may name a stranger by the time it is signalled: every signal
 here goes to the process that was seen (its PID and start time), through a pidfd opened before
@@ -23,6 +24,7 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,16 +168,18 @@ def start_time(pid: int) -> str | None:
     return None if fields is None else fields[19]  # field 22 of proc(5)
 
 
+# The guard's argument before each temp folder it removes when its owner dies.
+TEMP_DIR_FLAG = "--temp-dir"
 # How often the guard notes its owner's processes: one started and orphaned within this interval
 # of the owner's death can escape it.
 GUARD_INTERVAL_S = 0.5
 
 
-def guard(owner: int, skip: set[int], dismissal: Any = None) -> int:
+def guard(owner: int, skip: set[int], dismissal: Any = None, temp_dirs: Sequence[Path] = ()) -> int:
     """Note every process below ``owner`` (this guard's parent; but ``skip``, this guard and
     theirs) until ``owner`` ends; return 0 when ``dismissal`` (a readable pipe end) says "done"
     first. Otherwise end the noted processes that still live and everything below them, by PID,
-    and return 1.
+    remove ``temp_dirs``, and return 1.
     """
     noted: dict[int, str] = {}
     skip = skip | {os.getpid()}
@@ -194,6 +198,8 @@ def guard(owner: int, skip: set[int], dismissal: Any = None) -> int:
         elif dismissal is None:
             time.sleep(GUARD_INTERVAL_S)
     _end_noted(noted)
+    for folder in temp_dirs:  # after the processes that wrote into them have ended
+        shutil.rmtree(folder, ignore_errors=True)
     return 1
 
 
@@ -220,9 +226,15 @@ class ProcessTree:
     :meth:`start` or by those) has ended, by PID; a signal inside raises KeyboardInterrupt.
 
     Linux only (prctl, /proc). Use it in a process of its own: it makes that process a child
-    subreaper for good. If that process is SIGKILLed, its guard ends them (module docstring)."""
+    subreaper for good. If that process is SIGKILLed, its guard ends them (module docstring).
 
-    def __init__(self) -> None:
+    Args:
+        temp_dirs: folders of the owner's (made before the tree) that the processes write into:
+            removed on exit once they have ended, and by the guard if the owner is SIGKILLed.
+    """
+
+    def __init__(self, temp_dirs: Sequence[str | Path] = ()) -> None:
+        self._temp_dirs = [Path(d).resolve() for d in temp_dirs]
         self._skip: set[int] = set()
         self._leaders: list[subprocess.Popen[bytes]] = []
         self._handlers: dict[int, Any] = {}
@@ -234,6 +246,7 @@ class ProcessTree:
         self._handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in SIGNALS}
         # Its own session: the terminal's Ctrl-C, or a kill of the owner's group, spares it.
         cmd = [sys.executable, __file__, "guard", str(os.getpid()), *map(str, self._skip)]
+        cmd += [arg for d in self._temp_dirs for arg in (TEMP_DIR_FLAG, str(d))]
         self._guard = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
         self._skip.add(self._guard.pid)
         return self
@@ -248,6 +261,8 @@ class ProcessTree:
             signal.signal(sig, signal.SIG_IGN)
         try:
             end_all(self._skip, [p.pid for p in self._leaders])
+            for folder in self._temp_dirs:
+                shutil.rmtree(folder, ignore_errors=True)
         finally:
             self._dismiss_guard()
             for sig, handler in self._handlers.items():
@@ -276,9 +291,15 @@ class ProcessTree:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
-    # `python processes.py guard OWNER [SKIP...]`, started by ProcessTree with its dismissal on
-    # stdin. In a session of its own, the owner's terminal or group signals do not reach it;
-    # a hangup or Ctrl-C meant for the owner must not end it either.
+    # `python processes.py guard OWNER [SKIP...] [--temp-dir DIR...]`, started by ProcessTree
+    # with its dismissal on stdin. In a session of its own, the owner's terminal or group
+    # signals do not reach it; a hangup or Ctrl-C meant for the owner must not end it either.
     for _sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(_sig, signal.SIG_IGN)
-    sys.exit(guard(int(sys.argv[2]), {int(p) for p in sys.argv[3:]}, sys.stdin))
+    _args, _skip, _dirs = iter(sys.argv[3:]), set(), []
+    for _arg in _args:
+        if _arg == TEMP_DIR_FLAG:
+            _dirs.append(Path(next(_args)))
+        else:
+            _skip.add(int(_arg))
+    sys.exit(guard(int(sys.argv[2]), _skip, sys.stdin, _dirs))

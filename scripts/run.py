@@ -256,7 +256,7 @@ def _run(
     deadline = time.monotonic() + (timeout or 1e9)
     log.unlink(missing_ok=True)
     try:
-        with ProcessTree() as tree:
+        with ProcessTree(temp_dirs=[ray_tmp]) as tree:
             port = free_port()  # the SuperLink serves all its APIs on it
             superlink = tree.start(["flower-superlink", *SUPERLINK.split(), "--port", str(port)],
                                    log, env, REPO)  # fmt: skip

@@ -19,15 +19,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in its own process: ProcessTree makes it a child subreaper, as in scripts/run.py.
 CLEANUP = """
-import subprocess, time
+import subprocess, tempfile, time
+from pathlib import Path
 from scripts.processes import ProcessTree, descendants
 callers = subprocess.Popen(["sleep", "300"])  # the caller's own child, from before the run
-with ProcessTree() as tree:
+temp = Path(tempfile.mkdtemp())  # as run.py's Ray temp folder
+with ProcessTree(temp_dirs=[temp]) as tree:
     # A shell in a session of its own that leaves a sleeper behind, as SuperExec and Ray do.
     subprocess.run(["sh", "-c", "sleep 300 &"], start_new_session=True)
+    (temp / "session").write_text("sockets, logs")
     time.sleep(0.5)
     print(callers.pid, *descendants({callers.pid, tree.guard_pid}), flush=True)
-print(callers.poll(), *descendants({callers.pid}), flush=True)
+print(callers.poll(), *descendants({callers.pid}), temp.exists(), flush=True)
 callers.kill()
 """
 
@@ -37,7 +40,10 @@ import os, signal, subprocess, sys, time
 from pathlib import Path
 from scripts.processes import ProcessTree, descendants
 callers = subprocess.Popen(["sleep", "300"])  # the caller's own child, from before the run
-with ProcessTree() as tree:
+temp = Path(sys.argv[1]).parent / "ray-tmp"  # as run.py's Ray temp folder
+temp.mkdir()
+with ProcessTree(temp_dirs=[temp]) as tree:
+    (temp / "session").write_text("sockets, logs")
     log, env = Path(sys.argv[1]), dict(os.environ)
     tree.start(["sh", "-c", "sleep 300 & exec sleep 301"], log, env, Path.cwd())
     subprocess.run(["sh", "-c", "sleep 302 &"], start_new_session=True)  # an adopted orphan
@@ -70,7 +76,8 @@ def test_the_cleanup_ends_adopted_orphans_and_spares_the_callers_children():
     ).stdout.splitlines()  # fmt: skip
     callers, *orphans = (int(p) for p in out[0].split())
     assert len(orphans) == 1  # the sleeper, re-parented to the subreaper
-    assert out[1].split() == ["None"]  # the caller's child still runs; nothing of ours is left
+    # the caller's child still runs; nothing of ours is left, nor the temp folder
+    assert out[1].split() == ["None", "False"]
     assert not Path(f"/proc/{orphans[0]}").exists() and callers not in orphans
 
 
@@ -90,6 +97,7 @@ def test_a_sigkilled_owner_s_processes_are_ended_by_its_guard(tmp_path):
             time.sleep(0.2)
         assert all(map(ended, [guard, *ours])), [p for p in ours if not ended(p)]
         assert not ended(callers)  # not the guard's: it ran before the tree
+        assert not (tmp_path / "ray-tmp").exists()  # the guard removed it once they ended
     finally:
         subprocess.run(["kill", str(callers), *map(str, ours)], check=False)
         proc.stdout.close()
