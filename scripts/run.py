@@ -66,13 +66,22 @@ def flwr_env(
     return env
 
 
-def flwr_runs(env: dict[str, str]) -> list[dict[str, Any]]:
-    """The runs on our SuperLink (`flwr list`): none, or our one."""
+def flwr_runs(env: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The runs on our SuperLink (`flwr list`): none, or our one; None when it did not answer
+    (`flwr list` says ``"success": false``: the SuperLink is gone, say)."""
     cmd = ["flwr", "list", NAME, "--format", "json"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False).stdout
-    with contextlib.suppress(ValueError):
-        return list(json.loads(out[out.find("{") :]).get("runs", []))
-    return []
+    try:
+        reply = json.loads(out[out.find("{") :])
+    except ValueError:
+        return None
+    if not isinstance(reply, dict) or reply.get("success") is False:
+        return None
+    return list(reply.get("runs", []))
+
+
+# Times `flwr list` may go unanswered in a row before the outcome takes the SuperLink for gone.
+UNANSWERED_LISTS = 3
 
 
 # After `flwr run --stream` returns, the SuperLink can still list the run as running while its
@@ -106,9 +115,21 @@ def outcome(
     A run not yet ``finished:*`` is polled while ``still_ending()`` (its ServerApp process
     lives), however long that takes, and then for up to ``grace`` seconds more.
     """
-    give_up, said = time.monotonic() + grace, False
+    give_up, said, unanswered = time.monotonic() + grace, False, 0
     while True:
-        row = (flwr_runs(env) or [{"status": "never submitted"}])[0]
+        runs = flwr_runs(env)
+        if runs is None:
+            unanswered += 1
+            if unanswered >= UNANSWERED_LISTS:  # killed mid-run: not "never submitted"
+                row = {
+                    "status": "status unknown:",
+                    "status-details": "the SuperLink stopped answering (it ended during the run)",
+                }
+                break
+            time.sleep(1.0)
+            continue
+        unanswered = 0
+        row = (runs or [{"status": "never submitted"}])[0]
         if row["status"].startswith("finished") or row["status"] == "never submitted":
             break
         if still_ending():
@@ -276,7 +297,7 @@ def _run(
                 subprocess.run(cmd, env=env, timeout=left, check=False)
             except subprocess.TimeoutExpired:
                 print(f"[run] TIMEOUT: still running after {timeout:g} s; stopping it", flush=True)
-                for row in flwr_runs(env):
+                for row in flwr_runs(env) or []:
                     subprocess.run(["flwr", "stop", row["run-id"], NAME], env=env, check=False)
                 return 124
             # Past --timeout's deadline, a run still ending is not waited for any longer.

@@ -171,6 +171,21 @@ def test_a_run_still_listed_running_after_its_stream_is_waited_for(monkeypatch, 
     )
     assert "waiting for the run's process to end" in capsys.readouterr().out
 
+    # A SuperLink SIGKILLed mid-run: `flwr list` stops answering. It said "never submitted".
+    answers = iter([[{"status": "running"}], None, [{"status": "running"}], None, None, None])
+    monkeypatch.setattr(run_script, "flwr_runs", lambda env: next(answers))
+    assert run_script.outcome({}, tmp_path / "log") == 1
+    said = capsys.readouterr().out
+    assert "FAILED: the run status unknown: the SuperLink stopped answering" in said
+    assert "never submitted" not in said
+
+
+def test_flwr_list_without_an_answer_is_told_from_an_empty_list(tmp_path):
+    """Flower's CLI prints ``"success": false`` (exit 0) when it reaches no SuperLink."""
+    from scripts.run import flwr_env, flwr_runs
+
+    assert flwr_runs(flwr_env(tmp_path / "home")) is None  # no such connection configured
+
 
 def test_the_simulation_process_is_found_below_the_runner(tmp_path):
     """The outcome's wait knows the ServerApp's process by the name Flower starts it with."""
