@@ -230,6 +230,8 @@ class Checkpoint(NamedTuple):
     round: int
     arrays: ArrayRecord
     server_state: dict[str, np.ndarray]
+    # False: written before checkpoints kept the model's tensor order (read back sorted by name)
+    ordered: bool = True
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -287,7 +289,7 @@ def read_checkpoint_file(path: Path, server_round: int) -> Checkpoint:
         if not names or sorted(order) != sorted(model):
             raise ValueError(f"its {ORDER_KEY} metadata does not name its model tensors")
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(model[k])) for k in order})
-    return Checkpoint(server_round, arrays, state)
+    return Checkpoint(server_round, arrays, state, ordered=ORDER_KEY in meta)
 
 
 def latest_checkpoint(folder: str | Path) -> Checkpoint | None:

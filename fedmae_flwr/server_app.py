@@ -192,7 +192,7 @@ def check_resume(cfg: FedMAEConfig, folder: Path, sim_nodes: int | None = None) 
     finished = checkpoint is not None and checkpoint.round >= cfg.num_rounds
     check_resume_config(folder, cfg, finished=finished)
     if checkpoint is not None:
-        check_checkpoint_fits(cfg, checkpoint.round, checkpoint.arrays, folder)
+        check_checkpoint_fits(cfg, checkpoint, folder)
         if sim_nodes is not None:
             check_resumed_partitions(cfg, sim_nodes, folder)
 
@@ -210,17 +210,22 @@ def read_checkpoint(cfg: FedMAEConfig) -> Checkpoint | None:
     if checkpoint is None:
         log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None
-    check_checkpoint_fits(cfg, checkpoint.round, checkpoint.arrays, folder)
+    check_checkpoint_fits(cfg, checkpoint, folder)
     log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint.round)
     warn_of_lost_server_state(cfg, checkpoint)
     return checkpoint
 
 
 def warn_of_lost_server_state(cfg: FedMAEConfig, checkpoint: Checkpoint) -> bool:
-    """Warn (and True) where a resume from ``checkpoint`` cannot equal the uninterrupted run:
-    the aggregator keeps a server optimizer's moments through a stage, and the checkpoint (one
-    written before checkpoints held them) has the model only, mid-stage (the moments restart at
-    every stage end anyway, so a resume there is exact)."""
+    """Warn (and True) where a resume from ``checkpoint`` (one written before checkpoints held
+    the server state and the tensor order) cannot equal the uninterrupted run: server-side DP
+    on a model read back in another tensor order, or a server optimizer's moments missing
+    mid-stage (they restart at every stage end anyway, so a resume there is exact)."""
+    if cfg.robust.dp_noise_multiplier > 0 and not checkpoint.ordered:
+        log(WARNING, "resume: this checkpoint (written before checkpoints kept the model's "
+            "tensor order) reads back in another order, and server-side DP draws its noise "
+            "tensor after tensor: this run will not equal the uninterrupted one")  # fmt: skip
+        return True
     rule = Aggregation(cfg.robust.aggregation)
     aggregator = build_aggregator(cfg.robust, cfg.schedule.clients_per_round)
     stage_end = checkpoint.round % cfg.schedule.rounds_per_stage == 0
@@ -237,15 +242,16 @@ def warn_of_lost_server_state(cfg: FedMAEConfig, checkpoint: Checkpoint) -> bool
     return True
 
 
-def check_checkpoint_fits(
-    cfg: FedMAEConfig, server_round: int, arrays: ArrayRecord, folder: Path
-) -> None:
-    """ConfigError unless ``arrays`` load into this config's model (names and shapes).
+def check_checkpoint_fits(cfg: FedMAEConfig, checkpoint: Checkpoint, folder: Path) -> None:
+    """ConfigError unless the checkpoint's model loads into this config's model (names and
+    shapes) and its server state fits the aggregator and that model.
 
     config.yaml matching is not enough: a checkpoint copied in from another run would be sent
-    to every node, and each would fail on it (``size mismatch``) deep inside the round."""
+    to every node, and each would fail on it (``size mismatch``) deep inside the round; server
+    state of another shape would broadcast silently, or fail in the aggregator mid-round."""
+    server_round = checkpoint.round
     try:
-        model_from_state(cfg.model, torch_state(arrays))
+        model_from_state(cfg.model, torch_state(checkpoint.arrays))
     except (RuntimeError, ValueError, KeyError) as err:
         # torch's load_state_dict error starts with a header line; the first line after it
         # names the first tensor that differs.
@@ -256,6 +262,17 @@ def check_checkpoint_fits(
             f"resume: the round-{server_round} checkpoint under {folder} does not fit this run's "
             f"model ({first}): it was made with another model config. Resume it with the config "
             "it was made with, or start a fresh run (resume=false moves this one aside)."
+        ) from err
+    if not checkpoint.server_state or server_round >= cfg.num_rounds:  # finished: not restored
+        return
+    try:
+        strategy = build_strategy(cfg, first_round=server_round + 1)
+        strategy.restore_server_state(checkpoint.server_state, checkpoint.arrays)
+    except ValueError as err:
+        raise ConfigError(
+            f"resume: the round-{server_round} checkpoint under {folder} holds a server state "
+            f"this run cannot continue from ({err}). Resume it with the config it was made "
+            "with, or start a fresh run (resume=false moves this one aside)."
         ) from err
 
 

@@ -9,6 +9,7 @@ intact, server-optimizer state per stage, output conformed, the refusals.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,41 @@ def test_a_restored_aggregation_state_continues_the_stage_exactly(name):
     assert differs == (name != "fedavg")
 
 
+def test_a_restored_momentum_is_saved_again_before_any_round_combines():
+    """A resumed FedAvgM run whose first round had no sound reply failed to checkpoint it."""
+    keys = ["a", "b"]
+    whole = ActiveAggregation(FedAvgM(server_momentum=0.9), "num-examples")
+    sound = [reply({k: np.full((2, 3), 1.0 + i, np.float32) for k in keys}) for i in range(2)]
+    whole.combine(stage_arrays(keys, 0.0), sound, 0, 1)
+    state = whole.state()
+    resumed = ActiveAggregation(FedAvgM(server_momentum=0.9), "num-examples")
+    resumed.load_state(state)
+    again = resumed.state()  # no combine since: a round without sound replies
+    assert again.keys() == state.keys()
+    assert all(np.array_equal(again[k], state[k]) for k in state)
+
+
+def test_a_server_state_that_does_not_fit_the_active_tensors_is_refused_before_a_round():
+    active = {"a": (2, 3), "b": (2, 3)}
+    good = {"stage": np.array([0]), "steps": np.array([2]),
+            **{f"{kind}/{k}": np.zeros(shape) for kind in ("m_t", "v_t")
+               for k, shape in active.items()}}  # fmt: skip
+    adam = ActiveAggregation(FedAdam(eta=0.1), "num-examples")
+    adam.load_state(good, active)
+    bad = {
+        "broadcast": ({**good, "m_t/a": np.zeros(1)},
+                      re.escape("m_t/a has shape (1,), the tensor (2, 3)")),
+        "unknown tensor": ({**good, "v_t/zzz": np.zeros((2, 3))}, re.escape("extra ['zzz']")),
+        "no v_t": ({k: v for k, v in good.items() if not k.startswith("v_t")},
+                   "not both m_t and v_t"),
+        "float step": ({**good, "steps": np.array([2.0])}, "not one integer"),
+    }  # fmt: skip
+    for name, (state, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            adam.load_state(state, active)
+        assert adam.state() == {}, name  # refused: nothing half-loaded
+
+
 def test_an_aggregation_state_of_another_optimizer_is_refused():
     adam = ActiveAggregation(FedAdam(eta=0.1), "num-examples")
     current = stage_arrays(["a"], 0.0)
@@ -323,6 +359,25 @@ def test_fedmae_restores_a_server_state_only_for_a_resumed_run():
         build_strategy(cfg, first_round=2).restore_server_state(
             {**state, "momentum/w": state["m_t/w"]}
         )
+    # Given the checkpoint's model, the stage and the buffers' tensors are checked against it.
+    model = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state(cfg.model, 0).items()})
+    both = {**state, "v_t/w": np.zeros(2)}
+    with pytest.raises(
+        ValueError, match=re.escape("stage [1], but round 1 (first_round - 1) is in stage 0")
+    ):
+        build_strategy(cfg, first_round=2).restore_server_state(
+            {**both, "stage": np.array([1])}, model
+        )
+    with pytest.raises(ValueError, match="m_t buffers are not the stage's active tensors"):
+        build_strategy(cfg, first_round=2).restore_server_state(both, model)
+    # Driven by another start() (configure_train's reset), the restored state stays.
+    fits = {"stage": np.array([0]), "steps": np.array([1]),
+            **{f"{kind}/{k}": np.zeros(v.shape) for kind in ("m_t", "v_t")
+               for k, v in model.items()}}  # fmt: skip
+    strategy = build_strategy(cfg, first_round=2)
+    strategy.restore_server_state(fits, model)
+    strategy._new_run()
+    assert strategy.server_state().keys() == fits.keys()
 
 
 def test_an_aggregate_in_another_dtype_is_cast_back():

@@ -225,7 +225,7 @@ def comparable(row: dict) -> dict:
 
 
 def final_model(folder: Path) -> dict[str, np.ndarray]:
-    server_round, arrays, _ = load_checkpoint(folder)
+    server_round, arrays, *_ = load_checkpoint(folder)
     assert server_round == 4
     return {k: v.numpy() for k, v in arrays.items()}
 

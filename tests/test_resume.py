@@ -275,7 +275,7 @@ def test_checkpoints_that_do_not_read_back_whole_are_skipped(tmp_path, caplog):
     data[-3] ^= 0x01
     (folder / "round-0005.safetensors").write_bytes(bytes(data))
 
-    server_round, arrays, _ = latest_checkpoint(tmp_path)
+    server_round, arrays, *_ = latest_checkpoint(tmp_path)
 
     assert server_round == 1 and np.array_equal(arrays["w"].numpy(), good["w"])
     assert "round-0005.safetensors: its tensors do not match the digest" in caplog.text
@@ -466,6 +466,11 @@ def test_a_mid_stage_resume_from_a_checkpoint_without_server_state_says_it_will_
     assert not warn_of_lost_server_state(adam, Checkpoint(3, model, {}))  # a stage end
     plain = resolve_config({"aggregation": "fedavg", "rounds-per-stage": 3})
     assert not warn_of_lost_server_state(plain, Checkpoint(2, model, {}))
+    # DP draws its noise tensor after tensor: a model read back sorted (no recorded order)
+    dp = resolve_config({"dp-noise-multiplier": 0.3, "dp-clipping-norm": 5.0})
+    assert warn_of_lost_server_state(dp, Checkpoint(3, model, {}, ordered=False))
+    assert "server-side DP draws its noise tensor after tensor" in caplog.text
+    assert not warn_of_lost_server_state(dp, Checkpoint(3, model, {}))
 
 
 def test_a_checkpoint_reads_back_in_the_run_s_tensor_order_with_its_server_state(cpu_overrides):

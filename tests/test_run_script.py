@@ -269,6 +269,13 @@ def test_a_resume_the_run_would_refuse_is_named_before_anything_starts(tmp_path,
     from scripts.run import run_config_problem
 
     assert run_config_problem(f"{base} resume=true", 100) is None
+    # A server state that would broadcast against the model (or fail mid-round): refused too.
+    bad_state = {"stage": np.array([0]), "steps": np.array([1]),
+                 "m_t/pos_embed": np.zeros(1), "v_t/pos_embed": np.zeros(1)}  # fmt: skip
+    outputs.save_checkpoint(1, ArrayRecord({k: Array(np.ascontiguousarray(v.numpy()))
+                                            for k, v in state.items()}), bad_state)  # fmt: skip
+    problem = run_config_problem(f"{base} resume=true", 100)
+    assert problem and "holds a server state this run cannot continue from" in problem
 
 
 def test_a_run_config_flower_cannot_parse_is_named_not_a_traceback(tmp_path, capsys):

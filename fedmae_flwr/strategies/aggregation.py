@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -202,18 +202,33 @@ class ActiveAggregation:
                 for key, value in (getattr(strategy, name) or {}).items():
                     state[f"{name}/{key}"] = np.asarray(value)
         elif isinstance(strategy, FedAvgM) and strategy.momentum_vector is not None:
-            assert strategy.current_arrays is not None  # set with the momentum, every round
-            keys = strategy.current_arrays.keys()  # the order momentum_vector follows
+            # The order momentum_vector follows: as loaded (no round combined since), or the
+            # tensors' its last step saw.
+            keys = self._momentum_keys
+            if keys is None:
+                assert strategy.current_arrays is not None  # set with each step's momentum
+                keys = list(strategy.current_arrays.keys())
             for key, value in zip(keys, strategy.momentum_vector, strict=True):
                 state[f"momentum/{key}"] = np.asarray(value)
         return state
 
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
+    def load_state(
+        self,
+        state: dict[str, np.ndarray],
+        active: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         """Put back what :meth:`state` returned (an empty dict: start afresh).
 
+        Args:
+            state: the named arrays.
+            active: the names and shapes of the tensors the state's stage trains; given, each
+                buffer must be there for exactly these (a state of another model or stage).
+
         Raises:
-            ValueError: ``stage`` or ``steps`` missing or negative, or buffers of another kind
-                of server optimizer than this aggregator (a state saved with another one).
+            ValueError: ``stage`` or ``steps`` not one integer >= 0; buffers of another kind
+                of server optimizer than this aggregator (a state saved with another one);
+                a FedOpt state after a step without both ``m_t`` and ``v_t``; buffers for
+                other tensors, or shapes, than ``active``.
         """
         self.reset()
         if not state:
@@ -237,6 +252,13 @@ class ActiveAggregation:
                 f"server state holds {', '.join(foreign)} buffers, which the aggregator "
                 f"{type(strategy).__name__} does not keep (saved with another aggregator?)"
             )
+        if isinstance(strategy, FedOpt) and steps and set(buffers) != allowed:
+            raise ValueError(
+                f"server state after {steps} steps of {type(strategy).__name__} holds "
+                f"{sorted(buffers) or 'no'} buffers, not both m_t and v_t"
+            )
+        if active is not None:
+            _check_buffers(buffers, active)
         if isinstance(strategy, FedOpt):
             strategy.m_t, strategy.v_t = buffers.get("m_t"), buffers.get("v_t")
         elif isinstance(strategy, FedAvgM) and "momentum" in buffers:
@@ -320,6 +342,26 @@ def train_config_entries(strategy: Strategy) -> dict[str, float]:
     FedProx's ``proximal-mu``, which the nodes' local training applies
     (:func:`fedmae_flwr.local_training.train_local`)."""
     return {"proximal-mu": float(strategy.proximal_mu)} if isinstance(strategy, FedProx) else {}
+
+
+def _check_buffers(
+    buffers: dict[str, dict[str, np.ndarray]], active: Mapping[str, tuple[int, ...]]
+) -> None:
+    """ValueError unless each kind of buffer holds exactly the ``active`` tensors' names and
+    shapes (a hand-made or copied-in state would otherwise broadcast, or fail mid-round)."""
+    for kind, arrays in sorted(buffers.items()):
+        if set(arrays) != set(active):
+            extra, lacking = sorted(set(arrays) - set(active)), sorted(set(active) - set(arrays))
+            raise ValueError(
+                f"server state's {kind} buffers are not the stage's active tensors: extra "
+                f"{extra[:3]}, missing {lacking[:3]}"
+            )
+        for key, value in arrays.items():
+            if tuple(value.shape) != tuple(active[key]):
+                raise ValueError(
+                    f"server state's {kind}/{key} has shape {tuple(value.shape)}, the tensor "
+                    f"{tuple(active[key])}"
+                )
 
 
 def _count(value: np.ndarray) -> int:

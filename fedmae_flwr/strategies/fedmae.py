@@ -251,7 +251,8 @@ class FedMAE(FedAvg):
         self._last_round_metrics: MetricRecord | None = None
         self._last_evaluation: tuple[int, int, MetricRecord] | None = None  # round, nodes, record
         self._last_round = self.plan.num_rounds  # start(num_rounds=...) may stop earlier
-        self.aggregation.reset()
+        # Afresh, or as restore_server_state left it (a run driven by another start() too).
+        self._load_restored_state()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse ``class X(FedMAE, FedMedian)``: pass ``aggregator=FedMedian()`` instead."""
@@ -294,18 +295,42 @@ class FedMAE(FedAvg):
         in an ``evaluate_fn``, which Flower calls right after each round's aggregation."""
         return self.aggregation.state()
 
-    def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
+    def restore_server_state(
+        self, state: dict[str, np.ndarray], arrays: ArrayRecord | None = None
+    ) -> None:
         """Resume with ``state``, what :meth:`server_state` returned after round
-        ``first_round - 1``; :meth:`start` puts it back once it has reset the run.
+        ``first_round - 1``; the run puts it back when it begins (after its reset), and
+        :meth:`start` checks it against its ``initial_arrays``.
+
+        Args:
+            state: the named arrays.
+            arrays: the model of that round (its checkpoint): given, the state is checked
+                against it now (the buffers' tensors and shapes), not only at :meth:`start`.
 
         Raises:
             ValueError: ``first_round`` is 1 (nothing to resume), or ``state`` is not such a
-                state for this aggregator (:meth:`ActiveAggregation.load_state`).
+                state for this aggregator or model (:meth:`ActiveAggregation.load_state`).
         """
         if self.first_round == 1:
             raise ValueError("restore_server_state is for a resumed run: first_round is 1")
-        self.aggregation.load_state(state)  # checked now, not at start()
         self._restored_state = dict(state)
+        self._load_restored_state(arrays)
+
+    def _load_restored_state(self, arrays: ArrayRecord | None = None) -> None:
+        """The aggregation as :meth:`restore_server_state` left it (or reset), checked against
+        the model ``arrays`` of round ``first_round - 1`` where given."""
+        state, active = self._restored_state, None
+        if state and arrays is not None:
+            last = self.first_round - 1
+            stage = self.plan.stage_of(last)
+            saved = state.get("stage")
+            if saved is not None and np.asarray(saved).reshape(-1).tolist() != [stage]:
+                raise ValueError(
+                    f"server state of stage {np.asarray(saved).reshape(-1).tolist()}, but round "
+                    f"{last} (first_round - 1) is in stage {stage}"
+                )
+            active = {k: tuple(v.shape) for k, v in self.plan.split(arrays, last)[0].items()}
+        self.aggregation.load_state(state, active)
 
     @property
     def node_reports(self) -> dict[str, dict[str, int]]:
@@ -353,8 +378,8 @@ class FedMAE(FedAvg):
         (resumed after the last round) trains nothing and returns ``initial_arrays``.
         """
         self._new_run()
-        self.aggregation.load_state(self._restored_state)  # {}: none restored, start afresh
         self._check_initial_model(initial_arrays)
+        self._load_restored_state(initial_arrays)  # checked against the model it resumes
         self._round_timeout = timeout
         last = self.plan.num_rounds if num_rounds is None else num_rounds
         if last > self.plan.num_rounds:  # a stage past the last block has no block to train
