@@ -202,7 +202,9 @@ def test_a_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_overrides
 def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_overrides):
     """A real SuperLink (no simulation) and 2 SuperNodes whose --node-config data-path differ;
     3 clients per round asked, min-available-clients 2: every round trains on the 2 there are
-    (partial rounds) instead of waiting node-wait-timeout for a third and failing."""
+    (partial rounds) instead of waiting node-wait-timeout for a third and failing. One block,
+    two rounds: each message costs a deployment ~15 s on 2 cores (a ClientApp process each);
+    tests/test_secure_deployment.py runs the cascade's later stages deployed."""
     import numpy as np
     from PIL import Image
 
@@ -224,6 +226,7 @@ def test_deployed_supernodes_each_read_their_own_folder(tmp_path: Path, tiny_ove
         "min-available-clients": 2,
         "evaluate-clients": 2,
         "finetune-labels": 0,
+        "depth": 1,
     }
     nodes = [arg for node in sizes for arg in ("--node-config", f"data-path='{tmp_path / node}'")]
     rc, out, seen, left = _watched(

@@ -52,7 +52,9 @@ def test_device_check_runs_ray_engine_and_the_preset_through_flwr_run_on_a_cpu(
     (bin_dir / "python3").symlink_to(BASE_PYTHON)
     keep = ("data-path", "output-dir", "run-name")  # gpu_check.sh sets these itself
     tiny = {k: v for k, v in tiny_overrides.items() if k not in keep}
-    tiny |= {"local-epochs": 1, "stage-knn-images": 100, "evaluate-random-init": False}
+    # no fine-tuning: its protocol is tested elsewhere; this test is the script's run path
+    tiny |= {"local-epochs": 1, "stage-knn-images": 100, "evaluate-random-init": False,
+             "finetune-labels": 0}  # fmt: skip
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:/usr/bin:/bin",  # no venv, no flower-* commands
