@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,10 @@ def test_a_sigkilled_runner_leaves_nothing_running(tmp_path: Path, tiny_override
     )  # fmt: skip
     assert rc == -signal.SIGKILL, out[-4000:]
     assert "flwr-simulation" in seen and left == {}, f"processes survived: {left}"
+    # Ray's session folder under the runner's temp folder (named in Ray's command lines): the
+    # guard removed it too, once the processes writing into it had ended.
+    ray_temps = set(re.findall(r"(/tmp/tmp[^/\s]+)/ray/", seen))
+    assert ray_temps and not any(map(os.path.exists, ray_temps)), ray_temps
 
 
 def test_a_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_overrides):
