@@ -184,10 +184,14 @@ def mean_over_local_clients(accuracies: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def check_resume(cfg: FedMAEConfig, folder: Path, sim_nodes: int | None = None) -> None:
-    """What a ``resume=true`` run checks of the run in ``folder`` before it trains, without
-    starting it: its config (:func:`check_resume_config`), that its checkpoint fits the model,
-    and, for a simulation of ``sim_nodes``, the node count. ConfigError naming what differs."""
+def check_resume(
+    cfg: FedMAEConfig, folder: Path, sim_nodes: int | None = None
+) -> Checkpoint | None:
+    """What a ``resume=true`` run checks of the run in ``folder`` before it trains (also
+    without starting it: scripts/run.py): its config (:func:`check_resume_config`), that its
+    checkpoint fits the model, and, for a simulation of ``sim_nodes``, the node count.
+    Returns the newest checkpoint that reads back whole (None: none); ConfigError naming what
+    differs."""
     checkpoint = latest_checkpoint(folder)
     finished = checkpoint is not None and checkpoint.round >= cfg.num_rounds
     check_resume_config(folder, cfg, finished=finished)
@@ -195,22 +199,20 @@ def check_resume(cfg: FedMAEConfig, folder: Path, sim_nodes: int | None = None) 
         check_checkpoint_fits(cfg, checkpoint, folder)
         if sim_nodes is not None:
             check_resumed_partitions(cfg, sim_nodes, folder)
+    return checkpoint
 
 
-def read_checkpoint(cfg: FedMAEConfig) -> Checkpoint | None:
+def read_checkpoint(cfg: FedMAEConfig, sim_nodes: int | None = None) -> Checkpoint | None:
     """The checkpoint a ``resume=true`` run continues from (None: start fresh): the newest that
-    reads back whole, of a run made with this config (else ConfigError naming the keys)."""
-    folder = run_dir(cfg)
+    reads back whole, of a run made with this config (else ConfigError naming the keys) and,
+    for a simulation, on ``sim_nodes`` nodes (:func:`check_resume`)."""
     if not cfg.resume:
         return None
-    checkpoint = latest_checkpoint(folder)
-    check_resume_config(
-        folder, cfg, finished=checkpoint is not None and checkpoint.round >= cfg.num_rounds
-    )
+    folder = run_dir(cfg)
+    checkpoint = check_resume(cfg, folder, sim_nodes)
     if checkpoint is None:
         log(INFO, "resume: no readable checkpoint under %s, starting fresh", folder)
         return None
-    check_checkpoint_fits(cfg, checkpoint, folder)
     log(INFO, "resume: continuing %s after its round-%d checkpoint", folder, checkpoint.round)
     warn_of_lost_server_state(cfg, checkpoint)
     return checkpoint
@@ -401,9 +403,7 @@ def run(grid: Grid, cfg: FedMAEConfig, flower_run_id: int | None = None) -> dict
 def _run_in_folder(
     grid: Grid, cfg: FedMAEConfig, splits: DatasetSplits, sim_nodes: int | None, start: float
 ) -> dict[str, Any]:
-    checkpoint = read_checkpoint(cfg)
-    if checkpoint and sim_nodes is not None:
-        check_resumed_partitions(cfg, sim_nodes)
+    checkpoint = read_checkpoint(cfg, sim_nodes)
     outputs = RunOutputs(cfg, resume_round=checkpoint.round if checkpoint else None)
     partition_summary = report_partitions(cfg, sim_nodes, splits, outputs)
     strategy = build_strategy(
