@@ -202,7 +202,7 @@ def write_report(
         + noise_note(reference, seed_runs or reference),
         "",
         "| factor | value | " + " | ".join(label for _, label in PROTOCOLS) + " | masked PSNR (dB) "
-        "| client peak train MB | MB up / client-round | run wall s |",
+        "| client peak train MiB | MiB up / client-round | run wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     if reference:

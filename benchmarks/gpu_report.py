@@ -191,7 +191,8 @@ ONE_SUBSET_NOTE = (
     "Each run fine-tuned one label subset, before the protocol of docs/eval-protocol.md: that "
     "fine-tune's random-init values alone spanned 51-66 across seeds at this budget "
     "(docs/earlier-results.md), more than the differences below, so its column gives no "
-    "verdict; the linear probe's noise bound is 1.7 points (docs/eval-protocol.md)."
+    "verdict. Their probe used the fixed lr 0.1, for which no noise bound was measured (the "
+    "1.7 points of docs/eval-protocol.md bound the probe whose lr is chosen on validation)."
 )
 
 
