@@ -18,6 +18,7 @@ allowed. Models, training and evaluation take only their section.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import typing
@@ -136,6 +137,8 @@ PLAIN_NAME = (
     "a plain folder name (no '/' or '\\', not starting with '.'), e.g. fedmae-fmnist",
 )
 POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+# inf passed ">= 0" and, e.g. as dp-noise-multiplier, turned the whole model into NaN
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
 OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
 HALF_OPEN_UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
 
@@ -322,7 +325,7 @@ class TrainConfig:
                 "batch_size": AT_LEAST_1,
                 "client_threads": AT_LEAST_1,
                 "lr": POSITIVE,
-                "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                "weight_decay": NON_NEGATIVE,
                 "crop_scale_min": HALF_OPEN_UNIT,
             },
         )
@@ -494,10 +497,10 @@ class RobustConfig:
                 "krum_keep": AT_LEAST_0,
                 "server_lr": POSITIVE,
                 "server_tau": POSITIVE,
-                "proximal_mu": (lambda v: v >= 0, "a number >= 0"),
-                "dp_noise_multiplier": (lambda v: v >= 0, "a number >= 0"),
+                "proximal_mu": NON_NEGATIVE,
+                "dp_noise_multiplier": NON_NEGATIVE,
                 "dp_clipping_norm": POSITIVE,
-                "max_update_norm": (lambda v: v >= 0, "a number >= 0"),
+                "max_update_norm": NON_NEGATIVE,
                 "max_examples": AT_LEAST_0,
             },
         )
@@ -662,8 +665,11 @@ def _coerce(key: Key, value: Any, source: str) -> Any:
 def _check_keys(values: dict[str, Any], source: str) -> None:
     for name in values:
         if name not in KEYS:
+            near = difflib.get_close_matches(str(name).lower().replace("_", "-"), KEYS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(
-                f"Unknown config key '{name}' in {source}. Allowed keys: {', '.join(sorted(KEYS))}."
+                f"Unknown config key '{name}' in {source}{hint}. "
+                f"Allowed keys: {', '.join(sorted(KEYS))}."
             )
 
 

@@ -551,3 +551,107 @@ def test_qfedavg_steps_from_the_active_tensors_and_reads_the_nodes_loss_key(tiny
     aggregator = QFedAvg(client_learning_rate=0.1, train_loss_key="train-loss")
     change, _ = _first_round_update(_with_aggregator(cfg, aggregator), cfg, tiny_overrides)
     assert 0 < change < float("inf")
+
+
+class _PoisonedFedAdam(FedAdam):
+    """FedAdam whose step, once ``poison`` is set, returns NaN (as QFedAvg's q-th power of a
+    negative loss, or a server optimizer with tau 0, did) after updating its moments."""
+
+    poison = False
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.poison and arrays is not None:
+            arrays = ArrayRecord(
+                {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}
+            )
+        return arrays, metrics
+
+
+class _RaisingFedAvg(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        raise ValueError("cannot weigh these replies")
+
+
+def test_a_non_finite_or_failed_aggregate_keeps_the_model_and_the_optimizer_state(caplog):
+    """The combined result was checked for keys and shapes only: one NaN step became the
+    global model (every later reply then rejected against it) and the exported backbone, and
+    an aggregator raising on node-made values ended the run."""
+    keys = ["a", "b"]
+    sound = [reply({k: np.full((2, 3), 1.0 + i, np.float32) for k in keys}) for i in range(2)]
+    start = stage_arrays(keys, 0.0)
+    hit = ActiveAggregation(_PoisonedFedAdam(eta=0.1), "num-examples")
+    after_1 = hit.combine(start, sound, 0, 1)
+    saved = {k: v.copy() for k, v in hit.state().items()}
+    hit.strategy.poison = True
+    assert hit.combine(after_1, sound, 0, 2) is None
+    assert "round 2: the aggregator _PoisonedFedAdam combined the sound replies into NaN" in (
+        caplog.text
+    )
+    state = hit.state()
+    assert state.keys() == saved.keys() and all(np.array_equal(state[k], saved[k]) for k in saved)
+    hit.strategy.poison = False
+    clean = ActiveAggregation(FedAdam(eta=0.1), "num-examples")
+    expected = clean.combine(clean.combine(start, sound, 0, 1), sound, 0, 2)
+    got = hit.combine(after_1, sound, 0, 3)  # as if round 2 had never been
+    assert all(np.array_equal(got[k].numpy(), expected[k].numpy()) for k in keys)
+
+    raising = ActiveAggregation(_RaisingFedAvg(), "num-examples")
+    assert raising.combine(start, sound, 0, 1) is None
+    assert "failed on the sound replies (ValueError: cannot weigh these replies)" in caplog.text
+    assert raising.state()["steps"].tolist() == [0]
+
+
+def test_a_server_optimizer_without_a_positive_tau_is_refused():
+    """FedAdam(tau=0) turned a round whose replies equal the model into 0/0 = NaN."""
+    for tau in (0.0, -1e-3, float("inf")):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+            ActiveAggregation(FedAdam(eta=0.1, tau=tau), "num-examples")
+
+
+@pytest.mark.parametrize("loss", [None, -0.5], ids=["missing", "negative"])
+def test_qfedavg_rejects_a_reply_whose_loss_it_cannot_weigh(loss, tiny_overrides, caplog):
+    """One node leaving train-loss out crashed the ServerApp (QFedAvg raised on the replies),
+    a negative one turned every tensor into NaN (its q-th power): that reply is rejected now."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    cfg = resolve_config(tiny_overrides)
+    strategy = _with_aggregator(cfg, QFedAvg(client_learning_rate=0.1, train_loss_key="train-loss"))
+    grid = InProcessGrid(6, tiny_overrides)
+    tampered: list[int] = []
+
+    def tamper(msg):
+        if not tampered:
+            tampered.append(msg.metadata.src_node_id)
+            metrics = msg.content["metrics"]
+            if loss is None:
+                del metrics["train-loss"]
+            else:
+                metrics["train-loss"] = loss
+        return msg
+
+    grid.tamper = tamper
+    initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, 0).items()})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    after, record = strategy.aggregate_train(1, grid.send_and_receive(sent))
+    assert record["rejected-metrics"] == 1 and record["clients"] == 2
+    assert f"reply from node {tampered[0]} rejected (metrics): 'train-loss' missing or" in (
+        caplog.text
+    )
+    assert all(np.all(np.isfinite(v.numpy())) for v in after.values())
+    assert any(not np.array_equal(after[k].numpy(), initial[k].numpy()) for k in after)
+
+
+def test_a_state_of_the_stage_before_the_checkpoint_s_round_restarts_the_stage(caplog):
+    """Checkpoints written after a stage's first round lost every reply named the stage before
+    (the aggregation marked a stage only when it combined); such a state is a finished stage's,
+    which the run that never stopped would have reset: it resumes afresh, not refused."""
+    cfg = resolve_config({"aggregation": "fedadam"})
+    rounds = cfg.schedule.rounds_per_stage
+    model = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state(cfg.model, 0).items()})
+    stale = {"stage": np.array([0]), "steps": np.array([rounds]), "m_t/w": np.zeros(2),
+             "v_t/w": np.zeros(2)}  # fmt: skip
+    strategy = build_strategy(cfg, first_round=rounds + 2)  # round rounds + 1: stage 1
+    strategy.restore_server_state(stale, model)
+    assert strategy.server_state() == {}
+    assert "aggregation state is of stage 0, which ended; stage 1 goes on afresh" in caplog.text

@@ -43,6 +43,12 @@ def test_defaults_and_overrides():
 def test_unknown_key_names_it_and_the_allowed_keys():
     with pytest.raises(ConfigError, match=r"Unknown config key 'dept'.*Allowed keys:.*depth"):
         resolve_config({"dept": 3})
+    for typo, meant in (("dept", "depth"), ("mask_ratio", "mask-ratio"), ("Depth", "depth")):
+        with pytest.raises(ConfigError, match=f"'{typo}' in .*did you mean '{meant}'"):
+            resolve_config({typo: 3})
+    with pytest.raises(ConfigError) as refused:
+        resolve_config({"zzzz": 3})
+    assert "did you mean" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -67,6 +73,9 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         # decodable training image', which read as a data problem
         ({"in-chans": 2}, r"'in-chans': 2. Allowed: 1 or 3 \(every image source decodes"),
         ({"lr": float("inf")}, r"'lr': inf. Allowed: a finite number > 0"),
+        # inf passed '>= 0': the run ended with a NaN backbone, or failed blaming the nodes
+        ({"dp-noise-multiplier": float("inf")}, r"'dp-noise-multiplier': inf. Allowed: a finite"),
+        ({"weight-decay": float("inf")}, r"'weight-decay': inf. Allowed: a finite number >= 0"),
         # Flower trims int(0.2 x 3) = 0 replies at each end: a plain mean that one node moves
         (
             {"aggregation": "fedtrimmedavg", "trim-fraction": 0.2, "clients-per-round": 3},

@@ -504,3 +504,36 @@ def test_a_resume_names_the_rounds_whose_metrics_lines_were_lost(cpu_overrides, 
     outputs.append_metrics({"round": 2})
     RunOutputs(cfg, resume_round=3)
     assert "has no line" not in caplog.text
+
+
+def test_a_run_resumes_after_a_stage_s_first_round_lost_every_reply(cpu_overrides, caplog):
+    """Round 3, the first of stage 1, brought only error replies (every node timed out) and the
+    server died in round 4: the round-3 checkpoint named stage 0 (the aggregation marked a
+    stage only when it combined), and the resume was refused as 'another config'."""
+    from flwr.app import Error, Message
+
+    grid = LocalGrid(6, cpu_overrides)
+
+    def tamper(reply):
+        sent = grid.sent[-1]
+        server_round = sent.content["config"]["server-round"]
+        if server_round == 4:
+            raise ServerCrash("server died in round 4")
+        return (
+            Message(Error(code=0, reason="timed out"), reply_to=sent)
+            if server_round == 3
+            else reply
+        )
+
+    grid.tamper = tamper
+    with pytest.raises(ServerCrash):
+        run(grid, resolve_config(cpu_overrides))
+    run_dir = Path(cpu_overrides["output-dir"]) / cpu_overrides["run-name"]
+    assert _checkpoint_rounds(run_dir)[-1] == 3
+    assert "round 3: no sound reply with examples (3 rejected" in caplog.text
+    state = load_file(run_dir / "checkpoints" / "round-0003.safetensors")
+    assert state["server-state/stage"].tolist() == [1]
+    resumed = {**cpu_overrides, "resume": True}
+    summary = run(LocalGrid(6, resumed), resolve_config(resumed))
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+    assert summary["stages"] and len(summary["stages"]) == 2

@@ -167,6 +167,34 @@ def test_error_and_empty_replies_do_not_crash(setup):
     assert arrays is not None
 
 
+def test_a_reply_that_is_no_message_is_rejected_in_train_and_evaluate(setup):
+    """triage rejects it as malformed, but ordering the replies by sender read its metadata
+    first and raised (AttributeError): a Grid of one's own that passes None ended the run."""
+    cfg, strategy, grid = setup
+    messages = list(strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), grid))
+    _, entry = strategy.aggregate_train(1, [*grid.send_and_receive(messages), None])
+    assert (entry["clients"], entry["rejected-malformed"]) == (3, 1)
+    assert strategy.aggregate_evaluate(2, [None]) is None
+
+
+def test_evaluation_metrics_named_as_the_server_s_count_are_left_out(setup, caplog):
+    """A node reporting rejected=99 put it into the record Flower keeps
+    (Result.evaluate_metrics_clientapp), beside the server's own count of that name."""
+    cfg, strategy, grid = setup
+    arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1, 2])
+    messages = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid))
+
+    def forge(reply: Message) -> Message:
+        reply.content["metrics"]["rejected"] = 99.0
+        return reply
+
+    grid.tamper = forge
+    record = strategy.aggregate_evaluate(2, grid.send_and_receive(messages))
+    assert record is not None and "rejected" not in record and record["eval-loss"] > 0
+    assert "evaluation metric 'rejected' is named as the server's own key" in caplog.text
+    assert strategy.evaluation_of(2)[1]["rejected"] == 0
+
+
 def test_evaluate_runs_only_at_stage_ends(setup):
     cfg, strategy, grid = setup
     arrays, _ = run_rounds(strategy, grid, initial_arrays(cfg), [1])

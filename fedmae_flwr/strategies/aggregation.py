@@ -268,6 +268,12 @@ class ActiveAggregation:
             self._momentum_keys = list(buffers["momentum"])
         self._stage, self._steps = stage, steps
 
+    @property
+    def loss_key(self) -> str | None:
+        """The metric the aggregator weighs each reply by besides its examples (QFedAvg's
+        loss), which a sound train reply must then report as a finite number >= 0."""
+        return self.strategy.train_loss_key if isinstance(self.strategy, QFedAvg) else None
+
     def summary(self) -> None:
         log(INFO, "\t│\t└──aggregator: %s | server-side DP: %s", type(self.strategy).__name__,
             "off" if self.dp is None else f"noise x{self.dp.noise_multiplier:g}, clip "
@@ -280,7 +286,7 @@ class ActiveAggregation:
 
         ``sound`` is not modified.
         """
-        if stage != self._stage:
+        if stage != self._stage:  # also with no sound reply: the state names its stage
             reset_server_state(self.strategy)
             self._stage, self._steps, self._momentum_keys = stage, 0, None
         if not sound:
@@ -313,14 +319,39 @@ class ActiveAggregation:
             log(WARNING, "FedMAE: FedTrimmedAvg with beta %g trims int(beta x replies) at each "
                 "end, none of round %d's %d sound replies: a plain mean, which one node can "
                 "move", self.strategy.beta, server_round, len(replies))  # fmt: skip
+        before = {k: np.array(v) for k, v in self.state().items()}  # copies: steps may mutate
         self._steps += 1
-        combined, _ = self.strategy.aggregate_train(self._steps, replies)
-        if combined is None:
+        name = type(self.strategy).__name__
+        try:
+            combined, _ = self.strategy.aggregate_train(self._steps, replies)
+        except Exception as err:
+            # It reads node-made values (e.g. QFedAvg's losses): one reply must not end the run.
+            # A broken aggregator still ends it, at the stage end (no round aggregated).
+            log(WARNING, "FedMAE: round %d: the aggregator %s failed on the sound replies "
+                "(%s: %s); the model and the aggregator's state stay as they were",
+                server_round, name, type(err).__name__, err)  # fmt: skip
+            self._restore(before)
             return None
-        combined = _conform(combined, current, type(self.strategy).__name__)
+        if combined is None:
+            self._restore(before)
+            return None
+        combined = _conform(combined, current, name)
         if self.dp is not None:
             combined = self.dp.add_noise(combined, len(sound), server_round)
+        if bad := [k for k, v in combined.items() if not np.all(np.isfinite(v.numpy()))]:
+            # Each reply was finite; its combination need not be (QFedAvg's q-th power of a
+            # loss, a server optimizer with tau 0, DP noise of std inf). Kept, it would poison
+            # every later round and the exported backbone.
+            log(WARNING, "FedMAE: round %d: the aggregator %s combined the sound replies into "
+                "NaN or inf (%d tensors, e.g. '%s'); the model and the aggregator's state stay "
+                "as they were", server_round, name, len(bad), bad[0])  # fmt: skip
+            self._restore(before)
+            return None
         return combined
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        """Back to ``state`` (taken before a step whose result is not used)."""
+        self.load_state(state)
 
 
 def keeps_server_state(strategy: Strategy) -> bool:
@@ -435,6 +466,13 @@ def _check_aggregator(strategy: object, weighted_by_key: str) -> None:
         raise ValueError(
             f"aggregator FedProx: proximal_mu must be a finite number >= 0, got "
             f"{strategy.proximal_mu!r} (the nodes would refuse it in every round)"
+        )
+    if isinstance(strategy, FedOpt) and not (
+        isinstance(strategy.tau, int | float) and 0 < strategy.tau < math.inf
+    ):
+        raise ValueError(
+            f"aggregator {type(strategy).__name__}: tau must be a finite number > 0, got "
+            f"{strategy.tau!r} (it divides each step: 0 turns an unchanged model into NaN)"
         )
     if isinstance(strategy, QFedAvg) and strategy.train_loss_key != TRAIN_LOSS_KEY:
         raise ValueError(

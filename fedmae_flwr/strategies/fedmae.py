@@ -66,7 +66,7 @@ from fedmae_flwr.strategies.aggregation import (
 )
 from fedmae_flwr.strategies.node_keys import NodeKeys
 from fedmae_flwr.strategies.prefix_cache import PrefixCache
-from fedmae_flwr.strategies.replies import UNUSABLE, ReplyRules, Triage, triage
+from fedmae_flwr.strategies.replies import UNUSABLE, ReplyRules, Triage, src_node, triage
 from fedmae_flwr.strategies.sampling import fixed_nodes, seeded_sample, wait_for_nodes
 from fedmae_flwr.strategies.stage_guard import StageGuard
 from fedmae_flwr.strategies.stage_plan import StagePlan, StateFactory, num_blocks
@@ -324,7 +324,15 @@ class FedMAE(FedAvg):
             last = self.first_round - 1
             stage = self.plan.stage_of(last)
             saved = state.get("stage")
-            if saved is not None and np.asarray(saved).reshape(-1).tolist() != [stage]:
+            saved_stage = np.asarray(saved).reshape(-1).tolist() if saved is not None else None
+            if saved_stage is not None and len(saved_stage) == 1 and saved_stage[0] < stage:
+                # Saved before a stage's first round with no sound reply (by code that did not
+                # yet mark the stage then): the state of a finished stage, which the
+                # uninterrupted run would have reset at this stage's first combine.
+                log(INFO, "FedMAE: the restored aggregation state is of stage %s, which ended; "
+                    "stage %d goes on afresh, as it would have", saved_stage[0], stage)  # fmt: skip
+                state = {}
+            elif saved_stage is not None and saved_stage != [stage]:
                 raise ValueError(
                     f"server state of stage {np.asarray(saved).reshape(-1).tolist()}, but round "
                     f"{last} (first_round - 1) is in stage {stage}"
@@ -484,14 +492,22 @@ class FedMAE(FedAvg):
         sorted_replies = self._triage(replies, expected=active, senders=self._sampled)
         # A node that sent nothing usable may have crashed and lost its prefix with its state:
         # it gets the prefix again with its next message instead of wasting a round on saying so.
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {src_node(m) for m in replies}
         self._prefix.forget([n for n in self._sampled if n not in replied])
         self._ledger.add(run_round, sorted_replies, self.weighted_by_key)
-        client_metrics, combined = MetricRecord(), None
-        if sorted_replies.sound:  # combine() keeps the active tensors' dtypes (pinned)
-            combined = self.aggregation.combine(
-                active, sorted_replies.sound, self.plan.stage_of(run_round), run_round
-            )
+        client_metrics = MetricRecord()
+        # Called without sound replies too: the aggregation's state (checkpointed) then names
+        # this round's stage, so a run resumed after a round that lost every reply goes on.
+        # combine() keeps the active tensors' dtypes (pinned).
+        combined = self.aggregation.combine(
+            active, sorted_replies.sound, self.plan.stage_of(run_round), run_round
+        )
+        if not sorted_replies.sound:
+            log(WARNING, "FedMAE: round %d: no sound reply with examples (%d rejected, %d "
+                "without examples, %d lacked the prefix); the model stays as it was", run_round,
+                sorted_replies.rejected, sorted_replies.empty,
+                len(sorted_replies.prefix_missing))  # fmt: skip
+        else:
             if combined is None:  # e.g. Bulyan with too few replies: it logged why
                 name = type(self.aggregation.strategy).__name__
                 log(WARNING, "FedMAE: round %d: the aggregator %s combined none of the %d sound "
@@ -540,6 +556,10 @@ class FedMAE(FedAvg):
         sorted_replies = self._triage(replies, expected=None, senders=self._evaluated)
         sound = sorted_replies.sound
         record = self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
+        if record is not None and EVALUATION_REJECTED in record:  # the server's count, below
+            log(WARNING, "FedMAE: round %d: the nodes' evaluation metric '%s' is named as the "
+                "server's own key and is left out", server_round, EVALUATION_REJECTED)  # fmt: skip
+            record = MetricRecord({k: v for k, v in record.items() if k != EVALUATION_REJECTED})
         if self._evaluated:  # for evaluation_of, with the rejections, sound replies or not
             kept = MetricRecord(dict(record.items()) if record is not None else {})
             kept[EVALUATION_REJECTED] = sorted_replies.rejected
@@ -567,7 +587,9 @@ class FedMAE(FedAvg):
     def _triage(
         self, replies: Iterable[Message], expected: ArrayRecord | None, senders: list[int]
     ) -> Triage:
-        rules = ReplyRules(self.weighted_by_key, self.max_update_norm, self.max_examples)
+        rules = ReplyRules(
+            self.weighted_by_key, self.max_update_norm, self.max_examples, self.aggregation.loss_key
+        )
         out = triage(replies, expected, self.weighted_by_key, rules, senders=set(senders))
         if out.prefix_missing:
             log(WARNING, "FedMAE: %d nodes lack prefix %s; it goes with their next message",

@@ -26,6 +26,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedmae_flwr.strategies.replies import src_node
+
 # Query: config {QUERY_FIELD: NODE_KEY}; reply: config {NODE_KEY: "<key>"}.
 QUERY_FIELD = "fedmae-query"
 NODE_KEY = "node-key"
@@ -104,5 +106,5 @@ class NodeKeys:
     def order_replies(self, replies: Iterable[Message]) -> list[Message]:
         """``replies`` ordered by their sender's key, ties in arrival order."""
         replies = list(replies)
-        rank = {n: i for i, n in enumerate(self.order({m.metadata.src_node_id for m in replies}))}
-        return sorted(replies, key=lambda m: rank[m.metadata.src_node_id])
+        rank = {n: i for i, n in enumerate(self.order({src_node(m) for m in replies}))}
+        return sorted(replies, key=lambda m: rank[src_node(m)])  # -1: no sender (rejected)

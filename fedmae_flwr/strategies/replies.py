@@ -77,11 +77,14 @@ class ReplyRules:
         max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
             than this multiple of the sent tensors' norm; 0 = no bound.
         max_examples: reject a reply claiming more examples than this; None = no cap.
+        loss_key: a train reply with examples must report a finite number >= 0 under this
+            metric (an aggregator that weighs by the loss: QFedAvg); None = not required.
     """
 
     weight_key: str = "num-examples"
     max_update_norm: float = 0.0
     max_examples: float | None = None
+    loss_key: str | None = None
 
 
 @dataclass
@@ -131,7 +134,7 @@ def triage(
     reference = _Reference.of(expected, rules)
     out, heard = Triage(), set()
     for msg in replies:
-        node = _src_node(msg)
+        node = src_node(msg)
         rejection = _unexpected(msg, node, senders, heard)
         if rejection is None and prefix_missing(msg):
             out.prefix_missing.append(node)
@@ -245,6 +248,12 @@ def _check(
         )
     if expected is None or weight == 0:
         return None  # evaluation, or an empty node: nothing to aggregate, nothing wrong
+    if rules.loss_key is not None and not metrics.get(rules.loss_key, -1) >= 0:  # type: ignore[operator]
+        return Rejection(
+            METRICS,
+            f"'{rules.loss_key}' missing or negative ({metrics.get(rules.loss_key)!r:.40}): the "
+            "aggregator weighs each reply by it",
+        )
     if len(content.array_records) != 1:
         return Rejection(ARRAYS, f"expected one ArrayRecord, got {len(content.array_records)}")
     arrays = next(iter(content.array_records.values()))
@@ -315,7 +324,8 @@ def finite_number(value: object) -> bool:
     return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
 
 
-def _src_node(msg: Message) -> int:
+def src_node(msg: Message) -> int:
+    """The reply's sender, or -1 where it names none (not a Message, broken metadata)."""
     try:
         return int(msg.metadata.src_node_id)
     except Exception:
