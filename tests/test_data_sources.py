@@ -189,6 +189,42 @@ def test_hidden_folders_and_classes_without_images_are_ignored(tmp_path: Path) -
     assert splits.train.labels.tolist() == [0, 1]  # b = 0, c = 1: 'a' shifts no index
 
 
+def test_a_link_back_into_the_folder_lists_no_image_twice(tmp_path: Path, caplog) -> None:
+    """torchvision's walk followed 'cats/all -> ..' ~40 levels deep: 6 images became 246, the
+    dogs read 40 more times as cats. A folder linked from elsewhere is still read."""
+    import os
+
+    for name in ("cats", "dogs"):
+        for i in range(3):
+            write(
+                tmp_path / "ds" / name / f"{i}.png", encoded(rng_image("RGB", (20, 20), i), "PNG")
+            )
+    write(tmp_path / "elsewhere" / "3.png", encoded(rng_image("RGB", (20, 20), 3), "PNG"))
+    os.symlink("..", tmp_path / "ds" / "cats" / "all")
+    os.symlink(tmp_path / "ds" / "dogs", tmp_path / "ds" / "cats" / "dogs-too")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "ds" / "dogs" / "more")
+    splits, stats = load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)
+    assert stats.loaded == 7 and splits.train.labels.bincount().tolist() == [3, 4]
+    assert "2 linked folders skipped" in caplog.text
+
+
+def test_a_file_name_that_is_no_utf8_does_not_stop_the_cache(tmp_path: Path) -> None:
+    """The node cache's fingerprint encoded each path as UTF-8: one Latin-1 name anywhere under
+    data-path made every node unusable (UnicodeEncodeError)."""
+    import os
+
+    from fedmae_flwr.data.node_cache import source_fingerprint
+
+    write(tmp_path / "ds" / "a" / "0.png", encoded(rng_image("RGB", (20, 20), 0), "PNG"))
+    before = source_fingerprint.__wrapped__("imagefolder", str(tmp_path / "ds"))
+    latin1 = os.path.join(os.fsencode(tmp_path / "ds" / "a"), b"caf\xe9.png")
+    with open(latin1, "wb") as out:
+        out.write(encoded(rng_image("RGB", (20, 20), 1), "PNG"))
+    after = source_fingerprint.__wrapped__("imagefolder", str(tmp_path / "ds"))
+    assert len(after) == 64 and after != before
+    assert load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)[1].loaded == 2
+
+
 def test_sixteen_bit_and_float_scale_by_range(tmp_path: Path) -> None:
     values = np.array([[65535, 257 * 100], [0, 257]], dtype=np.uint16)
     path = write(tmp_path / "deep.png", encoded(Image.fromarray(values), "PNG"))
@@ -220,6 +256,14 @@ def test_decompression_bomb_is_a_skip(tmp_path: Path, monkeypatch: pytest.Monkey
     stats = DecodeStats()
     assert decode_file(path, 3, 8, stats) is None
     assert stats.skipped == 1 and "DecompressionBombError" in stats.skipped_files[0]
+    # Between the limit and 2x it PIL only warns and decodes it whole (650 MB for a 0.5 MB
+    # PNG of 13000 x 13000): a skip too, except for JPEG, which decodes at 1/8 scale (draft).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    stats = DecodeStats()
+    assert decode_file(path, 3, 8, stats) is None
+    assert "over PIL's MAX_IMAGE_PIXELS (3000)" in stats.skipped_files[0]
+    jpeg = write(tmp_path / "big.jpg", encoded(rng_image("RGB", (64, 64), 0), "JPEG"))
+    assert decode_file(jpeg, 3, 8, DecodeStats()) is not None
 
 
 def test_alpha_and_palette_composite_over_black() -> None:

@@ -5,8 +5,9 @@ Three layouts, checked in this order:
 (a) ``path/train/...`` plus one of ``path/test``, ``path/val``, ``path/validation`` (first that
     exists): those splits as given. Each split is itself laid out as (b) or (c), both the same.
     Without a test folder, the test set is split off ``train`` as in (b)/(c).
-(b) ``path/<class>/**/*.ext``: labelled, as torchvision's ``ImageFolder`` (its ``make_dataset``
-    lists the files): classes sorted by folder name, sub-folders of a class searched too;
+(b) ``path/<class>/**/*.ext``: labelled, as torchvision's ``ImageFolder`` (files in the order of
+    its ``make_dataset``, links followed, but each real folder entered once:
+    :mod:`.file_tree`): classes sorted by folder name, sub-folders of a class searched too;
     ``test_fraction`` of each class goes to the test set, seeded.
 (c) ``path/*.ext`` (files directly in ``path``, no class folders): unlabelled, labels ``-1`` and
     ``num_classes`` 0; seeded split.
@@ -19,12 +20,14 @@ without images is no class. A file that fails to decode is skipped and counted i
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 
 import torch
-from torchvision.datasets.folder import make_dataset
+from flwr.common import log
 
 from fedmae_flwr.data.decode import IMAGE_EXTENSIONS, DecodeStats, decode_train_test
+from fedmae_flwr.data.file_tree import real_paths, walk_files
 from fedmae_flwr.data.images import DatasetSplits, channel_stats, train_first_order
 
 __all__ = ["TEST_DIRS", "load_image_folder"]
@@ -45,10 +48,20 @@ def _scan(folder: Path) -> tuple[list[Path], list[str] | None]:
 
     subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
-        class_to_idx = {name: i for i, name in enumerate(subdirs)}
-        samples = make_dataset(folder, class_to_idx, is_valid_file=is_image, allow_empty=True)
-        if samples:
-            return [Path(path) for path, _ in samples], [subdirs[i] for _, i in samples]
+        # torchvision's make_dataset, entering each real folder once (see .file_tree)
+        seen = real_paths([folder, *(folder / name for name in subdirs)])
+        files, classes, looped = [], [], 0
+        for name in subdirs:
+            found, skipped = walk_files(folder / name, seen, is_image)
+            files += found
+            classes += [name] * len(found)
+            looped += skipped
+        if looped:
+            log(WARNING, "%s: %d linked folders skipped: each links to a folder already listed "
+                "(a link back into the folder, or to another class), whose images would be "
+                "listed again under this class", folder, looped)  # fmt: skip
+        if files:
+            return files, classes
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image(str(p)))
     return files, None
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from flwr.common import log
 
+from fedmae_flwr.data.file_tree import walk_files
 from fedmae_flwr.data.images import ImageSet, NodeData
 
 __all__ = ["CACHE_VERSION", "ENV_VAR", "cached_node_data", "resolve_cache_dir"]
@@ -82,18 +83,18 @@ def source_fingerprint(dataset: str, path: str) -> str:
     root = Path(path).expanduser()
     if not root.exists():  # a hub id, or a path that will fail to load anyway
         return hashlib.sha256(f"{dataset}\0{path}".encode()).hexdigest()
-    digest = hashlib.sha256(f"{dataset}\0{root.resolve()}".encode())
-    files = [root] if root.is_file() else []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs.sort()
-        files.extend(Path(folder) / name for name in sorted(names))
+    # Names as the OS gives them (os.fsencode): a name that is no UTF-8 (a Latin-1 camera or
+    # share) failed .encode() and made every node unusable.
+    digest = hashlib.sha256(f"{dataset}\0".encode() + os.fsencode(root.resolve()))
+    files = [root] if root.is_file() else walk_files(root, set())[0]
     for file in files:
+        digest.update(b"\0" + os.fsencode(file.relative_to(root)))
         try:
             stat = file.stat()
         except OSError:  # vanished or a broken link: part of the content as "missing"
-            digest.update(f"\0{file.relative_to(root)}\0missing".encode())
+            digest.update(b"\0missing")
             continue
-        digest.update(f"\0{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        digest.update(f"\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
