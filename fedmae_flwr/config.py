@@ -137,6 +137,8 @@ PLAIN_NAME = (
     "a plain folder name (no '/' or '\\', not starting with '.'), e.g. fedmae-fmnist",
 )
 POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+# seed + partition id seeds torch generators (int64): 2**64 overflowed in the split
+SEED = (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 # inf passed ">= 0" and, e.g. as dp-noise-multiplier, turned the whole model into NaN
 NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
 OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -236,8 +238,12 @@ class ModelConfig:
                     f"a divisor of decoder-embed-dim ({self.decoder_embed_dim})",
                 ),
                 "embed_dim": (
-                    lambda v: v % 4 == 0 and self.decoder_embed_dim % 4 == 0,
-                    "a multiple of 4 (2-D sin-cos position table), as is decoder-embed-dim",
+                    lambda v: v % 4 == 0,
+                    "a multiple of 4 (2-D sin-cos position table)",
+                ),
+                "decoder_embed_dim": (
+                    lambda v: v % 4 == 0,
+                    "a multiple of 4 (2-D sin-cos position table)",
                 ),
             },
         )
@@ -418,6 +424,46 @@ class EvalConfig:
                 self.finetune_lr_grid,
                 "a single lr while finetune-val-fraction is 0 (a grid is chosen on validation)",
             )
+        # The validation shares need 2 images (one to fit, one to score): accepted before, a
+        # probe or fine-tune on 1 failed after the whole pretraining, with no summary.
+        if len(self.probe_lrs) > 1 and self.probe_train_images < 2:
+            raise _bad(
+                "probe_train_images",
+                self.probe_train_images,
+                "at least 2 while probe-lr-grid holds several lrs (a validation share picks one)",
+            )
+        if self.finetune_labels == 1 and self.finetune_val_fraction > 0:
+            raise _bad("finetune_labels", 1, "0, or at least 2 while finetune-val-fraction > 0")
+
+    def check_labelled_images(self, count: int) -> None:
+        """ConfigError where the downstream evaluation cannot run on a source of ``count``
+        labelled training images (0: it is skipped), as it would find out after the whole
+        pretraining: validation shares of fewer than 2 images, more disjoint fine-tuning
+        subsets than the images hold."""
+        if count == 0:
+            return
+        have = f"the source has {count} labelled training images"
+        if len(self.probe_lrs) > 1 and min(self.probe_train_images, count) < 2:
+            raise ConfigError(
+                f"{have}: the linear probe chooses its lr from probe-lr-grid "
+                f"'{self.probe_lr_grid}' on a validation share, which needs at least 2. "
+                "Set a single lr (probe-lr-grid='0.1') or add labelled images."
+            )
+        if not self.finetune_labels:
+            return
+        if self.finetune_subsets > 1 and self.finetune_subsets * self.finetune_labels > count:
+            raise ConfigError(
+                f"{have}: finetune-subsets={self.finetune_subsets} disjoint subsets of "
+                f"finetune-labels={self.finetune_labels} need "
+                f"{self.finetune_subsets * self.finetune_labels}. Lower either (allowed: "
+                f"subsets x labels <= {count}), or finetune-labels=0 to skip fine-tuning."
+            )
+        if self.finetune_val_fraction > 0 and min(self.finetune_labels, count) < 2:
+            raise ConfigError(
+                f"{have}: fine-tuning holds out finetune-val-fraction="
+                f"{self.finetune_val_fraction} of its labels for validation, which needs at "
+                "least 2. Set finetune-val-fraction=0 or finetune-labels=0, or add images."
+            )
 
     @property
     def probe_lrs(self) -> tuple[float, ...]:
@@ -548,7 +594,7 @@ class FedMAEConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
-        _check(self, {"local_clients": AT_LEAST_1, "run_name": PLAIN_NAME, "seed": AT_LEAST_0})
+        _check(self, {"local_clients": AT_LEAST_1, "run_name": PLAIN_NAME, "seed": SEED})
         if self.model.in_chans not in (1, 3):  # ModelConfig alone (the plugin's) takes any
             raise _bad(
                 "in-chans",

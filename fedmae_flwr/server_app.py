@@ -301,9 +301,12 @@ def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int, folder: Path | N
 
 def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:
     """ConfigError, at the start, for a source with no test image: the PSNR after each stage
-    and the downstream scores are measured on them (it failed after the first stage)."""
+    and the downstream scores are measured on them (it failed after the first stage); or with
+    too few labelled images for the downstream evaluation (it failed after the pretraining)."""
     if not len(splits.test):
         raise ConfigError(_no_test_images_message(cfg, splits))
+    if splits.num_classes:  # and what the downstream evaluation needs of the labelled ones
+        cfg.eval.check_labelled_images(len(splits.labelled().train))
 
 
 def _no_test_images_message(cfg: FedMAEConfig, splits: DatasetSplits) -> str:

@@ -66,7 +66,9 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         ({"run-name": ".."}, r"'run-name': '..'. Allowed: a plain folder name"),
         ({"run-name": "/etc"}, r"'run-name': '/etc'. Allowed: a plain folder name"),
         ({"run-name": "a/b"}, r"'run-name': 'a/b'. Allowed: a plain folder name"),
-        ({"seed": -1}, r"'seed': -1. Allowed: an integer >= 0"),
+        ({"seed": -1}, r"'seed': -1. Allowed: an integer in \[0, 2\*\*32\)"),
+        ({"seed": 2**64}, r"'seed': 18446744073709551616. Allowed: an integer in \[0, 2"),
+        ({"decoder-embed-dim": 6, "decoder-num-heads": 2}, r"'decoder-embed-dim': 6. Allowed: a"),
         # output-dir's own folders; a run named so would be moved aside into itself
         ({"run-name": ".locks"}, r"'run-name': '.locks'. Allowed: .*not starting with '\.'"),
         # accepted before: every image was skipped ('channels must be 1 or 3'), then 'No
@@ -76,6 +78,12 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         # inf passed '>= 0': the run ended with a NaN backbone, or failed blaming the nodes
         ({"dp-noise-multiplier": float("inf")}, r"'dp-noise-multiplier': inf. Allowed: a finite"),
         ({"weight-decay": float("inf")}, r"'weight-decay': inf. Allowed: a finite number >= 0"),
+        # a validation share of 1 image failed after the whole pretraining
+        ({"probe-train-images": 1}, r"'probe-train-images': 1. Allowed: at least 2 while"),
+        (
+            {"finetune-labels": 1, "finetune-val-fraction": 0.5},
+            r"'finetune-labels': 1. Allowed: 0, or at least 2 while finetune-val-fraction > 0",
+        ),
         # Flower trims int(0.2 x 3) = 0 replies at each end: a plain mean that one node moves
         (
             {"aggregation": "fedtrimmedavg", "trim-fraction": 0.2, "clients-per-round": 3},

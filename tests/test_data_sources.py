@@ -225,6 +225,16 @@ def test_a_file_name_that_is_no_utf8_does_not_stop_the_cache(tmp_path: Path) -> 
     assert load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)[1].loaded == 2
 
 
+def test_a_test_fraction_that_takes_every_image_says_so(tmp_path: Path) -> None:
+    """It said 'No decodable training image ... skipped 0', which read as a decoding problem."""
+    image = encoded(rng_image("RGB", (20, 20), 0), "PNG")
+    for name in ("a", "b"):
+        for i in range(3):
+            write(tmp_path / "ds" / name / f"{i}.png", image)
+    with pytest.raises(ValueError, match=r"all 6 images are in its test split .*test-fraction"):
+        load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.9)
+
+
 def test_sixteen_bit_and_float_scale_by_range(tmp_path: Path) -> None:
     values = np.array([[65535, 257 * 100], [0, 257]], dtype=np.uint16)
     path = write(tmp_path / "deep.png", encoded(Image.fromarray(values), "PNG"))

@@ -82,6 +82,27 @@ def test_classes_too_small_for_a_test_split_are_refused_at_the_start_naming_test
     assert summary["data"]["test-images"] == 4 and summary["linear-probe-accuracy"]
 
 
+def test_a_downstream_evaluation_the_source_cannot_hold_is_refused_at_the_start(tmp_path):
+    """finetune-subsets x finetune-labels over the labelled images (full-eval with
+    finetune-subsets=61 on Fashion-MNIST) failed after the whole pretraining, with no
+    summary.json; so did a validation share of 1 image."""
+    for label in range(2):
+        write_images(tmp_path / "ds" / f"class-{label}", 10, seed=label)
+    config = overrides(tmp_path, tmp_path / "ds", **{"test-fraction": 0.2})
+    too_many = {**config, "finetune-labels": 10, "finetune-subsets": 2,
+                "finetune-val-fraction": 0.2, "finetune-epochs": 1}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"has 16 labelled training images: finetune-subsets=2 "
+                       r"disjoint subsets of finetune-labels=10 need 20"):  # fmt: skip
+        run_in_process(too_many, num_nodes=3)
+    assert not (tmp_path / "out" / "small").exists()  # refused before any output
+    one = tmp_path / "one"
+    write_images(one / "train" / "a", 1)
+    write_images(one / "test" / "a", 2, seed=1)
+    with pytest.raises(ConfigError, match=r"has 1 labelled training images: the linear probe"):
+        run_in_process({**overrides(tmp_path, one), "clients-per-round": 1,
+                        "evaluate-clients": 0}, num_nodes=1)  # fmt: skip
+
+
 def test_a_hub_dataset_with_hidden_test_labels_and_unlabelled_rows_runs_to_its_summary(
     tmp_path, monkeypatch
 ):

@@ -292,6 +292,12 @@ def decode_train_test(
     images, kept = _decode_all(sources, len(labels), channels, size, stats, num_workers)
     seconds = time.perf_counter() - start
     num_train_kept = sum(1 for i in kept if i < num_train)
+    if num_train == 0 and len(labels):  # nothing failed to decode: the split left no training file
+        raise ValueError(
+            f"No training image in {description}: all {len(labels)} images are in its test "
+            "split (its own test/ folder, or test-fraction of each class: allowed [0, 1), "
+            "lower it)."
+        )
     if num_train_kept == 0:
         first = "; ".join(stats.skipped_files[:3])
         raise ValueError(
