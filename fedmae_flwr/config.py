@@ -133,8 +133,11 @@ AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0")
 # and the moving aside of an earlier run of that name, outside it or onto output-dir itself.
 # Names starting with '.' are output-dir's own folders (.previous-runs, .locks).
 PLAIN_NAME = (
-    lambda v: v != "" and not v.startswith(".") and "/" not in v and "\\" not in v,
-    "a plain folder name (no '/' or '\\', not starting with '.'), e.g. fedmae-fmnist",
+    lambda v: (
+        v != "" and not v.startswith(".") and "/" not in v and "\\" not in v and len(v) <= 200
+    ),  # room for the suffix of a run moved aside (file names: 255 bytes)
+    "a plain folder name (no '/' or '\\', not starting with '.', at most 200 characters), "
+    "e.g. fedmae-fmnist",
 )
 POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
 # seed + partition id seeds torch generators (int64): 2**64 overflowed in the split

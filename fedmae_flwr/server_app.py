@@ -299,6 +299,18 @@ def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int, folder: Path | N
         )
 
 
+def require_output_dir(cfg: FedMAEConfig) -> None:
+    """ConfigError, before the data is loaded, where ``output-dir`` cannot hold the run (a
+    file on its path, no permission): it failed with a bare OSError after the data loaded."""
+    try:
+        Path(cfg.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Bad value for config key 'output-dir': {cfg.output_dir!r}. Allowed: a folder this "
+            f"server can create and write to ({type(e).__name__}: {e.strerror or e})."
+        ) from e
+
+
 def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:
     """ConfigError, at the start, for a source with no test image: the PSNR after each stage
     and the downstream scores are measured on them (it failed after the first stage); or with
@@ -393,6 +405,7 @@ def run(grid: Grid, cfg: FedMAEConfig, flower_run_id: int | None = None) -> dict
     """The whole run; returns (and writes) the summary. Holds the run folder while it writes
     (:mod:`fedmae_flwr.run_lock`): a second live run of this run-name is refused."""
     start = time.perf_counter()
+    require_output_dir(cfg)
     splits = load_dataset(cfg)
     require_test_images(cfg, splits)
     # A simulation's node count is fixed: checked now, a mismatch could only fail later.

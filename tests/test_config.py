@@ -66,6 +66,7 @@ def test_unknown_key_names_it_and_the_allowed_keys():
         ({"run-name": ".."}, r"'run-name': '..'. Allowed: a plain folder name"),
         ({"run-name": "/etc"}, r"'run-name': '/etc'. Allowed: a plain folder name"),
         ({"run-name": "a/b"}, r"'run-name': 'a/b'. Allowed: a plain folder name"),
+        ({"run-name": "r" * 201}, r"'run-name': 'rrr.*Allowed: .*at most 200 characters"),
         ({"seed": -1}, r"'seed': -1. Allowed: an integer in \[0, 2\*\*32\)"),
         ({"seed": 2**64}, r"'seed': 18446744073709551616. Allowed: an integer in \[0, 2"),
         ({"decoder-embed-dim": 6, "decoder-num-heads": 2}, r"'decoder-embed-dim': 6. Allowed: a"),

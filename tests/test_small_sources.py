@@ -103,6 +103,16 @@ def test_a_downstream_evaluation_the_source_cannot_hold_is_refused_at_the_start(
                         "evaluate-clients": 0}, num_nodes=1)  # fmt: skip
 
 
+def test_an_output_dir_that_cannot_be_a_folder_is_named_before_the_data_loads(tmp_path):
+    """A file on output-dir's path failed with a bare NotADirectoryError after the data loaded."""
+    (tmp_path / "a-file").write_text("not a folder")
+    config = overrides(
+        tmp_path, tmp_path / "nowhere", **{"output-dir": str(tmp_path / "a-file" / "out")}
+    )
+    with pytest.raises(ConfigError, match=r"'output-dir': .*a-file/out'. Allowed: a folder this"):
+        run_in_process(config, num_nodes=3)  # the data-path does not exist: not reached
+
+
 def test_a_hub_dataset_with_hidden_test_labels_and_unlabelled_rows_runs_to_its_summary(
     tmp_path, monkeypatch
 ):
