@@ -317,8 +317,9 @@ def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:
     too few labelled images for the downstream evaluation (it failed after the pretraining)."""
     if not len(splits.test):
         raise ConfigError(_no_test_images_message(cfg, splits))
-    if splits.num_classes:  # and what the downstream evaluation needs of the labelled ones
-        cfg.eval.check_labelled_images(len(splits.labelled().train))
+    labelled = splits.labelled() if splits.num_classes else None
+    if labelled is not None and len(labelled.test):  # else the downstream step is skipped
+        cfg.eval.check_labelled_images(len(labelled.train))
 
 
 def _no_test_images_message(cfg: FedMAEConfig, splits: DatasetSplits) -> str:

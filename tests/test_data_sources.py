@@ -208,6 +208,34 @@ def test_a_link_back_into_the_folder_lists_no_image_twice(tmp_path: Path, caplog
     assert "2 linked folders skipped" in caplog.text
 
 
+def test_without_a_loop_the_folder_lists_what_torchvision_lists(tmp_path: Path) -> None:
+    """The loop guard first skipped every real folder entered once: a link to a hidden folder
+    of the class lost its images, a class linking to another's sub-folder took it away."""
+    import os
+
+    from torchvision.datasets.folder import make_dataset
+
+    from fedmae_flwr.data.imagefolder import _scan
+
+    root = tmp_path / "ds"
+    for rel in ("cats/.store/0.png", "cats/sub/1.png", "cats/a-b/2.png", "cats/a/3.png",
+                "dogs/4.png", "dogs/.hidden/5.png", "out/6.png"):  # fmt: skip
+        write(tmp_path / ("ds" if not rel.startswith("out") else "") / rel, b"x")
+    os.symlink(root / "cats" / ".store", root / "cats" / "visible")
+    os.symlink(root / "cats" / "sub", root / "kittens")
+    os.symlink(tmp_path / "out", root / "cats" / "outside")
+    os.symlink(tmp_path / "out", root / "dogs" / "outside")
+    files, classes = _scan(root)
+    names = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+    def is_image(path: str) -> bool:
+        relative = Path(path).relative_to(root)
+        return not any(part.startswith(".") for part in relative.parts) and path.endswith(".png")
+
+    expected = make_dataset(root, {n: i for i, n in enumerate(names)}, is_valid_file=is_image)
+    assert [(str(f), names.index(c)) for f, c in zip(files, classes, strict=True)] == expected
+
+
 def test_a_file_name_that_is_no_utf8_does_not_stop_the_cache(tmp_path: Path) -> None:
     """The node cache's fingerprint encoded each path as UTF-8: one Latin-1 name anywhere under
     data-path made every node unusable (UnicodeEncodeError)."""
@@ -274,6 +302,8 @@ def test_decompression_bomb_is_a_skip(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "over PIL's MAX_IMAGE_PIXELS (3000)" in stats.skipped_files[0]
     jpeg = write(tmp_path / "big.jpg", encoded(rng_image("RGB", (64, 64), 0), "JPEG"))
     assert decode_file(jpeg, 3, 8, DecodeStats()) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's way to turn its limit off
+    assert decode_file(path, 3, 8, DecodeStats()) is not None
 
 
 def test_alpha_and_palette_composite_over_black() -> None:

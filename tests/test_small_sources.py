@@ -103,6 +103,25 @@ def test_a_downstream_evaluation_the_source_cannot_hold_is_refused_at_the_start(
                         "evaluate-clients": 0}, num_nodes=1)  # fmt: skip
 
 
+def test_the_downstream_check_spares_a_source_whose_downstream_step_is_skipped():
+    """No labelled test image: the downstream evaluation is skipped, so its needs are none (the
+    first check refused preset='full-eval' on such a source, which ran to its summary)."""
+    import torch
+
+    from fedmae_flwr.config import resolve_config
+    from fedmae_flwr.data.images import DatasetSplits, ImageSet
+    from fedmae_flwr.server_app import require_test_images
+
+    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
+    train = ImageSet(images, torch.arange(40) % 2)
+    hidden = ImageSet(images[:10], torch.full((10,), -1))
+    cfg = resolve_config({"preset": "full-eval"})  # 3 subsets of 1,000 labels
+    require_test_images(cfg, DatasetSplits(train, hidden, (0.0,), (1.0,), 2))
+    with pytest.raises(ConfigError, match="need 3000"):
+        labelled = ImageSet(images[:10], torch.arange(10) % 2)
+        require_test_images(cfg, DatasetSplits(train, labelled, (0.0,), (1.0,), 2))
+
+
 def test_an_output_dir_that_cannot_be_a_folder_is_named_before_the_data_loads(tmp_path):
     """A file on output-dir's path failed with a bare NotADirectoryError after the data loaded."""
     (tmp_path / "a-file").write_text("not a folder")

@@ -182,7 +182,11 @@ def _open_image(source: Any, channels: int, size: int) -> Image.Image:
     # draft never goes below the requested size, so the shorter side stays >= size.
     if image.format == "JPEG":
         image.draft("L" if channels == 1 else "RGB", (size, size))
-    elif image.width * image.height > Image.MAX_IMAGE_PIXELS:
+    elif (
+        image.format is not None  # a file PIL has not decoded yet (not an array)
+        and Image.MAX_IMAGE_PIXELS is not None  # None: the user turned PIL's limit off
+        and image.width * image.height > Image.MAX_IMAGE_PIXELS
+    ):
         # PIL only warns up to 2x its limit: a 0.5 MB PNG of 13000 x 13000 took 650 MB (per
         # decoding thread) to give a 32 x 32 image. JPEG decodes at up to 1/8 scale (draft).
         raise ValueError(

@@ -20,6 +20,7 @@ without images is no class. A file that fails to decode is skipped and counted i
 
 from __future__ import annotations
 
+import os
 from logging import WARNING
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from flwr.common import log
 
 from fedmae_flwr.data.decode import IMAGE_EXTENSIONS, DecodeStats, decode_train_test
-from fedmae_flwr.data.file_tree import real_paths, walk_files
+from fedmae_flwr.data.file_tree import walk_files
 from fedmae_flwr.data.images import DatasetSplits, channel_stats, train_first_order
 
 __all__ = ["TEST_DIRS", "load_image_folder"]
@@ -49,17 +50,18 @@ def _scan(folder: Path) -> tuple[list[Path], list[str] | None]:
     subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
         # torchvision's make_dataset, entering each real folder once (see .file_tree)
-        seen = real_paths([folder, *(folder / name for name in subdirs)])
+        roots = frozenset(os.path.realpath(folder / name) for name in subdirs)
+        inside = (os.path.realpath(folder),)
         files, classes, looped = [], [], 0
         for name in subdirs:
-            found, skipped = walk_files(folder / name, seen, is_image)
+            found, skipped = walk_files(folder / name, is_image, roots, True, inside)
             files += found
             classes += [name] * len(found)
             looped += skipped
         if looped:
-            log(WARNING, "%s: %d linked folders skipped: each links to a folder already listed "
-                "(a link back into the folder, or to another class), whose images would be "
-                "listed again under this class", folder, looped)  # fmt: skip
+            log(WARNING, "%s: %d linked folders skipped: each links back to a folder it is in "
+                "(a loop) or to another class's folder, whose images would be listed (again) "
+                "under the linking class", folder, looped)  # fmt: skip
         if files:
             return files, classes
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image(str(p)))

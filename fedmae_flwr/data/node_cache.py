@@ -86,7 +86,7 @@ def source_fingerprint(dataset: str, path: str) -> str:
     # Names as the OS gives them (os.fsencode): a name that is no UTF-8 (a Latin-1 camera or
     # share) failed .encode() and made every node unusable.
     digest = hashlib.sha256(f"{dataset}\0".encode() + os.fsencode(root.resolve()))
-    files = [root] if root.is_file() else walk_files(root, set())[0]
+    files = [root] if root.is_file() else walk_files(root)[0]
     for file in files:
         digest.update(b"\0" + os.fsencode(file.relative_to(root)))
         try:
