@@ -24,7 +24,10 @@ sound replies become the new active tensors is a Flower strategy instance, passe
   arrays, for a checkpoint, and :meth:`ActiveAggregation.load_state` puts back: a run resumed
   mid-stage continues the server optimizer where it was.
 - What it returns is checked against the active tensors (same keys and shapes; cast to their
-  dtype) before FedMAE merges it into the full model.
+  dtype) before FedMAE merges it into the full model. An aggregate holding NaN or inf, or an
+  aggregator that raises on the replies, undoes the step: the model and the aggregator's state
+  stay as they were (logged). An aggregator that weighs by the loss (QFedAvg) makes a train
+  reply without a ``train-loss`` >= 0 unsound (:attr:`ActiveAggregation.loss_key`).
 
 Server-side DP (:class:`ServerSideDP`), as Flower's ``DifferentialPrivacyServerSideFixedClipping``
 but on the active tensors: each sound reply's update of the active tensors is clipped to L2

@@ -7,7 +7,8 @@ message to and its only reply (error replies aside), and, for
 train replies with examples, exactly one ArrayRecord with the keys, shapes and dtypes the server
 sent (the global model's, so a reply can never change the global dtype), data that matches its
 header, finite values, and an update (reply - sent) no longer (L2, over all active tensors)
-than ``max_update_norm`` times the sent tensors' norm. Anything else, including what cannot even
+than ``max_update_norm`` times the sent tensors' norm (and, where the aggregator weighs by it,
+a loss >= 0 under ``loss_key``). Anything else, including what cannot even
 be read, is a :class:`Rejection` with a kind (counted per round) and a reason (logged with the
 node id). A reply with ``prefix-missing = 1`` is neither: its node lacked the announced frozen
 prefix. An Error reply whose reason holds :data:`NODE_UNUSABLE` comes from a node that cannot
