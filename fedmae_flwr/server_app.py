@@ -14,6 +14,7 @@ trained end to end; ``centralized`` and ``local`` train in this process on the s
 from __future__ import annotations
 
 import json
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -301,14 +302,22 @@ def check_resumed_partitions(cfg: FedMAEConfig, sim_nodes: int, folder: Path | N
 
 def require_output_dir(cfg: FedMAEConfig) -> None:
     """ConfigError, before the data is loaded, where ``output-dir`` cannot hold the run (a
-    file on its path, no permission): it failed with a bare OSError after the data loaded."""
-    try:
-        Path(cfg.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    file on its path, no permission): it failed with a bare OSError after the data loaded.
+    Creates nothing: a run refused later leaves no folder."""
+    path = Path(cfg.output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    why = (
+        f"'{existing}' is not a folder"
+        if not existing.is_dir()
+        else f"'{existing}' is not writable"
+        if not os.access(existing, os.W_OK | os.X_OK)
+        else None
+    )
+    if why:
         raise ConfigError(
             f"Bad value for config key 'output-dir': {cfg.output_dir!r}. Allowed: a folder this "
-            f"server can create and write to ({type(e).__name__}: {e.strerror or e})."
-        ) from e
+            f"server can create and write to ({why})."
+        )
 
 
 def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:

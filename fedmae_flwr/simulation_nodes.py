@@ -18,8 +18,10 @@ from flwr.serverapp import Grid
 
 from fedmae_flwr.config import FEDERATED, ConfigError, FedMAEConfig
 
-# Flower starts the ServerApp's thread just before it registers the virtual nodes.
+# Flower starts the ServerApp's thread just before it registers the virtual nodes, one by one.
 REGISTRATION_WAIT_S = 10.0
+# The count is read once it has not grown for this long (a check in between saw 1 of 8 nodes).
+REGISTRATION_SETTLE_S = 1.0
 
 
 def simulation_problem(
@@ -70,12 +72,17 @@ def registered_nodes(
     wait: float = REGISTRATION_WAIT_S,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    settle: float = REGISTRATION_SETTLE_S,
 ) -> int:
-    """How many virtual nodes a simulation's grid has (waiting up to ``wait`` s for the first
-    to be registered)."""
+    """How many virtual nodes a simulation's grid has: waiting up to ``wait`` s for the first
+    to be registered, then until the count has not grown for ``settle`` s (Flower registers
+    them one by one while the ServerApp starts)."""
     give_up = clock() + wait
-    while not (count := len(list(grid.get_node_ids()))) and clock() < give_up:
+    count, since = len(list(grid.get_node_ids())), clock()
+    while clock() < give_up and not (count and clock() - since >= settle):
         sleep(0.5)
+        if (now := len(list(grid.get_node_ids()))) != count:
+            count, since = now, clock()
     return count
 
 

@@ -59,6 +59,23 @@ def test_the_node_count_is_read_once_the_simulation_has_registered_its_nodes():
     assert now[0] == 3.0
 
 
+def test_the_node_count_is_read_once_it_stops_growing():
+    """Flower registers the nodes one by one: a check between saw 1 of 8 and refused a run
+    of 2 clients per round ('the simulation has 1')."""
+
+    class OneByOne:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return list(range(min(self.calls, 8)))
+
+    now = [0.0]
+    sleep = lambda s: now.__setitem__(0, now[0] + s)  # noqa: E731
+    assert registered_nodes(OneByOne(), wait=10.0, sleep=sleep, clock=lambda: now[0]) == 8
+
+
 def test_the_server_refuses_a_simulation_too_small_for_its_rounds_before_writing_anything(
     tiny_overrides, tmp_path
 ):
