@@ -304,7 +304,7 @@ def require_output_dir(cfg: FedMAEConfig) -> None:
     """ConfigError, before the data is loaded, where ``output-dir`` cannot hold the run (a
     file on its path, no permission): it failed with a bare OSError after the data loaded.
     Creates nothing: a run refused later leaves no folder."""
-    path = Path(cfg.output_dir).expanduser().absolute()
+    path = run_dir(cfg).parent
     existing = next(p for p in (path, *path.parents) if p.exists())
     why = (
         f"'{existing}' is not a folder"

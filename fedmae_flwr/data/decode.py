@@ -291,17 +291,17 @@ def decode_train_test(
     Raises:
         ValueError: No training image decodes.
     """
-    stats = DecodeStats()
-    start = time.perf_counter()
-    images, kept = _decode_all(sources, len(labels), channels, size, stats, num_workers)
-    seconds = time.perf_counter() - start
-    num_train_kept = sum(1 for i in kept if i < num_train)
-    if num_train == 0 and len(labels):  # nothing failed to decode: the split left no training file
+    if num_train == 0 and len(labels):  # before decoding: the split left no training file
         raise ValueError(
             f"No training image in {description}: all {len(labels)} images are in its test "
             "split (its own test/ folder, or test-fraction of each class: allowed [0, 1), "
             "lower it)."
         )
+    stats = DecodeStats()
+    start = time.perf_counter()
+    images, kept = _decode_all(sources, len(labels), channels, size, stats, num_workers)
+    seconds = time.perf_counter() - start
+    num_train_kept = sum(1 for i in kept if i < num_train)
     if num_train_kept == 0:
         first = "; ".join(stats.skipped_files[:3])
         raise ValueError(

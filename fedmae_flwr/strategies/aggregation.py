@@ -333,10 +333,10 @@ class ActiveAggregation:
             log(WARNING, "FedMAE: round %d: the aggregator %s failed on the sound replies "
                 "(%s: %s); the model and the aggregator's state stay as they were",
                 server_round, name, type(err).__name__, err)  # fmt: skip
-            self._restore(before)
+            self.load_state(before)  # the step is undone
             return None
         if combined is None:
-            self._restore(before)
+            self.load_state(before)  # the step is undone
             return None
         combined = _conform(combined, current, name)
         if self.dp is not None:
@@ -348,13 +348,9 @@ class ActiveAggregation:
             log(WARNING, "FedMAE: round %d: the aggregator %s combined the sound replies into "
                 "NaN or inf (%d tensors, e.g. '%s'); the model and the aggregator's state stay "
                 "as they were", server_round, name, len(bad), bad[0])  # fmt: skip
-            self._restore(before)
+            self.load_state(before)  # the step is undone
             return None
         return combined
-
-    def _restore(self, state: dict[str, np.ndarray]) -> None:
-        """Back to ``state`` (taken before a step whose result is not used)."""
-        self.load_state(state)
 
 
 def keeps_server_state(strategy: Strategy) -> bool:

@@ -334,7 +334,7 @@ class FedMAE(FedAvg):
                 state = {}
             elif saved_stage is not None and saved_stage != [stage]:
                 raise ValueError(
-                    f"server state of stage {np.asarray(saved).reshape(-1).tolist()}, but round "
+                    f"server state of stage {saved_stage}, but round "
                     f"{last} (first_round - 1) is in stage {stage}"
                 )
             active = {k: tuple(v.shape) for k, v in self.plan.split(arrays, last)[0].items()}
