@@ -531,7 +531,7 @@ class RobustConfig:
     max_update_norm: float = _opt(
         10.0,
         "Reject a reply whose update of the active tensors is longer (L2) than this multiple of "
-        "their current norm; 0 = no bound.",
+        "their norm when the stage began; 0 = no bound.",
     )
     max_examples: int = _opt(
         0, "Largest num-examples a node may claim; 0 = the largest partition (none if unknown)."

@@ -337,6 +337,31 @@ def test_a_server_state_that_does_not_fit_the_active_tensors_is_refused_before_a
         assert adam.state() == {}, name  # refused: nothing half-loaded
 
 
+def test_the_stage_s_starting_norm_is_kept_in_the_state_and_checked_when_loaded():
+    """The update bound's reference (the active tensors' norm when the stage began) survives
+    a checkpoint, so a resumed run rejects what the uninterrupted one rejects."""
+    aggregation = ActiveAggregation(None, "num-examples")
+    start = stage_arrays(["a", "b"], 2.0)  # 12 values of 2: norm 2 * sqrt(12)
+    assert aggregation.stage_norm(0) is None  # before the stage's first round combines
+    after = aggregation.combine(start, [reply({k: np.full((2, 3), 5.0, np.float32)
+                                               for k in ("a", "b")})], 0, 1)  # fmt: skip
+    aggregation.combine(after, [], 0, 2)
+    assert aggregation.stage_norm(0) == pytest.approx(2 * np.sqrt(12))
+    assert aggregation.stage_norm(1) is None
+    state = aggregation.state()
+    resumed = ActiveAggregation(None, "num-examples")
+    resumed.load_state({k: v.copy() for k, v in state.items()})
+    assert resumed.stage_norm(0) == aggregation.stage_norm(0)
+    resumed.load_state({k: v for k, v in state.items() if k != "stage-norm"})  # saved before
+    assert resumed.stage_norm(0) is None  # then each round's tensors, as before
+    for bad in (np.array([np.nan]), np.array([-1.0]), np.array([3]), np.array([1.0, 2.0])):
+        with pytest.raises(ValueError, match="stage-norm is not one finite float >= 0"):
+            resumed.load_state({**state, "stage-norm": bad})
+        assert resumed.state() == {}
+    resumed.combine(start, [], 1, 3)  # a new stage: its own start
+    assert resumed.stage_norm(1) == pytest.approx(2 * np.sqrt(12))
+
+
 def test_an_aggregation_state_of_another_optimizer_is_refused():
     adam = ActiveAggregation(FedAdam(eta=0.1), "num-examples")
     current = stage_arrays(["a"], 0.0)

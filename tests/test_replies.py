@@ -218,6 +218,19 @@ def test_an_update_longer_than_the_bound_is_rejected():
     assert judge(reply({"num-examples": 4}, moved(1e30)), CURRENT, ReplyRules()) is None
 
 
+def test_the_update_bound_multiplies_a_reference_norm_when_one_is_given():
+    """FedMAE passes the norm of the stage's start: the bound no longer grows with the tensors
+    a node inside it has inflated."""
+    rules = ReplyRules(max_update_norm=1.0)
+    ok, far = reply({"num-examples": 4}, moved(0.9)), reply({"num-examples": 4}, moved(1.1))
+    out = triage([ok, far], CURRENT, rules=rules, reference_norm=3.0)  # |update| 2.7, 3.3
+    assert len(out.sound) == 1 and [r.kind for _, r in out.rejections] == [UPDATE_NORM]
+    assert (
+        "exceeds 1 x the active tensors' norm 3 at the stage start" in out.rejections[0][1].reason
+    )
+    assert len(triage([ok, far], CURRENT, rules=rules).sound) == 2  # against their norm, 6
+
+
 def test_num_examples_above_the_cap_are_rejected_for_train_and_evaluate():
     rules = ReplyRules(max_examples=100)
     zeros = {k: Array(np.zeros(v.shape, np.float32)) for k, v in CURRENT.items()}

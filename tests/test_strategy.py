@@ -562,3 +562,39 @@ def test_a_node_that_failed_or_went_silent_gets_the_prefix_with_its_next_message
     assert (round5["clients"], round5["prefix-missing"], round5["prefix-sends"]) == (6, 0, 2)
     holders = {m.metadata.dst_node_id for m in grid.sent[sent_before:] if PREFIX_KEY in m.content}
     assert holders == {failed, silent}
+
+
+def test_a_node_replying_just_inside_the_update_bound_cannot_compound_it(tiny_overrides):
+    """The bound was relative to each round's tensors: a node replying ``sent x 10.9`` (update
+    9.9 x their norm, inside the default 10) was never rejected and, one reply of 6 in FedAvg,
+    multiplied the active tensors' norm by ~2.6 each round (~49 x over a 4-round stage). It is
+    relative to their norm at the stage's start: the node is rejected from round 2 on, and no
+    node inside the bound moves the tensors by more than 10 x that norm / 6 per round."""
+    overrides = {**tiny_overrides, "rounds-per-stage": 4, "clients-per-round": 6}
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LocalGrid(6, overrides)
+    attacker = sorted(grid.contexts)[0]
+
+    def inflate(reply: Message) -> Message:
+        if reply.metadata.src_node_id == attacker:
+            sent = [m for m in grid.sent if m.metadata.dst_node_id == attacker][-1]
+            arrays = reply.content["arrays"]
+            for key, array in sent.content["arrays"].items():
+                arrays[key] = Array(
+                    array.numpy() * np.float32(1 + 0.99 * cfg.robust.max_update_norm)
+                )
+        return reply
+
+    def norm(arrays: ArrayRecord) -> float:
+        active = strategy.plan.split(arrays, 1)[0]
+        return float(
+            np.sqrt(sum(np.sum(v.numpy().astype(np.float64) ** 2) for v in active.values()))
+        )
+
+    grid.tamper = inflate
+    start = initial_arrays(cfg)
+    arrays, records = run_rounds(strategy, grid, start, [1, 2, 3, 4])
+    assert [r.get("rejected-update-norm", 0) for r in records] == [0, 1, 1, 1]
+    assert all(r["clients"] == 5 for r in records[1:])
+    linear = 1 + 4 * cfg.robust.max_update_norm / 6  # what four accepted replies could do
+    assert norm(arrays) < min(3.0, linear) * norm(start)

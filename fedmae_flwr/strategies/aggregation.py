@@ -19,10 +19,13 @@ sound replies become the new active tensors is a Flower strategy instance, passe
   their ``configure_train`` would), and at each stage change their state is reset (FedOpt family
   - FedAdam, FedYogi, FedAdagrad: ``m_t``, ``v_t``; FedAvgM: ``momentum_vector``). Server
   optimizer state is per stage. Other state of a custom strategy is its own business.
-- That per-stage state (the stage, the aggregator's step count, and the FedOpt family's ``m_t``
-  and ``v_t`` or FedAvgM's momentum) is what :meth:`ActiveAggregation.state` returns as named
-  arrays, for a checkpoint, and :meth:`ActiveAggregation.load_state` puts back: a run resumed
-  mid-stage continues the server optimizer where it was.
+- That per-stage state (the stage, the aggregator's step count, the active tensors' norm when
+  the stage began, and the FedOpt family's ``m_t`` and ``v_t`` or FedAvgM's momentum) is what
+  :meth:`ActiveAggregation.state` returns as named arrays, for a checkpoint, and
+  :meth:`ActiveAggregation.load_state` puts back: a run resumed mid-stage continues the server
+  optimizer where it was. The stage's starting norm is what FedMAE's update bound is relative
+  to (:meth:`ActiveAggregation.stage_norm`): relative to the tensors of each round instead, a
+  node replying just inside it compounds, round after round.
 - What it returns is checked against the active tensors (same keys and shapes; cast to their
   dtype) before FedMAE merges it into the full model. An aggregate holding NaN or inf, or an
   aggregator that raises on the replies, undoes the step: the model and the aggregator's state
@@ -182,23 +185,33 @@ class ActiveAggregation:
         self.dp = dp
         self._stage: int | None = None
         self._steps = 0  # the aggregator's steps in the current stage
+        self._stage_norm: float | None = None  # the active tensors' L2 norm when it began
         self._momentum_keys: list[str] | None = None  # FedAvgM's loaded momentum, in its order
 
     def reset(self) -> None:
         """Start afresh, as for a new run (the server optimizer's state included)."""
         reset_server_state(self.strategy)
-        self._stage, self._steps = None, 0
+        self._stage, self._steps, self._stage_norm = None, 0, None
         self._momentum_keys = None
+
+    def stage_norm(self, stage: int) -> float | None:
+        """The L2 norm of ``stage``'s active tensors when it began (at its first round), or None
+        before that round's :meth:`combine` (then the tensors sent are the stage's start), or
+        after a resume from a state saved without it (by code before it was kept)."""
+        return self._stage_norm if stage == self._stage else None
 
     def state(self) -> dict[str, np.ndarray]:
         """What the next round's aggregation depends on besides the model, as named arrays (for
         a checkpoint; empty before the first aggregation): ``stage`` and ``steps`` (the
-        aggregator's step count in the stage: FedAdam's bias correction), and a server
+        aggregator's step count in the stage: FedAdam's bias correction), ``stage-norm``
+        (:meth:`stage_norm`, float64), and a server
         optimizer's buffers under ``m_t/<tensor>``, ``v_t/<tensor>`` (FedOpt family) or
         ``momentum/<tensor>`` (FedAvgM)."""
         if self._stage is None:
             return {}
         state = {"stage": np.array([self._stage]), "steps": np.array([self._steps])}
+        if self._stage_norm is not None:
+            state["stage-norm"] = np.array([self._stage_norm], dtype=np.float64)
         strategy = self.strategy
         if isinstance(strategy, FedOpt):
             for name in ("m_t", "v_t"):
@@ -228,8 +241,10 @@ class ActiveAggregation:
                 buffer must be there for exactly these (a state of another model or stage).
 
         Raises:
-            ValueError: ``stage`` or ``steps`` not one integer >= 0; buffers of another kind
-                of server optimizer than this aggregator (a state saved with another one);
+            ValueError: ``stage`` or ``steps`` not one integer >= 0; a ``stage-norm`` (optional:
+                states saved before it was kept lack it) not one finite float >= 0; buffers of
+                another kind of server optimizer than this aggregator (a state saved with
+                another one);
                 a FedOpt state after a step without both ``m_t`` and ``v_t``; buffers for
                 other tensors, or shapes, than ``active``.
         """
@@ -242,6 +257,15 @@ class ActiveAggregation:
             raise ValueError(f"server state without a whole stage and step count ({e})") from e
         if stage < 0 or steps < 0:
             raise ValueError(f"server state with stage {stage}, steps {steps}: both must be >= 0")
+        stage_norm = None
+        if "stage-norm" in state:
+            norm = np.asarray(state["stage-norm"])
+            if norm.size != 1 or norm.dtype.kind != "f" or not 0 <= norm.reshape(-1)[0] < np.inf:
+                raise ValueError(
+                    f"server state's stage-norm is not one finite float >= 0: {norm.dtype} of "
+                    f"shape {norm.shape}, {norm.reshape(-1)[:2].tolist()}"
+                )
+            stage_norm = float(norm.reshape(-1)[0])
         buffers: dict[str, dict[str, np.ndarray]] = {}
         for name, value in state.items():
             if "/" in name:
@@ -269,7 +293,7 @@ class ActiveAggregation:
             # and put in the active tensors' order at the next combine (_set_current_arrays).
             strategy.momentum_vector = list(buffers["momentum"].values())
             self._momentum_keys = list(buffers["momentum"])
-        self._stage, self._steps = stage, steps
+        self._stage, self._steps, self._stage_norm = stage, steps, stage_norm
 
     @property
     def loss_key(self) -> str | None:
@@ -292,6 +316,7 @@ class ActiveAggregation:
         if stage != self._stage:  # also with no sound reply: the state names its stage
             reset_server_state(self.strategy)
             self._stage, self._steps, self._momentum_keys = stage, 0, None
+            self._stage_norm = l2_norm(current.values())
         if not sound:
             return None
         keys = list(current.keys())
@@ -392,6 +417,11 @@ def _check_buffers(
                     f"server state's {kind}/{key} has shape {tuple(value.shape)}, the tensor "
                     f"{tuple(active[key])}"
                 )
+
+
+def l2_norm(arrays: Iterable[Array]) -> float:
+    """The L2 norm of ``arrays`` together, summed in float64."""
+    return math.sqrt(sum(float(np.sum(np.square(a.numpy(), dtype=np.float64))) for a in arrays))
 
 
 def _count(value: np.ndarray) -> int:

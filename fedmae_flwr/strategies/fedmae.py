@@ -115,7 +115,9 @@ class FedMAE(FedAvg):
             ``first_round - 1``. Fixed here: every hook numbers rounds as the whole run does.
         node_wait_timeout: seconds to wait for enough nodes before sampling raises RuntimeError.
         max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
-            than this multiple of their current norm; 0 = no bound.
+            than this multiple of their norm when the stage began (its first round; relative
+            to each round's norm, a node replying just inside the bound would compound it
+            round after round); 0 = no bound.
         max_examples: reject a reply claiming more ``num-examples`` than this; None = no cap.
         model: the ``ModelConfig`` the nodes must build (sent with each message as
             ``model-config``; the client helpers refuse to train another architecture, which
@@ -489,7 +491,10 @@ class FedMAE(FedAvg):
         run_round = self._run_round(server_round)
         active = self._active(run_round)
         replies = self._node_keys.order_replies(replies)  # float sums depend on the order
-        sorted_replies = self._triage(replies, expected=active, senders=self._sampled)
+        stage_norm = self.aggregation.stage_norm(self.plan.stage_of(run_round))
+        sorted_replies = self._triage(
+            replies, expected=active, senders=self._sampled, reference_norm=stage_norm
+        )
         # A node that sent nothing usable may have crashed and lost its prefix with its state:
         # it gets the prefix again with its next message instead of wasting a round on saying so.
         replied = {src_node(m) for m in replies}
@@ -585,12 +590,17 @@ class FedMAE(FedAvg):
         return ArrayRecord(self.plan.split(self._global, server_round)[0])
 
     def _triage(
-        self, replies: Iterable[Message], expected: ArrayRecord | None, senders: list[int]
+        self,
+        replies: Iterable[Message],
+        expected: ArrayRecord | None,
+        senders: list[int],
+        reference_norm: float | None = None,
     ) -> Triage:
         rules = ReplyRules(
             self.weighted_by_key, self.max_update_norm, self.max_examples, self.aggregation.loss_key
         )
-        out = triage(replies, expected, self.weighted_by_key, rules, senders=set(senders))
+        out = triage(replies, expected, self.weighted_by_key, rules, senders=set(senders),
+                     reference_norm=reference_norm)  # fmt: skip
         if out.prefix_missing:
             log(WARNING, "FedMAE: %d nodes lack prefix %s; it goes with their next message",
                 len(out.prefix_missing), self._prefix.version)  # fmt: skip

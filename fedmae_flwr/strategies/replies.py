@@ -7,7 +7,8 @@ message to and its only reply (error replies aside), and, for
 train replies with examples, exactly one ArrayRecord with the keys, shapes and dtypes the server
 sent (the global model's, so a reply can never change the global dtype), data that matches its
 header, finite values, and an update (reply - sent) no longer (L2, over all active tensors)
-than ``max_update_norm`` times the sent tensors' norm (and, where the aggregator weighs by it,
+than ``max_update_norm`` times a reference norm (FedMAE's: the active tensors' when the stage
+began; by default the sent tensors') (and, where the aggregator weighs by it,
 a loss >= 0 under ``loss_key``). Anything else, including what cannot even
 be read, is a :class:`Rejection` with a kind (counted per round) and a reason (logged with the
 node id). A reply with ``prefix-missing = 1`` is neither: its node lacked the announced frozen
@@ -76,7 +77,8 @@ class ReplyRules:
     Args:
         weight_key: the metric that weighs a reply (``num-examples``).
         max_update_norm: reject a train reply whose update of the active tensors is longer (L2)
-            than this multiple of the sent tensors' norm; 0 = no bound.
+            than this multiple of a reference norm (:func:`triage`'s ``reference_norm``; by
+            default the sent tensors'); 0 = no bound.
         max_examples: reject a reply claiming more examples than this; None = no cap.
         loss_key: a train reply with examples must report a finite number >= 0 under this
             metric (an aggregator that weighs by the loss: QFedAvg); None = not required.
@@ -124,15 +126,19 @@ def triage(
     weight_key: str = "num-examples",
     rules: ReplyRules | None = None,
     senders: Collection[int] | None = None,
+    reference_norm: float | None = None,
 ) -> Triage:
     """Sort ``replies``: sound ones with examples, rejected ones, nodes missing the prefix.
 
     ``expected`` holds the tensors sent for training (None for evaluation replies); ``rules``
     the bounds beyond the layout (default: none; its ``weight_key`` is ``weight_key``);
-    ``senders`` the nodes the round sent a message to (None: any node), each heard once.
+    ``senders`` the nodes the round sent a message to (None: any node), each heard once;
+    ``reference_norm`` the norm ``rules.max_update_norm`` multiplies (None: ``expected``'s).
+    A bound relative to each round's tensors compounds: a node replying just inside it moves the
+    tensors it is relative to. FedMAE passes the norm of the stage's first round.
     """
     rules = rules or ReplyRules(weight_key)
-    reference = _Reference.of(expected, rules)
+    reference = _Reference.of(expected, rules, reference_norm)
     out, heard = Triage(), set()
     for msg in replies:
         node = src_node(msg)
@@ -210,16 +216,22 @@ def judge(
 
 @dataclass(frozen=True)
 class _Reference:
-    """What the update bound compares with: the sent tensors (float64) and their norm."""
+    """What the update bound compares with: the sent tensors (float64) and the norm the bound
+    multiplies (theirs, or one given: ``of_stage``)."""
 
     arrays: dict[str, np.ndarray]
     norm: float
+    of_stage: bool = False
 
     @classmethod
-    def of(cls, expected: Mapping[str, Array] | None, rules: ReplyRules) -> _Reference | None:
+    def of(
+        cls, expected: Mapping[str, Array] | None, rules: ReplyRules, norm: float | None = None
+    ) -> _Reference | None:
         if expected is None or not rules.max_update_norm:
             return None
         arrays = {k: v.numpy().astype(np.float64) for k, v in expected.items()}
+        if norm is not None:
+            return cls(arrays, norm, of_stage=True)
         return cls(arrays, math.sqrt(sum(float(np.sum(a * a)) for a in arrays.values())))
 
 
@@ -303,7 +315,7 @@ def _check_update(
         return Rejection(
             UPDATE_NORM,
             f"update norm {norm:.4g} exceeds {bound:g} x the active tensors' norm "
-            f"{reference.norm:.4g}",
+            f"{reference.norm:.4g}{' at the stage start' if reference.of_stage else ''}",
         )
     return None
 
