@@ -180,7 +180,9 @@ class DataConfig:
         0, "Partitions of the training set; 0 = one per node (num-partitions of the node)."
     )
     heldout_fraction: float = _opt(
-        0.1, "Share of each node's images kept for federated evaluation."
+        0.1,
+        "Share of each node's images kept for federated evaluation (rounded; a node keeps at "
+        "least one image to train on).",
     )
 
     def __post_init__(self) -> None:

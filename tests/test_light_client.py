@@ -188,6 +188,17 @@ def test_a_device_trains_and_evaluates_on_every_image_of_its_own_folder(tmp_path
     assert (len(node.train), len(node.heldout)) == (19, 2)  # 21 images: 2 held out
 
 
+def test_the_held_out_share_leaves_a_small_device_an_image_to_train_on(tmp_path, tiny_overrides):
+    """heldout-fraction 0.9 on 3 images held out all 3: the device replied with 0 examples each
+    round and the stage failed at its end, for want of a sound reply."""
+    cfg = resolve_config({**tiny_overrides, "dataset": "imagefolder", "in-chans": 3,
+                          "img-size": 16, "patch-size": 4, "heldout-fraction": 0.9})  # fmt: skip
+    for count, split in ((3, (1, 2)), (1, (1, 0)), (20, (2, 18))):
+        folder = image_folder(tmp_path / f"images-{count}", count=count)
+        node = load_node_data(cfg, 0, 1, node_data_path=str(folder))
+        assert (len(node.train), len(node.heldout)) == split, count
+
+
 def test_a_damaged_cache_file_is_decoded_again_and_rewritten(tmp_path, tiny_overrides, caplog):
     cfg = resolve_config(tiny_overrides)
     cache = tmp_path / "cache"

@@ -170,7 +170,10 @@ def _installed_version(distribution: str) -> str:
 
 
 def _split_heldout(local: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    num_heldout = round(len(local) * fraction)
+    """``(train, heldout)``: ``fraction`` of the images held out, rounded, but never a node's
+    last training image (a fraction near 1 on a node of a few images held out all of them: the
+    node then trained on nothing and the stage failed at its end for want of a sound reply)."""
+    num_heldout = min(round(len(local) * fraction), max(len(local) - 1, 0))
     order = torch.randperm(len(local), generator=torch.Generator().manual_seed(seed))
     return local.subset(order[num_heldout:]), local.subset(order[:num_heldout])
 

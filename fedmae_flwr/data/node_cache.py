@@ -52,8 +52,9 @@ __all__ = ["CACHE_VERSION", "ENV_VAR", "cached_node_data", "resolve_cache_dir"]
 # Bump when decoding, splitting or the file layout changes (2: long strips cropped before
 # resizing; hub test splits without labels replaced by a share of train; a device's own
 # folder whole, its test split included; a share of a shared source reports 0 skipped files.
-# 3: 32-bit integer images read at the range their values use).
-CACHE_VERSION = 3
+# 3: 32-bit integer images read at the range their values use. 4: the held-out share never takes
+# a node's last training image).
+CACHE_VERSION = 4
 ENV_VAR = "FEDMAE_CACHE_DIR"
 OFF = "off"
 _TENSORS = ("train-images", "train-labels", "heldout-images", "heldout-labels")
