@@ -9,7 +9,9 @@ exercised in tests/test_simulation.py.
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,20 @@ def node_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     patch.setenv("FEDMAE_CACHE_DIR", str(folder))
     yield folder
     patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir():
+    """Ray started in this process (``run_simulation``) writes its session folders here, removed
+    at the end, instead of into /tmp/ray, where each test run left several behind. A short path
+    under /tmp: Ray's socket paths must fit in 107 bytes. The Flower processes the tests start
+    through scripts/run.py get a folder of their own."""
+    folder = tempfile.mkdtemp(prefix="fedmae-ray-", dir="/tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_TMPDIR", folder)
+    yield Path(folder)
+    patch.undo()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
