@@ -19,14 +19,14 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from logging import WARNING
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 from torch import Tensor
 
-from fedmae_flwr.config import ConfigError, ModelConfig, TrainConfig
+from fedmae_flwr.config import ConfigError, ModelConfig, TrainConfig, as_section
 from fedmae_flwr.devices import resolve_device
 from fedmae_flwr.local_training import reconstruction_loss, train_local
 from fedmae_flwr.models.cascade import CascadeMAE, model_from_state
@@ -39,8 +39,6 @@ from fedmae_flwr.strategies.replies import finite_number
 # Where a node keeps the stage's frozen prefix between rounds (Flower persists Context.state).
 STATE_PREFIX = "fedmae-prefix"
 STATE_PREFIX_META = "fedmae-prefix-meta"
-
-Section = TypeVar("Section", ModelConfig, TrainConfig)
 
 
 def train_reply(
@@ -77,8 +75,8 @@ def train_reply(
         ``train-loss``, ``train-seconds``, ``train-mbytes``, then ``metrics``); or only
         ``prefix-missing = 1`` and ``num-examples = 0`` when the node lacks the stage's prefix.
     """
-    shapes, settings = _section(ModelConfig, model), _section(TrainConfig, train or {})
-    _check_images(images, shapes)
+    shapes, settings = as_section(ModelConfig, model), as_section(TrainConfig, train or {})
+    images = _checked_images(images, shapes)
     net = _stage_model(msg, context, shapes)
     if net is None:
         return _missing_prefix_reply(msg)
@@ -120,8 +118,8 @@ def evaluate_reply(
     :func:`train_reply`; the reply's ``"metrics"`` hold ``num-examples`` and ``eval-loss`` (or
     ``prefix-missing = 1``).
     """
-    shapes = _section(ModelConfig, model)
-    _check_images(images, shapes)
+    shapes = as_section(ModelConfig, model)
+    images = _checked_images(images, shapes)
     net = _stage_model(msg, context, shapes)
     if net is None:
         return _missing_prefix_reply(msg)
@@ -205,24 +203,22 @@ def _missing_prefix_reply(msg: Message) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _section(cls: type[Section], value: Section | Mapping[str, Any]) -> Section:
-    """``value`` as the config section ``cls`` (field names in snake_ or kebab-case)."""
-    if isinstance(value, cls):
-        return value
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {str(k).replace("-", "_"): v for k, v in value.items()}
-    if unknown := sorted(set(given) - fields):
-        raise ConfigError(f"Unknown {cls.__name__} fields {unknown}. Allowed: {sorted(fields)}.")
-    return cls(**given)
-
-
-def _check_images(images: Tensor, shapes: ModelConfig) -> None:
+def _checked_images(images: Tensor, shapes: ModelConfig) -> Tensor:
+    """``images`` in the model's float32, or ValueError naming what is wrong: a shape other
+    than ``[N, in_chans, img_size, img_size]``, or no float tensor (uint8 pixels would reach
+    the model unnormalised; float64 ones failed deep in the first layer)."""
     expected = (shapes.in_chans, shapes.img_size, shapes.img_size)
     if len(images) and (images.ndim != 4 or tuple(images.shape[1:]) != expected):
         raise ValueError(
             f"images must be [N, {', '.join(map(str, expected))}] for this model "
             f"(in_chans, img_size, img_size), got {list(images.shape)}"
         )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float tensor of normalised pixels, got {images.dtype} (for "
+            "uint8 pixels: images.float() / 255, then normalise)"
+        )
+    return images.float()
 
 
 def _device(device: str | torch.device) -> torch.device:

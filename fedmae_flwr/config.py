@@ -109,6 +109,24 @@ def to_kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+Section = typing.TypeVar("Section")  # a config section dataclass: ModelConfig, TrainConfig, ...
+
+
+def as_section(cls: type[Section], value: Section | typing.Mapping[str, Any]) -> Section:
+    """``value`` as the config section ``cls`` (a mapping's keys in snake_ or kebab-case).
+
+    Raises:
+        ConfigError: a key that is no field of ``cls``, or a value its checks refuse.
+    """
+    if isinstance(value, cls):
+        return value
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    given = {str(k).replace("-", "_"): v for k, v in value.items()}  # type: ignore[union-attr]
+    if unknown := sorted(set(given) - fields):
+        raise ConfigError(f"Unknown {cls.__name__} fields {unknown}. Allowed: {sorted(fields)}.")
+    return cls(**given)
+
+
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 

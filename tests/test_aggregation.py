@@ -44,6 +44,7 @@ from fedmae_flwr.strategies.aggregation import (
 )
 
 from .local_grid import FIRST_NODE_ID, InProcessGrid
+from .test_strategy import PassThrough
 
 NODES = 5  # all of them train every round, so a hostile node is in every aggregate
 HOSTILE_SCALE = 50.0
@@ -462,10 +463,16 @@ def test_a_plain_fedmae_subclass_is_fine():
     ],
     ids=["server-fixed", "client-fixed", "server-adaptive", "client-adaptive"],
 )
-def test_flower_dp_wrappers_around_fedmae_fail_at_start_naming_the_key(wrap, tiny_overrides):
+@pytest.mark.parametrize("between", [False, True], ids=["around-fedmae", "around-a-wrapper"])
+def test_flower_dp_wrappers_around_fedmae_fail_at_start_naming_the_key(
+    wrap, between, tiny_overrides
+):
+    """With a wrapper of one's own in between, DP(PassThrough(FedMAE)) ran: server-side
+    clipping crashed after round 1, client-side noise changed the frozen stem silently."""
     cfg = resolve_config(tiny_overrides)
     grid = InProcessGrid(6, tiny_overrides)
-    wrapped = wrap(build_strategy(cfg))
+    strategy = build_strategy(cfg)
+    wrapped = wrap(PassThrough(strategy) if between else strategy)
     initial = ArrayRecord({k: v.contiguous() for k, v in initial_state(cfg.model, 0).items()})
     with pytest.raises(TypeError, match="dp-noise-multiplier"):
         wrapped.start(grid, initial, num_rounds=cfg.num_rounds)

@@ -94,6 +94,12 @@ def test_shapes_as_a_mapping_and_clear_errors(app, node):
     assert reply.content["metrics"]["num-examples"] == 8
     with pytest.raises(ValueError, match=r"images must be \[N, 3, 16, 16\].*got \[8, 1, 28, 28\]"):
         train_reply(message(model, 0, "", False), node, torch.zeros(8, 1, 28, 28), model=app.VIT)
+    # float64 pixels (numpy's / 255.) failed deep in the first layer: cast; uint8 is refused
+    as_double = train_reply(message(model, 0, "", False), node, images.double(), model=app.VIT)
+    assert as_double.content["metrics"]["num-examples"] == 8
+    with pytest.raises(ValueError, match=r"images must be a float tensor .*got torch.uint8"):
+        evaluate_reply(message(model, 0, "", False, kind=MessageType.EVALUATE), node,
+                       images.to(torch.uint8), model=app.VIT)  # fmt: skip
     with pytest.raises(ConfigError, match="Unknown TrainConfig fields \\['epochs'\\]"):
         train_reply(message(model, 0, "", False), node, images, model=app.VIT, train={"epochs": 2})
     with pytest.raises(ValueError, match=r"finite numbers, one per key, got \{'loss-per-epoch'"):

@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import Strategy
 
 from fedmae_flwr.config import resolve_config
-from fedmae_flwr.models import CascadeMAE, block_index, initial_state
+from fedmae_flwr.models import CascadeMAE, block_index, fresh_block_state, initial_state
 from fedmae_flwr.server_app import build_strategy
 from fedmae_flwr.strategies import PREFIX_KEY, FedMAE
 from fedmae_flwr.strategies.fedmae import MODEL_CONFIG
@@ -598,3 +598,37 @@ def test_a_node_replying_just_inside_the_update_bound_cannot_compound_it(tiny_ov
     assert all(r["clients"] == 5 for r in records[1:])
     linear = 1 + 4 * cfg.robust.max_update_norm / 6  # what four accepted replies could do
     assert norm(arrays) < min(3.0, linear) * norm(start)
+
+
+def test_with_model_config_start_refuses_a_model_the_nodes_could_not_load(tiny_overrides):
+    """With ``model=`` and no decoder factory (the README's plugin example) start() checked the
+    blocks only: a model lacking cls_token or norm.*, with a tensor too many, another decoder
+    depth or a float16 stem reached every node, which failed to load it for a whole stage; a
+    depth other than model.depth trained stages 0..depth-1, then failed and lost them all."""
+    cfg = resolve_config(tiny_overrides)
+    vit = cfg.model
+
+    def plugin(**changes) -> FedMAE:
+        block = lambda i: {k: v.numpy() for k, v in fresh_block_state(vit, i, seed=i).items()}  # noqa: E731
+        return FedMAE(**{"depth": vit.depth, "rounds_per_stage": 2, "new_block": block,
+                         "num_train_nodes": 3, "model": vit, **changes})  # fmt: skip
+
+    state = initial_state(vit, 0)
+    decoder2 = initial_state(dataclasses.replace(vit, decoder_depth=2), 0)
+    bad = {
+        "no-cls": ({k: v for k, v in state.items() if k != "cls_token"},
+                   r"missing \['cls_token'\]"),
+        "extra": ({**state, "blocks.0.extra": state["norm.bias"]}, r"not in the model \['blocks"),
+        "decoder-depth-2": (decoder2, r"not in the model \['decoder\.blocks\.1\."),
+        "half-stem": ({**state, "cls_token": state["cls_token"].half()}, r"dtypes \['float16'\]"),
+    }  # fmt: skip
+    grid = LocalGrid(6, tiny_overrides)
+    for name, (tensors, match) in bad.items():
+        arrays = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+        with pytest.raises(ValueError, match="the initial model, with model=: .*" + match):
+            plugin().start(grid, arrays)
+        assert grid.sent == [], name
+    with pytest.raises(ValueError, match=r"depth 3 differs from model\.depth 2"):
+        plugin(depth=3)
+    kebab = {k.replace("_", "-"): v for k, v in dataclasses.asdict(vit).items()}
+    assert plugin(model=kebab).model_config == plugin().model_config  # a mapping of its fields

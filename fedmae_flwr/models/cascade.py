@@ -9,7 +9,7 @@ defined once here (:func:`active_key`, :func:`prefix_key`) and shared by client 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -33,6 +33,12 @@ STEM_PREFIXES = ("patch_embed.", "cls_token", "pos_embed")
 # The parameter names a FedMAE model may hold; any other name would never be sent nor trained.
 KEY_CONTRACT = "patch_embed.*, pos_embed, cls_token, blocks.<i>.*, norm.*, decoder.*"
 _CONTRACT = re.compile(r"patch_embed\..+|pos_embed|cls_token|blocks\.\d+\..+|norm\..+|decoder\..+")
+
+
+_NO_POS_EMBED = (
+    "pos_embed: this cascade's position table is MAE's fixed 2-D sin-cos one, not a learned "
+    "tensor; leave pos_embed out of the model sent to these nodes"
+)
 
 
 def check_model_keys(keys: Iterable[str]) -> None:
@@ -222,6 +228,39 @@ def initial_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
         return CascadeMAE(cfg, num_blocks=1).state_dict()
 
 
+def check_state_fits(cfg: ModelConfig, tensors: Mapping[str, tuple[Sequence[int], str]]) -> None:
+    """ValueError unless ``tensors`` (name -> (shape, dtype)) is what :func:`model_from_state`
+    loads for ``cfg``: the tensors of ``CascadeMAE(cfg, n)`` for its ``n`` blocks, no more, no
+    fewer, of their shapes, in float32 (what the client helpers build, train and reply in). A
+    server that knows the nodes' ``ModelConfig`` checks its model with it before the first
+    round, instead of every node failing to load it for a whole stage."""
+    if "pos_embed" in tensors:
+        raise ValueError(_NO_POS_EMBED)
+    blocks = {block_index(k) for k in tensors} - {None}
+    count = max(blocks) + 1 if blocks else 1  # type: ignore[operator]
+    if count > cfg.depth:
+        raise ValueError(f"the model holds {count} blocks, its ModelConfig's depth is {cfg.depth}")
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        expected = {k: tuple(v.shape) for k, v in CascadeMAE(cfg, count).state_dict().items()}
+    problems = []
+    if missing := sorted(expected.keys() - tensors.keys()):
+        problems.append(f"missing {missing[:4]}")
+    if extra := sorted(tensors.keys() - expected.keys()):
+        problems.append(f"not in the model {extra[:4]}")
+    shapes = [f"{k} {tuple(tensors[k][0])} (expected {expected[k]})"
+              for k in sorted(expected.keys() & tensors.keys())
+              if tuple(tensors[k][0]) != expected[k]]  # fmt: skip
+    if shapes:
+        problems.append(f"shapes {shapes[:3]}")
+    if dtypes := sorted({str(dtype) for _, dtype in tensors.values()} - {"float32"}):
+        problems.append(f"dtypes {dtypes} (the nodes build and reply in float32)")
+    if problems:
+        raise ValueError(
+            f"the model does not fit its ModelConfig ({count} blocks of embed_dim "
+            f"{cfg.embed_dim}, decoder_depth {cfg.decoder_depth}): {'; '.join(problems)}"
+        )
+
+
 def model_from_state(
     cfg: ModelConfig, state: dict[str, Tensor], frozen_blocks: int | None = None
 ) -> CascadeMAE:
@@ -230,10 +269,7 @@ def model_from_state(
     if not indices or indices != set(range(max(indices) + 1)):  # type: ignore[type-var]
         raise ValueError(f"State must hold blocks 0..n contiguously, has {sorted(indices)}")
     if "pos_embed" in state:  # KEY_CONTRACT allows one for ClientApps with a learned table
-        raise ValueError(
-            "pos_embed: this cascade's position table is MAE's fixed 2-D sin-cos one, not a "
-            "learned tensor; leave pos_embed out of the model sent to these nodes"
-        )
+        raise ValueError(_NO_POS_EMBED)
     model = CascadeMAE(cfg, num_blocks=len(indices), frozen_blocks=frozen_blocks)
     model.load_state_dict(state, strict=True)
     return model

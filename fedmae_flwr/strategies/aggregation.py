@@ -533,15 +533,16 @@ def refuse_strategy_mixins(cls: type, fedmae: type) -> None:
         )
 
 
-def refuse_dp_wrapper(strategy: Strategy, depth: int = 4) -> None:
-    """TypeError when a Flower DP wrapper around ``strategy`` is among the last callers."""
+def refuse_dp_wrapper(strategy: Strategy, depth: int = 8) -> None:
+    """TypeError when a Flower DP wrapper is among the last ``depth`` callers of ``strategy``'s
+    method: around it, or around a wrapper of its (``DP(PassThrough(FedMAE))``), it drives it."""
     frame = sys._getframe(1)
     for _ in range(depth):
         frame = frame.f_back  # type: ignore[assignment]
         if frame is None:
             return
         caller = frame.f_locals.get("self")
-        if isinstance(caller, DP_WRAPPERS) and getattr(caller, "strategy", None) is strategy:
+        if isinstance(caller, DP_WRAPPERS) and caller is not strategy:
             raise TypeError(
                 f"FedMAE cannot run inside {type(caller).__name__}: Flower's DP wrappers "
                 "assume the whole model travels, but FedMAE exchanges only each stage's active "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -48,8 +48,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
-from fedmae_flwr.config import ModelConfig
-from fedmae_flwr.models.cascade import check_model_keys
+from fedmae_flwr.config import ModelConfig, as_section
+from fedmae_flwr.models.cascade import check_model_keys, check_state_fits
 from fedmae_flwr.strategies.accounting import (
     EVALUATION_REJECTED,
     NodeLedger,
@@ -119,9 +119,12 @@ class FedMAE(FedAvg):
             to each round's norm, a node replying just inside the bound would compound it
             round after round); 0 = no bound.
         max_examples: reject a reply claiming more ``num-examples`` than this; None = no cap.
-        model: the ``ModelConfig`` the nodes must build (sent with each message as
-            ``model-config``; the client helpers refuse to train another architecture, which
-            shapes alone may not reveal); None: not sent, not checked.
+        model: the ``ModelConfig`` the nodes must build (or a mapping of its fields; sent
+            with each message as ``model-config``; the client helpers refuse to train another
+            architecture, which shapes alone may not reveal); its ``depth`` must be ``depth``,
+            and :meth:`start` refuses an initial model that ``CascadeMAE(model)`` would not load
+            (tensors, shapes, float32: what the helpers build and reply in). None: not sent,
+            not checked.
         aggregator: a Flower strategy whose ``aggregate_train`` combines the sound replies'
             active tensors (e.g. ``FedMedian()``, ``FedAdam(eta=0.01)``); None: FedAvg.
         dp_noise_multiplier, dp_clipping_norm: server-side DP on the active tensors (each
@@ -161,7 +164,7 @@ class FedMAE(FedAvg):
         node_wait_timeout: float = 300.0,
         max_update_norm: float = 10.0,
         max_examples: float | None = None,
-        model: ModelConfig | None = None,
+        model: ModelConfig | Mapping[str, Any] | None = None,
         aggregator: Strategy | None = None,
         dp_noise_multiplier: float = 0.0,
         dp_clipping_norm: float = 1.0,
@@ -184,6 +187,14 @@ class FedMAE(FedAvg):
                 f"max_update_norm must be >= 0 and max_examples None or > 0, got "
                 f"{max_update_norm}, {max_examples}"
             )
+        if model is not None:
+            model = as_section(ModelConfig, model)
+            if model.depth != depth:  # the nodes build model.depth blocks at most
+                raise ValueError(
+                    f"depth {depth} differs from model.depth {model.depth}: the nodes' "
+                    f"CascadeMAE holds {model.depth} blocks, the cascade grows {depth}"
+                )
+        self._model = model
         self.plan = StagePlan(depth, rounds_per_stage, new_block, new_decoder, progressive,
                               next_block_init, decoder_per_stage)  # fmt: skip
         # num_rounds + 1 is a run resumed after its last round's checkpoint: nothing to train.
@@ -432,7 +443,13 @@ class FedMAE(FedAvg):
         """The names, and the block and decoder shapes, of the model ``first_round`` starts from
         (:meth:`StagePlan.check_model`); ValueError before any node gets it."""
         check_model_keys(arrays.keys())
-        self.plan.check_model({k: (v.shape, v.dtype) for k, v in arrays.items()}, self.first_round)
+        tensors = {k: (v.shape, v.dtype) for k, v in arrays.items()}
+        self.plan.check_model(tensors, self.first_round)
+        if self._model is not None:  # the nodes build CascadeMAE(model): it must load there
+            try:
+                check_state_fits(self._model, tensors)
+            except ValueError as err:
+                raise ValueError(f"FedMAE: the initial model, with model=: {err}") from None
 
     def _run_round(self, flower_round: int) -> int:
         """The run's round number of the ``flower_round``-th round of this :meth:`start`."""
