@@ -6,9 +6,13 @@ and renamed over the old one; a crash leaves the old file or the new one, never 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+# atomic_write's temp names: ".<name>.<pid>.<8 hex digits>"
+_TEMP_NAME = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -32,6 +36,20 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temp files :func:`atomic_write` left in ``folder`` when its writer was killed
+    mid-write (a SIGKILL, the OOM killer, a power cut: no ``finally`` runs), except this
+    process's own. Only for a folder no other live process writes into (a held run folder);
+    returns what it removed."""
+    removed = []
+    for path in Path(folder).glob(".*"):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match and int(match["pid"]) != os.getpid() and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -36,7 +36,7 @@ from flwr.common import log
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fedmae_flwr.atomic import atomic_write, atomic_write_text
+from fedmae_flwr.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
 from fedmae_flwr.config import ConfigError, FedMAEConfig, load_config_yaml, to_flat, to_yaml
 
 # The newest checkpoints kept; at least 2, so that an unreadable newest one has one to fall back to.
@@ -115,6 +115,16 @@ class RunOutputs:
             for r, path in checkpoint_files(self.dir).items():
                 if r > resume_round:  # skipped as unreadable: the resumed run writes it anew
                     path.unlink()
+            used = self.checkpoints / _checkpoint_name(resume_round)
+            if used.is_file():  # latest.json may name a later one, unreadable and now gone
+                latest = {"round": resume_round, "file": used.name}
+                atomic_write_text(self.checkpoints / "latest.json", json.dumps(latest))
+            # A server killed mid-write (SIGKILL, OOM) left its temp file: a whole checkpoint
+            stale = [p for d in (self.dir, self.checkpoints) if d.is_dir()
+                     for p in remove_stale_temp_files(d)]  # fmt: skip
+            if stale:
+                log(WARNING, "resume: removed %d temp files a killed writer left, e.g. %s",
+                    len(stale), stale[0])  # fmt: skip
         text = "".join(json.dumps(row) + "\n" for row in kept)
         atomic_write_text(self.metrics_path, text)
         self.write_text("config.yaml", to_yaml(cfg))
@@ -169,7 +179,7 @@ class RunOutputs:
         Keeps the ``KEEP_CHECKPOINTS`` newest up to this round (this one included); any other
         round file is removed: older ones, and stale ones of later rounds.
         """
-        path = self.checkpoints / f"round-{server_round:04d}.safetensors"
+        path = self.checkpoints / _checkpoint_name(server_round)
         tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
         if clash := [k for k in tensors if k.startswith(SERVER_STATE_PREFIX)]:
             raise ValueError(f"model tensors named as server state: {clash[:3]}")
@@ -187,6 +197,10 @@ class RunOutputs:
             if r not in keep:
                 old.unlink()
         return path
+
+
+def _checkpoint_name(server_round: int) -> str:
+    return f"round-{server_round:04d}.safetensors"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

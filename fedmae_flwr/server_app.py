@@ -222,8 +222,9 @@ def read_checkpoint(cfg: FedMAEConfig, sim_nodes: int | None = None) -> Checkpoi
 def warn_of_lost_server_state(cfg: FedMAEConfig, checkpoint: Checkpoint) -> bool:
     """Warn (and True) where a resume from ``checkpoint`` (one written before checkpoints held
     the server state and the tensor order) cannot equal the uninterrupted run: server-side DP
-    on a model read back in another tensor order, or a server optimizer's moments missing
-    mid-stage (they restart at every stage end anyway, so a resume there is exact)."""
+    on a model read back in another tensor order, or mid-stage a server optimizer's moments or
+    the update bound's reference (``stage-norm``) missing (both restart at every stage end
+    anyway, so a resume there is exact)."""
     if cfg.robust.dp_noise_multiplier > 0 and not checkpoint.ordered:
         log(WARNING, "resume: this checkpoint (written before checkpoints kept the model's "
             "tensor order) reads back in another order, and server-side DP draws its noise "
@@ -232,17 +233,30 @@ def warn_of_lost_server_state(cfg: FedMAEConfig, checkpoint: Checkpoint) -> bool
     rule = Aggregation(cfg.robust.aggregation)
     aggregator = build_aggregator(cfg.robust, cfg.schedule.clients_per_round)
     stage_end = checkpoint.round % cfg.schedule.rounds_per_stage == 0
-    if not keeps_server_state(aggregator) or stage_end or checkpoint.server_state:
+    if stage_end:
         return False
-    log(
-        WARNING,
-        "resume: aggregation=%s keeps its optimizer's moments through a stage, and this "
-        "checkpoint (written before checkpoints held them) has the model only: they restart at "
-        "round %d, mid-stage, so this run will not equal the uninterrupted one (a resume after "
-        "a stage's last round, a multiple of rounds-per-stage=%d, would)",
-        rule.value, checkpoint.round + 1, cfg.schedule.rounds_per_stage,
-    )  # fmt: skip
-    return True
+    lost = False
+    if keeps_server_state(aggregator) and not checkpoint.server_state:
+        log(
+            WARNING,
+            "resume: aggregation=%s keeps its optimizer's moments through a stage, and this "
+            "checkpoint (written before checkpoints held them) has the model only: they restart "
+            "at round %d, mid-stage, so this run will not equal the uninterrupted one (a resume "
+            "after a stage's last round, a multiple of rounds-per-stage=%d, would)",
+            rule.value, checkpoint.round + 1, cfg.schedule.rounds_per_stage,
+        )  # fmt: skip
+        lost = True
+    if cfg.robust.max_update_norm > 0 and "stage-norm" not in checkpoint.server_state:
+        log(
+            WARNING,
+            "resume: this checkpoint (written before checkpoints held the stage's starting "
+            "norm, stage-norm) lacks the update bound's reference: until the stage ends, "
+            "max-update-norm=%g is measured against each round's tensors, so a reply the "
+            "uninterrupted run rejected may be taken and this run may not equal it",
+            cfg.robust.max_update_norm,
+        )  # fmt: skip
+        lost = True
+    return lost
 
 
 def check_checkpoint_fits(cfg: FedMAEConfig, checkpoint: Checkpoint, folder: Path) -> None:

@@ -687,3 +687,11 @@ def test_a_state_of_the_stage_before_the_checkpoint_s_round_restarts_the_stage(c
     strategy.restore_server_state(stale, model)
     assert strategy.server_state() == {}
     assert "aggregation state is of stage 0, which ended; stage 1 goes on afresh" in caplog.text
+    # a stage that is no whole number >= 0 is no earlier stage: refused, as the run refuses it
+    # (the resume pre-check took stage -1 for an ended one; the run then failed after it had
+    # rewritten the run folder)
+    for stage in (np.array([-1]), np.array([0.5])):
+        with pytest.raises(ValueError, match="server state of stage"):
+            build_strategy(cfg, first_round=rounds + 2).restore_server_state(
+                {**stale, "stage": stage}, model
+            )

@@ -9,6 +9,7 @@ run of its name aside instead of mixing with (and pruning against) its checkpoin
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -304,8 +305,18 @@ def test_resuming_removes_checkpoints_after_the_one_it_uses(cpu_overrides):
     for r in (1, 2, 3):
         outputs.save_checkpoint(r, arrays)
     assert _checkpoint_rounds(outputs.dir) == [2, 3]  # KEEP_CHECKPOINTS
+    # a server killed between a temp write and its rename left the temp file (a whole
+    # checkpoint); each such kill added one, which no later run removed
+    killed = outputs.checkpoints / ".round-0004.safetensors.999999999.0123abcd"
+    killed.write_bytes(b"x" * 64)
+    mine = outputs.dir / f".summary.json.{os.getpid()}.0123abcd"  # this process's: kept
+    mine.write_bytes(b"")
     outputs = RunOutputs(cfg, resume_round=2)  # round 3 was unreadable, say
     assert _checkpoint_rounds(outputs.dir) == [2]
+    assert not killed.exists() and mine.exists()
+    # latest.json named round 3, which is gone
+    latest = json.loads((outputs.checkpoints / "latest.json").read_text())
+    assert latest == {"round": 2, "file": "round-0002.safetensors"}
     outputs.save_checkpoint(3, arrays)
     assert _checkpoint_rounds(outputs.dir) == [2, 3]
 
@@ -461,16 +472,25 @@ def test_a_mid_stage_resume_from_a_checkpoint_without_server_state_says_it_will_
     assert warn_of_lost_server_state(adam, Checkpoint(2, model, {}))
     assert "aggregation=fedadam keeps its optimizer's moments" in caplog.text
     assert "they restart at round 3, mid-stage" in caplog.text
-    held = {"stage": np.array([0]), "steps": np.array([2]), "m_t/w": np.zeros(3)}
+    held = {"stage": np.array([0]), "steps": np.array([2]), "m_t/w": np.zeros(3),
+            "stage-norm": np.array([1.0])}  # fmt: skip
     assert not warn_of_lost_server_state(adam, Checkpoint(2, model, held))
     assert not warn_of_lost_server_state(adam, Checkpoint(3, model, {}))  # a stage end
     plain = resolve_config({"aggregation": "fedavg", "rounds-per-stage": 3})
-    assert not warn_of_lost_server_state(plain, Checkpoint(2, model, {}))
+    with_norm = {"stage": np.array([0]), "steps": np.array([2]), "stage-norm": np.array([1.0])}
+    assert not warn_of_lost_server_state(plain, Checkpoint(2, model, with_norm))
+    # without stage-norm (written before checkpoints held it) the update bound is measured
+    # against each round's tensors until the stage ends: a reply may be taken that was not
+    caplog.clear()
+    assert warn_of_lost_server_state(plain, Checkpoint(2, model, {"stage": np.array([0])}))
+    assert "lacks the update bound's reference" in caplog.text
+    unbounded = resolve_config({"rounds-per-stage": 3, "max-update-norm": 0})
+    assert not warn_of_lost_server_state(unbounded, Checkpoint(2, model, {}))
     # DP draws its noise tensor after tensor: a model read back sorted (no recorded order)
     dp = resolve_config({"dp-noise-multiplier": 0.3, "dp-clipping-norm": 5.0})
     assert warn_of_lost_server_state(dp, Checkpoint(3, model, {}, ordered=False))
     assert "server-side DP draws its noise tensor after tensor" in caplog.text
-    assert not warn_of_lost_server_state(dp, Checkpoint(3, model, {}))
+    assert not warn_of_lost_server_state(dp, Checkpoint(3, model, with_norm))
 
 
 def test_a_checkpoint_reads_back_in_the_run_s_tensor_order_with_its_server_state(cpu_overrides):

@@ -338,7 +338,9 @@ class FedMAE(FedAvg):
             stage = self.plan.stage_of(last)
             saved = state.get("stage")
             saved_stage = np.asarray(saved).reshape(-1).tolist() if saved is not None else None
-            if saved_stage is not None and len(saved_stage) == 1 and saved_stage[0] < stage:
+            earlier = (saved_stage is not None and len(saved_stage) == 1
+                       and type(saved_stage[0]) is int and 0 <= saved_stage[0] < stage)  # fmt: skip
+            if earlier:
                 # Saved before a stage's first round with no sound reply (by code that did not
                 # yet mark the stage then): the state of a finished stage, which the
                 # uninterrupted run would have reset at this stage's first combine.
