@@ -234,6 +234,29 @@ def test_a_small_deployment_evaluates_on_the_nodes_it_has_instead_of_failing(
     assert list(strategy.configure_evaluate(4, result.arrays, ConfigRecord(), grid)) == []
 
 
+class LeavingGrid(LocalGrid):
+    """A device leaves right after configure_evaluate first counts the nodes."""
+
+    looks = 0
+
+    def get_node_ids(self):
+        self.looks += 1
+        nodes = super().get_node_ids()
+        return nodes if self.looks == 1 else nodes[:-1]
+
+
+def test_a_node_leaving_while_the_evaluation_is_sampled_does_not_make_it_wait(tiny_overrides):
+    """configure_evaluate counts the usable nodes, then samples them: a device gone between the
+    two made the sampling wait node-wait-timeout for it, then fail the run at a stage end."""
+    overrides = {**tiny_overrides, "evaluate-clients": 3, "node-wait-timeout": 30}
+    cfg = resolve_config(overrides)
+    strategy, grid = build_strategy(cfg), LeavingGrid(3, overrides)
+    arrays = initial_arrays(cfg)
+    strategy.configure_train(1, arrays, ConfigRecord(), LocalGrid(3, overrides))
+    messages = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid))
+    assert len(messages) == 2 and grid.looks == 2
+
+
 def test_num_rounds_past_the_cascade_is_refused_and_fewer_warn(tiny_overrides, caplog):
     """A Flower user passes num_rounds to start(): past depth x rounds-per-stage there is no
     block to train (every node failed on 'num_blocks must be in [1, depth]')."""
@@ -524,9 +547,14 @@ def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overr
     with pytest.raises(RuntimeError) as err:
         plugin.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(1, {}))
     assert ("1 nodes connected but 2 needed, after waiting 0 s. 2 is the larger of "
-            "min_available_nodes 2 (FedAvg's default: 2) and the round's 1 train nodes.") in str(
-        err.value
-    )  # fmt: skip
+            "min_available_nodes 2 (FedAvg's default: 2) and the round's 1 train nodes "
+            "(num_train_nodes).") in str(err.value)  # fmt: skip
+    # num_train_nodes None samples as FedAvg: the count comes from min_train_nodes, named
+    fedavg_like = FedMAE(depth=2, rounds_per_stage=2, new_block=strategy.plan.new_block,
+                         min_available_nodes=1, node_wait_timeout=0.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"the round's 2 train nodes \(num_train_nodes None: "
+                       r"min_train_nodes 2, fraction_train 1\)"):  # fmt: skip
+        fedavg_like.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(1, {}))
 
 
 def test_a_node_that_failed_or_went_silent_gets_the_prefix_with_its_next_message(tiny_overrides):

@@ -477,11 +477,13 @@ class FedMAE(FedAvg):
         self._global = self._grow(arrays, server_round)
         prefix = self.plan.split(self._global, server_round)[1]
         self._prefix.update(ArrayRecord(prefix), self.plan.frozen_blocks(server_round))
-        count = self.num_train_nodes
+        count, source = self.num_train_nodes, "num_train_nodes"
         if count is None:  # as FedAvg: a fraction of the connected nodes, at least a minimum
             usable = self._usable(grid)
             count = max(int(len(usable) * self.fraction_train), self.min_train_nodes)
-        nodes = self._sample(grid, server_round, "train", count)
+            source = (f"num_train_nodes None: min_train_nodes {self.min_train_nodes}, "
+                      f"fraction_train {self.fraction_train:g}")  # fmt: skip
+        nodes = self._sample(grid, server_round, "train", count, count_from=source)
         messages, sends = self._messages(nodes, server_round, config, MessageType.TRAIN)
         self._sampled = nodes
         stage = self.plan.stage_of(server_round)
@@ -570,6 +572,8 @@ class FedMAE(FedAvg):
             return []
         nodes = self._sample(grid, server_round, "evaluate", count, wait=False)
         self._evaluated = nodes
+        if not nodes:  # every usable node left since they were counted
+            return []
         return self._messages(nodes, server_round, config, MessageType.EVALUATE)[0]
 
     def aggregate_evaluate(
@@ -646,27 +650,39 @@ class FedMAE(FedAvg):
         return [n for n in grid.get_node_ids() if n not in self._excluded]
 
     def _sample(
-        self, grid: Grid, server_round: int, kind: str, count: int, wait: bool = True
+        self,
+        grid: Grid,
+        server_round: int,
+        kind: str,
+        count: int,
+        wait: bool = True,
+        count_from: str = "",
     ) -> list[int]:
         """``count`` usable nodes drawn by seed; with ``wait``, once at least
         ``max(min_available_nodes, count)`` are connected (``node_wait_timeout``), or with
-        ``partial_rounds`` once ``min_available_nodes`` are, then up to ``count`` of them."""
-        if not wait:
-            wanted, because = count, ""
-        elif self.partial_rounds:
-            wanted = max(1, self.min_available_nodes)
-            because = f"min_available_nodes {self.min_available_nodes} (partial rounds)"
+        ``partial_rounds`` once ``min_available_nodes`` are, then up to ``count`` of them;
+        without, up to ``count`` of those connected now (none: an empty list)."""
+        if not wait:  # a node may have left since the caller counted: take who is there
+            nodes = sorted(n for n in grid.get_node_ids() if n not in self._excluded)
+            count = min(count, len(nodes))
+            if count == 0:
+                return []
         else:
-            wanted = max(self.min_available_nodes, count)
-            because = (f"larger of min_available_nodes {self.min_available_nodes} (FedAvg's "
-                       f"default: 2) and the round's {count} {kind} nodes")  # fmt: skip
-        nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded,
-                               fixed=fixed_nodes(grid), wanted_because=because)  # fmt: skip
-        if len(nodes) < count:
-            log(WARNING, "FedMAE: round %d %ss on the %d usable nodes connected, not %d "
-                "(partial rounds: min_available_nodes %d)", server_round, kind, len(nodes),
-                count, self.min_available_nodes)  # fmt: skip
-            count = len(nodes)
+            if self.partial_rounds:
+                wanted = max(1, self.min_available_nodes)
+                because = f"min_available_nodes {self.min_available_nodes} (partial rounds)"
+            else:
+                wanted = max(self.min_available_nodes, count)
+                because = (f"larger of min_available_nodes {self.min_available_nodes} (FedAvg's "
+                           f"default: 2) and the round's {count} {kind} nodes"
+                           + (f" ({count_from})" if count_from else ""))  # fmt: skip
+            nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded,
+                                   fixed=fixed_nodes(grid), wanted_because=because)  # fmt: skip
+            if len(nodes) < count:
+                log(WARNING, "FedMAE: round %d %ss on the %d usable nodes connected, not %d "
+                    "(partial rounds: min_available_nodes %d)", server_round, kind, len(nodes),
+                    count, self.min_available_nodes)  # fmt: skip
+                count = len(nodes)
         if self.sample_by == "node-key":  # else every node goes by its node id
             self._node_keys.learn(grid, nodes, self._round_timeout)
         return seeded_sample(self._node_keys.order(nodes), count, self.seed, kind, server_round)
