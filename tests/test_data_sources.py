@@ -253,6 +253,32 @@ def test_a_file_name_that_is_no_utf8_does_not_stop_the_cache(tmp_path: Path) -> 
     assert load_image_folder(tmp_path / "ds", 3, 8, test_fraction=0.0)[1].loaded == 2
 
 
+def test_hidden_entries_under_the_source_do_not_change_its_fingerprint(tmp_path: Path) -> None:
+    """A cache-dir inside data-path (or ~/.cache with data-path ~) changed the fingerprint with
+    each entry the cache wrote: no process ever read the cache, and it grew a copy each time."""
+    from fedmae_flwr.data.node_cache import source_fingerprint
+
+    write(tmp_path / "ds" / "a" / "0.png", encoded(rng_image("RGB", (20, 20), 0), "PNG"))
+    before = source_fingerprint.__wrapped__("imagefolder", str(tmp_path / "ds"))
+    write(tmp_path / "ds" / ".cache" / "fedmae" / "k.safetensors", b"cached")
+    write(tmp_path / "ds" / "a" / ".DS_Store", b"finder")
+    assert source_fingerprint.__wrapped__("imagefolder", str(tmp_path / "ds")) == before
+    write(tmp_path / "ds" / "a" / "1.png", encoded(rng_image("RGB", (20, 20), 1), "PNG"))
+    assert source_fingerprint.__wrapped__("imagefolder", str(tmp_path / "ds")) != before
+
+
+def test_a_second_test_folder_beside_the_first_is_named_not_silently_dropped(
+    tmp_path: Path, caplog
+) -> None:
+    image = encoded(rng_image("RGB", (20, 20), 0), "PNG")
+    for split in ("train", "test", "val"):
+        for i in range(2):
+            write(tmp_path / "ds" / split / "a" / f"{i}.png", image)
+    splits, _ = load_image_folder(tmp_path / "ds", 3, 8)
+    assert (len(splits.train), len(splits.test)) == (2, 2)
+    assert "test/ is the test split; val/ not read" in caplog.text
+
+
 def test_a_test_fraction_that_takes_every_image_says_so(tmp_path: Path) -> None:
     """It said 'No decodable training image ... skipped 0', which read as a decoding problem."""
     image = encoded(rng_image("RGB", (20, 20), 0), "PNG")

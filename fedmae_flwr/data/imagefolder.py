@@ -76,7 +76,12 @@ def _scan_layout(folder: Path) -> tuple[list[Path], list[str] | None, int, str]:
         files, classes = _scan(folder)
         layout = "class sub-folders" if classes is not None else "flat (unlabelled)"
         return files, classes, 0, layout
-    test_dir = next((folder / d for d in TEST_DIRS if (folder / d).is_dir()), None)
+    test_dirs = [folder / d for d in TEST_DIRS if (folder / d).is_dir()]
+    test_dir = test_dirs[0] if test_dirs else None
+    if len(test_dirs) > 1:
+        log(WARNING, "%s: %s/ is the test split; %s not read (a split of its own: move its "
+            "images into train/ or %s/ to use them)", folder, test_dirs[0].name,
+            ", ".join(f"{d.name}/" for d in test_dirs[1:]), test_dirs[0].name)  # fmt: skip
     train_files, train_classes = _scan(train_dir)
     test_files, test_classes = _scan(test_dir) if test_dir else ([], None)
     if not test_files:

@@ -87,7 +87,9 @@ def source_fingerprint(dataset: str, path: str) -> str:
     # Names as the OS gives them (os.fsencode): a name that is no UTF-8 (a Latin-1 camera or
     # share) failed .encode() and made every node unusable.
     digest = hashlib.sha256(f"{dataset}\0".encode() + os.fsencode(root.resolve()))
-    files = [root] if root.is_file() else walk_files(root)[0]
+    # Hidden files and folders are no images to any loader here; skipped, a cache-dir inside
+    # data-path (or ~/.cache with data-path ~) changed the fingerprint with every entry it got.
+    files = [root] if root.is_file() else walk_files(root, _not_hidden(root), skip_hidden=True)[0]
     for file in files:
         digest.update(b"\0" + os.fsencode(file.relative_to(root)))
         try:
@@ -97,6 +99,13 @@ def source_fingerprint(dataset: str, path: str) -> str:
             continue
         digest.update(f"\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def _not_hidden(root: Path) -> Callable[[str], bool]:
+    def keep(path: str) -> bool:
+        return not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+    return keep
 
 
 def _decoder_versions() -> dict[str, str]:
