@@ -62,6 +62,7 @@ from fedmae_flwr.run_outputs import (
     check_resume_config,
     latest_checkpoint,
     plot_curves,
+    read_metrics,
     run_dir,
 )
 from fedmae_flwr.seeding import derive_seed, seeded_global_rng
@@ -194,12 +195,23 @@ def check_resume(
     Returns the newest checkpoint that reads back whole (None: none); ConfigError naming what
     differs."""
     checkpoint = latest_checkpoint(folder)
-    finished = checkpoint is not None and checkpoint.round >= cfg.num_rounds
-    check_resume_config(folder, cfg, finished=finished)
-    if checkpoint is not None:
-        check_checkpoint_fits(cfg, checkpoint, folder)
-        if sim_nodes is not None:
-            check_resumed_partitions(cfg, sim_nodes, folder)
+    if checkpoint is None:  # nothing to continue: the run starts fresh, the folder moved aside
+        return None
+    check_resume_config(folder, cfg, finished=checkpoint.round >= cfg.num_rounds)
+    check_checkpoint_fits(cfg, checkpoint, folder)
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():  # the resume keeps its lines up to the checkpoint
+        try:
+            read_metrics(metrics)
+        except (ValueError, OSError) as err:
+            raise ConfigError(
+                f"resume: {metrics} cannot be read ({err}): only a last line can be torn by a "
+                "crash. Mend or delete the damaged line (the rounds it recorded go unrecorded; "
+                "the model resumes from its checkpoint whole), or start a fresh run "
+                "(resume=false moves this one aside)."
+            ) from err
+    if sim_nodes is not None:
+        check_resumed_partitions(cfg, sim_nodes, folder)
     return checkpoint
 
 

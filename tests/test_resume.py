@@ -122,6 +122,19 @@ def test_a_resume_without_a_checkpoint_says_so_where_it_moves_the_folder_aside(
     assert "start with resume=true" not in caplog.text
 
 
+def test_a_resume_without_a_checkpoint_starts_fresh_with_another_config_too(cpu_overrides):
+    """A run that died before its first checkpoint, resumed with another batch-size, was
+    refused as 'made with another config', though there is nothing to continue: it starts
+    fresh (the folder moved aside), as README says and resume=false would."""
+    from fedmae_flwr.run_outputs import RunOutputs, run_dir
+    from fedmae_flwr.server_app import check_resume
+
+    cfg = resolve_config({**cpu_overrides, "resume": True})
+    RunOutputs(cfg).append_metrics({"round": 1})  # config.yaml written, no checkpoint
+    other = resolve_config({**cpu_overrides, "resume": True, "batch-size": 16})
+    assert check_resume(other, run_dir(other)) is None
+
+
 def test_resume_is_refused_for_algorithms_without_federated_rounds():
     with pytest.raises(ConfigError, match=re.escape("resume: fedmae | fedavg-mae")):
         resolve_config({"algorithm": "centralized", "resume": True})
@@ -294,6 +307,20 @@ def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
         read_metrics(path)
     path.write_text('{"round": 1}\n{"round": 2}\n{"rou')
     assert [r["round"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_a_resume_over_a_damaged_metrics_line_is_refused_before_it_starts(cpu_overrides):
+    """It failed with a bare ValueError inside the ServerApp, after Flower and Ray had started
+    and the run folder was taken; the pre-check (scripts/run.py's too) now says what to do."""
+    from fedmae_flwr.server_app import check_resume
+
+    run_dir = _crashed_run(cpu_overrides)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[0] = lines[0][:20]  # damaged, and not the last line
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = resolve_config({**cpu_overrides, "resume": True})
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl cannot be read .* Mend or delete"):
+        check_resume(cfg, run_dir)
 
 
 def test_resuming_removes_checkpoints_after_the_one_it_uses(cpu_overrides):
