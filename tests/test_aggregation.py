@@ -27,6 +27,8 @@ from flwr.serverapp.strategy import (
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
     FedYogi,
     Krum,
     MultiKrum,
@@ -479,6 +481,14 @@ def test_flower_dp_wrappers_around_fedmae_fail_at_start_naming_the_key(
     assert grid.sent == []  # refused before the first round
     with pytest.raises(TypeError, match="dp-noise-multiplier"):  # also when driven by hand
         list(wrapped.configure_train(1, initial, ConfigRecord(), grid))
+
+
+def test_an_aggregator_for_xgboost_trees_is_refused():
+    """FedXgbBagging ran a whole stage before its failure surfaced; FedXgbCyclic kept one
+    node's tensors each round instead of combining them."""
+    for rule in (FedXgbBagging(), FedXgbCyclic()):
+        with pytest.raises(TypeError, match=rf"aggregator={type(rule).__name__}\(\): it combines"):
+            FedMAE(depth=1, rounds_per_stage=1, new_block=dict, aggregator=rule)
 
 
 def test_a_flower_dp_wrapper_as_aggregator_is_refused():

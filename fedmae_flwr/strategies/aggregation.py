@@ -65,6 +65,8 @@ from flwr.serverapp.strategy import (
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
     FedYogi,
     Krum,
     MultiKrum,
@@ -488,6 +490,12 @@ def _check_aggregator(strategy: object, weighted_by_key: str) -> None:
         raise TypeError(
             "aggregator must be a Flower strategy that combines replies (e.g. FedMedian(), "
             f"FedAdam(eta=...)), got {type(strategy).__name__}"
+        )
+    if isinstance(strategy, FedXgbBagging | FedXgbCyclic):
+        raise TypeError(
+            f"aggregator={type(strategy).__name__}(): it combines XGBoost trees (bagging: "
+            "bytes of tree models; cyclic: one node's model each round), not tensors; use a "
+            "rule that averages or robustly combines tensors (FedAvg, FedMedian, FedAdam, ...)"
         )
     if isinstance(strategy, FedProx) and not (
         isinstance(strategy.proximal_mu, int | float) and 0 <= strategy.proximal_mu < math.inf
