@@ -37,7 +37,7 @@ from fedmae_flwr.models.cascade import KEY_CONTRACT
 from fedmae_flwr.node_data_report import known_largest_partition
 from fedmae_flwr.run_outputs import load_checkpoint
 from fedmae_flwr.server_app import build_strategy, run
-from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING
+from fedmae_flwr.strategies import PREFIX_KEY, PREFIX_MISSING, FedMAE
 from fedmae_flwr.strategies import replies as kinds
 
 from .conftest import TINY_FEDERATION
@@ -379,12 +379,19 @@ class EchoGrid(InProcessGrid):
 
 
 def test_a_learned_pos_embed_trains_in_stage_0_and_is_frozen_prefix_after(overrides: dict):
-    """A plain timm ViT's learned position table travels with the stem."""
+    """A plain timm ViT's learned position table travels with the stem (an app of one's own:
+    the project's nodes build MAE's fixed sin-cos table, so with model= start() refuses it)."""
     cfg = resolve_config({**overrides, "evaluate-clients": 0})
     arrays = _initial(cfg)
     arrays["pos_embed"] = Array(np.zeros((1, 1 + cfg.model.num_patches, 32), np.float32))
     grid = EchoGrid(6, overrides)
-    result = build_strategy(cfg).start(grid, arrays)
+    with pytest.raises(ValueError, match="pos_embed: this cascade's position table is MAE's"):
+        build_strategy(cfg).start(grid, arrays)
+    plan = build_strategy(cfg).plan
+    own = FedMAE(depth=plan.depth, rounds_per_stage=plan.rounds_per_stage,
+                 new_block=plan.new_block, new_decoder=plan.new_decoder,
+                 num_train_nodes=cfg.schedule.clients_per_round)  # fmt: skip
+    result = own.start(grid, arrays)
     for msg in grid.sent:
         stage = int(msg.content["config"]["stage"])
         assert ("pos_embed" in msg.content["arrays"]) == (stage == 0)
