@@ -213,7 +213,7 @@ def _checked_images(images: Tensor, shapes: ModelConfig) -> Tensor:
             f"images must be [N, {', '.join(map(str, expected))}] for this model "
             f"(in_chans, img_size, img_size), got {list(images.shape)}"
         )
-    if not images.is_floating_point():
+    if len(images) and not images.is_floating_point():
         raise ValueError(
             f"images must be a float tensor of normalised pixels, got {images.dtype} (for "
             "uint8 pixels: images.float() / 255, then normalise)"

@@ -120,8 +120,8 @@ class RunOutputs:
                 latest = {"round": resume_round, "file": used.name}
                 atomic_write_text(self.checkpoints / "latest.json", json.dumps(latest))
             # A server killed mid-write (SIGKILL, OOM) left its temp file: a whole checkpoint
-            stale = [p for d in (self.dir, self.checkpoints) if d.is_dir()
-                     for p in remove_stale_temp_files(d)]  # fmt: skip
+            stale = [p for d, targets in ((self.dir, _RUN_FILES), (self.checkpoints, _CKPT_FILES))
+                     if d.is_dir() for p in remove_stale_temp_files(d, targets)]  # fmt: skip
             if stale:
                 log(WARNING, "resume: removed %d temp files a killed writer left, e.g. %s",
                     len(stale), stale[0])  # fmt: skip
@@ -197,6 +197,13 @@ class RunOutputs:
             if r not in keep:
                 old.unlink()
         return path
+
+
+# What a run writes through atomic_write, whose temp files a killed writer may leave behind
+_RUN_FILES = re.compile(
+    r"metrics\.jsonl|config\.yaml|summary\.json|partitions\.json|.+\.safetensors"
+)
+_CKPT_FILES = re.compile(r"round-\d+\.safetensors|latest\.json")
 
 
 def _checkpoint_name(server_round: int) -> str:

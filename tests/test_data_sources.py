@@ -277,6 +277,11 @@ def test_a_second_test_folder_beside_the_first_is_named_not_silently_dropped(
     splits, _ = load_image_folder(tmp_path / "ds", 3, 8)
     assert (len(splits.train), len(splits.test)) == (2, 2)
     assert "test/ is the test split; val/ not read" in caplog.text
+    # an empty test/ is no test split: val/ is (the split was cut off train/, val/ dropped)
+    for path in (tmp_path / "ds" / "test" / "a").iterdir():
+        path.unlink()
+    splits, _ = load_image_folder(tmp_path / "ds", 3, 8)
+    assert (len(splits.train), len(splits.test)) == (2, 2)
 
 
 def test_a_test_fraction_that_takes_every_image_says_so(tmp_path: Path) -> None:

@@ -100,6 +100,9 @@ def test_shapes_as_a_mapping_and_clear_errors(app, node):
     with pytest.raises(ValueError, match=r"images must be a float tensor .*got torch.uint8"):
         evaluate_reply(message(model, 0, "", False, kind=MessageType.EVALUATE), node,
                        images.to(torch.uint8), model=app.VIT)  # fmt: skip
+    none = torch.empty(0, 3, 16, 16, dtype=torch.uint8)  # no images: any dtype, 0 examples
+    reply = train_reply(message(model, 0, "", False), node, none, model=app.VIT)
+    assert reply.content["metrics"]["num-examples"] == 0
     with pytest.raises(ConfigError, match="Unknown TrainConfig fields \\['epochs'\\]"):
         train_reply(message(model, 0, "", False), node, images, model=app.VIT, train={"epochs": 2})
     with pytest.raises(ValueError, match=r"finite numbers, one per key, got \{'loss-per-epoch'"):

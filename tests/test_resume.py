@@ -335,12 +335,14 @@ def test_resuming_removes_checkpoints_after_the_one_it_uses(cpu_overrides):
     # a server killed between a temp write and its rename left the temp file (a whole
     # checkpoint); each such kill added one, which no later run removed
     killed = outputs.checkpoints / ".round-0004.safetensors.999999999.0123abcd"
-    killed.write_bytes(b"x" * 64)
-    mine = outputs.dir / f".summary.json.{os.getpid()}.0123abcd"  # this process's: kept
-    mine.write_bytes(b"")
+    same_pid = outputs.dir / f".summary.json.{os.getpid()}.0123abcd"  # a restart got its pid
+    live = outputs.checkpoints / ".round-0004.safetensors.1.0123abcd"  # pid 1 runs: kept
+    users = outputs.dir / ".notes.2024.deadbeef"  # named alike, of no file a run writes: kept
+    for path in (killed, same_pid, live, users):
+        path.write_bytes(b"x" * 64)
     outputs = RunOutputs(cfg, resume_round=2)  # round 3 was unreadable, say
     assert _checkpoint_rounds(outputs.dir) == [2]
-    assert not killed.exists() and mine.exists()
+    assert not killed.exists() and not same_pid.exists() and live.exists() and users.exists()
     # latest.json named round 3, which is gone
     latest = json.loads((outputs.checkpoints / "latest.json").read_text())
     assert latest == {"round": 2, "file": "round-0002.safetensors"}
@@ -584,3 +586,18 @@ def test_a_run_resumes_after_a_stage_s_first_round_lost_every_reply(cpu_override
     summary = run(LocalGrid(6, resumed), resolve_config(resumed))
     assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]
     assert summary["stages"] and len(summary["stages"]) == 2
+
+
+def test_a_temp_file_this_process_is_writing_is_left_alone(tmp_path):
+    """The stale-temp cleanup keyed on the pid alone: a write in progress in this process (or
+    another live one) must survive it."""
+    from fedmae_flwr.atomic import atomic_write, remove_stale_temp_files
+
+    removed = []
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text("whole")
+        removed.extend(remove_stale_temp_files(tmp_path, re.compile(r"out\.txt")))
+
+    atomic_write(tmp_path / "out.txt", write)
+    assert removed == [] and (tmp_path / "out.txt").read_text() == "whole"

@@ -656,7 +656,13 @@ def test_with_model_config_start_refuses_a_model_the_nodes_could_not_load(tiny_o
         with pytest.raises(ValueError, match="the initial model, with model=: .*" + match):
             plugin().start(grid, arrays)
         assert grid.sent == [], name
-    with pytest.raises(ValueError, match=r"depth 3 differs from model\.depth 2"):
+    with pytest.raises(ValueError, match=r"depth 3 is more than model\.depth 2"):
         plugin(depth=3)
+    plugin(depth=1)  # a shallower cascade: the nodes build fewer blocks, fine
+    # a fresh model of no block gets block 0 from new_block: accepted, as without model=
+    stem_only = ArrayRecord({k: v.contiguous() for k, v in state.items()
+                             if not k.startswith("blocks.")})  # fmt: skip
+    plugin(rounds_per_stage=1).start(grid, stem_only, num_rounds=1)
+    assert len(grid.sent) == 3
     kebab = {k.replace("_", "-"): v for k, v in dataclasses.asdict(vit).items()}
     assert plugin(model=kebab).model_config == plugin().model_config  # a mapping of its fields

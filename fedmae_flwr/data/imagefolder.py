@@ -2,9 +2,10 @@
 
 Three layouts, checked in this order:
 
-(a) ``path/train/...`` plus one of ``path/test``, ``path/val``, ``path/validation`` (first that
-    exists): those splits as given. Each split is itself laid out as (b) or (c), both the same.
-    Without a test folder, the test set is split off ``train`` as in (b)/(c).
+(a) ``path/train/...`` plus one of ``path/test``, ``path/val``, ``path/validation`` (the first
+    that holds images; a second one is logged, not read): those splits as given. Each split is
+    itself laid out as (b) or (c), both the same. Without a test folder, the test set is split
+    off ``train`` as in (b)/(c).
 (b) ``path/<class>/**/*.ext``: labelled, as torchvision's ``ImageFolder`` (files in the order of
     its ``make_dataset``, links followed, but each real folder entered once:
     :mod:`.file_tree`): classes sorted by folder name, sub-folders of a class searched too;
@@ -76,14 +77,15 @@ def _scan_layout(folder: Path) -> tuple[list[Path], list[str] | None, int, str]:
         files, classes = _scan(folder)
         layout = "class sub-folders" if classes is not None else "flat (unlabelled)"
         return files, classes, 0, layout
-    test_dirs = [folder / d for d in TEST_DIRS if (folder / d).is_dir()]
-    test_dir = test_dirs[0] if test_dirs else None
-    if len(test_dirs) > 1:
-        log(WARNING, "%s: %s/ is the test split; %s not read (a split of its own: move its "
-            "images into train/ or %s/ to use them)", folder, test_dirs[0].name,
-            ", ".join(f"{d.name}/" for d in test_dirs[1:]), test_dirs[0].name)  # fmt: skip
     train_files, train_classes = _scan(train_dir)
-    test_files, test_classes = _scan(test_dir) if test_dir else ([], None)
+    # The first of test/, val/, validation/ that holds images is the test split
+    held = [(folder / d, *_scan(folder / d)) for d in TEST_DIRS if (folder / d).is_dir()]
+    held = [entry for entry in held if entry[1]]
+    test_dir, test_files, test_classes = held[0] if held else (None, [], None)
+    if len(held) > 1:
+        log(WARNING, "%s: %s/ is the test split; %s not read (a split of its own: move its "
+            "images into train/ or %s/ to use them)", folder, held[0][0].name,
+            ", ".join(f"{d.name}/" for d, _, _ in held[1:]), held[0][0].name)  # fmt: skip
     if not test_files:
         return train_files, train_classes, 0, "train/ (test split off it)"
     if (train_classes is None) != (test_classes is None):

@@ -230,18 +230,22 @@ def initial_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
 
 def check_state_fits(cfg: ModelConfig, tensors: Mapping[str, tuple[Sequence[int], str]]) -> None:
     """ValueError unless ``tensors`` (name -> (shape, dtype)) is what :func:`model_from_state`
-    loads for ``cfg``: the tensors of ``CascadeMAE(cfg, n)`` for its ``n`` blocks, no more, no
-    fewer, of their shapes, in float32 (what the client helpers build, train and reply in). A
-    server that knows the nodes' ``ModelConfig`` checks its model with it before the first
-    round, instead of every node failing to load it for a whole stage."""
+    loads for ``cfg``: the tensors of ``CascadeMAE(cfg, n)`` for its ``n`` blocks (none: those
+    outside the blocks), no more, no fewer, of their shapes, in float32 (what the client helpers
+    build, train and reply in). A server that knows the nodes' ``ModelConfig`` checks its model
+    with it before the first round, instead of every node failing to load it for a whole
+    stage."""
     if "pos_embed" in tensors:
         raise ValueError(_NO_POS_EMBED)
     blocks = {block_index(k) for k in tensors} - {None}
-    count = max(blocks) + 1 if blocks else 1  # type: ignore[operator]
+    count = max(blocks) + 1 if blocks else 0  # type: ignore[operator]
     if count > cfg.depth:
         raise ValueError(f"the model holds {count} blocks, its ModelConfig's depth is {cfg.depth}")
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-        expected = {k: tuple(v.shape) for k, v in CascadeMAE(cfg, count).state_dict().items()}
+        net = CascadeMAE(cfg, max(count, 1))
+    # A fresh model of no block gets block 0 from the strategy's new_block (checked there).
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()
+                if count or block_index(k) is None}  # fmt: skip
     problems = []
     if missing := sorted(expected.keys() - tensors.keys()):
         problems.append(f"missing {missing[:4]}")

@@ -121,7 +121,7 @@ class FedMAE(FedAvg):
         max_examples: reject a reply claiming more ``num-examples`` than this; None = no cap.
         model: the ``ModelConfig`` the nodes must build (or a mapping of its fields; sent
             with each message as ``model-config``; the client helpers refuse to train another
-            architecture, which shapes alone may not reveal); its ``depth`` must be ``depth``,
+            architecture, which shapes alone may not reveal); its ``depth`` at least ``depth``,
             and :meth:`start` refuses an initial model that ``CascadeMAE(model)`` would not load
             (tensors, shapes, float32: what the helpers build and reply in). None: not sent,
             not checked.
@@ -189,10 +189,11 @@ class FedMAE(FedAvg):
             )
         if model is not None:
             model = as_section(ModelConfig, model)
-            if model.depth != depth:  # the nodes build model.depth blocks at most
+            if depth > model.depth:  # the nodes build model.depth blocks at most
                 raise ValueError(
-                    f"depth {depth} differs from model.depth {model.depth}: the nodes' "
-                    f"CascadeMAE holds {model.depth} blocks, the cascade grows {depth}"
+                    f"depth {depth} is more than model.depth {model.depth}: the nodes' "
+                    f"CascadeMAE holds at most {model.depth} blocks, so stage {model.depth} "
+                    "would fail on every node after the stages before it trained"
                 )
         self._model = model
         self.plan = StagePlan(depth, rounds_per_stage, new_block, new_decoder, progressive,
