@@ -344,6 +344,14 @@ def require_output_dir(cfg: FedMAEConfig) -> None:
             f"Bad value for config key 'output-dir': {cfg.output_dir!r}. Allowed: a folder this "
             f"server can create and write to ({why})."
         )
+    # The run's own folder, where it exists (a resume, or one to move aside), must be writable
+    # too: a read-only one failed with a bare OSError after the data loaded.
+    for folder in (run_dir(cfg), run_dir(cfg) / "checkpoints"):
+        if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(
+                f"The run folder '{folder}' (output-dir / run-name) is not a folder this server "
+                "can write to: fix its permissions, or choose another run-name or output-dir."
+            )
 
 
 def require_test_images(cfg: FedMAEConfig, splits: DatasetSplits) -> None:

@@ -130,6 +130,14 @@ def test_an_output_dir_that_cannot_be_a_folder_is_named_before_the_data_loads(tm
     )
     with pytest.raises(ConfigError, match=r"'output-dir': .*a-file/out'. Allowed: a folder this"):
         run_in_process(config, num_nodes=3)  # the data-path does not exist: not reached
+    # the run's own folder is checked too (a read-only one, or a file of its name: a bare
+    # OSError after the data loaded)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "taken").write_text("a file named as the run")
+    config = overrides(tmp_path, tmp_path / "nowhere", **{"output-dir": str(tmp_path / "out"),
+                                                           "run-name": "taken"})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"The run folder '.*taken' \(output-dir / run-name\)"):
+        run_in_process(config, num_nodes=3)
 
 
 def test_a_hub_dataset_with_hidden_test_labels_and_unlabelled_rows_runs_to_its_summary(
