@@ -553,8 +553,9 @@ def test_sampling_with_too_few_nodes_fails_instead_of_waiting_forever(tiny_overr
     fedavg_like = FedMAE(depth=2, rounds_per_stage=2, new_block=strategy.plan.new_block,
                          min_available_nodes=1, node_wait_timeout=0.0)  # fmt: skip
     with pytest.raises(RuntimeError, match=r"the round's 2 train nodes \(num_train_nodes None: "
-                       r"min_train_nodes 2, fraction_train 1\)"):  # fmt: skip
+                       r"min_train_nodes 2, fraction_train 1\)") as err:  # fmt: skip
         fedavg_like.configure_train(1, initial_arrays(cfg), ConfigRecord(), LocalGrid(1, {}))
+    assert "min_available_nodes 1 and" in str(err.value)  # FedAvg's default named only when 2
 
 
 def test_a_node_that_failed_or_went_silent_gets_the_prefix_with_its_next_message(tiny_overrides):

@@ -674,8 +674,9 @@ class FedMAE(FedAvg):
                 because = f"min_available_nodes {self.min_available_nodes} (partial rounds)"
             else:
                 wanted = max(self.min_available_nodes, count)
-                because = (f"larger of min_available_nodes {self.min_available_nodes} (FedAvg's "
-                           f"default: 2) and the round's {count} {kind} nodes"
+                default = " (FedAvg's default: 2)" if self.min_available_nodes == 2 else ""
+                because = (f"larger of min_available_nodes {self.min_available_nodes}{default} "
+                           f"and the round's {count} {kind} nodes"
                            + (f" ({count_from})" if count_from else ""))  # fmt: skip
             nodes = wait_for_nodes(grid, wanted, self.node_wait_timeout, excluded=self._excluded,
                                    fixed=fixed_nodes(grid), wanted_because=because)  # fmt: skip
