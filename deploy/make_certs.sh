@@ -32,6 +32,13 @@ chmod 700 "$out"
 umask 077 # private keys readable by their owner only
 cd "$out"
 
+if [ -s ca.crt ] && [ ! -s ca.key ]; then
+    # The CA key kept offline, as advised: a new CA would leave every device's ca.crt unable to
+    # verify the SuperLink.
+    echo "[certs] $out/ca.crt is here but not its ca.key: put the CA key back to sign a new" \
+        "server certificate (or remove ca.crt to start a new CA, then give it to every device)" >&2
+    exit 1
+fi
 if [ ! -s ca.key ] || [ ! -s ca.crt ]; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -sha384 -nodes -days 3650 \
         -subj "/O=fedmae-flwr/CN=fedmae-flwr federation CA" \

@@ -40,6 +40,12 @@ def test_certificates_name_loopback_and_the_host_and_reuse_the_ca(tmp_path: Path
     subprocess.run([DEPLOY / "make_certs.sh", tmp_path], check=True, capture_output=True)
     assert (tmp_path / "ca.crt").read_bytes() == ca  # devices keep trusting the same CA
     assert "link.example.org" not in _sans(tmp_path / "server.pem")
+    # the CA key kept offline, as advised: refused (it made a new CA no device trusted)
+    (tmp_path / "ca.key").rename(tmp_path.parent / "ca.key.offline")
+    done = subprocess.run([DEPLOY / "make_certs.sh", tmp_path], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert done.returncode == 1 and "not its ca.key: put the CA key back" in done.stderr
+    assert (tmp_path / "ca.crt").read_bytes() == ca
 
 
 def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
